@@ -1,0 +1,52 @@
+"""The environment fingerprint: what must match for two measurements to be comparable."""
+
+from __future__ import annotations
+
+import functools
+import platform
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pytest_trainperf.records import Fingerprint
+
+if TYPE_CHECKING:
+    import torch
+
+CPUINFO = Path("/proc/cpuinfo")
+"""Where Linux names the CPU model."""
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The host CPU model, as the OS names it (``model name`` on Linux)."""
+    try:
+        for line in CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def fingerprint(device: torch.device, threads: int) -> Fingerprint:
+    """The fingerprint of measuring on ``device`` with ``threads`` intra-op threads."""
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        name = cpu_model()
+    else:
+        name = device.type
+    return Fingerprint(
+        device=name,
+        device_type=device.type,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        threads=threads,
+        cpu=cpu_model(),
+        python=platform.python_version(),
+        platform=f"{sys.platform}-{platform.machine()}",
+    )

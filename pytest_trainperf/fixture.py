@@ -1,0 +1,283 @@
+"""The ``trainperf`` fixture: what a test calls to train, run and record.
+
+torch is imported inside the methods, never at import of this module.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import statistics
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pytest
+
+from pytest_trainperf.records import Direction, Fingerprint, Measurement, Metric, Scalar
+from pytest_trainperf.settings import METRIC_RE, Settings
+from pytest_trainperf.stats import BUILTIN_METRICS
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_WARMUP = 3
+"""Warm-up steps before the timed ones when the test does not say."""
+
+
+class Step(Protocol):
+    """A training step: runs forward, backward and the optimizer, returns the loss."""
+
+    def __call__(self) -> Any:  # a 0-d tensor or a float
+        ...
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Which cell of which test a fixture serves."""
+
+    nodeid: str
+    """The pytest node id, for messages."""
+    test_file: str
+    """The test file, relative to the rootdir."""
+    test: str
+    """The test's name inside its file (``test_x`` or ``TestA::test_x``)."""
+    cell: str
+    """The cell id (``batch_size=4-seq_len=16``; ``default`` without a grid)."""
+    params: tuple[tuple[str, Scalar], ...]
+    """The cell's parameter values, grid axes first."""
+    axes: tuple[tuple[str, tuple[Scalar, ...]], ...]
+    """The test's grid axes in declaration order (empty without a grid)."""
+
+
+def _usage(cell: Cell, message: str) -> None:
+    """Fail the test with a message naming the cell (no traceback into the plugin)."""
+    pytest.fail(f"{cell.nodeid}: {message}", pytrace=False)
+
+
+def _check_count(cell: Cell, call: str, name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _usage(cell, f"{call}({name}={value!r}): expected an integer >= {minimum}")
+    assert isinstance(value, int)
+    return value
+
+
+def _check_items(cell: Cell, call: str, name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        _usage(cell, f"{call}({name}={value!r}): expected a positive number or None")
+    return float(value)  # type: ignore[arg-type]
+
+
+class TrainPerf:
+    """The ``trainperf`` fixture of one cell: ``.device``, ``.params``, ``.train``, ``.run``, ``.record``.
+
+    Without ``--trainperf`` the test runs as a quick functional test: ``train`` and ``run`` call the
+    step once, check what it returns, and measure nothing.
+    """
+
+    def __init__(self, cell: Cell, settings: Settings) -> None:
+        self._cell = cell
+        self._settings = settings
+        self._device: torch.device | None = None
+        self._measured: Measurement | None = None
+        self._recorded: list[Metric] = []
+        self._used = ""
+        self._threads: int | None = None
+
+    # ------------------------------------------------------------------ what the test sees
+
+    @property
+    def device(self) -> torch.device:
+        """The device to measure on (``--trainperf-device``; default CUDA if available, else CPU)."""
+        if self._device is None:
+            import torch
+
+            wanted = self._settings.device
+            if wanted == "auto":
+                wanted = "cuda" if torch.cuda.is_available() else "cpu"
+            device = torch.device(wanted)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                _usage(self._cell, f"--trainperf-device={wanted}, but torch.cuda.is_available() is False "
+                                   f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
+            self._device = device
+        return self._device
+
+    @property
+    def params(self) -> Mapping[str, Scalar]:
+        """This cell's axis values, e.g. ``{"batch_size": 4, "seq_len": 16}``."""
+        return dict(self._cell.params)
+
+    @property
+    def enabled(self) -> bool:
+        """True under ``--trainperf`` (measuring); False in a plain run (one functional step)."""
+        return self._settings.enabled
+
+    def train(self, step: Step, *, steps: int, warmup: int = DEFAULT_WARMUP,
+              items_per_step: float | None = None) -> Measurement | None:
+        """Measure a training step: step time, throughput, peak memory, FLOPs and the loss.
+
+        ``step()`` must return the loss (a 0-d tensor or a float). The step runs ``warmup`` times,
+        once under the FLOP counter, once under the memory tracker, then ``steps`` timed times; the
+        loss of every call makes the loss curve, and the last one is the gated ``loss``. Returns the
+        measurement under ``--trainperf``, None in a plain run.
+        """
+        call = "trainperf.train"
+        steps = _check_count(self._cell, call, "steps", steps, 1)
+        warmup = _check_count(self._cell, call, "warmup", warmup, 0)
+        items = _check_items(self._cell, call, "items_per_step", items_per_step)
+        self._claim(call)
+        if not self._settings.enabled:
+            self._check_losses([self._loss(step())], call)
+            return None
+        return self._measure("train", step, steps, warmup, items)
+
+    def run(self, fn: Callable[[], object], *, iters: int, warmup: int = DEFAULT_WARMUP,
+            items_per_call: float | None = None) -> Measurement | None:
+        """Measure inference latency of ``fn()``: step time (per call), throughput, memory, FLOPs."""
+        call = "trainperf.run"
+        iters = _check_count(self._cell, call, "iters", iters, 1)
+        warmup = _check_count(self._cell, call, "warmup", warmup, 0)
+        items = _check_items(self._cell, call, "items_per_call", items_per_call)
+        self._claim(call)
+        if not self._settings.enabled:
+            fn()
+            return None
+        return self._measure("run", fn, iters, warmup, items)
+
+    def record(self, name: str, value: float, *, unit: str = "", higher_is_better: bool = False,
+               tolerance: float | None = None) -> None:
+        """Record a metric of your own (e.g. a test-set loss), stored and compared like the built-ins."""
+        where = f"trainperf.record({name!r}, ...)"
+        if not isinstance(name, str) or not METRIC_RE.match(name) or name in BUILTIN_METRICS:
+            _usage(self._cell, f"{where}: expected a metric name (letters, digits, _ or .) other than "
+                               f"the built-in {', '.join(BUILTIN_METRICS)}, got {name!r}")
+        if any(m.name == name for m in self._recorded):
+            _usage(self._cell, f"{where}: metric {name!r} recorded twice in one cell")
+        number = self._number(value)
+        if number is None or not math.isfinite(number):
+            _usage(self._cell, f"{where}: expected a finite number or 0-d tensor, got {value!r}")
+        if tolerance is not None and (isinstance(tolerance, bool)
+                                      or not isinstance(tolerance, numbers.Real)
+                                      or math.isnan(tolerance) or tolerance < 0):
+            _usage(self._cell, f"{where}: expected tolerance to be a non-negative number or None, "
+                               f"got {tolerance!r}")
+        assert number is not None
+        direction = Direction.HIGHER_IS_BETTER if higher_is_better else Direction.LOWER_IS_BETTER
+        self._recorded.append(Metric(name=name, value=number, unit=unit, direction=direction,
+                                     tolerance=None if tolerance is None else float(tolerance)))
+
+    # ------------------------------------------------------------------ what the plugin reads
+
+    @property
+    def cell(self) -> Cell:
+        """The cell this fixture serves."""
+        return self._cell
+
+    def result(self) -> Measurement | None:
+        """Everything measured and recorded in this cell; None if nothing was."""
+        if self._measured is None and not self._recorded:
+            return None
+        base = self._measured or Measurement(test=self._cell.test, cell=self._cell.cell,
+                                             params=self._cell.params, metrics=(), kind="record")
+        return Measurement(test=base.test, cell=base.cell, params=base.params,
+                           metrics=base.metrics + tuple(self._recorded), loss_curve=base.loss_curve,
+                           kind=base.kind, steps=base.steps, warmup=base.warmup)
+
+    def fingerprint(self) -> Fingerprint:
+        """The environment of this cell's measurement (device, torch, CUDA, threads, CPU)."""
+        import torch
+
+        from pytest_trainperf.env import fingerprint
+
+        return fingerprint(self.device, self._threads or self._settings.threads or torch.get_num_threads())
+
+    # ------------------------------------------------------------------ inside
+
+    def _claim(self, call: str) -> None:
+        if self._used:
+            _usage(self._cell, f"{call} called after {self._used} in the same cell; expected one "
+                               "train or run per cell (spread variants over a tp.grid axis)")
+        self._used = call
+
+    @staticmethod
+    def _number(value: object) -> float | None:
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, numbers.Real):
+            return float(value)
+        numel = getattr(value, "numel", None)
+        if callable(numel) and numel() == 1:
+            return float(value.detach().reshape(()).item())  # type: ignore[attr-defined]
+        if getattr(value, "shape", None) == () and hasattr(value, "item"):
+            return float(value.item())
+        return None
+
+    def _loss(self, out: object) -> object:
+        """Check one step's return value; keep it cheaply (a detached tensor or a float)."""
+        import torch
+
+        if isinstance(out, torch.Tensor):
+            if out.numel() != 1:
+                _usage(self._cell, "the step passed to trainperf.train must return the loss as a 0-d "
+                                   f"tensor or a float; got a Tensor of shape {tuple(out.shape)}")
+            return out.detach().reshape(())
+        number = None if out is None else self._number(out)
+        if number is None:
+            _usage(self._cell, "the step passed to trainperf.train must return the loss as a 0-d tensor "
+                               f"or a float; got {type(out).__name__} {out!r:.80}")
+        return number
+
+    def _check_losses(self, kept: list[object], call: str) -> list[float]:
+        curve = [float(v) for v in kept]  # type: ignore[arg-type]
+        for i, value in enumerate(curve):
+            if not math.isfinite(value):
+                _usage(self._cell, f"loss diverged: {call} step {i} returned {value}")
+        return curve
+
+    def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
+                 items: float | None) -> Measurement:
+        import torch
+
+        from pytest_trainperf.measure.flops import count_flops
+        from pytest_trainperf.measure.memory import measure_peak
+        from pytest_trainperf.measure.timing import fixed_threads, time_steps
+
+        device = self.device
+        keep: Callable[[object], object] | None = self._loss if kind == "train" else None
+        kept: list[object] = []
+        threads = self._threads = self._settings.threads or torch.get_num_threads()
+        with fixed_threads(threads):
+            for _ in range(warmup):
+                out = fn()
+                if keep is not None:
+                    kept.append(keep(out))
+                del out
+            out, flops = count_flops(fn)
+            if keep is not None:
+                kept.append(keep(out))
+            del out
+            out, peak = measure_peak(fn, device)
+            if keep is not None:
+                kept.append(keep(out))
+            del out
+            samples, timed = time_steps(fn, count, device, keep)
+        curve = self._check_losses(kept + timed, f"trainperf.{kind}") if keep is not None else []
+        metrics = [Metric("step_time", statistics.median(samples), "s", Direction.LOWER_IS_BETTER,
+                          tuple(samples))]
+        if items is not None:
+            rates = tuple(items / s for s in samples)
+            metrics.append(Metric("throughput", statistics.median(rates), "items/s",
+                                  Direction.HIGHER_IS_BETTER, rates))
+        metrics.append(Metric("peak_memory", float(peak.peak_bytes), "B"))
+        if peak.reserved_bytes is not None:
+            metrics.append(Metric("reserved_memory", float(peak.reserved_bytes), "B"))
+        metrics.append(Metric("flops", float(flops), "FLOP"))
+        if curve:
+            metrics.append(Metric("loss", curve[-1], "", Direction.EXACT))
+        self._measured = Measurement(
+            test=self._cell.test, cell=self._cell.cell, params=self._cell.params,
+            metrics=tuple(metrics), loss_curve=tuple(curve), kind=kind, steps=count, warmup=warmup)
+        return self.result()  # type: ignore[return-value]
+

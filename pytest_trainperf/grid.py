@@ -1,0 +1,140 @@
+"""``tp.grid`` and ``tp.tolerance``: checked at decoration (collection) time, applied as markers.
+
+``tp.grid(batch_size=[4, 16], seq_len=[16, 64])`` marks the test; the plugin's
+``pytest_generate_tests`` turns the mark into one parametrized item per cell, with ids such as
+``batch_size=4-seq_len=16``. Axis order is kept: the first axis gives the report's rows, the second
+its columns, and each further axis one table per value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pytest
+
+from pytest_trainperf.records import Scalar
+from pytest_trainperf.stats import BUILTIN_METRICS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+GRID_MARK = "trainperf_grid"
+"""The marker ``tp.grid`` applies (its one argument is the :class:`Grid`)."""
+TOLERANCE_MARK = "trainperf_tolerance"
+"""The marker ``tp.tolerance`` applies (its one argument is a mapping metric -> tolerance)."""
+RESERVED_NAMES = ("trainperf", "request")
+"""Names an axis may not take: they are fixtures the test needs."""
+SINGLE_CELL = "default"
+"""The cell id of a test without grid axes."""
+
+
+class GridError(ValueError):
+    """An invalid ``tp.grid`` or ``tp.tolerance``: says what was expected and what was received."""
+
+
+def _check_value(axis: str, value: object) -> Scalar:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise GridError(f"tp.grid axis {axis!r}: expected finite values, got {value!r}")
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    raise GridError(f"tp.grid axis {axis!r}: expected scalar values (int, float, str or bool), "
+                    f"got {type(value).__name__} {value!r}")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The axes of a grid test, in declaration order."""
+
+    axes: tuple[tuple[str, tuple[Scalar, ...]], ...]
+    """``(name, values)`` per axis."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The axis names in order."""
+        return tuple(name for name, _ in self.axes)
+
+    def cells(self) -> list[tuple[Scalar, ...]]:
+        """Every cell: the cartesian product of the axes, first axis slowest."""
+        return list(itertools.product(*(values for _, values in self.axes)))
+
+    def ids(self) -> list[str]:
+        """The pytest id of every cell, in :meth:`cells` order."""
+        return [cell_id(self.names, cell) for cell in self.cells()]
+
+
+def format_scalar(value: Scalar) -> str:
+    """How an axis value is written in ids and table headers."""
+    return str(value)
+
+
+def cell_id(names: Sequence[str], values: Sequence[Scalar]) -> str:
+    """``batch_size=4-seq_len=16``; ``default`` for no axes."""
+    if not names:
+        return SINGLE_CELL
+    return "-".join(f"{n}={format_scalar(v)}" for n, v in zip(names, values))
+
+
+def make_grid(axes: Mapping[str, object]) -> Grid:
+    """Check the axes and build a :class:`Grid`; raise :class:`GridError` naming the bad axis."""
+    checked = []
+    for name, values in axes.items():
+        if name in RESERVED_NAMES:
+            raise GridError(f"tp.grid axis {name!r}: this name is reserved for a fixture; rename the axis")
+        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, range)):
+            raise GridError(f"tp.grid axis {name!r}: expected a non-empty list of scalars, "
+                            f"got {type(values).__name__} {values!r}")
+        if len(values) == 0:
+            raise GridError(f"tp.grid axis {name!r}: expected a non-empty list of scalars, got an empty "
+                            f"{type(values).__name__}")
+        scalars = tuple(_check_value(name, v) for v in values)
+        ids = [format_scalar(v) for v in scalars]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise GridError(f"tp.grid axis {name!r}: expected distinct values, got {', '.join(dupes)} "
+                            f"more than once in {list(scalars)!r}")
+        checked.append((name, scalars))
+    return Grid(axes=tuple(checked))
+
+
+def grid(**axes: Sequence[Scalar]) -> Callable[[F], F]:
+    """Spread a test over the cartesian product of ``axes``: one pytest item per cell.
+
+    Each axis is a non-empty list of scalars and arrives as the test argument of that name::
+
+        @tp.grid(batch_size=[4, 16], seq_len=[16, 64])
+        def test_encoder(trainperf, batch_size, seq_len): ...
+    """
+    spec = make_grid(axes)
+
+    def apply(fn: F) -> F:
+        marks = getattr(fn, "pytestmark", [])
+        if any(getattr(m, "name", None) == GRID_MARK for m in marks):
+            raise GridError(f"tp.grid applied twice to {getattr(fn, '__name__', fn)!r}: "
+                            "expected one tp.grid with every axis")
+        return getattr(pytest.mark, GRID_MARK)(spec)(fn)  # type: ignore[no-any-return]
+
+    return apply
+
+
+def make_tolerances(tolerances: Mapping[str, object]) -> dict[str, float]:
+    """Check per-test tolerances: built-in metric names, non-negative numbers."""
+    checked = {}
+    for metric, tol in tolerances.items():
+        if metric not in BUILTIN_METRICS:
+            raise GridError(f"tp.tolerance: unknown metric {metric!r}; expected one of "
+                            f"{', '.join(BUILTIN_METRICS)} (give a recorded metric its tolerance with "
+                            "trainperf.record(..., tolerance=))")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or math.isnan(tol) or tol < 0:
+            raise GridError(f"tp.tolerance({metric}=...): expected a non-negative relative tolerance "
+                            f"such as 0.1 for 10%, got {tol!r}")
+        checked[metric] = float(tol)
+    return checked
+
+
+def tolerance(**tolerances: float) -> Callable[[F], F]:
+    """Override the relative tolerances of built-in metrics for one test, e.g. ``step_time=0.25``."""
+    spec = make_tolerances(tolerances)
+    return getattr(pytest.mark, TOLERANCE_MARK)(spec)  # type: ignore[no-any-return]

@@ -1,0 +1,275 @@
+"""Peak memory of one call of a training step.
+
+:func:`measure_peak` runs the step once and returns its result with a :class:`MemoryPeak`.
+
+CUDA devices use the caching allocator's own counters (``max_memory_allocated``), which see every
+allocation made through the allocator on that device, kernel workspaces included.
+
+Every other device (CPU above all) has no such counters, so the step runs under a
+:class:`~torch.utils._python_dispatch.TorchDispatchMode` that follows tensor *storages*:
+
+- At entry, after ``gc.collect()``, every ``torch.Tensor`` the garbage collector knows of (tensors,
+  ``nn.Parameter``, buffers, optimizer state, tensors held by closures and frames) and the ``.grad``
+  of every leaf (a grad has no Python object until first read, so it is read here) contributes its
+  storage once, deduplicated by storage identity, so views and aliases are not counted twice. That
+  sum is ``start_bytes``.
+- During the call, after every aten op that reaches the dispatcher (forward, backward, which runs on
+  the calling thread for CPU graphs, and optimizer ops alike), every tensor among the op's outputs
+  and arguments whose storage is not yet followed is added with its ``nbytes()``; a followed
+  storage whose size changed (``resize_``, ``out=`` resizing) is re-read. The running total is
+  compared with the peak after each op.
+- A weak reference on each followed storage subtracts its bytes the moment the storage is freed
+  (``del``, ``zero_grad(set_to_none=True)``, the autograd graph dropping saved tensors). The tracker
+  holds only weak references and integers, so it keeps nothing alive, and its callbacks are
+  disarmed before :func:`measure_peak` returns.
+
+So ``peak_bytes`` is exactly the largest sum of live followed storage bytes seen at an op boundary.
+What it does not count, or counts late:
+
+- buffers an aten kernel allocates and frees inside itself (workspaces, the old buffer of a growing
+  ``resize_``) and allocations made by libraries below aten (oneDNN, BLAS scratch, the allocator's
+  alignment and bookkeeping): the figure is tensor bytes, not process RSS;
+- allocations that bypass the dispatcher (``torch.frombuffer``, ``torch.UntypedStorage(n)``,
+  ``storage.resize_()``, ``torch.load``'s storages, tensors made by C++ extensions) are counted only
+  from the first op that takes or returns them; ``torch.from_numpy`` and ``torch.tensor`` go through
+  ``aten.lift_fresh``, so they count from their creation, even when the numpy memory existed before
+  the step;
+- storages held only by C++ at entry (saved tensors of an autograd graph built before the step,
+  TorchScript attributes never read from Python) are missing from ``start_bytes`` and counted from
+  the first op that touches them;
+- ops run inside a tensor subclass's own ``__torch_dispatch__`` (below this mode), storages of
+  sparse and opaque (mkldnn) layouts, wrapper subclasses without real storage, meta and fake
+  tensors, and tensors on other devices;
+- ops run by other threads (the mode is thread-local), although frees on other threads are seen.
+
+Running under the mode costs a Python call per aten op: expect a small eager step to run several
+times slower, which is why timing and memory are never measured in the same call.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+METHOD_STORAGE_TRACKER = "storage-tracker"
+"""``MemoryPeak.method`` on CPU and every other non-CUDA device."""
+
+METHOD_CUDA_ALLOCATOR = "cuda-caching-allocator"
+"""``MemoryPeak.method`` on CUDA devices."""
+
+_CUDA = "cuda"
+"""The device type measured through the caching allocator's counters."""
+
+_NO_STORAGE_ERRORS = (NotImplementedError, RuntimeError)
+"""Raised by ``untyped_storage()`` (sparse, mkldnn) or ``data_ptr()`` (wrapper subclasses)."""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MemoryPeak:
+    """The memory one call of a step used on its device."""
+
+    peak_bytes: int
+    """The peak of live bytes during the call, including ``start_bytes``: the figure to gate on."""
+    reserved_bytes: int | None
+    """CUDA: ``max_memory_reserved`` during the call (allocator cache included); ``None`` elsewhere."""
+    start_bytes: int
+    """Live bytes on the device when the call started (parameters, optimizer state, inputs...)."""
+    method: str
+    """How the bytes were counted: :data:`METHOD_STORAGE_TRACKER` or :data:`METHOD_CUDA_ALLOCATOR`."""
+
+
+def measure_peak(fn: Callable[[], T], device: torch.device) -> tuple[T, MemoryPeak]:
+    """Run fn() once and return its result and the peak memory of that call.
+
+    An exception from ``fn`` propagates, with every piece of global state restored.
+    """
+    if device.type == _CUDA:
+        return _measure_cuda(fn, device)
+    return _measure_tracked(fn, device)
+
+
+def _measure_cuda(fn: Callable[[], T], device: torch.device) -> tuple[T, MemoryPeak]:
+    """Read the caching allocator's peak counters around one synchronized call."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    peak = MemoryPeak(
+        peak_bytes=torch.cuda.max_memory_allocated(device),
+        reserved_bytes=torch.cuda.max_memory_reserved(device),
+        start_bytes=start,
+        method=METHOD_CUDA_ALLOCATOR,
+    )
+    return result, peak
+
+
+def _measure_tracked(fn: Callable[[], T], device: torch.device) -> tuple[T, MemoryPeak]:
+    """Follow tensor storages on ``device`` through one call of ``fn``."""
+    tracker = _StorageTracker(device)
+    try:
+        gc.collect()
+        start = tracker.scan_live()
+        with tracker:
+            result = fn()
+        peak = MemoryPeak(
+            peak_bytes=tracker.peak_bytes,
+            reserved_bytes=None,
+            start_bytes=start,
+            method=METHOD_STORAGE_TRACKER,
+        )
+    finally:
+        tracker.disarm()
+    return result, peak
+
+
+class _StorageRef(weakref.ref[torch.UntypedStorage]):
+    """A weak reference to a followed storage, carrying its key and its last known size."""
+
+    __slots__ = ("key", "nbytes")
+
+    key: int
+    """The storage's identity (``_cdata``, the address of its ``StorageImpl``)."""
+    nbytes: int
+    """Its size when last seen, subtracted when it is freed."""
+
+    def __new__(
+        cls,
+        storage: torch.UntypedStorage,
+        callback: Callable[[_StorageRef], object],
+        key: int,
+        nbytes: int,
+    ) -> _StorageRef:
+        return super().__new__(cls, storage, callback)
+
+    def __init__(
+        self,
+        storage: torch.UntypedStorage,
+        callback: Callable[[_StorageRef], object],
+        key: int,
+        nbytes: int,
+    ) -> None:
+        # weakref.ref.__init__ only re-parses (storage, callback), which __new__ already took.
+        self.key = key
+        self.nbytes = nbytes
+
+
+class _StorageTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]  # untyped __init_subclass__
+    """Sums the bytes of live storages on one device and keeps the running peak.
+
+    Holds weak references and integers only; all counters are guarded by one re-entrant lock, because
+    a free can call back on another thread, or on this one in the middle of an update.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._device = device
+        self._lock = threading.RLock()
+        self._followed: dict[int, _StorageRef] = {}
+        self._armed = True
+        self._live = 0
+        self._peak = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest live total seen so far."""
+        with self._lock:
+            return self._peak
+
+    def scan_live(self) -> int:
+        """Follow every storage on the device reachable from a Python tensor; return their bytes."""
+        objects = gc.get_objects()
+        try:
+            with torch._C.DisableTorchFunctionSubclass():
+                for obj in objects:
+                    # type(), not isinstance(): some module proxies warn on __class__ lookups.
+                    if issubclass(type(obj), torch.Tensor):
+                        self._follow_with_grad(obj)
+        finally:
+            del objects
+        with self._lock:
+            self._peak = self._live
+            return self._live
+
+    def disarm(self) -> None:
+        """Stop counting frees and drop every weak reference, so no callback runs afterwards."""
+        with self._lock:
+            self._armed = False
+            self._followed.clear()
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Sequence[type],
+        args: Sequence[object] = (),
+        kwargs: Mapping[str, object] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        leaves, _ = tree_flatten((out, args, kwargs))
+        with self._lock, torch._C.DisableTorchFunctionSubclass():
+            for leaf in leaves:
+                if isinstance(leaf, torch.Tensor):
+                    self._follow(leaf)
+            if self._live > self._peak:
+                self._peak = self._live
+        return out
+
+    def _follow_with_grad(self, tensor: torch.Tensor) -> None:
+        """Follow a tensor found at entry and, for a leaf or a grad-retaining tensor, its grad."""
+        self._follow(tensor)
+        try:
+            if not (tensor.is_leaf or tensor.retains_grad):
+                return
+            grad = tensor.grad
+        except _NO_STORAGE_ERRORS:
+            return
+        if grad is not None:
+            self._follow(grad)
+
+    def _follow(self, tensor: torch.Tensor) -> None:
+        """Start following the tensor's storage, or re-read its size if already followed."""
+        try:
+            storage = tensor.untyped_storage()
+            if not _same_device(storage.device, self._device):
+                return
+            storage.data_ptr()  # raises for the storage-less storage of a wrapper subclass
+        except _NO_STORAGE_ERRORS:
+            return
+        key = storage._cdata
+        nbytes = storage.nbytes()
+        with self._lock:
+            ref = self._followed.get(key)
+            if ref is not None and ref() is storage:
+                if ref.nbytes != nbytes:
+                    self._live += nbytes - ref.nbytes
+                    ref.nbytes = nbytes
+                return
+            if ref is not None:
+                # A dead storage whose callback has not run yet shares the address: settle it now.
+                self._on_free(ref)
+            self._followed[key] = _StorageRef(storage, self._on_free, key, nbytes)
+            self._live += nbytes
+
+    def _on_free(self, ref: _StorageRef) -> None:
+        """Weak-reference callback: a followed storage was freed."""
+        with self._lock:
+            if not self._armed or self._followed.get(ref.key) is not ref:
+                return
+            del self._followed[ref.key]
+            self._live -= ref.nbytes
+
+
+def _same_device(storage_device: torch.device, device: torch.device) -> bool:
+    """Whether a storage's device is the measured one; an index-less device matches every index."""
+    return storage_device.type == device.type and device.index in (None, storage_device.index)

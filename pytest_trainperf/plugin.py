@@ -1,0 +1,220 @@
+"""The pytest hooks: options, markers, grid expansion, and the one registered session object.
+
+Module-level hooks only bootstrap; the state of a session lives in :class:`TrainPerfSession`,
+registered under :data:`PLUGIN_NAME`. torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pytest_trainperf import stats, store
+from pytest_trainperf.fixture import Cell, TrainPerf
+from pytest_trainperf.grid import GRID_MARK, SINGLE_CELL, TOLERANCE_MARK, Grid
+from pytest_trainperf.records import BaselineChange, CellVerdict, Fingerprint, Measurement, Scalar
+from pytest_trainperf.settings import Settings, add_options, resolve
+
+PLUGIN_NAME = "trainperf-session"
+"""The name the session object is registered under."""
+FIXTURE_KEY = pytest.StashKey[TrainPerf]()
+"""Where an item keeps its ``trainperf`` fixture, for the call hook to read."""
+UPDATE_HINT = "pytest --trainperf-update-baselines"
+"""The command that accepts intended changes."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{GRID_MARK}(grid): applied by tp.grid: spread the test over a parameter grid")
+    config.addinivalue_line(
+        "markers", f"{TOLERANCE_MARK}(tolerances): applied by tp.tolerance: per-test relative tolerances")
+    config.pluginmanager.register(TrainPerfSession(resolve(config), config), PLUGIN_NAME)
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """One cell of the session as the report needs it."""
+
+    cell: Cell
+    """Which cell."""
+    verdict: CellVerdict
+    """How it compared."""
+    fingerprint: Fingerprint
+    """Where it was measured."""
+
+
+def _test_name(item: pytest.Item) -> str:
+    """``test_x`` or ``TestA::test_x``: the node id inside the file, without parameters."""
+    parts = item.nodeid.split("::")[1:]
+    parts[-1] = getattr(item, "originalname", parts[-1].split("[")[0])
+    return "::".join(parts)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def cell_of(item: pytest.Item, rootpath: Path) -> Cell:
+    """The :class:`Cell` of a test item: file, name, cell id, parameters, grid axes."""
+    mark = item.get_closest_marker(GRID_MARK)
+    grid: Grid | None = mark.args[0] if mark is not None else None
+    axes = grid.axes if grid is not None else ()
+    callspec = getattr(item, "callspec", None)
+    values = dict(callspec.params) if callspec is not None else {}
+    names = [n for n, _ in axes] + [n for n in values if n not in dict(axes)]
+    params: tuple[tuple[str, Scalar], ...] = tuple(
+        (n, values[n]) for n in names if isinstance(values.get(n), (bool, int, float, str)))
+    return Cell(
+        nodeid=item.nodeid,
+        test_file=_relative(item.path, rootpath),
+        test=_test_name(item),
+        cell=callspec.id if callspec is not None else SINGLE_CELL,
+        params=params,
+        axes=axes,
+    )
+
+
+@pytest.fixture
+def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
+    """Measure this cell: ``trainperf.train(step, steps=...)``, ``.run(fn, iters=...)``, ``.record(...)``."""
+    session: TrainPerfSession = request.config.pluginmanager.get_plugin(PLUGIN_NAME)
+    fixture = TrainPerf(cell_of(request.node, request.config.rootpath), session.settings)
+    request.node.stash[FIXTURE_KEY] = fixture
+    return fixture
+
+
+class TrainPerfSession:
+    """The state of one pytest session: baselines read, verdicts given, updates to write."""
+
+    def __init__(self, settings: Settings, config: pytest.Config) -> None:
+        self.settings = settings
+        self.config = config
+        self.results: list[CellResult] = []
+        self.changes: list[BaselineChange] = []
+        self.write_errors: list[str] = []
+        self._files: dict[Path, store.BaselineFile | store.BaselineError] = {}
+        self._pending: dict[Path, list[tuple[Fingerprint, CellResult]]] = {}
+
+    # ------------------------------------------------------------------ collection
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        mark = metafunc.definition.get_closest_marker(GRID_MARK)
+        if mark is None:
+            return
+        grid: Grid = mark.args[0]
+        if not grid.axes:
+            return
+        missing = [n for n in grid.names if n not in metafunc.fixturenames]
+        if missing:
+            args = ", ".join(n for n in metafunc.fixturenames if n != "request") or "none"
+            pytest.fail(f"{metafunc.definition.nodeid}: tp.grid axis {missing[0]!r} is not an argument "
+                        f"of {metafunc.function.__name__}(); expected each axis to be one of the test's "
+                        f"arguments ({args})", pytrace=False)
+        metafunc.parametrize(list(grid.names), grid.cells(), ids=grid.ids())
+
+    # ------------------------------------------------------------------ running
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
+        result = yield
+        fixture = item.stash.get(FIXTURE_KEY, None)
+        if fixture is not None and self.settings.enabled:
+            measurement = fixture.result()
+            if measurement is not None:
+                self._conclude(item, fixture, measurement)
+        return result
+
+    def _baselines(self, path: Path) -> store.BaselineFile:
+        """The baseline file at ``path``, read once per session; raises BaselineError if unusable."""
+        if path not in self._files:
+            try:
+                self._files[path] = store.read(path)
+            except store.BaselineError as exc:
+                self._files[path] = exc
+        cached = self._files[path]
+        if isinstance(cached, store.BaselineError):
+            raise cached
+        return cached
+
+    def _conclude(self, item: pytest.Item, fixture: TrainPerf, measurement: Measurement) -> None:
+        cell = fixture.cell
+        path = store.baseline_path(self.settings.baselines, cell.test_file)
+        shown = _relative(path, self.config.rootpath)
+        try:
+            baselines = self._baselines(path)
+        except store.BaselineError as exc:
+            action = "not updated" if self.settings.update else "not compared"
+            pytest.fail(f"trainperf: baseline file {shown} cannot be used: {exc.reason}.\n"
+                        f"It was left untouched and this cell was {action}; fix the file or delete it "
+                        "(then rerun with --trainperf-update-baselines).", pytrace=False)
+        fingerprint = fixture.fingerprint()
+        baseline = baselines.lookup(fingerprint.key, cell.test, cell.cell)
+        mark = item.get_closest_marker(TOLERANCE_MARK)
+        overrides = mark.args[0] if mark is not None else {}
+        verdict = stats.judge(measurement, baseline, overrides)
+        result = CellResult(cell=cell, verdict=verdict, fingerprint=fingerprint)
+        self.results.append(result)
+        if self.settings.update:
+            self._pending.setdefault(path, []).append((fingerprint, result))
+            return
+        if verdict.regressions:
+            lines = [f"trainperf: {cell.nodeid} regressed against its baseline in {shown}",
+                     f"environment: {fingerprint.key}"]
+            lines += [f"  {m.describe()}" for m in verdict.regressions]
+            lines.append(f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
+            pytest.fail("\n".join(lines), pytrace=False)
+        if baseline is None and self.settings.strict:
+            pytest.fail(f"trainperf: {cell.nodeid} has no baseline for this environment in {shown} "
+                        f"(--trainperf-strict)\nenvironment: {fingerprint.key}\n"
+                        f"Create it with `{UPDATE_HINT}`.", pytrace=False)
+
+    # ------------------------------------------------------------------ the end
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        for path, entries in self._pending.items():
+            by_env: dict[str, list[CellResult]] = {}
+            fingerprints = {}
+            for fingerprint, result in entries:
+                by_env.setdefault(fingerprint.key, []).append(result)
+                fingerprints[fingerprint.key] = fingerprint
+            shown = _relative(path, self.config.rootpath)
+            for key, results in by_env.items():
+                try:
+                    self.changes += store.update(path, fingerprints[key],
+                                                 [r.verdict.measurement for r in results], shown)
+                except (store.BaselineError, OSError) as exc:
+                    self.write_errors.append(f"{shown}: not written: {exc}")
+        self._pending.clear()
+        if self.write_errors:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if not self.results and not self.write_errors:
+            return
+        from rich.console import Console
+
+        from pytest_trainperf.report.summary import render_session
+
+        writer = self.config.get_terminal_writer()
+        buffer = io.StringIO()
+        console = Console(file=buffer, width=max(writer.fullwidth, 40), force_terminal=writer.hasmarkup,
+                          color_system="standard" if writer.hasmarkup else None, no_color=not writer.hasmarkup,
+                          highlight=False, soft_wrap=False)
+        render_session(console, results=[(r.cell.test_file, r.cell.test, r.cell.axes, r.verdict)
+                                         for r in self.results],
+                       fingerprints=sorted({r.fingerprint.key for r in self.results}),
+                       show=self.settings.show, changes=self.changes, update=self.settings.update,
+                       errors=self.write_errors, hint=UPDATE_HINT)
+        terminalreporter.write_sep("=", "trainperf")
+        terminalreporter.write(buffer.getvalue())

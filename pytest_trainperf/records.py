@@ -1,0 +1,246 @@
+"""The plain records that flow through the plugin.
+
+fixture -> :class:`Measurement` -> stats -> :class:`CellVerdict` -> plugin and report.
+
+Nothing here imports pytest or torch: ``stats``, ``store`` and ``report`` take and return these
+frozen dataclasses, so each can be tested without a plugin or a model.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+Scalar = Union[int, float, str, bool]
+"""What a grid axis value may be."""
+
+
+class Direction(enum.Enum):
+    """Which way a metric gets worse."""
+
+    LOWER_IS_BETTER = "lower"
+    """A rise beyond tolerance regresses (step time, memory, FLOPs)."""
+    HIGHER_IS_BETTER = "higher"
+    """A fall beyond tolerance regresses (throughput, accuracy)."""
+    EXACT = "exact"
+    """Any change beyond tolerance regresses (the training loss: new numerics, not 'better')."""
+
+
+class Status(enum.Enum):
+    """The verdict on one metric, or on a whole cell (the worst of its metrics)."""
+
+    REGRESSED = "regressed"
+    """Worse than the baseline beyond tolerance (and, for timings, significantly)."""
+    IMPROVED = "improved"
+    """Better than the baseline beyond tolerance: passes, with a hint to update."""
+    UNCHANGED = "unchanged"
+    """Within tolerance of the baseline (or not significantly different)."""
+    NEW = "new"
+    """No baseline for this environment."""
+
+    @property
+    def rank(self) -> int:
+        """Severity, highest first when sorting a cell's metrics."""
+        return {"regressed": 3, "improved": 2, "new": 1, "unchanged": 0}[self.value]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One measured metric of one cell."""
+
+    name: str
+    """``step_time``, ``throughput``, ``peak_memory``, ``loss``, ``flops`` or a recorded name."""
+    value: float
+    """The point value: the median for sampled metrics, the final value for ``loss``."""
+    unit: str = ""
+    """``s``, ``items/s``, ``B``, ``FLOP`` or a user unit; used for display only."""
+    direction: Direction = Direction.LOWER_IS_BETTER
+    """Which way the metric gets worse."""
+    samples: tuple[float, ...] = ()
+    """Per-step samples for metrics decided statistically (step time, throughput); empty otherwise."""
+    tolerance: float | None = None
+    """A tolerance recorded with the metric (``trainperf.record(..., tolerance=)``); None: the default."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
+            raise TypeError(f"metric {self.name!r}: expected a number, got {self.value!r}")
+
+    @property
+    def sampled(self) -> bool:
+        """True when the metric is decided on samples rather than one exact value."""
+        return len(self.samples) > 1
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """The environment a measurement was taken in; baselines are keyed by :attr:`key`."""
+
+    device: str
+    """The device name: the GPU's name on CUDA, the CPU model on CPU."""
+    device_type: str
+    """``cpu`` or ``cuda`` (what ``torch.device(...).type`` says)."""
+    torch: str
+    """``torch.__version__``."""
+    cuda: str | None
+    """``torch.version.cuda`` (None on a CPU-only build)."""
+    threads: int
+    """``torch.get_num_threads()`` during measurement (fixed by the plugin)."""
+    cpu: str
+    """The host CPU model."""
+    python: str = ""
+    """The Python version (informative, not part of the key)."""
+    platform: str = ""
+    """The OS and machine (informative, not part of the key)."""
+
+    @property
+    def key(self) -> str:
+        """The key baselines are stored under: what must match for timings to be comparable."""
+        parts = [self.device_type, self.device, f"torch {self.torch}", f"cuda {self.cuda or 'none'}"]
+        parts.append(f"threads {self.threads}")
+        if self.device_type != "cpu":
+            parts.append(f"cpu {self.cpu}")
+        return " | ".join(parts)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Everything measured for one cell of one test."""
+
+    test: str
+    """The test's name inside its file, e.g. ``test_encoder`` or ``TestLM::test_step``."""
+    cell: str
+    """The cell id, e.g. ``batch_size=4-seq_len=16`` (``default`` for a test without a grid)."""
+    params: tuple[tuple[str, Scalar], ...]
+    """The cell's axis values, in grid order."""
+    metrics: tuple[Metric, ...]
+    """The measured metrics, each name once."""
+    loss_curve: tuple[float, ...] = ()
+    """The loss each training step returned, in order (empty for ``run``)."""
+    kind: str = "train"
+    """``train`` or ``run``."""
+    steps: int = 0
+    """The number of timed steps (or calls)."""
+    warmup: int = 0
+    """The number of warm-up steps before the timed ones."""
+
+    def metric(self, name: str) -> Metric | None:
+        """The metric called ``name``, or None."""
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        return None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The metric names, in measurement order."""
+        return tuple(m.name for m in self.metrics)
+
+
+@dataclass(frozen=True)
+class MetricVerdict:
+    """How one metric of one cell compares with its baseline."""
+
+    name: str
+    """The metric name."""
+    status: Status
+    """The verdict."""
+    current: float
+    """The value measured now."""
+    baseline: float | None
+    """The baseline value (None when new)."""
+    tolerance: float
+    """The relative tolerance applied."""
+    unit: str = ""
+    """The metric's unit."""
+    direction: Direction = Direction.LOWER_IS_BETTER
+    """Which way the metric gets worse."""
+    change: float | None = None
+    """Relative change, current / baseline - 1 (for timings, the Hodges-Lehmann ratio - 1)."""
+    interval: tuple[float, float] | None = None
+    """For timings: the confidence interval of the relative change."""
+    p_value: float | None = None
+    """For timings: the one-sided p-value of the test in the direction of a regression."""
+
+    def describe(self) -> str:
+        """One line for a failure message: metric, baseline, now, change, tolerance, interval."""
+        from pytest_trainperf.units import format_value
+
+        now = format_value(self.current, self.unit)
+        if self.baseline is None:
+            return f"{self.name}: {now} (new: no baseline)"
+        base = format_value(self.baseline, self.unit)
+        text = f"{self.name}: baseline {base}, now {now}"
+        if self.change is not None:
+            text += f", change {format_change(self.change)}"
+        text += f" (tolerance {self.tolerance:.1%}"
+        if self.direction is Direction.EXACT:
+            text += " either way"
+        if self.interval is not None:
+            lo, hi = self.interval
+            text += f"; 95% CI {format_change(lo)} to {format_change(hi)}"
+        if self.p_value is not None:
+            text += f"; p={self.p_value:.2g}"
+        return text + ")"
+
+
+@dataclass(frozen=True)
+class CellVerdict:
+    """The verdicts of every metric of one cell."""
+
+    measurement: Measurement
+    """What was measured."""
+    metrics: tuple[MetricVerdict, ...]
+    """One verdict per metric measured now."""
+    missing: tuple[str, ...] = field(default=())
+    """Metrics in the baseline that were not measured now."""
+
+    @property
+    def status(self) -> Status:
+        """The worst metric status (regressed > improved > new > unchanged)."""
+        if not self.metrics:
+            return Status.NEW
+        return max((m.status for m in self.metrics), key=lambda s: s.rank)
+
+    def metric(self, name: str) -> MetricVerdict | None:
+        """The verdict on metric ``name``, or None."""
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        return None
+
+    @property
+    def regressions(self) -> tuple[MetricVerdict, ...]:
+        """The regressed metrics."""
+        return tuple(m for m in self.metrics if m.status is Status.REGRESSED)
+
+
+@dataclass(frozen=True)
+class BaselineChange:
+    """One metric of one cell rewritten by ``--trainperf-update-baselines``."""
+
+    path: str
+    """The baseline file, relative to the rootdir."""
+    test: str
+    """The test name inside its file."""
+    cell: str
+    """The cell id."""
+    metric: str
+    """The metric name."""
+    old: float | None
+    """The value before the update (None: the cell or metric is new)."""
+    new: float
+    """The value written."""
+    unit: str = ""
+    """The metric's unit."""
+
+
+def format_change(change: float) -> str:
+    """A relative change as a signed percentage: ``+12.3%``, ``-0.4%``, ``+inf%``."""
+    if math.isinf(change):
+        return "+inf%" if change > 0 else "-inf%"
+    pct = change * 100
+    if abs(pct) >= 100:
+        return f"{pct:+.0f}%"
+    return f"{pct:+.1f}%"

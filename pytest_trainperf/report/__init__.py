@@ -1,0 +1,1 @@
+"""Pure renderers: verdicts in, text out. No pytest, no torch."""

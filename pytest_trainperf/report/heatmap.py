@@ -1,0 +1,349 @@
+"""Heatmap tables of a test's grid, and the table of rewritten baselines.
+
+One table per metric and per combination of the third and later axes: the first axis runs down the
+rows, the second across the columns. Each cell holds the value measured now and, on the next line, its
+change against the baseline with a marker (``REGR``, ``impr``, ``new``), so the table reads the same
+without colour; colour only repeats the marker (regressed bold red, improved green, new cyan).
+
+Everything is printed through rich renderables with styles, never markup or ANSI codes: the caller's
+``Console`` decides whether colour is emitted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement as RenderWidth
+from rich.table import Table
+from rich.text import Text
+
+from pytest_trainperf.records import (
+    BaselineChange,
+    CellVerdict,
+    MetricVerdict,
+    Scalar,
+    Status,
+    format_change,
+)
+from pytest_trainperf.units import format_value
+
+STATUS_STYLES: dict[Status, str] = {
+    Status.REGRESSED: "bold red",
+    Status.IMPROVED: "green",
+    Status.NEW: "cyan",
+    Status.UNCHANGED: "",
+}
+"""The style of a cell, by the status of its metric."""
+
+MARKERS: dict[Status, str] = {
+    Status.REGRESSED: "REGR",
+    Status.IMPROVED: "impr",
+    Status.NEW: "new",
+    Status.UNCHANGED: "",
+}
+"""The word after the change that says the status without colour."""
+
+ABSENT_STYLE = "dim"
+"""The style of a grid cell with no verdict, or with no value for the metric."""
+
+NOT_MEASURED = "n/a"
+"""A cell that ran but did not measure this metric."""
+
+_MEASURE_WIDTH = 100_000
+"""A console width no table reaches: measuring a table against it gives its natural width."""
+
+
+@dataclass(frozen=True)
+class _Glyphs:
+    """The characters that need Unicode, with ASCII stand-ins for other encodings."""
+
+    missing: str
+    """A grid cell with no verdict (not run, failed, deselected)."""
+    sep: str
+    """Between the parts of a table title."""
+
+
+_UNICODE = _Glyphs(missing="—", sep=" · ")
+_ASCII = _Glyphs(missing="-", sep=" | ")
+
+
+def _glyphs(console: Console) -> _Glyphs:
+    return _UNICODE if console.encoding.lower().startswith("utf") else _ASCII
+
+
+class _Absent:
+    """The value of an axis in a cell whose params do not name that axis."""
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+AxisValue = Scalar | _Absent
+"""A value along one axis: one of its declared values, or absent from a cell's params."""
+
+_Key = tuple[bool, object]
+
+
+def _key(value: AxisValue) -> _Key:
+    """A dict key for an axis value that keeps ``True`` apart from ``1`` (and ``1`` equal to ``1.0``)."""
+    return (isinstance(value, bool), value)
+
+
+def _label(value: AxisValue, glyphs: _Glyphs) -> str:
+    return glyphs.missing if isinstance(value, _Absent) else str(value)
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """One axis of the rendered grid."""
+
+    name: str
+    """The param name."""
+    values: tuple[AxisValue, ...]
+    """Its values: the declared ones in order, then any others the cells carry, in order of appearance."""
+
+
+def _grid(
+    axes: Sequence[tuple[str, Sequence[Scalar]]], cells: Sequence[CellVerdict]
+) -> tuple[list[_Axis], dict[tuple[_Key, ...], CellVerdict]]:
+    """The axes to render (declared, then extra params of the cells) and the cells by their keys."""
+    names: list[str] = []
+    values: dict[str, list[AxisValue]] = {}
+    seen: dict[str, set[_Key]] = {}
+
+    def add(name: str, value: AxisValue) -> None:
+        if _key(value) not in seen[name]:
+            seen[name].add(_key(value))
+            values[name].append(value)
+
+    def add_name(name: str) -> None:
+        if name not in values:
+            names.append(name)
+            values[name] = []
+            seen[name] = set()
+
+    for name, declared in axes:
+        add_name(name)
+        for value in declared:
+            add(name, value)
+    for cell in cells:
+        for name, _ in cell.measurement.params:
+            add_name(name)
+    index: dict[tuple[_Key, ...], CellVerdict] = {}
+    for cell in cells:
+        params: dict[str, AxisValue] = dict(cell.measurement.params)
+        point = [params.get(name, _ABSENT) for name in names]
+        for name, at in zip(names, point, strict=True):
+            add(name, at)
+        index.setdefault(tuple(_key(v) for v in point), cell)
+    return [_Axis(name, tuple(values[name])) for name in names], index
+
+
+def _change(verdict: MetricVerdict) -> tuple[str, str]:
+    """The change against the baseline and the status marker, e.g. ``("+32.0%", "REGR")``."""
+    if verdict.status is Status.NEW or verdict.baseline is None:
+        return "", MARKERS[Status.NEW]
+    change = verdict.change
+    if change is None:
+        if verdict.current == verdict.baseline:
+            change = 0.0
+        elif verdict.baseline != 0:
+            change = verdict.current / verdict.baseline - 1
+        else:
+            change = math.copysign(math.inf, verdict.current)
+    return format_change(change), MARKERS[verdict.status]
+
+
+def _cell(verdict: CellVerdict | None, metric: str, *, stacked: bool, glyphs: _Glyphs) -> Text:
+    """A cell's text: the value, then the change and marker (on a third line when ``stacked``)."""
+    if verdict is None:
+        return Text(glyphs.missing, style=ABSENT_STYLE)
+    found = verdict.metric(metric)
+    if found is None:
+        return Text(NOT_MEASURED, style=ABSENT_STYLE)
+    change, marker = _change(found)
+    parts = [change, marker] if change and marker else [change or marker]
+    lines = [format_value(found.current, found.unit)]
+    lines += parts if stacked else [" ".join(parts)]
+    return Text("\n".join(lines), style=STATUS_STYLES[found.status])
+
+
+def _plain_table(*, leading: int = 0) -> Table:
+    """A borderless table: a rule under the header, columns two spaces apart."""
+    return Table(
+        box=box.SIMPLE,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+        leading=leading,
+    )
+
+
+def _table(
+    metric: str,
+    rows: _Axis | None,
+    columns: _Axis | None,
+    fixed: tuple[_Key, ...],
+    index: dict[tuple[_Key, ...], CellVerdict],
+    *,
+    stacked: bool,
+    glyphs: _Glyphs,
+) -> Table:
+    """One metric over the rows x columns of the grid, at the further-axis values ``fixed``."""
+    table = _plain_table(leading=1 if rows is not None else 0)
+    if rows is None:
+        corner = None
+    elif columns is None:
+        corner = rows.name
+    else:
+        corner = f"{rows.name} \\" + ("\n" if stacked else " ") + columns.name
+    if corner is not None:
+        table.add_column(Text(corner), justify="left", overflow="fold")
+    column_values = columns.values if columns is not None else (None,)
+    for value in column_values:
+        header = "value" if value is None else _label(value, glyphs)
+        table.add_column(Text(header), justify="right", overflow="fold")
+    row_values = rows.values if rows is not None else (None,)
+    for row in row_values:
+        cells: list[Text] = [] if row is None else [Text(_label(row, glyphs))]
+        for column in column_values:
+            point = [_key(v) for v in (row, column) if v is not None]
+            cells.append(_cell(index.get((*point, *fixed)), metric, stacked=stacked, glyphs=glyphs))
+        table.add_row(*cells)
+    return table
+
+
+def _fits(console: Console, table: Table) -> bool:
+    options = console.options.update_width(_MEASURE_WIDTH)
+    return RenderWidth.get(console, options, table).maximum <= console.width
+
+
+def _legend(glyphs: _Glyphs) -> Text:
+    legend = Text()
+    entries = [
+        (MARKERS[Status.REGRESSED], STATUS_STYLES[Status.REGRESSED], "regressed"),
+        (MARKERS[Status.IMPROVED], STATUS_STYLES[Status.IMPROVED], "improved"),
+        (MARKERS[Status.NEW], STATUS_STYLES[Status.NEW], "no baseline"),
+        (glyphs.missing, ABSENT_STYLE, "no result"),
+        (NOT_MEASURED, ABSENT_STYLE, "not measured"),
+    ]
+    for i, (mark, style, meaning) in enumerate(entries):
+        if i:
+            legend.append(", ")
+        legend.append(mark, style=style)
+        legend.append(f" {meaning}")
+    return legend
+
+
+def render_heatmaps(
+    console: Console,
+    *,
+    test: str,
+    axes: Sequence[tuple[str, Sequence[Scalar]]],
+    cells: Sequence[CellVerdict],
+    metrics: Sequence[str],
+) -> None:
+    """Print one heatmap table per metric and per combination of the third and later axes.
+
+    ``axes`` is the grid as declared, ``(name, values)`` in order; params the cells carry beyond it
+    become further axes, in order of appearance. The first axis runs down the rows, the second across
+    the columns (a single axis runs down the rows of a one-column table; no axis gives one cell).
+    Every point of the grid gets a cell, ``—`` where no verdict came (not run, failed, deselected)
+    and ``n/a`` where the verdict lacks the metric. When a table is wider than the console, the
+    status marker moves under the change so the table fits. A one-line legend follows the tables.
+    Nothing is printed when ``metrics`` is empty.
+    """
+    if not metrics:
+        return
+    glyphs = _glyphs(console)
+    grid, index = _grid(axes, cells)
+    rows = grid[0] if len(grid) > 0 else None
+    columns = grid[1] if len(grid) > 1 else None
+    further = grid[2:]
+    first = True
+    for metric in metrics:
+        for combination in itertools.product(*(axis.values for axis in further)):
+            title = Text(f"{test}{glyphs.sep}{metric}", style="bold")
+            for axis, value in zip(further, combination, strict=True):
+                title.append(f"{glyphs.sep}{axis.name}={_label(value, glyphs)}")
+            fixed = tuple(_key(v) for v in combination)
+            table = _table(metric, rows, columns, fixed, index, stacked=False, glyphs=glyphs)
+            if not _fits(console, table):
+                table = _table(metric, rows, columns, fixed, index, stacked=True, glyphs=glyphs)
+            if not first:
+                console.print()
+            first = False
+            console.print(title)
+            console.print(table)
+    console.print()
+    console.print(_legend(glyphs))
+
+
+def _update_change(change: BaselineChange) -> str:
+    if change.old is None:
+        return MARKERS[Status.NEW]
+    if change.new == change.old:
+        return format_change(0.0)
+    if change.old == 0:
+        return format_change(math.copysign(math.inf, change.new))
+    return format_change(change.new / change.old - 1)
+
+
+def _by_file(
+    changes: Iterable[BaselineChange],
+) -> list[tuple[str, list[BaselineChange]]]:
+    ordered = sorted(changes, key=lambda c: (c.path, c.test, c.cell, c.metric))
+    return [(path, list(group)) for path, group in itertools.groupby(ordered, key=lambda c: c.path)]
+
+
+def render_updates(console: Console, changes: Sequence[BaselineChange]) -> None:
+    """Print the baseline values ``--trainperf-update-baselines`` rewrote, grouped by file.
+
+    One heading per baseline file, then its rows sorted by test, cell and metric: the old value, the
+    new one and the change, ``new`` where there was no old value. Nothing is printed when ``changes``
+    is empty.
+    """
+    if not changes:
+        return
+    glyphs = _glyphs(console)
+    groups = _by_file(changes)
+    headers = ("test", "cell", "metric", "old", "new", "change")
+    right = (False, False, False, True, True, True)
+
+    def row(change: BaselineChange) -> tuple[str, ...]:
+        old = glyphs.missing if change.old is None else format_value(change.old, change.unit)
+        return (
+            change.test,
+            change.cell,
+            change.metric,
+            old,
+            format_value(change.new, change.unit),
+            _update_change(change),
+        )
+
+    files = len(groups)
+    console.print(
+        Text(
+            f"baselines updated: {len(changes)} value{'s' * (len(changes) != 1)}"
+            f" in {files} file{'s' * (files != 1)}",
+            style="bold",
+        )
+    )
+    for path, group in groups:
+        table = _plain_table()
+        for header, is_right in zip(headers, right, strict=True):
+            table.add_column(header, justify="right" if is_right else "left", overflow="fold")
+        for values in map(row, group):
+            style = STATUS_STYLES[Status.NEW] if values[-1] == MARKERS[Status.NEW] else ""
+            table.add_row(*(Text(v) for v in values[:-1]), Text(values[-1], style=style))
+        console.print()
+        console.print(Text(path, style="bold"))
+        console.print(table)

@@ -1,0 +1,59 @@
+"""The end-of-session report: heatmaps per grid test, counts, hints, baseline updates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.text import Text
+
+from pytest_trainperf.records import BaselineChange, CellVerdict, Scalar, Status
+from pytest_trainperf.report.heatmap import render_heatmaps, render_updates
+
+Axes = tuple[tuple[str, tuple[Scalar, ...]], ...]
+"""A grid's axes in declaration order."""
+
+
+def metrics_to_show(cells: Sequence[CellVerdict], show: Sequence[str]) -> list[str]:
+    """The metrics asked for that some cell has, then every other metric that regressed somewhere."""
+    present = {m.name for c in cells for m in c.metrics}
+    regressed = [m.name for c in cells for m in c.regressions]
+    out = [name for name in show if name in present]
+    for name in regressed:
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _cells(n: int) -> str:
+    return f"{n} cell" if n == 1 else f"{n} cells"
+
+
+def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, CellVerdict]],
+                   fingerprints: Sequence[str], show: Sequence[str],
+                   changes: Sequence[BaselineChange], update: bool, errors: Sequence[str],
+                   hint: str) -> None:
+    """Render the session: ``results`` are ``(test file, test name, grid axes, verdict)`` per cell."""
+    groups: dict[tuple[str, str], tuple[Axes, list[CellVerdict]]] = {}
+    for test_file, test, axes, verdict in results:
+        groups.setdefault((test_file, test), (axes, []))[1].append(verdict)
+    for (test_file, test), (axes, cells) in groups.items():
+        render_heatmaps(console, test=f"{test_file}::{test}", axes=axes, cells=cells,
+                        metrics=metrics_to_show(cells, show))
+    for key in fingerprints:
+        console.print(Text(f"environment: {key}", style="dim"))
+    counts = {status: 0 for status in Status}
+    for *_, verdict in results:
+        counts[verdict.status] += 1
+    parts = [f"{counts[s]} {s.value}" for s in Status if counts[s]]
+    console.print(Text(f"{_cells(len(results))} measured: " + ", ".join(parts)))
+    if counts[Status.IMPROVED] and not update:
+        console.print(Text(f"{_cells(counts[Status.IMPROVED])} improved beyond tolerance: if intended, "
+                           f"accept with `{hint}`", style="green"))
+    if update:
+        if changes:
+            render_updates(console, changes)
+        else:
+            console.print(Text("baselines: nothing changed"))
+    for error in errors:
+        console.print(Text(f"trainperf: {error}", style="bold red"))

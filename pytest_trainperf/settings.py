@@ -1,0 +1,166 @@
+"""Command-line options and their ini twins, resolved once into a frozen :class:`Settings`.
+
+Every option is ``--trainperf-*`` in the ``trainperf`` group with an ini twin ``trainperf_*``; the
+command line wins over the ini file. Values are checked by the argparse ``type=`` at parse time (the
+ini value by the same function at configure time), with a message naming the option, the expected
+form and the value received.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DEFAULT_SHOW = ("step_time", "peak_memory")
+"""The metrics the report renders as heatmaps unless ``--trainperf-show`` says otherwise."""
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+"""The devices ``--trainperf-device`` accepts."""
+METRIC_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+"""What a metric name looks like."""
+
+
+def parse_device(value: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``xpu`` or ``xpu:N``."""
+    text = value.strip()
+    if not DEVICE_RE.match(text):
+        raise argparse.ArgumentTypeError(
+            f"expected auto, cpu, cuda, cuda:N, mps, xpu or xpu:N, got {value!r}")
+    return text
+
+
+def parse_metrics(value: str) -> tuple[str, ...]:
+    """A comma-separated list of metric names, e.g. ``step_time,peak_memory,loss``."""
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    bad = [n for n in names if not METRIC_RE.match(n)]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of metric names (e.g. step_time,peak_memory), got {value!r}")
+    return names
+
+
+def parse_threads(value: str) -> int:
+    """A positive integer number of intra-op threads."""
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return threads
+
+
+def parse_path(value: str) -> str:
+    """A non-empty directory path."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"expected a directory path, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One option: the command-line flag and its ini twin share name, help and check."""
+
+    name: str
+    help: str
+    parse: Callable[[str], Any] | None = None
+    flag: bool = False
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+OPTIONS = (
+    _Option("--trainperf", "measure every trainperf test and compare it with its baseline", flag=True),
+    _Option("--trainperf-update-baselines",
+            "measure and write the baselines of the cells that ran (implies --trainperf)", flag=True),
+    _Option("--trainperf-baselines", "directory of baseline files (default: baselines/ at the rootdir)",
+            parse_path, metavar="DIR"),
+    _Option("--trainperf-device", "device to measure on: auto (CUDA if available, else CPU), cpu, "
+            "cuda, cuda:N, mps (default: auto)", parse_device, metavar="DEVICE"),
+    _Option("--trainperf-strict", "fail cells that have no baseline for this environment", flag=True),
+    _Option("--trainperf-show", "comma-separated metrics to render as heatmaps "
+            f"(default: {','.join(DEFAULT_SHOW)})", parse_metrics, metavar="METRICS"),
+    _Option("--trainperf-threads", "intra-op threads to fix during measurement "
+            "(default: torch's own count at the start of the session)", parse_threads, metavar="N"),
+)
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register every option and its ini twin."""
+    group = parser.getgroup("trainperf", "performance regression testing of training (pytest-trainperf)")
+    for opt in OPTIONS:
+        if opt.flag:
+            group.addoption(opt.name, action="store_true", default=None, dest=opt.dest, help=opt.help)
+            parser.addini(opt.dest, f"{opt.help} (ini twin of {opt.name})", type="bool", default=False)
+        else:
+            group.addoption(opt.name, action="store", type=opt.parse, default=None, dest=opt.dest,
+                            metavar=opt.metavar, help=opt.help)
+            parser.addini(opt.dest, f"{opt.help} (ini twin of {opt.name})", default=None)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the user asked for, resolved once per session."""
+
+    enabled: bool
+    """Measure and compare (``--trainperf``, or implied by an update)."""
+    update: bool
+    """Write the baselines of the cells that ran."""
+    baselines: Path
+    """Directory of baseline files."""
+    device: str
+    """``auto`` or an explicit device string."""
+    strict: bool
+    """A cell without a baseline fails."""
+    show: tuple[str, ...]
+    """Metrics rendered as heatmaps."""
+    threads: int | None
+    """Intra-op threads during measurement (None: torch's count at session start)."""
+
+
+def _value(config: pytest.Config, opt: _Option) -> Any:
+    """The option's value: the command line if given, else the ini twin (checked), else None."""
+    cli = config.getoption(opt.dest)
+    if cli is not None:
+        return cli
+    raw = config.getini(opt.dest)
+    if opt.flag:
+        return bool(raw)
+    if raw is None or raw == "" or raw == []:
+        return None
+    assert opt.parse is not None
+    try:
+        return opt.parse(str(raw))
+    except argparse.ArgumentTypeError as exc:
+        raise pytest.UsageError(f"ini option {opt.dest} (twin of {opt.name}): {exc}") from None
+
+
+def resolve(config: pytest.Config) -> Settings:
+    """Resolve the command line and the ini file into :class:`Settings` (command line wins)."""
+    values = {opt.dest: _value(config, opt) for opt in OPTIONS}
+    baselines_raw = values["trainperf_baselines"]
+    if baselines_raw is None:
+        baselines = config.rootpath / "baselines"
+    elif config.getoption("trainperf_baselines") is not None:
+        baselines = config.invocation_params.dir / baselines_raw
+    else:
+        base = config.inipath.parent if config.inipath is not None else config.rootpath
+        baselines = base / baselines_raw
+    update = bool(values["trainperf_update_baselines"])
+    return Settings(
+        enabled=bool(values["trainperf"]) or update,
+        update=update,
+        baselines=baselines,
+        device=values["trainperf_device"] or "auto",
+        strict=bool(values["trainperf_strict"]),
+        show=values["trainperf_show"] or DEFAULT_SHOW,
+        threads=values["trainperf_threads"],
+    )

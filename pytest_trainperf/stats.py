@@ -1,0 +1,168 @@
+"""The regression decision: pure functions over plain records (no pytest, no torch).
+
+Exact metrics (FLOPs, CPU peak memory, the loss of a deterministic run, recorded values) compare one
+value against one value with a relative tolerance. Timings compare samples against samples:
+
+* the change is the Hodges-Lehmann estimate of the ratio ``now / baseline``: the median of all
+  pairwise ratios ``now_i / base_j`` (the shift estimate of log times, so it is invariant to a common
+  scale and robust to outlier steps);
+* its 95% confidence interval comes from the order statistics of those pairwise ratios at the
+  Mann-Whitney critical value (the interval that inverts the rank test);
+* a timing regresses only when the one-sided Mann-Whitney U test says the new samples are slower
+  (p < :data:`ALPHA`) **and** the estimated slowdown exceeds the tolerance. Improvements mirror this.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+from pytest_trainperf.records import (
+    CellVerdict,
+    Direction,
+    Measurement,
+    Metric,
+    MetricVerdict,
+    Status,
+)
+
+ALPHA = 0.05
+"""Significance level of the one-sided timing test."""
+CONFIDENCE = 0.95
+"""Coverage of the reported interval of a timing change."""
+MIN_SAMPLES = 3
+"""Fewer samples than this on either side: timings fall back to the exact rule on medians."""
+
+DEFAULT_TOLERANCES: Mapping[str, float] = {
+    "step_time": 0.10,
+    "throughput": 0.10,
+    "peak_memory": 0.005,
+    "flops": 0.001,
+    "loss": 0.002,
+    "reserved_memory": math.inf,
+}
+"""Relative tolerances of the built-in metrics (``reserved_memory``, CUDA only, is reported, not gated,
+unless a test gives it a tolerance); a recorded metric without one gets :data:`RECORD_TOLERANCE`."""
+RECORD_TOLERANCE = 0.01
+"""Default relative tolerance of a metric recorded with ``trainperf.record``."""
+BUILTIN_METRICS = tuple(DEFAULT_TOLERANCES)
+"""The metric names measured by the plugin itself."""
+
+
+def relative_change(current: float, baseline: float) -> float:
+    """``current / baseline - 1``; ``0`` when both are zero, ``±inf`` from a zero baseline."""
+    if baseline == 0:
+        if current == 0:
+            return 0.0
+        return math.copysign(math.inf, current)
+    return current / baseline - 1.0
+
+
+def _classify(change: float, tolerance: float, direction: Direction, significant_worse: bool = True,
+              significant_better: bool = True) -> Status:
+    """Status of a relative change beyond ``tolerance`` in the metric's direction."""
+    if direction is Direction.EXACT:
+        return Status.REGRESSED if abs(change) > tolerance and significant_worse else Status.UNCHANGED
+    worse = change if direction is Direction.LOWER_IS_BETTER else -change
+    if worse > tolerance and significant_worse:
+        return Status.REGRESSED
+    if worse < -tolerance and significant_better:
+        return Status.IMPROVED
+    return Status.UNCHANGED
+
+
+def compare_exact(metric: Metric, baseline: float, tolerance: float) -> MetricVerdict:
+    """Compare one exact value with its baseline value."""
+    change = relative_change(metric.value, baseline)
+    return MetricVerdict(
+        name=metric.name,
+        status=_classify(change, tolerance, metric.direction),
+        current=metric.value,
+        baseline=baseline,
+        tolerance=tolerance,
+        unit=metric.unit,
+        direction=metric.direction,
+        change=change,
+    )
+
+
+def hodges_lehmann_ratio(current: Sequence[float], baseline: Sequence[float],
+                         confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """The Hodges-Lehmann ratio ``current / baseline`` and its distribution-free interval.
+
+    Returns ``(estimate, low, high)``. All samples must be positive.
+    """
+    x = np.log(np.asarray(current, dtype=float))
+    y = np.log(np.asarray(baseline, dtype=float))
+    diffs = np.sort(np.subtract.outer(x, y).ravel())
+    m, n = len(x), len(y)
+    estimate = float(np.median(diffs))
+    z = float(sps.norm.ppf(0.5 + confidence / 2))
+    k = int(math.floor(m * n / 2 - z * math.sqrt(m * n * (m + n + 1) / 12)))
+    k = min(max(k, 0), len(diffs) - 1)
+    low, high = float(diffs[k]), float(diffs[len(diffs) - 1 - k])
+    return math.exp(estimate), math.exp(low), math.exp(high)
+
+
+def compare_samples(metric: Metric, baseline: Sequence[float], tolerance: float,
+                    alpha: float = ALPHA) -> MetricVerdict:
+    """Compare sampled timings with baseline samples (see the module docstring)."""
+    current = metric.samples
+    if len(current) < MIN_SAMPLES or len(baseline) < MIN_SAMPLES or min(*current, *baseline) <= 0:
+        return compare_exact(metric, float(np.median(baseline)), tolerance)
+    ratio, low, high = hodges_lehmann_ratio(current, baseline)
+    # p-values of "current is larger" and "current is smaller"
+    p_greater = float(sps.mannwhitneyu(current, baseline, alternative="greater").pvalue)
+    p_less = float(sps.mannwhitneyu(current, baseline, alternative="less").pvalue)
+    if metric.direction is Direction.HIGHER_IS_BETTER:
+        p_worse, p_better = p_less, p_greater
+    else:
+        p_worse, p_better = p_greater, p_less
+    change = ratio - 1.0
+    status = _classify(change, tolerance, metric.direction,
+                       significant_worse=p_worse < alpha, significant_better=p_better < alpha)
+    return MetricVerdict(
+        name=metric.name,
+        status=status,
+        current=metric.value,
+        baseline=float(np.median(baseline)),
+        tolerance=tolerance,
+        unit=metric.unit,
+        direction=metric.direction,
+        change=change,
+        interval=(low - 1.0, high - 1.0),
+        p_value=p_worse,
+    )
+
+
+def tolerance_for(metric: Metric, overrides: Mapping[str, float]) -> float:
+    """The tolerance of ``metric``: the test's override, else the recorded one, else the default."""
+    if metric.name in overrides:
+        return overrides[metric.name]
+    if metric.tolerance is not None:
+        return metric.tolerance
+    return DEFAULT_TOLERANCES.get(metric.name, RECORD_TOLERANCE)
+
+
+def judge(current: Measurement, baseline: Measurement | None,
+          overrides: Mapping[str, float] | None = None) -> CellVerdict:
+    """The verdict on every metric of ``current`` against ``baseline`` (None: everything is new)."""
+    overrides = overrides or {}
+    verdicts = []
+    for metric in current.metrics:
+        tolerance = tolerance_for(metric, overrides)
+        base = baseline.metric(metric.name) if baseline is not None else None
+        if base is None:
+            verdicts.append(MetricVerdict(
+                name=metric.name, status=Status.NEW, current=metric.value, baseline=None,
+                tolerance=tolerance, unit=metric.unit, direction=metric.direction,
+            ))
+        elif metric.sampled and base.sampled:
+            verdicts.append(compare_samples(metric, base.samples, tolerance))
+        else:
+            verdicts.append(compare_exact(metric, base.value, tolerance))
+    missing = () if baseline is None else tuple(n for n in baseline.names if current.metric(n) is None)
+    return CellVerdict(measurement=current, metrics=tuple(verdicts), missing=missing)

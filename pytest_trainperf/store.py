@@ -1,0 +1,294 @@
+"""Baseline files: one JSON file per test file, keyed by environment, written atomically.
+
+Layout of ``baselines/<test file path>.json`` (``baselines/examples/test_lm.json`` for
+``examples/test_lm.py``)::
+
+    {
+      "format": "pytest-trainperf baselines",
+      "schema": 1,
+      "environments": {
+        "<fingerprint key>": {
+          "fingerprint": {"device": ..., "torch": ..., "threads": ..., ...},
+          "tests": {
+            "<test name>": {
+              "<cell id>": {
+                "params": [["batch_size", 4], ["seq_len", 16]],
+                "kind": "train", "steps": 20, "warmup": 3,
+                "loss_curve": [...],
+                "metrics": {"step_time": {"value": ..., "unit": "s", "direction": "lower",
+                                          "samples": [...]}, ...}}}}}}}
+
+Keys are sorted and number lists sit on one line, so a review diff shows one line per changed curve.
+A file that cannot be parsed, is not ours, or has a newer schema raises :class:`BaselineError` and is
+never written over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_trainperf.records import BaselineChange, Direction, Fingerprint, Measurement, Metric
+
+FORMAT = "pytest-trainperf baselines"
+"""The ``format`` marker that tells our files from any other JSON."""
+SCHEMA_VERSION = 1
+"""The schema this version writes; files with a higher one are refused."""
+
+
+KINDS = ("train", "run", "record")
+"""How a cell was measured: a training step, an inference call, or only recorded metrics."""
+
+
+class BaselineError(Exception):
+    """A baseline file that cannot be used: names the path and what is wrong."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The baselines of one environment inside one file."""
+
+    fingerprint: Fingerprint
+    """The environment."""
+    cells: Mapping[tuple[str, str], Measurement] = field(default_factory=dict)
+    """``(test, cell) -> measurement``."""
+
+
+@dataclass(frozen=True)
+class BaselineFile:
+    """A parsed baseline file (empty when the file does not exist yet)."""
+
+    path: Path
+    """Where the file lives."""
+    environments: Mapping[str, Environment] = field(default_factory=dict)
+    """Fingerprint key -> that environment's baselines."""
+
+    def lookup(self, env_key: str, test: str, cell: str) -> Measurement | None:
+        """The stored measurement of one cell in one environment, or None."""
+        env = self.environments.get(env_key)
+        return None if env is None else env.cells.get((test, cell))
+
+
+def baseline_path(baselines_dir: Path, test_file: str) -> Path:
+    """The baseline file of a test file given relative to the rootdir (``a/test_x.py``)."""
+    rel = Path(test_file)
+    return baselines_dir / rel.with_suffix(".json")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _expect(cond: bool, path: Path, where: str, expected: str, got: object) -> None:
+    if not cond:
+        raise BaselineError(path, f"at {where}: expected {expected}, got {got!r}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_metric(path: Path, where: str, name: str, raw: object) -> Metric:
+    _expect(isinstance(raw, dict), path, where, "an object", raw)
+    assert isinstance(raw, dict)
+    value = raw.get("value")
+    _expect(_number(value), path, f"{where}.value", "a number", value)
+    samples = raw.get("samples", [])
+    _expect(isinstance(samples, list) and all(_number(s) for s in samples), path,
+            f"{where}.samples", "a list of numbers", samples)
+    direction = raw.get("direction", "lower")
+    valid = [d.value for d in Direction]
+    _expect(direction in valid, path, f"{where}.direction", f"one of {valid}", direction)
+    tolerance = raw.get("tolerance")
+    _expect(tolerance is None or _number(tolerance), path, f"{where}.tolerance", "a number or null",
+            tolerance)
+    unit = raw.get("unit", "")
+    _expect(isinstance(unit, str), path, f"{where}.unit", "a string", unit)
+    assert isinstance(value, (int, float))
+    return Metric(name=name, value=float(value), unit=unit, direction=Direction(direction),
+                  samples=tuple(float(s) for s in samples),
+                  tolerance=None if tolerance is None else float(tolerance))
+
+
+def _parse_cell(path: Path, where: str, test: str, cell: str, raw: object) -> Measurement:
+    _expect(isinstance(raw, dict), path, where, "an object", raw)
+    assert isinstance(raw, dict)
+    metrics_raw = raw.get("metrics")
+    _expect(isinstance(metrics_raw, dict), path, f"{where}.metrics", "an object", metrics_raw)
+    assert isinstance(metrics_raw, dict)
+    metrics = tuple(_parse_metric(path, f"{where}.metrics.{n}", n, m) for n, m in metrics_raw.items())
+    params_raw = raw.get("params", [])
+    _expect(isinstance(params_raw, list)
+            and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in params_raw),
+            path, f"{where}.params", "a list of [name, value] pairs", params_raw)
+    curve = raw.get("loss_curve", [])
+    _expect(isinstance(curve, list) and all(_number(v) for v in curve), path,
+            f"{where}.loss_curve", "a list of numbers", curve)
+    kind = raw.get("kind", "train")
+    steps = raw.get("steps", 0)
+    warmup = raw.get("warmup", 0)
+    _expect(kind in KINDS, path, f"{where}.kind", f"one of {list(KINDS)}", kind)
+    _expect(isinstance(steps, int) and isinstance(warmup, int), path, f"{where}.steps",
+            "integers steps and warmup", (steps, warmup))
+    return Measurement(test=test, cell=cell, params=tuple((p[0], p[1]) for p in params_raw),
+                       metrics=metrics, loss_curve=tuple(float(v) for v in curve), kind=kind,
+                       steps=steps, warmup=warmup)
+
+
+def _parse_fingerprint(path: Path, where: str, raw: object) -> Fingerprint:
+    _expect(isinstance(raw, dict), path, where, "an object", raw)
+    assert isinstance(raw, dict)
+    try:
+        return Fingerprint(**raw)
+    except TypeError as exc:
+        raise BaselineError(path, f"at {where}: {exc}") from None
+
+
+def parse(path: Path, text: str) -> BaselineFile:
+    """Parse the text of a baseline file; raise :class:`BaselineError` naming what is wrong."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BaselineError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise BaselineError(path, f"not a pytest-trainperf baseline file (no \"format\": \"{FORMAT}\")")
+    schema = data.get("schema")
+    _expect(isinstance(schema, int), path, "schema", "an integer", schema)
+    assert isinstance(schema, int)
+    if schema > SCHEMA_VERSION:
+        raise BaselineError(path, f"written by a newer pytest-trainperf (schema {schema}, this version "
+                                  f"reads up to {SCHEMA_VERSION}); upgrade pytest-trainperf")
+    envs_raw = data.get("environments", {})
+    _expect(isinstance(envs_raw, dict), path, "environments", "an object", envs_raw)
+    environments = {}
+    for key, env_raw in envs_raw.items():
+        where = f"environments[{key!r}]"
+        _expect(isinstance(env_raw, dict), path, where, "an object", env_raw)
+        fingerprint = _parse_fingerprint(path, f"{where}.fingerprint", env_raw.get("fingerprint"))
+        tests = env_raw.get("tests", {})
+        _expect(isinstance(tests, dict), path, f"{where}.tests", "an object", tests)
+        cells: dict[tuple[str, str], Measurement] = {}
+        for test, test_cells in tests.items():
+            _expect(isinstance(test_cells, dict), path, f"{where}.tests.{test}", "an object", test_cells)
+            for cell, raw in test_cells.items():
+                cells[(test, cell)] = _parse_cell(path, f"{where}.tests.{test}.{cell}", test, cell, raw)
+        environments[key] = Environment(fingerprint=fingerprint, cells=cells)
+    return BaselineFile(path=path, environments=environments)
+
+
+def read(path: Path) -> BaselineFile:
+    """Read a baseline file; a missing file is an empty one."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return BaselineFile(path=path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BaselineError(path, f"cannot be read ({exc})") from None
+    return parse(path, text)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _metric_json(metric: Metric) -> dict[str, Any]:
+    out: dict[str, Any] = {"value": metric.value, "unit": metric.unit,
+                           "direction": metric.direction.value}
+    if metric.samples:
+        out["samples"] = list(metric.samples)
+    if metric.tolerance is not None:
+        out["tolerance"] = metric.tolerance
+    return out
+
+
+def _cell_json(m: Measurement) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "params": [[k, v] for k, v in m.params],
+        "kind": m.kind,
+        "steps": m.steps,
+        "warmup": m.warmup,
+        "metrics": {metric.name: _metric_json(metric) for metric in m.metrics},
+    }
+    if m.loss_curve:
+        out["loss_curve"] = list(m.loss_curve)
+    return out
+
+
+def to_json(baselines: BaselineFile) -> dict[str, Any]:
+    """The JSON document of a baseline file."""
+    envs: dict[str, Any] = {}
+    for key, env in baselines.environments.items():
+        tests: dict[str, dict[str, Any]] = {}
+        for (test, cell), m in env.cells.items():
+            tests.setdefault(test, {})[cell] = _cell_json(m)
+        envs[key] = {"fingerprint": asdict(env.fingerprint), "tests": tests}
+    return {"format": FORMAT, "schema": SCHEMA_VERSION, "environments": envs}
+
+
+def dumps(doc: object, indent: int = 0) -> str:
+    """Stable JSON: sorted keys, two-space indent, lists without objects on one line."""
+    pad = "  " * indent
+    if isinstance(doc, dict):
+        if not doc:
+            return "{}"
+        items = [f'{pad}  {json.dumps(str(k))}: {dumps(v, indent + 1)}' for k, v in sorted(doc.items())]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(doc, list) and any(isinstance(v, dict) for v in doc):
+        items = [f"{pad}  {dumps(v, indent + 1)}" for v in doc]
+        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+    return json.dumps(doc, allow_nan=False)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _changes(rel: str, old: Measurement | None, new: Measurement) -> list[BaselineChange]:
+    out = []
+    for metric in new.metrics:
+        before = old.metric(metric.name) if old is not None else None
+        old_value = before.value if before is not None else None
+        if old_value != metric.value:
+            out.append(BaselineChange(path=rel, test=new.test, cell=new.cell, metric=metric.name,
+                                      old=old_value, new=metric.value, unit=metric.unit))
+    return out
+
+
+def update(path: Path, fingerprint: Fingerprint, measurements: Iterable[Measurement],
+           display_path: str | None = None) -> list[BaselineChange]:
+    """Replace the given cells of one environment in ``path``; keep everything else as it was.
+
+    Reads the current file first: a file that cannot be parsed raises :class:`BaselineError` and
+    is left untouched. Returns what changed, metric by metric.
+    """
+    current = read(path)
+    rel = display_path or str(path)
+    env = current.environments.get(fingerprint.key)
+    cells = dict(env.cells) if env is not None else {}
+    changes: list[BaselineChange] = []
+    for m in measurements:
+        changes += _changes(rel, cells.get((m.test, m.cell)), m)
+        cells[(m.test, m.cell)] = m
+    envs = dict(current.environments)
+    envs[fingerprint.key] = Environment(fingerprint=fingerprint, cells=cells)
+    write_atomic(path, dumps(to_json(BaselineFile(path=path, environments=envs))) + "\n")
+    return changes

@@ -1,0 +1,392 @@
+"""The plugin through pytester: options, grids, plain mode, baselines, verdicts, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+
+import pytest
+
+# A small real training workload. Knobs come from module constants so a test can inject a change
+# by rewriting one line: SLEEP_S (a slower step), EXTRA_MIB (a larger live tensor), LR (numerics).
+WORKLOAD = """
+import time
+import torch
+from torch import nn
+import pytest_trainperf as tp
+
+SLEEP_S = {sleep}
+EXTRA_MIB = {extra}
+LR = {lr}
+
+@tp.grid(batch_size=[4, 8], width=[16, 32])
+@tp.tolerance(step_time={step_tol})
+def test_mlp(trainperf, batch_size, width):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, 1)).to(trainperf.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    x = torch.randn(batch_size, width, generator=torch.Generator().manual_seed(1))
+    y = x.sum(dim=1, keepdim=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        scratch = torch.ones(EXTRA_MIB * 2**18) if EXTRA_MIB else None
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        if SLEEP_S:
+            time.sleep(SLEEP_S)
+        del scratch
+        return loss
+
+    trainperf.train(step, steps=8, warmup=2, items_per_step=batch_size)
+"""
+
+
+def workload(sleep: float = 0.0, extra: int = 0, lr: float = 1e-2, step_tol: float = 1.0) -> str:
+    """The workload source. Unchanged runs use a generous step-time tolerance so that they cannot
+    flake on a loaded machine; the slowdown injected below is 20x, far beyond it."""
+    return WORKLOAD.format(sleep=sleep, extra=extra, lr=lr, step_tol=step_tol)
+
+
+ONE_THREAD = "[pytest]\ntrainperf_threads = 1\n"
+"""One intra-op thread: two threads on a two-core runner turn any other load into 20x step times."""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(pytester: pytest.Pytester) -> None:
+    pytester.makeini(ONE_THREAD)
+
+
+CELLS = ["batch_size=4-width=16", "batch_size=4-width=32", "batch_size=8-width=16", "batch_size=8-width=32"]
+
+
+def baseline_doc(pytester: pytest.Pytester) -> dict:
+    return json.loads((pytester.path / "baselines" / "test_work.json").read_text())
+
+
+def only_env(doc: dict) -> dict:
+    (env,) = doc["environments"].values()
+    return env
+
+
+# ------------------------------------------------------------------ options
+
+
+def test_help_lists_every_option(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines([
+        "*trainperf*",
+        "*--trainperf *measure every trainperf test*",
+        "*--trainperf-update-baselines*",
+        "*--trainperf-baselines=DIR*",
+        "*--trainperf-device=DEVICE*",
+        "*--trainperf-strict*",
+        "*--trainperf-show=METRICS*",
+        "*--trainperf-threads=N*",
+    ])
+    for ini in ["trainperf ", "trainperf_update_baselines", "trainperf_baselines", "trainperf_device",
+                "trainperf_strict", "trainperf_show", "trainperf_threads"]:
+        assert ini in result.stdout.str()
+
+
+@pytest.mark.parametrize(("arg", "expected"), [
+    ("--trainperf-device=gpu", "*--trainperf-device*expected auto, cpu, cuda, cuda:N*got 'gpu'*"),
+    ("--trainperf-threads=0", "*--trainperf-threads*expected a positive integer, got '0'*"),
+    ("--trainperf-show=step time", "*--trainperf-show*expected a comma-separated list*got 'step time'*"),
+])
+def test_bad_option_is_refused_at_parse_time(pytester: pytest.Pytester, arg: str, expected: str) -> None:
+    result = pytester.runpytest(arg)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([expected])
+
+
+def test_bad_ini_value_is_refused(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\ntrainperf_device = tpu\n")
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ini option trainperf_device*expected auto, cpu*got 'tpu'*"])
+
+
+def test_ini_twin_enables_measurement_and_cli_wins_for_paths(pytester: pytest.Pytester) -> None:
+    pytester.makeini(ONE_THREAD + "trainperf = true\ntrainperf_baselines = from_ini\n")
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    assert (pytester.path / "from_ini" / "test_work.json").is_file()
+    pytester.runpytest("--trainperf-update-baselines", "--trainperf-baselines=from_cli").assert_outcomes(
+        passed=4)
+    assert (pytester.path / "from_cli" / "test_work.json").is_file()
+
+
+# ------------------------------------------------------------------ grids
+
+
+def test_grid_expands_to_one_item_per_cell(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=workload())
+    result = pytester.runpytest("--collect-only", "-q")
+    result.stdout.fnmatch_lines([f"test_work.py::test_mlp[[]{cell}[]]" for cell in CELLS])
+
+
+def test_empty_grid_is_a_single_cell_and_axes_arrive_as_arguments(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest_trainperf as tp
+
+        @tp.grid()
+        def test_one(trainperf):
+            assert trainperf.params == {}
+
+        @tp.grid(kind=["a", "b"], flag=[True], rate=[0.5])
+        def test_values(trainperf, kind, flag, rate):
+            assert trainperf.params == {"kind": kind, "flag": True, "rate": 0.5}
+            assert isinstance(flag, bool) and isinstance(rate, float)
+    """)
+    result = pytester.runpytest("-v")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*test_one PASSED*", "*test_values[[]kind=a-flag=True-rate=0.5[]] PASSED*"])
+
+
+@pytest.mark.parametrize(("decorator", "expected"), [
+    ("tp.grid(batch_size=[])", "*tp.grid axis 'batch_size': expected a non-empty list of scalars, got an "
+                               "empty list*"),
+    ("tp.grid(batch_size=[4, [8]])", "*tp.grid axis 'batch_size': expected scalar values*got list [[]8[]]*"),
+    ("tp.grid(batch_size=4)", "*tp.grid axis 'batch_size': expected a non-empty list of scalars, got int 4*"),
+    ("tp.grid(batch_size=[4, 4])", "*tp.grid axis 'batch_size': expected distinct values, got 4*"),
+    ("tp.tolerance(step_tme=0.1)", "*tp.tolerance: unknown metric 'step_tme'; expected one of step_time*"),
+    ("tp.tolerance(step_time=-0.1)", "*tp.tolerance(step_time=...): expected a non-negative relative "
+                                     "tolerance*got -0.1*"),
+])
+def test_bad_grid_or_tolerance_is_refused_at_collection(pytester: pytest.Pytester, decorator: str,
+                                                        expected: str) -> None:
+    pytester.makepyfile(f"""
+        import pytest_trainperf as tp
+
+        @{decorator}
+        def test_x(trainperf):
+            pass
+    """)
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*ERROR collecting*", expected])
+
+
+def test_axis_that_is_not_an_argument_is_refused(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest_trainperf as tp
+
+        @tp.grid(batch_size=[4], seq_len=[8])
+        def test_x(trainperf, batch_size):
+            pass
+    """)
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines([
+        "*tp.grid axis 'seq_len' is not an argument of test_x(); expected each axis to be one of the "
+        "test's arguments (trainperf, batch_size)*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+# ------------------------------------------------------------------ bad calls
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("trainperf.train(step, steps=0)", "*trainperf.train(steps=0): expected an integer >= 1*"),
+    ("trainperf.train(step, steps=3, warmup=-1)", "*trainperf.train(warmup=-1): expected an integer >= 0*"),
+    ("trainperf.train(lambda: torch.ones(4, 16), steps=3)",
+     "*must return the loss as a 0-d tensor or a float; got a Tensor of shape (4, 16)*"),
+    ("trainperf.train(lambda: None, steps=3)", "*must return the loss*got NoneType None*"),
+    ("trainperf.train(lambda: float('nan'), steps=3)", "*loss diverged: trainperf.train step 0 returned nan*"),
+    ("trainperf.record('loss', 1.0)", "*trainperf.record('loss', ...): expected a metric name*other than*"),
+    ("trainperf.record('acc', 'high')", "*trainperf.record('acc', ...): expected a finite number*"),
+])
+@pytest.mark.parametrize("mode", [[], ["--trainperf"]], ids=["plain", "measured"])
+def test_bad_call_fails_the_cell_with_a_clear_message(pytester: pytest.Pytester, body: str, expected: str,
+                                                      mode: list[str]) -> None:
+    pytester.makepyfile(f"""
+        import torch
+
+        def test_x(trainperf):
+            step = lambda: torch.tensor(1.0)
+            {body}
+    """)
+    result = pytester.runpytest(*mode)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([expected])
+
+
+# ------------------------------------------------------------------ plain mode
+
+
+def test_plain_mode_runs_one_step_and_touches_no_file(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import torch
+        import pytest_trainperf as tp
+
+        CALLS = []
+
+        @tp.grid(n=[1, 2])
+        def test_x(trainperf, n):
+            def step():
+                CALLS.append(n)
+                return torch.tensor(1.0)
+            assert trainperf.train(step, steps=50, warmup=5) is None
+            assert CALLS == [n]
+            CALLS.clear()
+    """)
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=2)
+    assert not (pytester.path / "baselines").exists()
+    assert "cells measured" not in result.stdout.str()
+
+
+# ------------------------------------------------------------------ baselines and verdicts
+
+
+def test_update_writes_baselines_then_an_unchanged_run_passes(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=workload())
+    result = pytester.runpytest("--trainperf-update-baselines")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["baselines/test_work.json*", "*metric*old*new*change*",
+                                 "test_mlp*batch_size=4-width=16*step_time*new"])
+    doc = baseline_doc(pytester)
+    assert doc["format"] == "pytest-trainperf baselines" and doc["schema"] == 1
+    env = only_env(doc)
+    assert sorted(env["tests"]["test_mlp"]) == CELLS
+    cell = env["tests"]["test_mlp"]["batch_size=4-width=16"]
+    assert cell["params"] == [["batch_size", 4], ["width", 16]]
+    assert len(cell["metrics"]["step_time"]["samples"]) == 8
+    assert len(cell["loss_curve"]) == 2 + 2 + 8  # warm-up, FLOP-counted, memory-tracked, timed
+    assert cell["metrics"]["loss"]["value"] == cell["loss_curve"][-1]
+    assert cell["metrics"]["flops"]["value"] > 0 and cell["metrics"]["peak_memory"]["value"] > 0
+    assert env["fingerprint"]["threads"] == 1
+
+    result = pytester.runpytest("--trainperf")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*4 cells measured: 4 unchanged*"])
+
+
+def test_exact_metrics_are_identical_across_processes(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest_subprocess("--trainperf-update-baselines").assert_outcomes(passed=4)
+    first = only_env(baseline_doc(pytester))["tests"]["test_mlp"]
+    pytester.runpytest_subprocess("--trainperf-update-baselines").assert_outcomes(passed=4)
+    second = only_env(baseline_doc(pytester))["tests"]["test_mlp"]
+    for cell in CELLS:
+        for metric in ("flops", "peak_memory", "loss"):
+            assert first[cell]["metrics"][metric]["value"] == second[cell]["metrics"][metric]["value"]
+        assert first[cell]["loss_curve"] == second[cell]["loss_curve"]
+
+
+@pytest.mark.parametrize(("change", "metric"), [
+    ({"sleep": 0.02}, "step_time"),
+    ({"extra": 16}, "peak_memory"),
+    ({"lr": 1e-3}, "loss"),
+])
+def test_injected_regression_fails_naming_the_metric(pytester: pytest.Pytester, change: dict,
+                                                     metric: str) -> None:
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    before = (pytester.path / "baselines" / "test_work.json").read_text()
+    pytester.makepyfile(test_work=workload(**change))
+    result = pytester.runpytest("--trainperf")
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines([
+        "*trainperf: test_work.py::test_mlp[[]batch_size=4-width=16[]] regressed against its baseline in "
+        "baselines/test_work.json*",
+        f"*  {metric}: baseline *, now *, change +*(tolerance *",
+        "*If the change is intended, run `pytest --trainperf-update-baselines`*",
+    ])
+    failures = result.stdout.str().split("short test summary")[0]
+    others = {"step_time", "peak_memory", "loss"} - {metric, "step_time"}  # timing may move with anything
+    for other in others:
+        assert not re.search(rf"^\s+{other}: baseline", failures, re.M), other
+    assert (pytester.path / "baselines" / "test_work.json").read_text() == before  # compare never writes
+
+
+def test_peak_memory_regression_is_exactly_the_injected_bytes(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    before = only_env(baseline_doc(pytester))["tests"]["test_mlp"]
+    pytester.makepyfile(test_work=workload(extra=16))
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    after = only_env(baseline_doc(pytester))["tests"]["test_mlp"]
+    for cell in CELLS:
+        grown = after[cell]["metrics"]["peak_memory"]["value"] - before[cell]["metrics"]["peak_memory"]["value"]
+        assert grown == 16 * 2**20
+
+
+def test_improvement_passes_with_a_hint(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=workload(extra=16))
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    pytester.makepyfile(test_work=workload())
+    result = pytester.runpytest("--trainperf")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines([
+        "*4 cells measured: 4 improved*",
+        "*4 cells improved beyond tolerance: if intended, accept with*",
+    ])
+
+
+def test_update_replaces_only_the_cells_it_ran(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    before = only_env(baseline_doc(pytester))["tests"]["test_mlp"]
+    pytester.makepyfile(test_work=workload(extra=16))
+    result = pytester.runpytest("--trainperf-update-baselines", "test_work.py::test_mlp[batch_size=8-width=32]")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["test_mlp*batch_size=8-width*peak_memory*KiB*MiB*+*%"])
+    after = only_env(baseline_doc(pytester))["tests"]["test_mlp"]
+    for cell in CELLS[:3]:
+        assert after[cell] == before[cell]
+    assert after[CELLS[3]]["metrics"]["peak_memory"] != before[CELLS[3]]["metrics"]["peak_memory"]
+
+
+def test_new_cells_pass_unless_strict(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=workload())
+    result = pytester.runpytest("--trainperf")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*4 cells measured: 4 new*"])
+    assert not (pytester.path / "baselines").exists()
+    result = pytester.runpytest("--trainperf", "--trainperf-strict")
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines(["*has no baseline for this environment in baselines/test_work.json "
+                                 "(--trainperf-strict)*"])
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("{not json", "*not valid JSON*"),
+    ('{"some": "other tool"}', "*not a pytest-trainperf baseline file*"),
+    ('{"format": "pytest-trainperf baselines", "schema": 99, "environments": {}}',
+     "*written by a newer pytest-trainperf (schema 99*"),
+])
+@pytest.mark.parametrize("mode", ["--trainperf", "--trainperf-update-baselines"])
+def test_unusable_baseline_file_is_named_and_left_untouched(pytester: pytest.Pytester, content: str,
+                                                            reason: str, mode: str) -> None:
+    pytester.makepyfile(test_work=workload())
+    path = pytester.path / "baselines" / "test_work.json"
+    path.parent.mkdir()
+    path.write_text(content)
+    result = pytester.runpytest(mode)
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines([f"*trainperf: baseline file baselines/test_work.json cannot be used: {reason}",
+                                 "*It was left untouched*"])
+    assert path.read_text() == content
+    assert sorted(p.name for p in path.parent.iterdir()) == ["test_work.json"]
+
+
+def test_record_is_stored_and_compared(pytester: pytest.Pytester) -> None:
+    source = textwrap.dedent("""
+        def test_eval(trainperf):
+            trainperf.record("test_loss", {value}, unit="nats", tolerance=0.05)
+            trainperf.record("accuracy", {acc}, higher_is_better=True)
+    """)
+    pytester.makepyfile(test_rec=source.format(value=2.0, acc=0.9))
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    pytester.makepyfile(test_rec=source.format(value=2.08, acc=0.905))
+    pytester.runpytest("--trainperf").assert_outcomes(passed=1)
+    pytester.makepyfile(test_rec=source.format(value=2.2, acc=0.8))
+    result = pytester.runpytest("--trainperf")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*test_loss: baseline 2 nats, now 2.2 nats, change +10.0% (tolerance 5.0%)*",
+                                 "*accuracy: baseline 0.9, now 0.8, change -11.1% (tolerance 1.0%)*"])
