@@ -43,12 +43,12 @@ def token_stream(n_tokens: int, seed: int = 0) -> torch.Tensor:
     """A learnable synthetic 'language': a sparse random Markov chain over the vocabulary."""
     gen = torch.Generator().manual_seed(seed)
     successors = torch.randint(0, VOCAB, (VOCAB, 4), generator=gen)  # 4 likely next tokens each
-    choice = torch.randint(0, 4, (n_tokens,), generator=gen)
-    tokens = torch.empty(n_tokens, dtype=torch.long)
-    tokens[0] = 0
+    choice = torch.randint(0, 4, (n_tokens,), generator=gen).tolist()
+    table = successors.tolist()
+    tokens = [0]
     for i in range(1, n_tokens):
-        tokens[i] = successors[tokens[i - 1], choice[i]]
-    return tokens
+        tokens.append(table[tokens[-1]][choice[i]])
+    return torch.tensor(tokens, dtype=torch.long)
 
 
 STREAM = token_stream(1 << 15)
@@ -83,3 +83,23 @@ def test_tiny_lm_training(trainperf, batch_size, seq_len):
         return loss
 
     trainperf.train(step, steps=20, warmup=3, items_per_step=batch_size * seq_len)
+
+    # a held-out loss, stored and compared like the built-in metrics
+    held_out = batches(batch_size, seq_len, trainperf.device)[-1]
+    with torch.no_grad():
+        logits = model(held_out[0])
+        eval_loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), held_out[1].reshape(-1))
+    trainperf.record("eval_loss", eval_loss.item(), unit="nats", tolerance=0.01)
+
+
+@tp.grid(batch_size=[1, 8, 32], seq_len=[32, 128])
+def test_tiny_lm_inference(trainperf, batch_size, seq_len):
+    torch.manual_seed(0)
+    model = TinyLM().to(trainperf.device).eval()
+    tokens, _ = batches(batch_size, seq_len, trainperf.device)[0]
+
+    @torch.inference_mode()
+    def forward():
+        return model(tokens)
+
+    trainperf.run(forward, iters=20, warmup=3, items_per_call=batch_size * seq_len)

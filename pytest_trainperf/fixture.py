@@ -65,7 +65,7 @@ def _check_count(cell: Cell, call: str, name: str, value: object, minimum: int) 
 def _check_items(cell: Cell, call: str, name: str, value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
         _usage(cell, f"{call}({name}={value!r}): expected a positive number or None")
     return float(value)  # type: ignore[arg-type]
 
@@ -85,6 +85,14 @@ class TrainPerf:
         self._recorded: list[Metric] = []
         self._used = ""
         self._threads: int | None = None
+        self._preexisting: object = None
+
+    def begin(self) -> None:
+        """Called by the fixture before the test body under ``--trainperf``: resolve the device and
+        note the tensors already alive, which this cell's peak memory leaves out."""
+        from pytest_trainperf.measure.memory import Preexisting
+
+        self._preexisting = Preexisting(self.device)
 
     # ------------------------------------------------------------------ what the test sees
 
@@ -241,7 +249,7 @@ class TrainPerf:
         import torch
 
         from pytest_trainperf.measure.flops import count_flops
-        from pytest_trainperf.measure.memory import measure_peak
+        from pytest_trainperf.measure.memory import Preexisting, measure_peak
         from pytest_trainperf.measure.timing import fixed_threads, time_steps
 
         device = self.device
@@ -258,7 +266,8 @@ class TrainPerf:
             if keep is not None:
                 kept.append(keep(out))
             del out
-            out, peak = measure_peak(fn, device)
+            exclude = self._preexisting if isinstance(self._preexisting, Preexisting) else None
+            out, peak = measure_peak(fn, device, exclude)
             if keep is not None:
                 kept.append(keep(out))
             del out

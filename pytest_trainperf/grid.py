@@ -74,7 +74,7 @@ def cell_id(names: Sequence[str], values: Sequence[Scalar]) -> str:
     """``batch_size=4-seq_len=16``; ``default`` for no axes."""
     if not names:
         return SINGLE_CELL
-    return "-".join(f"{n}={format_scalar(v)}" for n, v in zip(names, values))
+    return "-".join(f"{n}={format_scalar(v)}" for n, v in zip(names, values, strict=True))
 
 
 def make_grid(axes: Mapping[str, object]) -> Grid:

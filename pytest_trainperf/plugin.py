@@ -22,6 +22,8 @@ from pytest_trainperf.settings import Settings, add_options, resolve
 PLUGIN_NAME = "trainperf-session"
 """The name the session object is registered under."""
 FIXTURE_KEY = pytest.StashKey[TrainPerf]()
+SESSION_KEY = pytest.StashKey["TrainPerfSession"]()
+"""Where the config keeps the session object (also registered as a plugin under PLUGIN_NAME)."""
 """Where an item keeps its ``trainperf`` fixture, for the call hook to read."""
 UPDATE_HINT = "pytest --trainperf-update-baselines"
 """The command that accepts intended changes."""
@@ -36,7 +38,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", f"{GRID_MARK}(grid): applied by tp.grid: spread the test over a parameter grid")
     config.addinivalue_line(
         "markers", f"{TOLERANCE_MARK}(tolerances): applied by tp.tolerance: per-test relative tolerances")
-    config.pluginmanager.register(TrainPerfSession(resolve(config), config), PLUGIN_NAME)
+    session = TrainPerfSession(resolve(config), config)
+    config.stash[SESSION_KEY] = session
+    config.pluginmanager.register(session, PLUGIN_NAME)
 
 
 @dataclass(frozen=True)
@@ -88,9 +92,11 @@ def cell_of(item: pytest.Item, rootpath: Path) -> Cell:
 @pytest.fixture
 def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
     """Measure this cell: ``trainperf.train(step, steps=...)``, ``.run(fn, iters=...)``, ``.record(...)``."""
-    session: TrainPerfSession = request.config.pluginmanager.get_plugin(PLUGIN_NAME)
+    session = request.config.stash[SESSION_KEY]
     fixture = TrainPerf(cell_of(request.node, request.config.rootpath), session.settings)
     request.node.stash[FIXTURE_KEY] = fixture
+    if session.settings.enabled:
+        fixture.begin()
     return fixture
 
 

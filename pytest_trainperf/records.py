@@ -11,9 +11,8 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Union
 
-Scalar = Union[int, float, str, bool]
+Scalar = int | float | str | bool
 """What a grid axis value may be."""
 
 

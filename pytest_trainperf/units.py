@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
-_BINARY = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+_BINARY = (("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10), ("B", 1.0))
 _TIME = (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9))
-_SI = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3))
+_SI = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0))
 
 
 def _sig(x: float) -> str:
-    """Three significant digits, without exponent for ordinary magnitudes."""
+    """Three significant digits, without exponent for ordinary magnitudes (rounded first)."""
+    x = float(f"{x:.3g}")
     if x == 0:
         return "0"
     if abs(x) >= 100:
@@ -20,6 +21,15 @@ def _sig(x: float) -> str:
     return f"{x:.2f}"
 
 
+def _scaled(value: float, scales: tuple[tuple[str, float], ...], unit: str = "") -> str:
+    """``value`` in the largest scale whose rounded figure is at least 1 (the smallest otherwise)."""
+    for name, factor in scales:
+        text = _sig(value / factor)
+        if abs(float(text)) >= 1 or factor == scales[-1][1]:
+            return f"{text} {name}{unit}"
+    raise AssertionError("unreachable")
+
+
 def format_value(value: float, unit: str = "") -> str:
     """Format ``value`` in ``unit`` with a scaled prefix: ``34.1 ms``, ``12.0 MiB``, ``1.20 GFLOP``."""
     if math.isnan(value):
@@ -27,19 +37,13 @@ def format_value(value: float, unit: str = "") -> str:
     if math.isinf(value):
         return f"{'-' if value < 0 else ''}inf {unit}".rstrip()
     if unit == "s":
-        for name, scale in _TIME:
-            if abs(value) >= scale or name == "ns":
-                return f"{_sig(value / scale)} {name}"
+        return _scaled(value, _TIME)
     if unit == "B":
-        for name, scale in _BINARY:
-            if abs(value) >= scale:
-                return f"{_sig(value / scale)} {name}"
-        return f"{value:.0f} B"
-    if unit in ("FLOP", "items/s") or unit.endswith("/s"):
-        for prefix, scale in _SI:
-            if abs(value) >= scale:
-                return f"{_sig(value / scale)} {prefix}{unit}"
-        return f"{_sig(value)} {unit}"
+        if abs(value) < 1024:
+            return f"{value:.0f} B"
+        return _scaled(value, _BINARY)
+    if unit == "FLOP" or unit.endswith("/s"):
+        return _scaled(value, _SI, unit)
     if unit:
         return f"{value:.4g} {unit}"
     return f"{value:.4g}"

@@ -390,3 +390,21 @@ def test_record_is_stored_and_compared(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*test_loss: baseline 2 nats, now 2.2 nats, change +10.0% (tolerance 5.0%)*",
                                  "*accuracy: baseline 0.9, now 0.8, change -11.1% (tolerance 1.0%)*"])
+
+
+def test_peak_memory_leaves_out_what_other_tests_keep_alive(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=workload())
+    pytester.makepyfile(test_aaa="""
+        import torch
+
+        KEPT = [torch.ones(2**22)]  # 16 MiB alive for the whole session
+
+        def test_hold():
+            KEPT.append(torch.ones(2**21))  # and 8 MiB more, left behind by a test
+    """)
+    pytester.runpytest("--trainperf-update-baselines", "test_work.py").assert_outcomes(passed=4)
+    alone = only_env(baseline_doc(pytester))["tests"]["test_mlp"]
+    pytester.runpytest("--trainperf-update-baselines", "test_aaa.py", "test_work.py").assert_outcomes(passed=5)
+    together = only_env(baseline_doc(pytester))["tests"]["test_mlp"]
+    for cell in CELLS:
+        assert together[cell]["metrics"]["peak_memory"] == alone[cell]["metrics"]["peak_memory"]

@@ -88,17 +88,87 @@ class MemoryPeak:
     """How the bytes were counted: :data:`METHOD_STORAGE_TRACKER` or :data:`METHOD_CUDA_ALLOCATOR`."""
 
 
-def measure_peak(fn: Callable[[], T], device: torch.device) -> tuple[T, MemoryPeak]:
+class Preexisting:
+    """What was alive before a test started, left out of its peak.
+
+    A test's peak should not depend on which other tests ran before it in the same process (module
+    globals, tensors still held by an earlier test): storages alive when this snapshot is taken are
+    not counted (weak references: a later storage at a reused address is counted). On CUDA the
+    allocated bytes at snapshot time are subtracted instead.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._refs: dict[int, weakref.ref[torch.UntypedStorage]] = {}
+        self.cuda_bytes = 0
+        """Bytes allocated on the CUDA device at snapshot time (0 elsewhere)."""
+        if device.type == _CUDA:
+            self.cuda_bytes = torch.cuda.memory_allocated(device)
+            return
+        gc.collect()
+        for storage in _live_storages(device):
+            self._refs[storage._cdata] = weakref.ref(storage)
+
+    def __contains__(self, storage: torch.UntypedStorage) -> bool:
+        ref = self._refs.get(storage._cdata)
+        return ref is not None and ref() is storage
+
+
+def _live_storages(device: torch.device) -> list[torch.UntypedStorage]:
+    """Every storage on ``device`` reachable from a Python tensor (and the grads of leaves)."""
+    found: dict[int, torch.UntypedStorage] = {}
+    objects = gc.get_objects()
+    try:
+        with torch._C.DisableTorchFunctionSubclass():
+            for obj in objects:
+                # type(), not isinstance(): some module proxies warn on __class__ lookups.
+                if not issubclass(type(obj), torch.Tensor):
+                    continue
+                for tensor in (obj, _grad_of(obj)):
+                    storage = _storage_on(tensor, device)
+                    if storage is not None:
+                        found[storage._cdata] = storage
+    finally:
+        del objects
+    return list(found.values())
+
+
+def _grad_of(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The grad of a leaf or grad-retaining tensor (reading it elsewhere warns), else None."""
+    try:
+        if not (tensor.is_leaf or tensor.retains_grad):
+            return None
+        return tensor.grad
+    except _NO_STORAGE_ERRORS:
+        return None
+
+
+def _storage_on(tensor: torch.Tensor | None, device: torch.device) -> torch.UntypedStorage | None:
+    """The tensor's storage if it has a real one on ``device``."""
+    if tensor is None:
+        return None
+    try:
+        storage = tensor.untyped_storage()
+        if not _same_device(storage.device, device):
+            return None
+        storage.data_ptr()  # raises for the storage-less storage of a wrapper subclass
+    except _NO_STORAGE_ERRORS:
+        return None
+    return storage
+
+
+def measure_peak(fn: Callable[[], T], device: torch.device,
+                 exclude: Preexisting | None = None) -> tuple[T, MemoryPeak]:
     """Run fn() once and return its result and the peak memory of that call.
 
-    An exception from ``fn`` propagates, with every piece of global state restored.
+    Storages in ``exclude`` (alive before the test began) are not counted. An exception from ``fn``
+    propagates, with every piece of global state restored.
     """
     if device.type == _CUDA:
-        return _measure_cuda(fn, device)
-    return _measure_tracked(fn, device)
+        return _measure_cuda(fn, device, exclude.cuda_bytes if exclude is not None else 0)
+    return _measure_tracked(fn, device, exclude)
 
 
-def _measure_cuda(fn: Callable[[], T], device: torch.device) -> tuple[T, MemoryPeak]:
+def _measure_cuda(fn: Callable[[], T], device: torch.device, outside: int) -> tuple[T, MemoryPeak]:
     """Read the caching allocator's peak counters around one synchronized call."""
     gc.collect()
     torch.cuda.synchronize(device)
@@ -107,17 +177,18 @@ def _measure_cuda(fn: Callable[[], T], device: torch.device) -> tuple[T, MemoryP
     result = fn()
     torch.cuda.synchronize(device)
     peak = MemoryPeak(
-        peak_bytes=torch.cuda.max_memory_allocated(device),
+        peak_bytes=torch.cuda.max_memory_allocated(device) - outside,
         reserved_bytes=torch.cuda.max_memory_reserved(device),
-        start_bytes=start,
+        start_bytes=start - outside,
         method=METHOD_CUDA_ALLOCATOR,
     )
     return result, peak
 
 
-def _measure_tracked(fn: Callable[[], T], device: torch.device) -> tuple[T, MemoryPeak]:
+def _measure_tracked(fn: Callable[[], T], device: torch.device,
+                     exclude: Preexisting | None) -> tuple[T, MemoryPeak]:
     """Follow tensor storages on ``device`` through one call of ``fn``."""
-    tracker = _StorageTracker(device)
+    tracker = _StorageTracker(device, exclude)
     try:
         gc.collect()
         start = tracker.scan_live()
@@ -172,9 +243,10 @@ class _StorageTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]  # un
     a free can call back on another thread, or on this one in the middle of an update.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, exclude: Preexisting | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._device = device
+        self._exclude = exclude
         self._lock = threading.RLock()
         self._followed: dict[int, _StorageRef] = {}
         self._armed = True
@@ -189,15 +261,8 @@ class _StorageTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]  # un
 
     def scan_live(self) -> int:
         """Follow every storage on the device reachable from a Python tensor; return their bytes."""
-        objects = gc.get_objects()
-        try:
-            with torch._C.DisableTorchFunctionSubclass():
-                for obj in objects:
-                    # type(), not isinstance(): some module proxies warn on __class__ lookups.
-                    if issubclass(type(obj), torch.Tensor):
-                        self._follow_with_grad(obj)
-        finally:
-            del objects
+        for storage in _live_storages(self._device):
+            self._follow_storage(storage)
         with self._lock:
             self._peak = self._live
             return self._live
@@ -225,26 +290,14 @@ class _StorageTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]  # un
                 self._peak = self._live
         return out
 
-    def _follow_with_grad(self, tensor: torch.Tensor) -> None:
-        """Follow a tensor found at entry and, for a leaf or a grad-retaining tensor, its grad."""
-        self._follow(tensor)
-        try:
-            if not (tensor.is_leaf or tensor.retains_grad):
-                return
-            grad = tensor.grad
-        except _NO_STORAGE_ERRORS:
-            return
-        if grad is not None:
-            self._follow(grad)
-
     def _follow(self, tensor: torch.Tensor) -> None:
         """Start following the tensor's storage, or re-read its size if already followed."""
-        try:
-            storage = tensor.untyped_storage()
-            if not _same_device(storage.device, self._device):
-                return
-            storage.data_ptr()  # raises for the storage-less storage of a wrapper subclass
-        except _NO_STORAGE_ERRORS:
+        storage = _storage_on(tensor, self._device)
+        if storage is not None:
+            self._follow_storage(storage)
+
+    def _follow_storage(self, storage: torch.UntypedStorage) -> None:
+        if self._exclude is not None and storage in self._exclude:
             return
         key = storage._cdata
         nbytes = storage.nbytes()
