@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 DEFAULT_WARMUP = 3
 """Warm-up steps before the timed ones when the test does not say."""
+RATE_DIGITS = 9
+"""Significant digits kept of a throughput sample (step times are exact nanoseconds)."""
 
 
 class Step(Protocol):
@@ -276,7 +278,7 @@ class TrainPerf:
         metrics = [Metric("step_time", statistics.median(samples), "s", Direction.LOWER_IS_BETTER,
                           tuple(samples))]
         if items is not None:
-            rates = tuple(items / s for s in samples)
+            rates = tuple(float(f"{items / s:.{RATE_DIGITS}g}") for s in samples)
             metrics.append(Metric("throughput", statistics.median(rates), "items/s",
                                   Direction.HIGHER_IS_BETTER, rates))
         metrics.append(Metric("peak_memory", float(peak.peak_bytes), "B"))

@@ -247,8 +247,8 @@ def test_update_writes_baselines_then_an_unchanged_run_passes(pytester: pytest.P
     pytester.makepyfile(test_work=workload())
     result = pytester.runpytest("--trainperf-update-baselines")
     result.assert_outcomes(passed=4)
-    result.stdout.fnmatch_lines(["baselines/test_work.json*", "*metric*old*new*change*",
-                                 "test_mlp*batch_size=4-width=16*step_time*new"])
+    result.stdout.fnmatch_lines(["baselines/test_work.json*", "  test_mlp[[]batch_size=4-width=16[]]",
+                                 "    step_time *— -> * new"])
     doc = baseline_doc(pytester)
     assert doc["format"] == "pytest-trainperf baselines" and doc["schema"] == 1
     env = only_env(doc)
@@ -335,7 +335,7 @@ def test_update_replaces_only_the_cells_it_ran(pytester: pytest.Pytester) -> Non
     pytester.makepyfile(test_work=workload(extra=16))
     result = pytester.runpytest("--trainperf-update-baselines", "test_work.py::test_mlp[batch_size=8-width=32]")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["test_mlp*batch_size=8-width*peak_memory*KiB*MiB*+*%"])
+    result.stdout.fnmatch_lines(["  test_mlp[[]batch_size=8-width=32[]]", "    peak_memory *KiB -> *MiB *+*%"])
     after = only_env(baseline_doc(pytester))["tests"]["test_mlp"]
     for cell in CELLS[:3]:
         assert after[cell] == before[cell]

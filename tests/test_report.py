@@ -394,16 +394,15 @@ def test_updates_sorted_and_grouped_by_file() -> None:
         baselines updated: 4 values in 2 files
 
         baselines/test_lm.json
-        test               cell     metric   old  new  change
-        ─────────────────────────────────────────────────────
-        TestLM::test_step  default  loss    2.31  2.3   -0.4%
+          TestLM::test_step[default]
+            loss  2.31 -> 2.3  -0.4%
 
         baselines/test_models.json
-        test          cell                     metric          old       new  change
-        ────────────────────────────────────────────────────────────────────────────
-        test_encoder  batch_size=1-seq_len=16  peak_memory       —  12.5 MiB     new
-        test_encoder  batch_size=1-seq_len=16  step_time    100 ms    150 ms  +50.0%
-        test_encoder  batch_size=4-seq_len=16  step_time    123 ms   98.0 ms  -20.3%
+          test_encoder[batch_size=1-seq_len=16]
+            peak_memory       — -> 12.5 MiB     new
+            step_time    100 ms ->   150 ms  +50.0%
+          test_encoder[batch_size=4-seq_len=16]
+            step_time    123 ms ->  98.0 ms  -20.3%
         """
     )
 

@@ -315,20 +315,6 @@ def render_updates(console: Console, changes: Sequence[BaselineChange]) -> None:
         return
     glyphs = _glyphs(console)
     groups = _by_file(changes)
-    headers = ("test", "cell", "metric", "old", "new", "change")
-    right = (False, False, False, True, True, True)
-
-    def row(change: BaselineChange) -> tuple[str, ...]:
-        old = glyphs.missing if change.old is None else format_value(change.old, change.unit)
-        return (
-            change.test,
-            change.cell,
-            change.metric,
-            old,
-            format_value(change.new, change.unit),
-            _update_change(change),
-        )
-
     files = len(groups)
     console.print(
         Text(
@@ -338,12 +324,19 @@ def render_updates(console: Console, changes: Sequence[BaselineChange]) -> None:
         )
     )
     for path, group in groups:
-        table = _plain_table()
-        for header, is_right in zip(headers, right, strict=True):
-            table.add_column(header, justify="right" if is_right else "left", overflow="fold")
-        for values in map(row, group):
-            style = STATUS_STYLES[Status.NEW] if values[-1] == MARKERS[Status.NEW] else ""
-            table.add_row(*(Text(v) for v in values[:-1]), Text(values[-1], style=style))
+        # a heading per cell and aligned metric lines under it: long test names and cell ids stay
+        # out of the columns, so the lines fit 80 columns whatever the names
+        rows = [(c, glyphs.missing if c.old is None else format_value(c.old, c.unit),
+                 format_value(c.new, c.unit), _update_change(c)) for c in group]
+        width = [max(len(r[0].metric) for r in rows)] + [max(len(r[i]) for r in rows) for i in (1, 2, 3)]
         console.print()
         console.print(Text(path, style="bold"))
-        console.print(table)
+        cell = None
+        for change, old, new, marker in rows:
+            if (change.test, change.cell) != cell:
+                cell = (change.test, change.cell)
+                console.print(Text(f"  {change.test}[{change.cell}]"))
+            line = Text(f"    {change.metric:<{width[0]}}  {old:>{width[1]}} -> {new:>{width[2]}}  ")
+            style = STATUS_STYLES[Status.NEW] if marker == MARKERS[Status.NEW] else ""
+            line.append(f"{marker:>{width[3]}}", style=style)
+            console.print(line)
