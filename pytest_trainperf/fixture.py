@@ -9,7 +9,7 @@ import math
 import numbers
 import statistics
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
@@ -88,6 +88,7 @@ class TrainPerf:
         self._used = ""
         self._threads: int | None = None
         self._preexisting: object = None
+        self._retime: Callable[[], list[Metric]] | None = None
 
     def begin(self) -> None:
         """Called by the fixture before the test body under ``--trainperf``: resolve the device and
@@ -195,6 +196,19 @@ class TrainPerf:
                            metrics=base.metrics + tuple(self._recorded), loss_curve=base.loss_curve,
                            kind=base.kind, steps=base.steps, warmup=base.warmup)
 
+    def retime(self) -> Measurement | None:
+        """Time the measured step again (same count, threads, device); None if nothing was timed.
+
+        Returns the cell's measurement with fresh ``step_time``/``throughput`` samples and every other
+        metric as first measured. Used to confirm a timing regression before it fails the cell.
+        """
+        if self._retime is None or self._measured is None:
+            return None
+        fresh = {m.name: m for m in self._retime()}
+        self._measured = replace(self._measured, metrics=tuple(fresh.get(m.name, m)
+                                                                for m in self._measured.metrics))
+        return self.result()
+
     def fingerprint(self) -> Fingerprint:
         """The environment of this cell's measurement (device, torch, CUDA, threads, CPU)."""
         import torch
@@ -275,12 +289,14 @@ class TrainPerf:
             del out
             samples, timed = time_steps(fn, count, device, keep)
         curve = self._check_losses(kept + timed, f"trainperf.{kind}") if keep is not None else []
-        metrics = [Metric("step_time", statistics.median(samples), "s", Direction.LOWER_IS_BETTER,
-                          tuple(samples))]
-        if items is not None:
-            rates = tuple(float(f"{items / s:.{RATE_DIGITS}g}") for s in samples)
-            metrics.append(Metric("throughput", statistics.median(rates), "items/s",
-                                  Direction.HIGHER_IS_BETTER, rates))
+        metrics = timing_metrics(samples, items)
+
+        def retime() -> list[Metric]:
+            with fixed_threads(threads):
+                again, _ = time_steps(fn, count, device)
+            return timing_metrics(again, items)
+
+        self._retime = retime
         metrics.append(Metric("peak_memory", float(peak.peak_bytes), "B"))
         if peak.reserved_bytes is not None:
             metrics.append(Metric("reserved_memory", float(peak.reserved_bytes), "B"))
@@ -292,3 +308,11 @@ class TrainPerf:
             metrics=tuple(metrics), loss_curve=tuple(curve), kind=kind, steps=count, warmup=warmup)
         return self.result()  # type: ignore[return-value]
 
+
+def timing_metrics(samples: list[float], items: float | None) -> list[Metric]:
+    """``step_time`` from per-step seconds, and ``throughput`` when the items per step are known."""
+    metrics = [Metric("step_time", statistics.median(samples), "s", Direction.LOWER_IS_BETTER, tuple(samples))]
+    if items is not None:
+        rates = tuple(float(f"{items / s:.{RATE_DIGITS}g}") for s in samples)
+        metrics.append(Metric("throughput", statistics.median(rates), "items/s", Direction.HIGHER_IS_BETTER, rates))
+    return metrics

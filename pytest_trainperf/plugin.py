@@ -169,6 +169,14 @@ class TrainPerfSession:
         mark = item.get_closest_marker(TOLERANCE_MARK)
         overrides = mark.args[0] if mark is not None else {}
         verdict = stats.judge(measurement, baseline, overrides)
+        rounds = 0
+        while (not self.settings.update and rounds < self.settings.confirm
+               and any(m.name in stats.TIMING_METRICS for m in verdict.regressions)):
+            again = fixture.retime()
+            if again is None:
+                break
+            rounds += 1
+            verdict = stats.judge(again, baseline, overrides)
         result = CellResult(cell=cell, verdict=verdict, fingerprint=fingerprint)
         self.results.append(result)
         if self.settings.update:
@@ -178,6 +186,9 @@ class TrainPerfSession:
             lines = [f"trainperf: {cell.nodeid} regressed against its baseline in {shown}",
                      f"environment: {fingerprint.key}"]
             lines += [f"  {m.describe()}" for m in verdict.regressions]
+            if rounds and any(m.name in stats.TIMING_METRICS for m in verdict.regressions):
+                lines.append(f"  (timings confirmed by {rounds} re-measurement{'s' * (rounds > 1)}; "
+                             "figures from the last)")
             lines.append(f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
             pytest.fail("\n".join(lines), pytrace=False)
         if baseline is None and self.settings.strict:

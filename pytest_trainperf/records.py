@@ -239,7 +239,7 @@ def format_change(change: float) -> str:
     """A relative change as a signed percentage: ``+12.3%``, ``-0.4%``, ``+inf%``."""
     if math.isinf(change):
         return "+inf%" if change > 0 else "-inf%"
-    pct = change * 100
+    pct = round(change * 100, 1)
     if abs(pct) >= 100:
         return f"{pct:+.0f}%"
     return f"{pct:+.1f}%"

@@ -19,6 +19,8 @@ import pytest
 
 DEFAULT_SHOW = ("step_time", "peak_memory")
 """The metrics the report renders as heatmaps unless ``--trainperf-show`` says otherwise."""
+DEFAULT_CONFIRM = 1
+"""Re-measurements of a timing regression before it fails the cell."""
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 """The devices ``--trainperf-device`` accepts."""
 METRIC_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -55,6 +57,17 @@ def parse_threads(value: str) -> int:
     return threads
 
 
+def parse_confirm(value: str) -> int:
+    """A non-negative integer number of re-measurements."""
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer (0 turns confirmation off), got {value!r}")
+    return count
+
+
 def parse_path(value: str) -> str:
     """A non-empty directory path."""
     if not value.strip():
@@ -88,6 +101,8 @@ OPTIONS = (
     _Option("--trainperf-strict", "fail cells that have no baseline for this environment", flag=True),
     _Option("--trainperf-show", "comma-separated metrics to render as heatmaps "
             f"(default: {','.join(DEFAULT_SHOW)})", parse_metrics, metavar="METRICS"),
+    _Option("--trainperf-confirm", "re-time a cell whose step time regressed N more times; it fails only if "
+            f"every re-measurement regresses too (default: {DEFAULT_CONFIRM}; 0: off)", parse_confirm, metavar="N"),
     _Option("--trainperf-threads", "intra-op threads to fix during measurement "
             "(default: torch's own count at the start of the session)", parse_threads, metavar="N"),
 )
@@ -124,6 +139,8 @@ class Settings:
     """Metrics rendered as heatmaps."""
     threads: int | None
     """Intra-op threads during measurement (None: torch's count at session start)."""
+    confirm: int = DEFAULT_CONFIRM
+    """Re-measurements that must all regress too before a timing regression fails the cell."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -163,4 +180,5 @@ def resolve(config: pytest.Config) -> Settings:
         strict=bool(values["trainperf_strict"]),
         show=values["trainperf_show"] or DEFAULT_SHOW,
         threads=values["trainperf_threads"],
+        confirm=DEFAULT_CONFIRM if values["trainperf_confirm"] is None else values["trainperf_confirm"],
     )

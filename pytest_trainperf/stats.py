@@ -34,7 +34,9 @@ ALPHA = 0.05
 CONFIDENCE = 0.95
 """Coverage of the reported interval of a timing change."""
 MIN_SAMPLES = 3
-"""Fewer samples than this on either side: timings fall back to the exact rule on medians."""
+"""Fewer samples than this on either side, or too few for the rank test to ever reach :data:`ALPHA`
+(3 against 3 cannot: the smallest one-sided p is 1/C(6,3) = 0.05): timings fall back to the exact
+rule on medians."""
 
 DEFAULT_TOLERANCES: Mapping[str, float] = {
     "step_time": 0.10,
@@ -48,17 +50,23 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
 unless a test gives it a tolerance); a recorded metric without one gets :data:`RECORD_TOLERANCE`."""
 RECORD_TOLERANCE = 0.01
 """Default relative tolerance of a metric recorded with ``trainperf.record``."""
+TIMING_METRICS = ("step_time", "throughput")
+"""Metrics decided on samples, which a re-measurement may confirm or clear."""
 BUILTIN_METRICS = tuple(DEFAULT_TOLERANCES)
 """The metric names measured by the plugin itself."""
 
 
 def relative_change(current: float, baseline: float) -> float:
-    """``current / baseline - 1``; ``0`` when both are zero, ``±inf`` from a zero baseline."""
+    """``(current - baseline) / |baseline|``; ``0`` when both are zero, ``±inf`` from a zero baseline.
+
+    Dividing by the magnitude keeps the sign meaning "rose" for negative values too (a recorded
+    log-likelihood going from -2 to -1 rose by 50%).
+    """
     if baseline == 0:
         if current == 0:
             return 0.0
         return math.copysign(math.inf, current)
-    return current / baseline - 1.0
+    return (current - baseline) / abs(baseline)
 
 
 def _classify(change: float, tolerance: float, direction: Direction, significant_worse: bool = True,
@@ -111,7 +119,9 @@ def compare_samples(metric: Metric, baseline: Sequence[float], tolerance: float,
                     alpha: float = ALPHA) -> MetricVerdict:
     """Compare sampled timings with baseline samples (see the module docstring)."""
     current = metric.samples
-    if len(current) < MIN_SAMPLES or len(baseline) < MIN_SAMPLES or min(*current, *baseline) <= 0:
+    m, n = len(current), len(baseline)
+    too_few = m < MIN_SAMPLES or n < MIN_SAMPLES or 1 / math.comb(m + n, m) >= alpha
+    if too_few or min(*current, *baseline) <= 0:
         return compare_exact(metric, float(np.median(baseline)), tolerance)
     ratio, low, high = hodges_lehmann_ratio(current, baseline)
     # p-values of "current is larger" and "current is smaller"

@@ -26,6 +26,7 @@ never written over.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -41,6 +42,8 @@ SCHEMA_VERSION = 1
 """The schema this version writes; files with a higher one are refused."""
 
 
+INFINITE = "inf"
+"""How an infinite tolerance (a report-only metric) is written: JSON has no infinity."""
 KINDS = ("train", "run", "record")
 """How a cell was measured: a training step, an inference call, or only recorded metrics."""
 
@@ -109,8 +112,10 @@ def _parse_metric(path: Path, where: str, name: str, raw: object) -> Metric:
     valid = [d.value for d in Direction]
     _expect(direction in valid, path, f"{where}.direction", f"one of {valid}", direction)
     tolerance = raw.get("tolerance")
-    _expect(tolerance is None or _number(tolerance), path, f"{where}.tolerance", "a number or null",
-            tolerance)
+    if tolerance == INFINITE:
+        tolerance = math.inf
+    _expect(tolerance is None or _number(tolerance), path, f"{where}.tolerance",
+            f'a number, "{INFINITE}" or null', tolerance)
     unit = raw.get("unit", "")
     _expect(isinstance(unit, str), path, f"{where}.unit", "a string", unit)
     assert isinstance(value, (int, float))
@@ -125,7 +130,10 @@ def _parse_cell(path: Path, where: str, test: str, cell: str, raw: object) -> Me
     metrics_raw = raw.get("metrics")
     _expect(isinstance(metrics_raw, dict), path, f"{where}.metrics", "an object", metrics_raw)
     assert isinstance(metrics_raw, dict)
-    metrics = tuple(_parse_metric(path, f"{where}.metrics.{n}", n, m) for n, m in metrics_raw.items())
+    order = raw.get("order", sorted(metrics_raw))
+    _expect(isinstance(order, list) and sorted(order) == sorted(metrics_raw), path, f"{where}.order",
+            f"the metric names {sorted(metrics_raw)}", order)
+    metrics = tuple(_parse_metric(path, f"{where}.metrics.{n}", n, metrics_raw[n]) for n in order)
     params_raw = raw.get("params", [])
     _expect(isinstance(params_raw, list)
             and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in params_raw),
@@ -205,7 +213,7 @@ def _metric_json(metric: Metric) -> dict[str, Any]:
     if metric.samples:
         out["samples"] = list(metric.samples)
     if metric.tolerance is not None:
-        out["tolerance"] = metric.tolerance
+        out["tolerance"] = INFINITE if math.isinf(metric.tolerance) else metric.tolerance
     return out
 
 
@@ -216,6 +224,7 @@ def _cell_json(m: Measurement) -> dict[str, Any]:
         "steps": m.steps,
         "warmup": m.warmup,
         "metrics": {metric.name: _metric_json(metric) for metric in m.metrics},
+        "order": list(m.names),
     }
     if m.loss_curve:
         out["loss_curve"] = list(m.loss_curve)

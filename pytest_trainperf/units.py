@@ -39,7 +39,7 @@ def format_value(value: float, unit: str = "") -> str:
     if unit == "s":
         return _scaled(value, _TIME)
     if unit == "B":
-        if abs(value) < 1024:
+        if abs(round(value)) < 1024:
             return f"{value:.0f} B"
         return _scaled(value, _BINARY)
     if unit == "FLOP" or unit.endswith("/s"):

@@ -19,6 +19,7 @@ import pytest_trainperf as tp
 SLEEP_S = {sleep}
 EXTRA_MIB = {extra}
 LR = {lr}
+SLOW_CALLS = {slow_calls}  # only the first SLOW_CALLS calls of a cell sleep
 
 @tp.grid(batch_size=[4, 8], width=[16, 32])
 @tp.tolerance(step_time={step_tol})
@@ -28,14 +29,16 @@ def test_mlp(trainperf, batch_size, width):
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     x = torch.randn(batch_size, width, generator=torch.Generator().manual_seed(1))
     y = x.sum(dim=1, keepdim=True)
+    calls = [0]
 
     def step():
+        calls[0] += 1
         opt.zero_grad(set_to_none=True)
         scratch = torch.ones(EXTRA_MIB * 2**18) if EXTRA_MIB else None
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
-        if SLEEP_S:
+        if SLEEP_S and calls[0] <= SLOW_CALLS:
             time.sleep(SLEEP_S)
         del scratch
         return loss
@@ -44,10 +47,11 @@ def test_mlp(trainperf, batch_size, width):
 """
 
 
-def workload(sleep: float = 0.0, extra: int = 0, lr: float = 1e-2, step_tol: float = 1.0) -> str:
+def workload(sleep: float = 0.0, extra: int = 0, lr: float = 1e-2, step_tol: float = 1.0,
+             slow_calls: int = 10**9) -> str:
     """The workload source. Unchanged runs use a generous step-time tolerance so that they cannot
     flake on a loaded machine; the slowdown injected below is 20x, far beyond it."""
-    return WORKLOAD.format(sleep=sleep, extra=extra, lr=lr, step_tol=step_tol)
+    return WORKLOAD.format(sleep=sleep, extra=extra, lr=lr, step_tol=step_tol, slow_calls=slow_calls)
 
 
 ONE_THREAD = "[pytest]\ntrainperf_threads = 1\n"
@@ -84,16 +88,18 @@ def test_help_lists_every_option(pytester: pytest.Pytester) -> None:
         "*--trainperf-device=DEVICE*",
         "*--trainperf-strict*",
         "*--trainperf-show=METRICS*",
+        "*--trainperf-confirm=N*",
         "*--trainperf-threads=N*",
     ])
     for ini in ["trainperf ", "trainperf_update_baselines", "trainperf_baselines", "trainperf_device",
-                "trainperf_strict", "trainperf_show", "trainperf_threads"]:
+                "trainperf_strict", "trainperf_show", "trainperf_threads", "trainperf_confirm"]:
         assert ini in result.stdout.str()
 
 
 @pytest.mark.parametrize(("arg", "expected"), [
     ("--trainperf-device=gpu", "*--trainperf-device*expected auto, cpu, cuda, cuda:N*got 'gpu'*"),
     ("--trainperf-threads=0", "*--trainperf-threads*expected a positive integer, got '0'*"),
+    ("--trainperf-confirm=-1", "*--trainperf-confirm*expected a non-negative integer*got '-1'*"),
     ("--trainperf-show=step time", "*--trainperf-show*expected a comma-separated list*got 'step time'*"),
 ])
 def test_bad_option_is_refused_at_parse_time(pytester: pytest.Pytester, arg: str, expected: str) -> None:
@@ -408,3 +414,28 @@ def test_peak_memory_leaves_out_what_other_tests_keep_alive(pytester: pytest.Pyt
     together = only_env(baseline_doc(pytester))["tests"]["test_mlp"]
     for cell in CELLS:
         assert together[cell]["metrics"]["peak_memory"] == alone[cell]["metrics"]["peak_memory"]
+
+
+# the first timed steps of every cell sleep (2 warm-up + FLOP-counted + memory-tracked + 8 timed = 12 calls),
+# the re-timed ones do not: a transient slowdown
+TRANSIENT = {"sleep": 0.02, "slow_calls": 12}
+
+
+def test_a_timing_regression_that_does_not_reproduce_passes(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    pytester.makepyfile(test_work=workload(**TRANSIENT))
+    pytester.runpytest("--trainperf").assert_outcomes(passed=4)
+    result = pytester.runpytest("--trainperf", "--trainperf-confirm=0")
+    result.assert_outcomes(failed=4)
+    assert "confirmed by" not in result.stdout.str()
+
+
+def test_a_confirmed_timing_regression_fails_saying_so(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    pytester.makepyfile(test_work=workload(sleep=0.02))
+    result = pytester.runpytest("--trainperf", "--trainperf-confirm=2")
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines(["*  step_time: baseline *, change +*",
+                                 "*  (timings confirmed by 2 re-measurements; figures from the last)"])

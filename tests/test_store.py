@@ -26,7 +26,7 @@ CURVE = (2.302585, 2.1, 1.875, 1.5000001)
 
 
 def train_cell(step_time: float = 0.0124, cell: str = "batch_size=4-lr=0.001-name=tiny-amp=True") -> Measurement:
-    """A trained cell; metrics listed in name order (see the measurement-order xfail below)."""
+    """A trained cell."""
     return Measurement(
         test="TestLM::test_step",
         cell=cell,
@@ -110,9 +110,6 @@ def test_round_trip_keeps_param_types(tmp_path: Path) -> None:
                                                          ("amp", bool)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: metrics are stored as a JSON object with sorted keys, so a round "
-                                       "trip reorders Measurement.metrics alphabetically and the stored "
-                                       "Measurement no longer equals the measured one")
 def test_round_trip_keeps_measurement_order(tmp_path: Path) -> None:
     path = tmp_path / "test_lm.json"
     measured = Measurement(test="test_a", cell="default", params=(),
@@ -127,9 +124,6 @@ def test_round_trip_keeps_measurement_order(tmp_path: Path) -> None:
     assert stored == measured
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a metric recorded with tolerance=math.inf (accepted by "
-                                       "trainperf.record) makes update() raise a bare ValueError from "
-                                       "json.dumps(allow_nan=False), which the plugin does not catch")
 def test_an_infinite_recorded_tolerance_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "test_eval.json"
     measured = Measurement(test="test_eval", cell="default", params=(),
@@ -343,7 +337,7 @@ def test_a_failed_replace_leaves_the_file_and_no_temp_file(tmp_path: Path, monke
     def refuse(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(store.os, "replace", refuse)
+    monkeypatch.setattr("pytest_trainperf.store.os.replace", refuse)
     with pytest.raises(OSError, match="disk full"):
         update(path, CPU, [train_cell()])
 
@@ -357,11 +351,35 @@ def test_a_failed_first_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest
     def refuse(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
         raise OSError("read-only file system")
 
-    monkeypatch.setattr(store.os, "replace", refuse)
+    monkeypatch.setattr("pytest_trainperf.store.os.replace", refuse)
     with pytest.raises(OSError, match="read-only"):
         update(path, CPU, [run_cell()])
 
     assert files_in(tmp_path) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("mode", [0o644, 0o664, 0o600])
+def test_an_update_keeps_the_file_mode(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "test_lm.json"
+    update(path, CPU, [run_cell()])
+    path.chmod(mode)
+
+    update(path, CPU, [train_cell()])
+
+    assert path.stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_a_new_file_gets_the_umask_mode_not_the_temp_file_mode(tmp_path: Path) -> None:
+    path = tmp_path / "test_lm.json"
+    umask = os.umask(0o022)
+    try:
+        update(path, CPU, [run_cell()])
+    finally:
+        os.umask(umask)
+
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 # --------------------------------------------------------------------------- no pytest, no torch
@@ -377,7 +395,7 @@ PURE_MODULES = [
 
 
 def _imported_roots(source: str) -> set[str]:
-    roots = set()
+    roots: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             roots.update(alias.name.split(".")[0] for alias in node.names)

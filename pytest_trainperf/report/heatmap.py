@@ -328,7 +328,8 @@ def render_updates(console: Console, changes: Sequence[BaselineChange]) -> None:
         # out of the columns, so the lines fit 80 columns whatever the names
         rows = [(c, glyphs.missing if c.old is None else format_value(c.old, c.unit),
                  format_value(c.new, c.unit), _update_change(c)) for c in group]
-        width = [max(len(r[0].metric) for r in rows)] + [max(len(r[i]) for r in rows) for i in (1, 2, 3)]
+        width = [max(len(c.metric) for c, *_ in rows), max(len(old) for _, old, _, _ in rows),
+                 max(len(new) for _, _, new, _ in rows), max(len(marker) for *_, marker in rows)]
         console.print()
         console.print(Text(path, style="bold"))
         cell = None

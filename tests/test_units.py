@@ -1,0 +1,104 @@
+"""Numbers for people: format_value and format_change."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pytest_trainperf.records import format_change
+from pytest_trainperf.units import format_value
+
+MIB = 2.0**20
+GIB = 2.0**30
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "expected"),
+    [
+        # seconds: ns .. s
+        (1.5e-9, "s", "1.50 ns"),
+        (2.5e-6, "s", "2.50 µs"),
+        (0.0341, "s", "34.1 ms"),
+        (1.5, "s", "1.50 s"),
+        (120.0, "s", "120 s"),
+        (-0.25, "s", "-250 ms"),
+        # bytes: B, KiB, MiB, GiB
+        (0.0, "B", "0 B"),
+        (512.0, "B", "512 B"),
+        (1536.0, "B", "1.50 KiB"),
+        (12 * MIB, "B", "12.0 MiB"),
+        (3.5 * GIB, "B", "3.50 GiB"),
+        # FLOP and rates: SI prefixes
+        (500.0, "FLOP", "500 FLOP"),
+        (3e3, "FLOP", "3.00 kFLOP"),
+        (1.2e9, "FLOP", "1.20 GFLOP"),
+        (2.5e12, "FLOP", "2.50 TFLOP"),
+        (1234.5, "items/s", "1.23 kitems/s"),
+        (12.0, "items/s", "12.0 items/s"),
+        (0.5, "items/s", "0.50 items/s"),
+        (2.5e6, "tokens/s", "2.50 Mtokens/s"),
+        # a user unit, no unit: four significant digits
+        (0.8765, "acc", "0.8765 acc"),
+        (12345.6, "tok", "1.235e+04 tok"),
+        (2.0, "", "2"),
+        (0.123456, "", "0.1235"),
+    ],
+)
+def test_format_value(value: float, unit: str, expected: str) -> None:
+    assert format_value(value, unit) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "expected"),
+    [
+        (math.nan, "s", "nan"),
+        (math.nan, "", "nan"),
+        (math.inf, "s", "inf s"),
+        (-math.inf, "B", "-inf B"),
+        (math.inf, "", "inf"),
+    ],
+)
+def test_format_value_of_non_finite_numbers(value: float, unit: str, expected: str) -> None:
+    assert format_value(value, unit) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "expected"),
+    [
+        (9996.0, "FLOP", "10.0 kFLOP"),
+        (999960.0, "FLOP", "1.00 MFLOP"),
+        (0.9996, "s", "1.00 s"),
+        (0.0009996, "s", "1.00 ms"),
+        (9.996e-7, "s", "1.00 µs"),
+        (1048565.76, "B", "1.00 MiB"),
+        (1023.4, "B", "1023 B"),
+    ],
+)
+def test_format_value_rounds_before_choosing_the_scale(value: float, unit: str, expected: str) -> None:
+    assert format_value(value, unit) == expected
+
+
+def test_format_value_rounds_up_into_kibibytes() -> None:
+    assert format_value(1023.6, "B") == "1.00 KiB"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (0.123, "+12.3%"),
+        (-0.004, "-0.4%"),
+        (0.0, "+0.0%"),
+        (1.5, "+150%"),
+        (-1.0, "-100%"),
+        (10.0, "+1000%"),
+        (math.inf, "+inf%"),
+        (-math.inf, "-inf%"),
+    ],
+)
+def test_format_change(change: float, expected: str) -> None:
+    assert format_change(change) == expected
+
+
+def test_format_change_rounds_before_choosing_the_precision() -> None:
+    assert format_change(0.9996) == "+100%"
