@@ -211,11 +211,10 @@ class TrainPerf:
 
     def fingerprint(self) -> Fingerprint:
         """The environment of this cell's measurement (device, torch, CUDA, threads, CPU)."""
-        import torch
-
         from pytest_trainperf.env import fingerprint
+        from pytest_trainperf.measure.timing import default_threads
 
-        return fingerprint(self.device, self._threads or self._settings.threads or torch.get_num_threads())
+        return fingerprint(self.device, self._threads or self._settings.threads or default_threads())
 
     # ------------------------------------------------------------------ inside
 
@@ -262,16 +261,14 @@ class TrainPerf:
 
     def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
                  items: float | None) -> Measurement:
-        import torch
-
         from pytest_trainperf.measure.flops import count_flops
         from pytest_trainperf.measure.memory import Preexisting, measure_peak
-        from pytest_trainperf.measure.timing import fixed_threads, time_steps
+        from pytest_trainperf.measure.timing import default_threads, fixed_threads, time_steps
 
         device = self.device
         keep: Callable[[object], object] | None = self._loss if kind == "train" else None
         kept: list[object] = []
-        threads = self._threads = self._settings.threads or torch.get_num_threads()
+        threads = self._threads = self._settings.threads or default_threads()
         with fixed_threads(threads):
             for _ in range(warmup):
                 out = fn()

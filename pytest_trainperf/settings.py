@@ -104,7 +104,7 @@ OPTIONS = (
     _Option("--trainperf-confirm", "re-time a cell whose step time regressed N more times; it fails only if "
             f"every re-measurement regresses too (default: {DEFAULT_CONFIRM}; 0: off)", parse_confirm, metavar="N"),
     _Option("--trainperf-threads", "intra-op threads to fix during measurement "
-            "(default: torch's own count at the start of the session)", parse_threads, metavar="N"),
+            "(default: torch's own count less one, at least 1)", parse_threads, metavar="N"),
 )
 
 
