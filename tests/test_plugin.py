@@ -27,14 +27,14 @@ def test_mlp(trainperf, batch_size, width):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, 1)).to(trainperf.device)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    x = torch.randn(batch_size, width, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(batch_size, width, generator=torch.Generator().manual_seed(1)).to(trainperf.device)
     y = x.sum(dim=1, keepdim=True)
     calls = [0]
 
     def step():
         calls[0] += 1
         opt.zero_grad(set_to_none=True)
-        scratch = torch.ones(EXTRA_MIB * 2**18) if EXTRA_MIB else None
+        scratch = torch.ones(EXTRA_MIB * 2**18, device=trainperf.device) if EXTRA_MIB else None
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
@@ -439,3 +439,46 @@ def test_a_confirmed_timing_regression_fails_saying_so(pytester: pytest.Pytester
     result.assert_outcomes(failed=4)
     result.stdout.fnmatch_lines(["*  step_time: baseline *, change +*",
                                  "*  (timings confirmed by 2 re-measurements; figures from the last)"])
+
+
+def test_report_colour_follows_pytest(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    pytester.makepyfile(test_work=workload(extra=16))
+    plain = pytester.runpytest("--trainperf", "--color=no")
+    plain.assert_outcomes(failed=4)
+    assert "\x1b[" not in plain.stdout.str()
+    plain.stdout.fnmatch_lines(["test_work.py::test_mlp · peak_memory", "batch_size \\ width*16*32",
+                                "4 * MiB * MiB", "* +*% REGR * +*% REGR"])
+    coloured = pytester.runpytest("--trainperf", "--color=yes")
+    assert "\x1b[1;31m" in coloured.stdout.str()  # regressed cells in bold red
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert "\x1b[" not in pytester.runpytest("--trainperf").stdout.str()
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(pytester: pytest.Pytester) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: the refusal is for machines without it")
+    pytester.makepyfile(test_work=workload())
+    result = pytester.runpytest("--trainperf", "--trainperf-device=cuda")
+    result.assert_outcomes(errors=4)
+    result.stdout.fnmatch_lines(["*--trainperf-device=cuda, but torch.cuda.is_available() is False*"])
+
+
+def test_measures_on_cuda_for_real(pytester: pytest.Pytester) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: torch.cuda.is_available() is False on this machine")
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest("--trainperf-update-baselines", "--trainperf-device=cuda").assert_outcomes(passed=4)
+    env = only_env(baseline_doc(pytester))
+    assert env["fingerprint"]["device_type"] == "cuda"
+    cell = env["tests"]["test_mlp"][CELLS[0]]["metrics"]
+    assert cell["peak_memory"]["value"] > 0 and cell["reserved_memory"]["value"] >= cell["peak_memory"]["value"]
+    pytester.makepyfile(test_work=workload(extra=16))
+    result = pytester.runpytest("--trainperf", "--trainperf-device=cuda")
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines(["*  peak_memory: baseline *"])
