@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 DEFAULT_WARMUP = 3
 """Warm-up steps before the timed ones when the test does not say."""
+CONFIRM_WARMUP = 1
+"""Untimed steps before a re-measurement (after its garbage collection)."""
 RATE_DIGITS = 9
 """Significant digits kept of a throughput sample (step times are exact nanoseconds)."""
 
@@ -129,8 +131,8 @@ class TrainPerf:
               items_per_step: float | None = None) -> Measurement | None:
         """Measure a training step: step time, throughput, peak memory, FLOPs and the loss.
 
-        ``step()`` must return the loss (a 0-d tensor or a float). The step runs ``warmup`` times,
-        once under the FLOP counter, once under the memory tracker, then ``steps`` timed times; the
+        ``step()`` must return the loss (a 0-d tensor or a float). The step runs once under the FLOP
+        counter, once under the memory tracker, ``warmup`` times, then ``steps`` timed times; the
         loss of every call makes the loss curve, and the last one is the gated ``loss``. Returns the
         measurement under ``--trainperf``, None in a plain run.
         """
@@ -270,11 +272,7 @@ class TrainPerf:
         kept: list[object] = []
         threads = self._threads = self._settings.threads or default_threads()
         with fixed_threads(threads):
-            for _ in range(warmup):
-                out = fn()
-                if keep is not None:
-                    kept.append(keep(out))
-                del out
+            # instrumented steps first, so that the warm-up runs right before the timed steps
             out, flops = count_flops(fn)
             if keep is not None:
                 kept.append(keep(out))
@@ -284,13 +282,13 @@ class TrainPerf:
             if keep is not None:
                 kept.append(keep(out))
             del out
-            samples, timed = time_steps(fn, count, device, keep)
+            samples, timed = time_steps(fn, count, device, keep, warmup)
         curve = self._check_losses(kept + timed, f"trainperf.{kind}") if keep is not None else []
         metrics = timing_metrics(samples, items)
 
         def retime() -> list[Metric]:
             with fixed_threads(threads):
-                again, _ = time_steps(fn, count, device)
+                again, _ = time_steps(fn, count, device, warmup=CONFIRM_WARMUP)
             return timing_metrics(again, items)
 
         self._retime = retime

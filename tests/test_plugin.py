@@ -262,7 +262,7 @@ def test_update_writes_baselines_then_an_unchanged_run_passes(pytester: pytest.P
     cell = env["tests"]["test_mlp"]["batch_size=4-width=16"]
     assert cell["params"] == [["batch_size", 4], ["width", 16]]
     assert len(cell["metrics"]["step_time"]["samples"]) == 8
-    assert len(cell["loss_curve"]) == 2 + 2 + 8  # warm-up, FLOP-counted, memory-tracked, timed
+    assert len(cell["loss_curve"]) == 1 + 1 + 2 + 8  # FLOP-counted, memory-tracked, warm-up, timed
     assert cell["metrics"]["loss"]["value"] == cell["loss_curve"][-1]
     assert cell["metrics"]["flops"]["value"] > 0 and cell["metrics"]["peak_memory"]["value"] > 0
     assert env["fingerprint"]["threads"] == 1

@@ -72,17 +72,24 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def time_steps(fn: Callable[[], T], count: int, device: torch.device,
-               keep: Callable[[T], object] | None = None) -> tuple[list[float], list[object]]:
-    """Call ``fn`` ``count`` times, timing each call; return seconds per call and what ``keep`` kept.
+               keep: Callable[[T], object] | None = None, warmup: int = 0) -> tuple[list[float], list[object]]:
+    """Call ``fn`` ``warmup`` times untimed, then ``count`` times timing each call.
 
-    ``keep`` turns each result into what is kept (e.g. a detached loss); None keeps nothing, so
-    results die before the next call starts.
+    Returns seconds per timed call and what ``keep`` kept of every call, warm-up included. The
+    garbage collector runs once before the warm-up (whose steps bring the caches back after it) and is
+    off until the last timed call. ``keep`` turns each result into what is kept (e.g. a detached
+    loss); None keeps nothing, so results die before the next call starts.
     """
     sync = synchronizer(device)
     clock = time.perf_counter_ns
     samples: list[int] = []
     kept: list[object] = []
     with no_gc():
+        for _ in range(warmup):
+            result = fn()
+            if keep is not None:
+                kept.append(keep(result))
+            del result
         sync()
         for _ in range(count):
             start = clock()
