@@ -7,7 +7,7 @@ registered under :data:`PLUGIN_NAME`. torch is never imported here.
 from __future__ import annotations
 
 import io
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,13 +170,8 @@ class TrainPerfSession:
         overrides = mark.args[0] if mark is not None else {}
         verdict = stats.judge(measurement, baseline, overrides)
         rounds = 0
-        while (not self.settings.update and rounds < self.settings.confirm
-               and any(m.name in stats.TIMING_METRICS for m in verdict.regressions)):
-            again = fixture.retime()
-            if again is None:
-                break
-            rounds += 1
-            verdict = stats.judge(again, baseline, overrides)
+        if not self.settings.update:
+            verdict, rounds = self._confirm(fixture, verdict, baseline, overrides)
         result = CellResult(cell=cell, verdict=verdict, fingerprint=fingerprint)
         self.results.append(result)
         if self.settings.update:
@@ -195,6 +190,20 @@ class TrainPerfSession:
             pytest.fail(f"trainperf: {cell.nodeid} has no baseline for this environment in {shown} "
                         f"(--trainperf-strict)\nenvironment: {fingerprint.key}\n"
                         f"Create it with `{UPDATE_HINT}`.", pytrace=False)
+
+    def _confirm(self, fixture: TrainPerf, verdict: CellVerdict, baseline: Measurement | None,
+                 overrides: Mapping[str, float]) -> tuple[CellVerdict, int]:
+        """Re-time a cell whose timings regressed, up to ``--trainperf-confirm`` times, until one
+        re-measurement does not regress; return the last verdict and the re-measurements made."""
+        rounds = 0
+        while rounds < self.settings.confirm and any(m.name in stats.TIMING_METRICS
+                                                     for m in verdict.regressions):
+            again = fixture.retime()
+            if again is None:
+                break
+            rounds += 1
+            verdict = stats.judge(again, baseline, overrides)
+        return verdict, rounds
 
     # ------------------------------------------------------------------ the end
 
