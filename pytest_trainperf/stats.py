@@ -8,8 +8,11 @@ value against one value with a relative tolerance. Timings compare samples again
   scale and robust to outlier steps);
 * its 95% confidence interval comes from the order statistics of those pairwise ratios at the
   Mann-Whitney critical value (the interval that inverts the rank test);
-* a timing regresses only when the one-sided Mann-Whitney U test says the new samples are slower
-  (p < :data:`ALPHA`) **and** the estimated slowdown exceeds the tolerance. Improvements mirror this.
+* a timing regresses only when it is significantly slower **by more than the tolerance**: the
+  one-sided Mann-Whitney U test of the new samples divided by ``1 + tolerance`` against the baseline
+  samples rejects "not slower" at p < :data:`ALPHA` (a shifted null: a cell that is only noisily
+  around the tolerance does not fail), and the estimated slowdown exceeds the tolerance. Improvements
+  mirror this with ``1 - tolerance``.
 """
 
 from __future__ import annotations
@@ -115,6 +118,15 @@ def hodges_lehmann_ratio(current: Sequence[float], baseline: Sequence[float],
     return math.exp(estimate), math.exp(low), math.exp(high)
 
 
+def _p_beyond(current: Sequence[float], baseline: Sequence[float], factor: float, alternative: str) -> float:
+    """One-sided Mann-Whitney p-value that ``current / factor`` is still greater (or less) than
+    ``baseline``: that the ratio lies beyond ``factor``. 1 when no ratio can (factor <= 0 or inf)."""
+    if not 0 < factor < math.inf:
+        return 1.0
+    scaled = np.asarray(current, dtype=float) / factor
+    return float(sps.mannwhitneyu(scaled, np.asarray(baseline, dtype=float), alternative=alternative).pvalue)
+
+
 def compare_samples(metric: Metric, baseline: Sequence[float], tolerance: float,
                     alpha: float = ALPHA) -> MetricVerdict:
     """Compare sampled timings with baseline samples (see the module docstring)."""
@@ -124,13 +136,13 @@ def compare_samples(metric: Metric, baseline: Sequence[float], tolerance: float,
     if too_few or min(*current, *baseline) <= 0:
         return compare_exact(metric, float(np.median(baseline)), tolerance)
     ratio, low, high = hodges_lehmann_ratio(current, baseline)
-    # p-values of "current is larger" and "current is smaller"
-    p_greater = float(sps.mannwhitneyu(current, baseline, alternative="greater").pvalue)
-    p_less = float(sps.mannwhitneyu(current, baseline, alternative="less").pvalue)
+    # "beyond tolerance" is the alternative of each test, not only the point estimate
+    p_above = _p_beyond(current, baseline, 1.0 + tolerance, "greater")
+    p_below = _p_beyond(current, baseline, 1.0 - tolerance, "less")
     if metric.direction is Direction.HIGHER_IS_BETTER:
-        p_worse, p_better = p_less, p_greater
+        p_worse, p_better = p_below, p_above
     else:
-        p_worse, p_better = p_greater, p_less
+        p_worse, p_better = p_above, p_below
     change = ratio - 1.0
     status = _classify(change, tolerance, metric.direction,
                        significant_worse=p_worse < alpha, significant_better=p_better < alpha)
