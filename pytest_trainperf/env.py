@@ -30,7 +30,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
-def fingerprint(device: torch.device, threads: int) -> Fingerprint:
+def fingerprint(device: torch.device, threads: int, malloc: str = "") -> Fingerprint:
     """The fingerprint of measuring on ``device`` with ``threads`` intra-op threads."""
     import torch
 
@@ -47,6 +47,7 @@ def fingerprint(device: torch.device, threads: int) -> Fingerprint:
         cuda=torch.version.cuda,
         threads=threads,
         cpu=cpu_model(),
+        malloc=malloc,
         python=platform.python_version(),
         platform=f"{sys.platform}-{platform.machine()}",
     )

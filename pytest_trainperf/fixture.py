@@ -81,9 +81,10 @@ class TrainPerf:
     step once, check what it returns, and measure nothing.
     """
 
-    def __init__(self, cell: Cell, settings: Settings) -> None:
+    def __init__(self, cell: Cell, settings: Settings, malloc: str = "") -> None:
         self._cell = cell
         self._settings = settings
+        self._malloc = malloc
         self._device: torch.device | None = None
         self._measured: Measurement | None = None
         self._recorded: list[Metric] = []
@@ -111,9 +112,12 @@ class TrainPerf:
             if wanted == "auto":
                 wanted = "cuda" if torch.cuda.is_available() else "cpu"
             device = torch.device(wanted)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                _usage(self._cell, f"--trainperf-device={wanted}, but torch.cuda.is_available() is False "
-                                   f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
+            backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+            if device.type == "mps":
+                backend = torch.backends.mps
+            if backend is not None and not backend.is_available():
+                _usage(self._cell, f"--trainperf-device={wanted}, but torch.{device.type}.is_available() is "
+                                   f"False (torch {torch.__version__}, CUDA build: {torch.version.cuda})")
             self._device = device
         return self._device
 
@@ -216,7 +220,8 @@ class TrainPerf:
         from pytest_trainperf.env import fingerprint
         from pytest_trainperf.measure.timing import default_threads
 
-        return fingerprint(self.device, self._threads or self._settings.threads or default_threads())
+        return fingerprint(self.device, self._threads or self._settings.threads or default_threads(),
+                           self._malloc)
 
     # ------------------------------------------------------------------ inside
 

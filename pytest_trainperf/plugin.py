@@ -16,15 +16,16 @@ import pytest
 from pytest_trainperf import stats, store
 from pytest_trainperf.fixture import Cell, TrainPerf
 from pytest_trainperf.grid import GRID_MARK, SINGLE_CELL, TOLERANCE_MARK, Grid
-from pytest_trainperf.records import BaselineChange, CellVerdict, Fingerprint, Measurement, Scalar
+from pytest_trainperf.measure.host import SYSTEM, fix_malloc
+from pytest_trainperf.records import BaselineChange, CellVerdict, Fingerprint, Measurement, Scalar, format_change
 from pytest_trainperf.settings import Settings, add_options, resolve
 
 PLUGIN_NAME = "trainperf-session"
 """The name the session object is registered under."""
 FIXTURE_KEY = pytest.StashKey[TrainPerf]()
+"""Where an item keeps its ``trainperf`` fixture, for the call hook to read."""
 SESSION_KEY = pytest.StashKey["TrainPerfSession"]()
 """Where the config keeps the session object (also registered as a plugin under PLUGIN_NAME)."""
-"""Where an item keeps its ``trainperf`` fixture, for the call hook to read."""
 UPDATE_HINT = "pytest --trainperf-update-baselines"
 """The command that accepts intended changes."""
 
@@ -38,7 +39,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", f"{GRID_MARK}(grid): applied by tp.grid: spread the test over a parameter grid")
     config.addinivalue_line(
         "markers", f"{TOLERANCE_MARK}(tolerances): applied by tp.tolerance: per-test relative tolerances")
-    session = TrainPerfSession(resolve(config), config)
+    settings = resolve(config)
+    malloc = ""
+    if settings.enabled:  # before any test module is imported, so before its tensors are allocated
+        malloc = fix_malloc() if settings.malloc == "fixed" else SYSTEM
+    session = TrainPerfSession(settings, config, malloc)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
 
@@ -53,6 +58,8 @@ class CellResult:
     """How it compared."""
     fingerprint: Fingerprint
     """Where it was measured."""
+    elsewhere: tuple[str, ...] = ()
+    """For a cell with no baseline here: the environments whose baselines in the file hold it."""
 
 
 def _test_name(item: pytest.Item) -> str:
@@ -93,9 +100,10 @@ def cell_of(item: pytest.Item, rootpath: Path) -> Cell:
 def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
     """Measure this cell: ``trainperf.train(step, steps=...)``, ``.run(fn, iters=...)``, ``.record(...)``."""
     session = request.config.stash[SESSION_KEY]
-    fixture = TrainPerf(cell_of(request.node, request.config.rootpath), session.settings)
+    fixture = TrainPerf(cell_of(request.node, request.config.rootpath), session.settings, session.malloc)
     request.node.stash[FIXTURE_KEY] = fixture
     if session.settings.enabled:
+        session.baseline_file(fixture.cell)  # an unusable file fails the cell now, before it trains
         fixture.begin()
     return fixture
 
@@ -103,9 +111,10 @@ def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
 class TrainPerfSession:
     """The state of one pytest session: baselines read, verdicts given, updates to write."""
 
-    def __init__(self, settings: Settings, config: pytest.Config) -> None:
+    def __init__(self, settings: Settings, config: pytest.Config, malloc: str = "") -> None:
         self.settings = settings
         self.config = config
+        self.malloc = malloc
         self.results: list[CellResult] = []
         self.changes: list[BaselineChange] = []
         self.write_errors: list[str] = []
@@ -153,17 +162,23 @@ class TrainPerfSession:
             raise cached
         return cached
 
-    def _conclude(self, item: pytest.Item, fixture: TrainPerf, measurement: Measurement) -> None:
-        cell = fixture.cell
+    def baseline_file(self, cell: Cell) -> tuple[Path, str, store.BaselineFile]:
+        """The path, the path as shown, and the parsed baseline file of ``cell``'s test file; fails
+        the cell, naming the file and what is wrong with it, when the file cannot be used."""
         path = store.baseline_path(self.settings.baselines, cell.test_file)
         shown = _relative(path, self.config.rootpath)
         try:
-            baselines = self._baselines(path)
+            return path, shown, self._baselines(path)
         except store.BaselineError as exc:
-            action = "not updated" if self.settings.update else "not compared"
-            pytest.fail(f"trainperf: baseline file {shown} cannot be used: {exc.reason}.\n"
-                        f"It was left untouched and this cell was {action}; fix the file or delete it "
-                        "(then rerun with --trainperf-update-baselines).", pytrace=False)
+            reason = exc.reason
+        action = "not updated" if self.settings.update else "not compared"
+        pytest.fail(f"trainperf: baseline file {shown} cannot be used: {reason}.\n"
+                    f"It was left untouched and this cell was {action}; fix the file or delete it "
+                    "(then rerun with --trainperf-update-baselines).", pytrace=False)
+
+    def _conclude(self, item: pytest.Item, fixture: TrainPerf, measurement: Measurement) -> None:
+        cell = fixture.cell
+        path, shown, baselines = self.baseline_file(cell)
         fingerprint = fixture.fingerprint()
         baseline = baselines.lookup(fingerprint.key, cell.test, cell.cell)
         mark = item.get_closest_marker(TOLERANCE_MARK)
@@ -172,13 +187,18 @@ class TrainPerfSession:
         rounds = 0
         if not self.settings.update:
             verdict, rounds = self._confirm(fixture, verdict, baseline, overrides)
-        result = CellResult(cell=cell, verdict=verdict, fingerprint=fingerprint)
+        elsewhere = () if baseline is not None else tuple(
+            key for key, env in baselines.environments.items() if (cell.test, cell.cell) in env.cells)
+        result = CellResult(cell=cell, verdict=verdict, fingerprint=fingerprint, elsewhere=elsewhere)
         self.results.append(result)
         if self.settings.update:
             self._pending.setdefault(path, []).append((fingerprint, result))
             return
         if verdict.regressions:
-            lines = [f"trainperf: {cell.nodeid} regressed against its baseline in {shown}",
+            worst = ", ".join(f"{m.name} {format_change(m.change)}" for m in verdict.regressions
+                              if m.change is not None)
+            lines = [f"trainperf regression: {worst}",
+                     f"{cell.nodeid} against its baseline in {shown}",
                      f"environment: {fingerprint.key}"]
             lines += [f"  {m.describe()}" for m in verdict.regressions]
             if rounds and any(m.name in stats.TIMING_METRICS for m in verdict.regressions):
@@ -241,6 +261,7 @@ class TrainPerfSession:
                                          for r in self.results],
                        fingerprints=sorted({r.fingerprint.key for r in self.results}),
                        show=self.settings.show, changes=self.changes, update=self.settings.update,
-                       errors=self.write_errors, hint=UPDATE_HINT)
+                       errors=self.write_errors, hint=UPDATE_HINT,
+                       elsewhere=sorted({key for r in self.results for key in r.elsewhere}))
         terminalreporter.write_sep("=", "trainperf")
         terminalreporter.write(buffer.getvalue())

@@ -88,6 +88,9 @@ class Fingerprint:
     """``torch.get_num_threads()`` during measurement (fixed by the plugin)."""
     cpu: str
     """The host CPU model."""
+    malloc: str = ""
+    """The host allocator's mode (``glibc-fixed`` or ``system``): it moves CPU step times, so it is
+    part of the key."""
     python: str = ""
     """The Python version (informative, not part of the key)."""
     platform: str = ""
@@ -100,6 +103,8 @@ class Fingerprint:
         parts.append(f"threads {self.threads}")
         if self.device_type != "cpu":
             parts.append(f"cpu {self.cpu}")
+        if self.malloc:
+            parts.append(f"malloc {self.malloc}")
         return " | ".join(parts)
 
 

@@ -19,6 +19,8 @@ import pytest
 
 DEFAULT_SHOW = ("step_time", "peak_memory")
 """The metrics the report renders as heatmaps unless ``--trainperf-show`` says otherwise."""
+MALLOC_MODES = ("fixed", "system")
+"""What ``--trainperf-malloc`` accepts."""
 DEFAULT_CONFIRM = 1
 """Re-measurements of a timing regression before it fails the cell."""
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
@@ -68,6 +70,14 @@ def parse_confirm(value: str) -> int:
     return count
 
 
+def parse_malloc(value: str) -> str:
+    """``fixed`` (glibc thresholds fixed for the session) or ``system`` (left alone)."""
+    text = value.strip()
+    if text not in MALLOC_MODES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(MALLOC_MODES)}, got {value!r}")
+    return text
+
+
 def parse_path(value: str) -> str:
     """A non-empty directory path."""
     if not value.strip():
@@ -103,6 +113,9 @@ OPTIONS = (
             f"(default: {','.join(DEFAULT_SHOW)})", parse_metrics, metavar="METRICS"),
     _Option("--trainperf-confirm", "re-time a cell whose step time regressed N more times; it fails only if "
             f"every re-measurement regresses too (default: {DEFAULT_CONFIRM}; 0: off)", parse_confirm, metavar="N"),
+    _Option("--trainperf-malloc", "fixed: fix glibc malloc's thresholds for the session, so CPU step times "
+            "do not drift with the process's allocation history (default); system: leave malloc alone",
+            parse_malloc, metavar="MODE"),
     _Option("--trainperf-threads", "intra-op threads to fix during measurement "
             "(default: torch's own count less one, at least 1)", parse_threads, metavar="N"),
 )
@@ -141,6 +154,8 @@ class Settings:
     """Intra-op threads during measurement (None: torch's count at session start)."""
     confirm: int = DEFAULT_CONFIRM
     """Re-measurements that must all regress too before a timing regression fails the cell."""
+    malloc: str = MALLOC_MODES[0]
+    """``fixed`` or ``system`` (see :mod:`pytest_trainperf.measure.host`)."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -181,4 +196,5 @@ def resolve(config: pytest.Config) -> Settings:
         show=values["trainperf_show"] or DEFAULT_SHOW,
         threads=values["trainperf_threads"],
         confirm=DEFAULT_CONFIRM if values["trainperf_confirm"] is None else values["trainperf_confirm"],
+        malloc=values["trainperf_malloc"] or MALLOC_MODES[0],
     )

@@ -43,7 +43,7 @@ rule on medians."""
 
 DEFAULT_TOLERANCES: Mapping[str, float] = {
     "step_time": 0.10,
-    "throughput": 0.10,
+    "throughput": 0.10 / 1.10,  # follows step_time: see tolerance_for
     "peak_memory": 0.005,
     "flops": 0.001,
     "loss": 0.002,
@@ -161,11 +161,19 @@ def compare_samples(metric: Metric, baseline: Sequence[float], tolerance: float,
 
 
 def tolerance_for(metric: Metric, overrides: Mapping[str, float]) -> float:
-    """The tolerance of ``metric``: the test's override, else the recorded one, else the default."""
+    """The tolerance of ``metric``: the test's override, else the recorded one, else the default.
+
+    ``throughput`` is ``items / step_time``: unless given its own, its tolerance follows step time's,
+    ``t / (1 + t)``, so that throughput falls beyond it exactly when step time rises beyond ``t``
+    (10% slower steps are 9.1% less throughput) and loosening ``step_time`` loosens both.
+    """
     if metric.name in overrides:
         return overrides[metric.name]
     if metric.tolerance is not None:
         return metric.tolerance
+    if metric.name == "throughput":
+        step = overrides.get("step_time", DEFAULT_TOLERANCES["step_time"])
+        return step / (1.0 + step)
     return DEFAULT_TOLERANCES.get(metric.name, RECORD_TOLERANCE)
 
 

@@ -422,3 +422,24 @@ def test_a_slowdown_only_noisily_beyond_tolerance_does_not_regress() -> None:
     assert verdict.change is not None and verdict.change > 0.10
     assert verdict.interval is not None and verdict.interval[0] < 0.10
     assert verdict.status is Status.UNCHANGED
+
+
+def test_throughput_tolerance_follows_step_time() -> None:
+    """Throughput falls beyond its tolerance exactly when step time rises beyond its own."""
+    rng = np.random.default_rng(3)
+    baseline = lognormal(rng, 0.02, 0.002, 20)
+    current = tuple(v * 1.2 for v in lognormal(rng, 0.02, 0.002, 20))  # 20% slower steps
+    items = 100.0
+
+    def cell(samples: tuple[float, ...]) -> Measurement:
+        rates = tuple(items / s for s in samples)
+        return Measurement(test="t", cell="c", params=(), metrics=(
+            Metric("step_time", float(np.median(samples)), "s", Direction.LOWER_IS_BETTER, samples),
+            Metric("throughput", float(np.median(rates)), "items/s", Direction.HIGHER_IS_BETTER, rates)))
+
+    for step_tolerance, expected in ((0.10, Status.REGRESSED), (0.30, Status.UNCHANGED)):
+        verdict = judge(cell(current), cell(baseline), {"step_time": step_tolerance})
+        step, rate = verdict.metric("step_time"), verdict.metric("throughput")
+        assert step is not None and rate is not None
+        assert step.status is expected and rate.status is expected
+        assert rate.tolerance == pytest.approx(step_tolerance / (1 + step_tolerance))

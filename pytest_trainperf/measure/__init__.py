@@ -1,4 +1,4 @@
-"""One module per kind of measurement; each imports torch inside its functions or on import of the module.
-
-Nothing outside ``fixture.py`` imports this package at plugin load.
+"""One module per kind of measurement. Those that need torch import it inside their functions or
+on their own import; nothing outside ``fixture.py`` imports them at plugin load (``host``, which
+needs no torch, is the exception: the plugin fixes the allocator before tests are imported).
 """

@@ -15,11 +15,12 @@ Axes = tuple[tuple[str, tuple[Scalar, ...]], ...]
 
 
 def metrics_to_show(cells: Sequence[CellVerdict], show: Sequence[str]) -> list[str]:
-    """The metrics asked for that some cell has, then every other metric that regressed somewhere."""
+    """The metrics asked for that some cell has, then every other metric that regressed or improved
+    somewhere (so that the counts under the tables can be found in them)."""
     present = {m.name for c in cells for m in c.metrics}
-    regressed = [m.name for c in cells for m in c.regressions]
+    changed = [m.name for c in cells for m in c.metrics if m.status in (Status.REGRESSED, Status.IMPROVED)]
     out = [name for name in show if name in present]
-    for name in regressed:
+    for name in changed:
         if name not in out:
             out.append(name)
     return out
@@ -32,14 +33,21 @@ def _cells(n: int) -> str:
 def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, CellVerdict]],
                    fingerprints: Sequence[str], show: Sequence[str],
                    changes: Sequence[BaselineChange], update: bool, errors: Sequence[str],
-                   hint: str) -> None:
-    """Render the session: ``results`` are ``(test file, test name, grid axes, verdict)`` per cell."""
+                   hint: str, elsewhere: Sequence[str] = ()) -> None:
+    """Render the session: ``results`` are ``(test file, test name, grid axes, verdict)`` per cell;
+    ``elsewhere`` the environments that hold baselines for cells that are new in this one."""
     groups: dict[tuple[str, str], tuple[Axes, list[CellVerdict]]] = {}
     for test_file, test, axes, verdict in results:
         groups.setdefault((test_file, test), (axes, []))[1].append(verdict)
     for (test_file, test), (axes, cells) in groups.items():
         render_heatmaps(console, test=f"{test_file}::{test}", axes=axes, cells=cells,
                         metrics=metrics_to_show(cells, show))
+        console.print()
+    measured = {m.name for *_, verdict in results for m in verdict.metrics}
+    unknown = [name for name in show if name not in measured]
+    if unknown:
+        console.print(Text(f"--trainperf-show: no cell measured {', '.join(unknown)} "
+                           f"(measured: {', '.join(sorted(measured))})", style="yellow"))
     for key in fingerprints:
         console.print(Text(f"environment: {key}", style="dim"))
     counts = {status: 0 for status in Status}
@@ -48,8 +56,15 @@ def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, 
     parts = [f"{counts[s]} {s.value}" for s in Status if counts[s]]
     console.print(Text(f"{_cells(len(results))} measured: " + ", ".join(parts)))
     if counts[Status.IMPROVED] and not update:
-        console.print(Text(f"{_cells(counts[Status.IMPROVED])} improved beyond tolerance: if intended, "
-                           f"accept with `{hint}`", style="green"))
+        console.print(Text(f"{_cells(counts[Status.IMPROVED])} improved beyond tolerance; to accept:",
+                           style="green"))
+        console.print(Text(f"  {hint}", style="green"))
+    if elsewhere:
+        console.print(Text("note: cells new here have baselines for other environments only:", style="yellow"))
+        for key in elsewhere:
+            console.print(Text(f"  {key}", style="yellow"))
+        console.print(Text("  (nothing was compared for them: update the baselines on this environment)",
+                           style="yellow"))
     if update:
         if changes:
             render_updates(console, changes)
