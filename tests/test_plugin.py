@@ -89,16 +89,19 @@ def test_help_lists_every_option(pytester: pytest.Pytester) -> None:
         "*--trainperf-strict*",
         "*--trainperf-show=METRICS*",
         "*--trainperf-confirm=N*",
+        "*--trainperf-malloc=MODE*",
         "*--trainperf-threads=N*",
     ])
     for ini in ["trainperf ", "trainperf_update_baselines", "trainperf_baselines", "trainperf_device",
-                "trainperf_strict", "trainperf_show", "trainperf_threads", "trainperf_confirm"]:
+                "trainperf_strict", "trainperf_show", "trainperf_threads", "trainperf_confirm",
+                "trainperf_malloc"]:
         assert ini in result.stdout.str()
 
 
 @pytest.mark.parametrize(("arg", "expected"), [
     ("--trainperf-device=gpu", "*--trainperf-device*expected auto, cpu, cuda, cuda:N*got 'gpu'*"),
     ("--trainperf-threads=0", "*--trainperf-threads*expected a positive integer, got '0'*"),
+    ("--trainperf-malloc=jemalloc", "*--trainperf-malloc*expected one of fixed, system, got 'jemalloc'*"),
     ("--trainperf-confirm=-1", "*--trainperf-confirm*expected a non-negative integer*got '-1'*"),
     ("--trainperf-show=step time", "*--trainperf-show*expected a comma-separated list*got 'step time'*"),
 ])
