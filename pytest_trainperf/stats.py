@@ -12,7 +12,7 @@ value against one value with a relative tolerance. Timings compare samples again
   one-sided Mann-Whitney U test of the new samples divided by ``1 + tolerance`` against the baseline
   samples rejects "not slower" at p < :data:`ALPHA` (a shifted null: a cell that is only noisily
   around the tolerance does not fail), and the estimated slowdown exceeds the tolerance. Improvements
-  mirror this with ``1 - tolerance``.
+  mirror this beyond ``1 / (1 + tolerance)`` (see :func:`ratio_bounds`).
 """
 
 from __future__ import annotations
@@ -72,15 +72,31 @@ def relative_change(current: float, baseline: float) -> float:
     return (current - baseline) / abs(baseline)
 
 
+def ratio_bounds(tolerance: float, direction: Direction) -> tuple[float, float]:
+    """The ``now / baseline`` ratios beyond which a metric is worse, and better.
+
+    Worse is ``1 + t`` for a lower-is-better metric and ``1 - t`` for a higher-is-better one; better
+    is the reciprocal of worse, so the two gates are symmetric in log space and ``step_time`` and
+    ``throughput`` (whose tolerance follows step time's) always agree, both ways.
+    """
+    if direction is Direction.HIGHER_IS_BETTER:
+        worse = 1.0 - tolerance
+        return worse, (1.0 / worse if worse > 0 else math.inf)
+    worse = 1.0 + tolerance
+    return worse, 1.0 / worse
+
+
 def _classify(change: float, tolerance: float, direction: Direction, significant_worse: bool = True,
               significant_better: bool = True) -> Status:
     """Status of a relative change beyond ``tolerance`` in the metric's direction."""
     if direction is Direction.EXACT:
         return Status.REGRESSED if abs(change) > tolerance and significant_worse else Status.UNCHANGED
-    worse = change if direction is Direction.LOWER_IS_BETTER else -change
-    if worse > tolerance and significant_worse:
+    worse, better = ratio_bounds(tolerance, direction)
+    ratio = 1.0 + change
+    lower_is_better = direction is Direction.LOWER_IS_BETTER
+    if (ratio > worse if lower_is_better else ratio < worse) and significant_worse:
         return Status.REGRESSED
-    if worse < -tolerance and significant_better:
+    if (ratio < better if lower_is_better else ratio > better) and significant_better:
         return Status.IMPROVED
     return Status.UNCHANGED
 
@@ -137,12 +153,13 @@ def compare_samples(metric: Metric, baseline: Sequence[float], tolerance: float,
         return compare_exact(metric, float(np.median(baseline)), tolerance)
     ratio, low, high = hodges_lehmann_ratio(current, baseline)
     # "beyond tolerance" is the alternative of each test, not only the point estimate
-    p_above = _p_beyond(current, baseline, 1.0 + tolerance, "greater")
-    p_below = _p_beyond(current, baseline, 1.0 - tolerance, "less")
+    worse, better = ratio_bounds(tolerance, metric.direction)
     if metric.direction is Direction.HIGHER_IS_BETTER:
-        p_worse, p_better = p_below, p_above
+        p_worse = _p_beyond(current, baseline, worse, "less")
+        p_better = _p_beyond(current, baseline, better, "greater")
     else:
-        p_worse, p_better = p_above, p_below
+        p_worse = _p_beyond(current, baseline, worse, "greater")
+        p_better = _p_beyond(current, baseline, better, "less")
     change = ratio - 1.0
     status = _classify(change, tolerance, metric.direction,
                        significant_worse=p_worse < alpha, significant_better=p_better < alpha)

@@ -202,10 +202,11 @@ def test_three_samples_a_side_still_catch_a_tenfold_slowdown() -> None:
     [
         (Direction.LOWER_IS_BETTER, 110.1, Status.REGRESSED),
         (Direction.LOWER_IS_BETTER, 109.9, Status.UNCHANGED),
-        (Direction.LOWER_IS_BETTER, 90.1, Status.UNCHANGED),
-        (Direction.LOWER_IS_BETTER, 89.9, Status.IMPROVED),
-        (Direction.HIGHER_IS_BETTER, 110.1, Status.IMPROVED),
-        (Direction.HIGHER_IS_BETTER, 109.9, Status.UNCHANGED),
+        # better is the reciprocal of worse: below 100 / 1.1 = 90.9, above 100 / 0.9 = 111.1
+        (Direction.LOWER_IS_BETTER, 91.0, Status.UNCHANGED),
+        (Direction.LOWER_IS_BETTER, 90.8, Status.IMPROVED),
+        (Direction.HIGHER_IS_BETTER, 111.2, Status.IMPROVED),
+        (Direction.HIGHER_IS_BETTER, 111.0, Status.UNCHANGED),
         (Direction.HIGHER_IS_BETTER, 90.1, Status.UNCHANGED),
         (Direction.HIGHER_IS_BETTER, 89.9, Status.REGRESSED),
         (Direction.EXACT, 110.1, Status.REGRESSED),
@@ -443,3 +444,23 @@ def test_throughput_tolerance_follows_step_time() -> None:
         assert step is not None and rate is not None
         assert step.status is expected and rate.status is expected
         assert rate.tolerance == pytest.approx(step_tolerance / (1 + step_tolerance))
+
+
+@pytest.mark.parametrize("change", [0.85, 0.88, 0.90, 0.92, 1.08, 1.12, 1.2])
+def test_step_time_and_throughput_always_agree(change: float) -> None:
+    """Whatever the change, the throughput verdict mirrors the step-time verdict (both ways)."""
+    rng = np.random.default_rng(5)
+    baseline = lognormal(rng, 0.02, 0.003, 20)
+    current = tuple(v * change for v in lognormal(rng, 0.02, 0.003, 20))
+    items = 64.0
+
+    def cell(samples: tuple[float, ...]) -> Measurement:
+        rates = tuple(items / s for s in samples)
+        return Measurement(test="t", cell="c", params=(), metrics=(
+            Metric("step_time", float(np.median(samples)), "s", Direction.LOWER_IS_BETTER, samples),
+            Metric("throughput", float(np.median(rates)), "items/s", Direction.HIGHER_IS_BETTER, rates)))
+
+    verdict = judge(cell(current), cell(baseline))
+    step, rate = verdict.metric("step_time"), verdict.metric("throughput")
+    assert step is not None and rate is not None
+    assert step.status is rate.status
