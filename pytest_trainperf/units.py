@@ -14,6 +14,8 @@ def _sig(x: float) -> str:
     x = float(f"{x:.3g}")
     if x == 0:
         return "0"
+    if abs(x) < 0.01:
+        return f"{x:.3g}"
     if abs(x) >= 100:
         return f"{x:.0f}"
     if abs(x) >= 10:
@@ -47,3 +49,34 @@ def format_value(value: float, unit: str = "") -> str:
     if unit:
         return f"{value:.4g} {unit}"
     return f"{value:.4g}"
+
+
+def _scales(unit: str) -> tuple[tuple[str, float], ...]:
+    if unit == "s":
+        return _TIME
+    if unit == "B":
+        return _BINARY
+    if unit == "FLOP" or unit.endswith("/s"):
+        return tuple((f"{prefix}{unit}", factor) for prefix, factor in _SI)
+    return ((unit, 1.0),)
+
+
+def common_scale(values: list[float], unit: str) -> tuple[str, float]:
+    """One display unit for a set of values (a heatmap's cells): the one :func:`format_value` picks
+    for their median magnitude. Returns ``(unit label, factor)``; show values with :func:`in_scale`."""
+    finite = sorted(abs(v) for v in values if math.isfinite(v))
+    if not finite:
+        return unit, 1.0
+    median = finite[len(finite) // 2]
+    scales = _scales(unit)
+    for name, factor in scales:
+        if abs(float(_sig(median / factor))) >= 1:
+            return name, factor
+    return scales[-1]
+
+
+def in_scale(value: float, factor: float) -> str:
+    """``value`` divided by a :func:`common_scale` factor, to three significant digits."""
+    if not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("-inf" if value < 0 else "inf")
+    return _sig(value / factor)

@@ -453,8 +453,8 @@ def test_report_colour_follows_pytest(pytester: pytest.Pytester, monkeypatch: py
     plain = pytester.runpytest("--trainperf", "--color=no")
     plain.assert_outcomes(failed=4)
     assert "\x1b[" not in plain.stdout.str()
-    plain.stdout.fnmatch_lines(["test_work.py::test_mlp · peak_memory", "batch_size \\ width*16*32",
-                                "4 * MiB * MiB", "* +*% REGR * +*% REGR"])
+    plain.stdout.fnmatch_lines(["test_work.py::test_mlp · peak_memory (MiB)", "batch_size \\ width*16*32",
+                                "4 *16.0 *16.0", "* +*% REGR * +*% REGR"])
     coloured = pytester.runpytest("--trainperf", "--color=yes")
     assert "\x1b[1;31m" in coloured.stdout.str()  # regressed cells in bold red
     monkeypatch.setenv("NO_COLOR", "1")
@@ -504,5 +504,5 @@ def test_a_metric_to_show_that_nothing_measured_is_pointed_out(pytester: pytest.
     pytester.makepyfile(test_work=workload())
     result = pytester.runpytest("--trainperf", "--trainperf-show=step_tme,flops")
     result.assert_outcomes(passed=4)
-    result.stdout.fnmatch_lines(["test_work.py::test_mlp · flops",
+    result.stdout.fnmatch_lines(["test_work.py::test_mlp · flops (kFLOP)",
                                  "--trainperf-show: no cell measured step_tme (measured: flops, loss, *"])

@@ -21,7 +21,7 @@ from pytest_trainperf.records import (
     Status,
 )
 from pytest_trainperf.report.heatmap import render_heatmaps, render_updates
-from pytest_trainperf.units import format_value
+from pytest_trainperf.units import common_scale, in_scale
 
 WIDTH = 80
 MIB = 2**20
@@ -100,13 +100,13 @@ def render(
 def test_2x2_grid_marks_each_status_in_words() -> None:
     assert render(AXES_2X2, CELLS_2X2) == snapshot(
         r"""
-        test_encoder · step_time
+        test_encoder · step_time (ms)
         batch_size \ seq_len           16           32
         ──────────────────────────────────────────────
-        1                          123 ms       132 ms
+        1                             123          132
                                     +3.2%  +32.0% REGR
 
-        2                         85.0 ms       200 ms
+        2                            85.0          200
                               -15.0% impr          new
 
         REGR regressed, impr improved, new no baseline, — no result, n/a not measured
@@ -125,23 +125,23 @@ def test_third_axis_gives_one_table_per_value() -> None:
     ]
     assert render(axes, cells) == snapshot(
         r"""
-        test_encoder · step_time · dtype=fp32
-        batch_size \ seq_len       16       32
-        ──────────────────────────────────────
-        1                     16.0 ms  32.0 ms
-                                +1.0%    +1.0%
+        test_encoder · step_time (ms) · dtype=fp32
+        batch_size \ seq_len     16     32
+        ──────────────────────────────────
+        1                      16.0   32.0
+                              +1.0%  +1.0%
 
-        2                     32.0 ms  64.0 ms
-                                +1.0%    +1.0%
+        2                      32.0   64.0
+                              +1.0%  +1.0%
 
-        test_encoder · step_time · dtype=fp16
-        batch_size \ seq_len       16       32
-        ──────────────────────────────────────
-        1                     8.00 ms  16.0 ms
-                                +1.0%    +1.0%
+        test_encoder · step_time (ms) · dtype=fp16
+        batch_size \ seq_len     16     32
+        ──────────────────────────────────
+        1                      8.00   16.0
+                              +1.0%  +1.0%
 
-        2                     16.0 ms  32.0 ms
-                                +1.0%    +1.0%
+        2                      16.0   32.0
+                              +1.0%  +1.0%
 
         REGR regressed, impr improved, new no baseline, — no result, n/a not measured
         """
@@ -155,21 +155,21 @@ def test_extra_params_become_further_axes() -> None:
     ]
     assert render(AXES_2X2, cells) == snapshot(
         r"""
-        test_encoder · step_time · opt=adam
-        batch_size \ seq_len       16  32
-        ─────────────────────────────────
-        1                     10.0 ms   —
-                                  new
+        test_encoder · step_time (ms) · opt=adam
+        batch_size \ seq_len    16  32
+        ──────────────────────────────
+        1                     10.0   —
+                               new
 
-        2                           —   —
+        2                        —   —
 
-        test_encoder · step_time · opt=sgd
-        batch_size \ seq_len       16  32
-        ─────────────────────────────────
-        1                     20.0 ms   —
-                                  new
+        test_encoder · step_time (ms) · opt=sgd
+        batch_size \ seq_len    16  32
+        ──────────────────────────────
+        1                     20.0   —
+                               new
 
-        2                           —   —
+        2                        —   —
 
         REGR regressed, impr improved, new no baseline, — no result, n/a not measured
         """
@@ -180,11 +180,11 @@ def test_single_cell_test() -> None:
     cells = [verdict([], 0.5, Status.UNCHANGED, 0.49, test="test_single")]
     assert render([], cells, test="test_single") == snapshot(
         r"""
-        test_single · step_time
-         value
-        ──────
-        500 ms
-         +2.0%
+        test_single · step_time (ms)
+        value
+        ─────
+          500
+        +2.0%
 
         REGR regressed, impr improved, new no baseline, — no result, n/a not measured
         """
@@ -198,15 +198,15 @@ def test_single_axis_runs_down_the_rows() -> None:
     ]
     assert render([("batch_size", [1, 2, 4])], cells, ["peak_memory"]) == snapshot(
         r"""
-        test_encoder · peak_memory
+        test_encoder · peak_memory (MiB)
         batch_size        value
         ───────────────────────
-        1              12.5 MiB
+        1                  12.5
                     -21.9% impr
 
         2                     —
 
-        4              40.0 MiB
+        4                  40.0
                           +0.0%
 
         REGR regressed, impr improved, new no baseline, — no result, n/a not measured
@@ -219,13 +219,13 @@ def test_missing_cell_and_missing_metric() -> None:
     text = render(AXES_2X2, cells, ["step_time", "peak_memory"])
     assert text == snapshot(
         r"""
-        test_encoder · step_time
+        test_encoder · step_time (ms)
         batch_size \ seq_len           16           32
         ──────────────────────────────────────────────
-        1                          123 ms       132 ms
+        1                             123          132
                                     +3.2%  +32.0% REGR
 
-        2                         85.0 ms            —
+        2                            85.0            —
                               -15.0% impr
 
         test_encoder · peak_memory
@@ -262,31 +262,31 @@ def test_6x6_grid_fits_80_columns() -> None:
     assert max(len(line) for line in text.splitlines()) <= WIDTH
     assert text == snapshot(
         r"""
-        test_encoder · step_time
+        test_encoder · step_time (ms)
         batch_size \
         window            16      32      64     128     256     512
         ────────────────────────────────────────────────────────────
-        1             100 ms  101 ms  102 ms  103 ms  104 ms  105 ms
+        1                100     101     102     103     104     105
                        +1.0%  +32.0%  -15.0%     new   +1.0%  +32.0%
                                 REGR    impr                    REGR
 
-        2             106 ms  107 ms  108 ms  109 ms  110 ms  111 ms
+        2                106     107     108     109     110     111
                       -15.0%     new   +1.0%  +32.0%  -15.0%     new
                         impr                    REGR    impr
 
-        4             112 ms  113 ms  114 ms  115 ms  116 ms  117 ms
+        4                112     113     114     115     116     117
                        +1.0%  +32.0%  -15.0%     new   +1.0%  +32.0%
                                 REGR    impr                    REGR
 
-        8             118 ms  119 ms  120 ms  121 ms  122 ms  123 ms
+        8                118     119     120     121     122     123
                       -15.0%     new   +1.0%  +32.0%  -15.0%     new
                         impr                    REGR    impr
 
-        16            124 ms  125 ms  126 ms  127 ms  128 ms  129 ms
+        16               124     125     126     127     128     129
                        +1.0%  +32.0%  -15.0%     new   +1.0%  +32.0%
                                 REGR    impr                    REGR
 
-        32            130 ms  131 ms  132 ms  133 ms  134 ms  135 ms
+        32               130     131     132     133     134     135
                       -15.0%     new   +1.0%  +32.0%  -15.0%     new
                         impr                    REGR    impr
 
@@ -338,10 +338,11 @@ def test_any_6x6_grid_of_times_or_bytes_fits_without_breaking_a_value(
     cells = grid_6x6(statuses, values, changes, unit)
     lines = render(AXES_6X6, cells).splitlines()
     assert max(len(line) for line in lines) <= WIDTH
+    label, factor = common_scale([c.metrics[0].current for c in cells], unit)
+    assert lines[0].endswith(f"({label})")
     for cell in cells:
-        shown = cell.metrics[0]
-        value = format_value(shown.current, shown.unit)
-        assert any(value in line for line in lines), value
+        value = in_scale(cell.metrics[0].current, factor)
+        assert any(value in line.split() for line in lines), value
 
 
 @settings(max_examples=25, deadline=None)
@@ -360,11 +361,11 @@ def test_colour_only_adds_styles() -> None:
     assert "\x1b" not in plain
     assert "".join(line.rstrip() + "\n" for line in SGR.sub("", coloured).splitlines()) == plain
     bold_red, green, cyan = r"\x1b\[1;31m", r"\x1b\[32m", r"\x1b\[36m"
-    assert re.search(bold_red + r" *132 ms", coloured)
+    assert re.search(bold_red + r" *132\b", coloured)
     assert re.search(bold_red + r" *\+32\.0% REGR", coloured)
     assert re.search(green + r" *-15\.0% impr", coloured)
-    assert re.search(cyan + r" *200 ms", coloured)
-    assert re.search(r"\x1b\[[0-9;]*m *123 ms", coloured) is None  # unchanged: default style
+    assert re.search(cyan + r" *200\b", coloured)
+    assert re.search(r"\x1b\[[0-9;]*m *123\b", coloured) is None  # unchanged: default style
 
 
 def test_ascii_console_gets_ascii_glyphs() -> None:

@@ -30,7 +30,7 @@ from pytest_trainperf.records import (
     Status,
     format_change,
 )
-from pytest_trainperf.units import format_value
+from pytest_trainperf.units import common_scale, format_value, in_scale
 
 STATUS_STYLES: dict[Status, str] = {
     Status.REGRESSED: "bold red",
@@ -161,8 +161,9 @@ def _change(verdict: MetricVerdict) -> tuple[str, str]:
     return format_change(change), MARKERS[verdict.status]
 
 
-def _cell(verdict: CellVerdict | None, metric: str, *, stacked: bool, glyphs: _Glyphs) -> Text:
-    """A cell's text: the value, then the change and marker (on a third line when ``stacked``)."""
+def _cell(verdict: CellVerdict | None, metric: str, *, stacked: bool, glyphs: _Glyphs, factor: float) -> Text:
+    """A cell's text: the value in the table's unit, then the change and marker (on a third line when
+    ``stacked``)."""
     if verdict is None:
         return Text(glyphs.missing, style=ABSENT_STYLE)
     found = verdict.metric(metric)
@@ -170,7 +171,7 @@ def _cell(verdict: CellVerdict | None, metric: str, *, stacked: bool, glyphs: _G
         return Text(NOT_MEASURED, style=ABSENT_STYLE)
     change, marker = _change(found)
     parts = [change, marker] if change and marker else [change or marker]
-    lines = [format_value(found.current, found.unit)]
+    lines = [in_scale(found.current, factor)]
     lines += parts if stacked else [" ".join(parts)]
     return Text("\n".join(lines), style=STATUS_STYLES[found.status])
 
@@ -196,6 +197,7 @@ def _table(
     *,
     stacked: bool,
     glyphs: _Glyphs,
+    factor: float,
 ) -> Table:
     """One metric over the rows x columns of the grid, at the further-axis values ``fixed``."""
     table = _plain_table(leading=1 if rows is not None else 0)
@@ -216,7 +218,8 @@ def _table(
         cells: list[Text] = [] if row is None else [Text(_label(row, glyphs))]
         for column in column_values:
             point = [_key(v) for v in (row, column) if v is not None]
-            cells.append(_cell(index.get((*point, *fixed)), metric, stacked=stacked, glyphs=glyphs))
+            cells.append(_cell(index.get((*point, *fixed)), metric, stacked=stacked, glyphs=glyphs,
+                               factor=factor))
         table.add_row(*cells)
     return table
 
@@ -270,14 +273,17 @@ def render_heatmaps(
     further = grid[2:]
     first = True
     for metric in metrics:
+        found = [m for c in cells for m in c.metrics if m.name == metric]
+        label, factor = common_scale([m.current for m in found], found[0].unit if found else "")
+        suffix = f" ({label})" if label else ""
         for combination in itertools.product(*(axis.values for axis in further)):
-            title = Text(f"{test}{glyphs.sep}{metric}", style="bold")
+            title = Text(f"{test}{glyphs.sep}{metric}{suffix}", style="bold")
             for axis, value in zip(further, combination, strict=True):
                 title.append(f"{glyphs.sep}{axis.name}={_label(value, glyphs)}")
             fixed = tuple(_key(v) for v in combination)
-            table = _table(metric, rows, columns, fixed, index, stacked=False, glyphs=glyphs)
+            table = _table(metric, rows, columns, fixed, index, stacked=False, glyphs=glyphs, factor=factor)
             if not _fits(console, table):
-                table = _table(metric, rows, columns, fixed, index, stacked=True, glyphs=glyphs)
+                table = _table(metric, rows, columns, fixed, index, stacked=True, glyphs=glyphs, factor=factor)
             if not first:
                 console.print()
             first = False
