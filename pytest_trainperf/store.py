@@ -29,7 +29,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,13 +290,39 @@ def _changes(rel: str, old: Measurement | None, new: Measurement) -> list[Baseli
     return out
 
 
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file's directory (POSIX ``flock``; no lock file is left behind),
+    so that processes updating baseline files at once (pytest-xdist workers, parallel jobs)
+    read-merge-write them in turn and no update is lost. Where ``fcntl`` does not exist the body runs
+    unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def update(path: Path, fingerprint: Fingerprint, measurements: Iterable[Measurement],
            display_path: str | None = None) -> list[BaselineChange]:
     """Replace the given cells of one environment in ``path``; keep everything else as it was.
 
-    Reads the current file first: a file that cannot be parsed raises :class:`BaselineError` and
-    is left untouched. Returns what changed, metric by metric.
+    Reads the current file first, under :func:`locked`: a file that cannot be parsed raises
+    :class:`BaselineError` and is left untouched. Returns what changed, metric by metric.
     """
+    with locked(path):
+        return _update(path, fingerprint, measurements, display_path)
+
+
+def _update(path: Path, fingerprint: Fingerprint, measurements: Iterable[Measurement],
+            display_path: str | None) -> list[BaselineChange]:
     current = read(path)
     rel = display_path or str(path)
     env = current.environments.get(fingerprint.key)

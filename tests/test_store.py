@@ -417,3 +417,35 @@ def test_the_import_check_sees_nested_imports() -> None:
     source = "def f():\n    import torch.nn\n    from _pytest import fixtures\n"
 
     assert _imported_roots(source) == {"torch", "_pytest"}
+
+
+def test_concurrent_updates_of_one_file_lose_no_cell(tmp_path: Path) -> None:
+    """Four processes each write their own cells into one file at the same moment: all survive."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "baselines" / "test_x.json"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from pytest_trainperf.records import Fingerprint, Measurement, Metric
+        from pytest_trainperf.store import update
+        worker = int(sys.argv[1])
+        fp = Fingerprint(device="cpu", device_type="cpu", torch="2", cuda=None, threads=1, cpu="cpu")
+        start = float(sys.argv[2])
+        while time.time() < start:
+            pass
+        for i in range(10):
+            cell = Measurement(test="test_x", cell=f"w{{worker}}-{{i}}", params=(),
+                               metrics=(Metric("flops", float(i)),))
+            update(Path({str(path)!r}), fp, [cell])
+    """)
+    import time
+
+    start = time.time() + 1.0
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(w), str(start)]) for w in range(4)]
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    (env,) = read(path).environments.values()
+    assert sorted(cell for _, cell in env.cells) == sorted(f"w{w}-{i}" for w in range(4) for i in range(10))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["test_x.json"]
