@@ -1,0 +1,80 @@
+"""How often does an unchanged suite fail? Run by hand: ``python benchmarks/false_alarms.py [RUNS] [PATH...]``.
+
+For each suite (default: ``examples/``): one ``pytest --trainperf-update-baselines`` into a temporary
+baseline directory, then RUNS separate ``pytest --trainperf`` processes of the same, unchanged code
+against it, with the plugin's default settings. Counts the cells that failed (false alarms) and the
+cells flagged as improved, per run and in all, and writes them to ``docs/false-alarms.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pytest_trainperf.env import cpu_model  # noqa: E402
+
+OUT = ROOT / "docs" / "false-alarms.md"
+SUMMARY = re.compile(r"^(\d+) cells? measured: (.*)$", re.M)
+
+
+def pytest(args: list[str]) -> str:
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+                          cwd=ROOT, capture_output=True, text=True, check=False)
+    return done.stdout
+
+
+def counts(output: str) -> dict[str, int]:
+    found = SUMMARY.findall(output)
+    if not found:
+        raise RuntimeError(f"no trainperf summary in:\n{output[-2000:]}")
+    total, parts = found[-1]
+    out = {"cells": int(total)}
+    for part in parts.split(", "):
+        n, status = part.split(" ", 1)
+        out[status] = int(n)
+    return out
+
+
+def main() -> None:
+    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    suites = sys.argv[2:] or ["examples/"]
+    rows = []
+    for suite in suites:
+        with tempfile.TemporaryDirectory() as baselines:
+            started = time.time()
+            pytest(["--trainperf-update-baselines", f"--trainperf-baselines={baselines}", suite])
+            update_s = time.time() - started
+            per_run = []
+            for _ in range(runs):
+                per_run.append(counts(pytest(["--trainperf", f"--trainperf-baselines={baselines}", suite])))
+        cells = sum(r["cells"] for r in per_run)
+        regressed = sum(r.get("regressed", 0) for r in per_run)
+        improved = sum(r.get("improved", 0) for r in per_run)
+        failing_runs = sum(1 for r in per_run if r.get("regressed", 0))
+        rows.append(f"| `{suite}` | {runs} | {cells} | {regressed} ({regressed / cells:.1%}) | {failing_runs} | "
+                    f"{improved} ({improved / cells:.1%}) | {update_s:.0f} s |")
+        print(rows[-1], flush=True)
+    command = f"python benchmarks/false_alarms.py {runs} {' '.join(suites)}"
+    OUT.write_text(f"""# False alarms: unchanged code against its own baseline
+
+Measured with `{command}` on {cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}.
+One update, then {runs} separate `pytest --trainperf` processes of the same code, default settings
+(10% step-time tolerance, shifted-null Mann-Whitney test, one confirmation, threads = torch's count
+less one, glibc malloc thresholds fixed).
+
+| suite | runs | cells compared | cells failed (false alarms) | runs with a failure | cells flagged improved | update wall time |
+| --- | --- | --- | --- | --- | --- | --- |
+""" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
