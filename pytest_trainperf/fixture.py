@@ -21,6 +21,8 @@ from pytest_trainperf.stats import BUILTIN_METRICS
 if TYPE_CHECKING:
     import torch
 
+    from pytest_trainperf.measure.memory import Preexisting
+
 DEFAULT_WARMUP = 3
 """Warm-up steps before the timed ones when the test does not say."""
 CONFIRM_WARMUP = 1
@@ -90,7 +92,7 @@ class TrainPerf:
         self._recorded: list[Metric] = []
         self._used = ""
         self._threads: int | None = None
-        self._preexisting: object = None
+        self._preexisting: Preexisting | None = None
         self._retime: Callable[[], list[Metric]] | None = None
 
     def begin(self) -> None:
@@ -269,7 +271,7 @@ class TrainPerf:
     def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
                  items: float | None) -> Measurement:
         from pytest_trainperf.measure.flops import count_flops
-        from pytest_trainperf.measure.memory import Preexisting, measure_peak
+        from pytest_trainperf.measure.memory import measure_peak
         from pytest_trainperf.measure.timing import default_threads, fixed_threads, time_steps
 
         device = self.device
@@ -282,8 +284,7 @@ class TrainPerf:
             if keep is not None:
                 kept.append(keep(out))
             del out
-            exclude = self._preexisting if isinstance(self._preexisting, Preexisting) else None
-            out, peak = measure_peak(fn, device, exclude)
+            out, peak = measure_peak(fn, device, self._preexisting)
             if keep is not None:
                 kept.append(keep(out))
             del out
