@@ -506,3 +506,17 @@ def test_a_metric_to_show_that_nothing_measured_is_pointed_out(pytester: pytest.
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["test_work.py::test_mlp · flops (kFLOP)",
                                  "--trainperf-show: no cell measured step_tme (measured: flops, loss, *"])
+
+
+def test_a_metric_that_is_no_longer_measured_is_pointed_out(pytester: pytest.Pytester) -> None:
+    source = textwrap.dedent("""
+        def test_eval(trainperf):
+            trainperf.record("test_loss", 2.0)
+            {extra}
+    """)
+    pytester.makepyfile(test_rec=source.format(extra='trainperf.record("accuracy", 0.9)'))
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    pytester.makepyfile(test_rec=source.format(extra="pass"))
+    result = pytester.runpytest("--trainperf")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["note: not measured any more, though in the baselines: accuracy (1 cell; *"])

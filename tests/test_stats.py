@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pytest_trainperf.fixture import timing_metrics
 from pytest_trainperf.records import (
     CellVerdict,
     Direction,
@@ -425,6 +426,11 @@ def test_a_slowdown_only_noisily_beyond_tolerance_does_not_regress() -> None:
     assert verdict.status is Status.UNCHANGED
 
 
+def timed_cell(samples: tuple[float, ...], items: float) -> Measurement:
+    """A cell with the step_time and throughput metrics the fixture builds from these samples."""
+    return Measurement(test="t", cell="c", params=(), metrics=tuple(timing_metrics(list(samples), items)))
+
+
 def test_throughput_tolerance_follows_step_time() -> None:
     """Throughput falls beyond its tolerance exactly when step time rises beyond its own."""
     rng = np.random.default_rng(3)
@@ -432,14 +438,8 @@ def test_throughput_tolerance_follows_step_time() -> None:
     current = tuple(v * 1.2 for v in lognormal(rng, 0.02, 0.002, 20))  # 20% slower steps
     items = 100.0
 
-    def cell(samples: tuple[float, ...]) -> Measurement:
-        rates = tuple(items / s for s in samples)
-        return Measurement(test="t", cell="c", params=(), metrics=(
-            Metric("step_time", float(np.median(samples)), "s", Direction.LOWER_IS_BETTER, samples),
-            Metric("throughput", float(np.median(rates)), "items/s", Direction.HIGHER_IS_BETTER, rates)))
-
     for step_tolerance, expected in ((0.10, Status.REGRESSED), (0.30, Status.UNCHANGED)):
-        verdict = judge(cell(current), cell(baseline), {"step_time": step_tolerance})
+        verdict = judge(timed_cell(current, items), timed_cell(baseline, items), {"step_time": step_tolerance})
         step, rate = verdict.metric("step_time"), verdict.metric("throughput")
         assert step is not None and rate is not None
         assert step.status is expected and rate.status is expected
@@ -454,13 +454,7 @@ def test_step_time_and_throughput_always_agree(change: float) -> None:
     current = tuple(v * change for v in lognormal(rng, 0.02, 0.003, 20))
     items = 64.0
 
-    def cell(samples: tuple[float, ...]) -> Measurement:
-        rates = tuple(items / s for s in samples)
-        return Measurement(test="t", cell="c", params=(), metrics=(
-            Metric("step_time", float(np.median(samples)), "s", Direction.LOWER_IS_BETTER, samples),
-            Metric("throughput", float(np.median(rates)), "items/s", Direction.HIGHER_IS_BETTER, rates)))
-
-    verdict = judge(cell(current), cell(baseline))
+    verdict = judge(timed_cell(current, items), timed_cell(baseline, items))
     step, rate = verdict.metric("step_time"), verdict.metric("throughput")
     assert step is not None and rate is not None
     assert step.status is rate.status

@@ -59,6 +59,11 @@ def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, 
         console.print(Text(f"{_cells(counts[Status.IMPROVED])} improved beyond tolerance; to accept:",
                            style="green"))
         console.print(Text(f"  {hint}", style="green"))
+    missing = sorted({name for *_, verdict in results for name in verdict.missing})
+    if missing:
+        gone = sum(1 for *_, verdict in results if verdict.missing)
+        console.print(Text(f"note: not measured any more, though in the baselines: {', '.join(missing)} "
+                           f"({_cells(gone)}; an update drops them)", style="yellow"))
     if elsewhere:
         console.print(Text("note: cells new here have baselines for other environments only:", style="yellow"))
         for key in elsewhere:
