@@ -12,6 +12,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from pytest_trainperf.units import format_value
+
 Scalar = int | float | str | bool
 """What a grid axis value may be."""
 
@@ -169,8 +171,6 @@ class MetricVerdict:
 
     def describe(self) -> str:
         """One line for a failure message: metric, baseline, now, change, tolerance, interval."""
-        from pytest_trainperf.units import format_value
-
         now = format_value(self.current, self.unit)
         if self.baseline is None:
             return f"{self.name}: {now} (new: no baseline)"
@@ -238,6 +238,19 @@ class BaselineChange:
     """The value written."""
     unit: str = ""
     """The metric's unit."""
+
+
+def relative_change(current: float, baseline: float) -> float:
+    """``(current - baseline) / |baseline|``; ``0`` when both are zero, ``±inf`` from a zero baseline.
+
+    Dividing by the magnitude keeps the sign meaning "rose" for negative values too (a recorded
+    log-likelihood going from -2 to -1 rose by 50%).
+    """
+    if baseline == 0:
+        if current == 0:
+            return 0.0
+        return math.copysign(math.inf, current)
+    return (current - baseline) / abs(baseline)
 
 
 def format_change(change: float) -> str:

@@ -30,6 +30,7 @@ from pytest_trainperf.records import (
     Metric,
     MetricVerdict,
     Status,
+    relative_change,
 )
 
 ALPHA = 0.05
@@ -57,19 +58,6 @@ TIMING_METRICS = ("step_time", "throughput")
 """Metrics decided on samples, which a re-measurement may confirm or clear."""
 BUILTIN_METRICS = tuple(DEFAULT_TOLERANCES)
 """The metric names measured by the plugin itself."""
-
-
-def relative_change(current: float, baseline: float) -> float:
-    """``(current - baseline) / |baseline|``; ``0`` when both are zero, ``±inf`` from a zero baseline.
-
-    Dividing by the magnitude keeps the sign meaning "rose" for negative values too (a recorded
-    log-likelihood going from -2 to -1 rose by 50%).
-    """
-    if baseline == 0:
-        if current == 0:
-            return 0.0
-        return math.copysign(math.inf, current)
-    return (current - baseline) / abs(baseline)
 
 
 def ratio_bounds(tolerance: float, direction: Direction) -> tuple[float, float]:

@@ -23,35 +23,8 @@ def _sig(x: float) -> str:
     return f"{x:.2f}"
 
 
-def _scaled(value: float, scales: tuple[tuple[str, float], ...], unit: str = "") -> str:
-    """``value`` in the largest scale whose rounded figure is at least 1 (the smallest otherwise)."""
-    for name, factor in scales:
-        text = _sig(value / factor)
-        if abs(float(text)) >= 1 or factor == scales[-1][1]:
-            return f"{text} {name}{unit}"
-    raise AssertionError("unreachable")
-
-
-def format_value(value: float, unit: str = "") -> str:
-    """Format ``value`` in ``unit`` with a scaled prefix: ``34.1 ms``, ``12.0 MiB``, ``1.20 GFLOP``."""
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return f"{'-' if value < 0 else ''}inf {unit}".rstrip()
-    if unit == "s":
-        return _scaled(value, _TIME)
-    if unit == "B":
-        if abs(round(value)) < 1024:
-            return f"{value:.0f} B"
-        return _scaled(value, _BINARY)
-    if unit == "FLOP" or unit.endswith("/s"):
-        return _scaled(value, _SI, unit)
-    if unit:
-        return f"{value:.4g} {unit}"
-    return f"{value:.4g}"
-
-
 def _scales(unit: str) -> tuple[tuple[str, float], ...]:
+    """``(label, factor)`` from the largest scale down, for the units that scale."""
     if unit == "s":
         return _TIME
     if unit == "B":
@@ -61,18 +34,36 @@ def _scales(unit: str) -> tuple[tuple[str, float], ...]:
     return ((unit, 1.0),)
 
 
+def _pick(magnitude: float, unit: str) -> tuple[str, float]:
+    """The largest scale in which ``magnitude`` rounds to at least 1 (the smallest otherwise)."""
+    scales = _scales(unit)
+    for name, factor in scales:
+        if abs(float(_sig(magnitude / factor))) >= 1:
+            return name, factor
+    return scales[-1]
+
+
+def format_value(value: float, unit: str = "") -> str:
+    """Format ``value`` in ``unit`` with a scaled prefix: ``34.1 ms``, ``12.0 MiB``, ``1.20 GFLOP``."""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return f"{'-' if value < 0 else ''}inf {unit}".rstrip()
+    if unit == "B" and abs(round(value)) < 1024:
+        return f"{value:.0f} B"
+    if len(_scales(unit)) == 1:
+        return f"{value:.4g} {unit}".rstrip()
+    label, factor = _pick(value, unit)
+    return f"{in_scale(value, factor)} {label}"
+
+
 def common_scale(values: list[float], unit: str) -> tuple[str, float]:
     """One display unit for a set of values (a heatmap's cells): the one :func:`format_value` picks
     for their median magnitude. Returns ``(unit label, factor)``; show values with :func:`in_scale`."""
     finite = sorted(abs(v) for v in values if math.isfinite(v))
     if not finite:
         return unit, 1.0
-    median = finite[len(finite) // 2]
-    scales = _scales(unit)
-    for name, factor in scales:
-        if abs(float(_sig(median / factor))) >= 1:
-            return name, factor
-    return scales[-1]
+    return _pick(finite[len(finite) // 2], unit)
 
 
 def in_scale(value: float, factor: float) -> str:

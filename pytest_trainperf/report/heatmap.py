@@ -12,7 +12,6 @@ Everything is printed through rich renderables with styles, never markup or ANSI
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from pytest_trainperf.records import (
     Scalar,
     Status,
     format_change,
+    relative_change,
 )
 from pytest_trainperf.units import common_scale, format_value, in_scale
 
@@ -150,14 +150,7 @@ def _change(verdict: MetricVerdict) -> tuple[str, str]:
     """The change against the baseline and the status marker, e.g. ``("+32.0%", "REGR")``."""
     if verdict.status is Status.NEW or verdict.baseline is None:
         return "", MARKERS[Status.NEW]
-    change = verdict.change
-    if change is None:
-        if verdict.current == verdict.baseline:
-            change = 0.0
-        elif verdict.baseline != 0:
-            change = verdict.current / verdict.baseline - 1
-        else:
-            change = math.copysign(math.inf, verdict.current)
+    change = verdict.change if verdict.change is not None else relative_change(verdict.current, verdict.baseline)
     return format_change(change), MARKERS[verdict.status]
 
 
@@ -296,11 +289,7 @@ def render_heatmaps(
 def _update_change(change: BaselineChange) -> str:
     if change.old is None:
         return MARKERS[Status.NEW]
-    if change.new == change.old:
-        return format_change(0.0)
-    if change.old == 0:
-        return format_change(math.copysign(math.inf, change.new))
-    return format_change(change.new / change.old - 1)
+    return format_change(relative_change(change.new, change.old))
 
 
 def _by_file(
