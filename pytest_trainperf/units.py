@@ -10,10 +10,14 @@ _SI = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0))
 
 
 def _sig(x: float) -> str:
-    """Three significant digits, without exponent for ordinary magnitudes (rounded first)."""
+    """Three significant digits, without exponent for ordinary magnitudes (rounded first); a short
+    exponent (``2.00e9``) past 99999, where a shared heatmap scale leaves an outlier huge."""
     x = float(f"{x:.3g}")
     if x == 0:
         return "0"
+    if abs(x) >= 1e5:
+        mantissa, exponent = f"{x:.2e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
     if abs(x) < 0.01:
         return f"{x:.3g}"
     if abs(x) >= 100:

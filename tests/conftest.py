@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 pytest_plugins = ["pytester"]
+
+# CI runs the same hypothesis examples every time (HYPOTHESIS_PROFILE=ci in .ci/run), so a landing
+# does not hang on a lucky draw; local runs stay random and keep looking for new counterexamples.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pytest_trainperf.records import format_change
-from pytest_trainperf.units import format_value
+from pytest_trainperf.units import format_value, in_scale
 
 MIB = 2.0**20
 GIB = 2.0**30
@@ -102,3 +102,17 @@ def test_format_change(change: float, expected: str) -> None:
 
 def test_format_change_rounds_before_choosing_the_precision() -> None:
     assert format_change(0.9996) == "+100%"
+
+
+@pytest.mark.parametrize(
+    ("value", "factor", "expected"),
+    [
+        (0.0341, 1e-3, "34.1"),
+        (99999.0, 1.0, "1.00e5"),  # rounds to three digits first
+        (2.0, 1e-9, "2.00e9"),  # an outlier in a table scaled for nanoseconds stays short
+        (-3.5e7, 1.0, "-3.50e7"),
+        (math.inf, 1.0, "inf"),
+    ],
+)
+def test_in_scale_keeps_huge_outliers_short(value: float, factor: float, expected: str) -> None:
+    assert in_scale(value, factor) == expected
