@@ -63,6 +63,9 @@ class Metric:
     """Per-step samples for metrics decided statistically (step time, throughput); empty otherwise."""
     tolerance: float | None = None
     """A tolerance recorded with the metric (``trainperf.record(..., tolerance=)``); None: the default."""
+    rounds: tuple[float, ...] = ()
+    """For a sampled metric in a baseline: the median of each measurement round (separate warm starts,
+    interleaved across cells) the baseline was written from; their spread is the cell's noise band."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
@@ -168,6 +171,14 @@ class MetricVerdict:
     """For timings: the confidence interval of the relative change."""
     p_value: float | None = None
     """For timings: the one-sided p-value of the test in the direction of a regression."""
+    noise: float | None = None
+    """For timings: the baseline's between-round spread, the standard deviation of the log round
+    medians (None when the baseline has fewer than two rounds)."""
+    detectable: float | None = None
+    """For timings: the smallest relative slowdown this cell detects with 95% power given its noise."""
+    configured_tolerance: float | None = None
+    """For timings whose tolerance the noise band widened: the tolerance configured (``tolerance`` is
+    the one applied)."""
 
     def describe(self) -> str:
         """One line for a failure message: metric, baseline, now, change, tolerance, interval."""

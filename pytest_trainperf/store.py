@@ -16,7 +16,9 @@ Layout of ``baselines/<test file path>.json`` (``baselines/examples/test_lm.json
                 "kind": "train", "steps": 20, "warmup": 3,
                 "loss_curve": [...],
                 "metrics": {"step_time": {"value": ..., "unit": "s", "direction": "lower",
-                                          "samples": [...]}, ...}}}}}}}
+                                          "samples": [...], "rounds": [...]}, ...}}}}}}}
+
+``rounds`` (optional) holds the median of each measurement round of an update: the noise band.
 
 Keys are sorted and number lists sit on one line, so a review diff shows one line per changed curve.
 A file that cannot be parsed, is not ours, or has a newer schema raises :class:`BaselineError` and is
@@ -109,6 +111,9 @@ def _parse_metric(path: Path, where: str, name: str, raw: object) -> Metric:
     samples = raw.get("samples", [])
     _expect(isinstance(samples, list) and all(_number(s) for s in samples), path,
             f"{where}.samples", "a list of numbers", samples)
+    rounds = raw.get("rounds", [])
+    _expect(isinstance(rounds, list) and all(_number(r) for r in rounds), path,
+            f"{where}.rounds", "a list of numbers", rounds)
     direction = raw.get("direction", "lower")
     valid = [d.value for d in Direction]
     _expect(direction in valid, path, f"{where}.direction", f"one of {valid}", direction)
@@ -121,7 +126,7 @@ def _parse_metric(path: Path, where: str, name: str, raw: object) -> Metric:
     _expect(isinstance(unit, str), path, f"{where}.unit", "a string", unit)
     assert isinstance(value, (int, float))
     return Metric(name=name, value=float(value), unit=unit, direction=Direction(direction),
-                  samples=tuple(float(s) for s in samples),
+                  samples=tuple(float(s) for s in samples), rounds=tuple(float(r) for r in rounds),
                   tolerance=None if tolerance is None else float(tolerance))
 
 
@@ -213,6 +218,8 @@ def _metric_json(metric: Metric) -> dict[str, Any]:
                            "direction": metric.direction.value}
     if metric.samples:
         out["samples"] = list(metric.samples)
+    if metric.rounds:
+        out["rounds"] = list(metric.rounds)
     if metric.tolerance is not None:
         out["tolerance"] = INFINITE if math.isinf(metric.tolerance) else metric.tolerance
     return out
