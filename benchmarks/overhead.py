@@ -62,7 +62,7 @@ def measured(step: object, n: int, device: torch.device) -> tuple[float, float]:
     """Wall seconds of one timed block (its garbage collection and one warm-up step first, as in a cell),
     and the sum of its samples."""
     start = time.perf_counter_ns()
-    samples, _ = time_steps(step, n, device, keep=lambda out: out.detach(), warmup=1)  # type: ignore[arg-type,union-attr]
+    samples = time_steps(step, n, device, keep=lambda out: out.detach(), warmup=1, settle=False).samples  # type: ignore[arg-type,union-attr]
     return (time.perf_counter_ns() - start) / 1e9, sum(samples)
 
 

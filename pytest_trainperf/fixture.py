@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import statistics
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -83,8 +84,10 @@ class TrainPerf:
     step once, check what it returns, and measure nothing.
     """
 
-    def __init__(self, cell: Cell, settings: Settings, malloc: str = "") -> None:
+    def __init__(self, cell: Cell, settings: Settings, malloc: str = "", timing_only: bool = False) -> None:
         self._cell = cell
+        self._timing_only = timing_only
+        self._started = time.perf_counter()
         self._settings = settings
         self._malloc = malloc
         self._device: torch.device | None = None
@@ -100,6 +103,7 @@ class TrainPerf:
         note the tensors already alive, which this cell's peak memory leaves out."""
         from pytest_trainperf.measure.memory import Preexisting
 
+        self._started = time.perf_counter()
         self._preexisting = Preexisting(self.device)
 
     # ------------------------------------------------------------------ what the test sees
@@ -194,6 +198,21 @@ class TrainPerf:
         """The cell this fixture serves."""
         return self._cell
 
+    @property
+    def timing_only(self) -> bool:
+        """True in a noise round of an update: only the timed steps run (no FLOP or memory step)."""
+        return self._timing_only
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since this cell's measurement began."""
+        return time.perf_counter() - self._started
+
+    @property
+    def deadline(self) -> float:
+        """The ``time.perf_counter()`` past which adaptive measurement stops (``--trainperf-max-time``)."""
+        return self._started + self._settings.max_time
+
     def result(self) -> Measurement | None:
         """Everything measured and recorded in this cell; None if nothing was."""
         if self._measured is None and not self._recorded:
@@ -277,32 +296,36 @@ class TrainPerf:
         device = self.device
         keep: Callable[[object], object] | None = self._loss if kind == "train" else None
         kept: list[object] = []
+        flops = peak = None
         threads = self._threads = self._settings.threads or default_threads()
         with fixed_threads(threads):
             # instrumented steps first, so that the warm-up runs right before the timed steps
-            out, flops = count_flops(fn)
-            if keep is not None:
-                kept.append(keep(out))
-            del out
-            out, peak = measure_peak(fn, device, self._preexisting)
-            if keep is not None:
-                kept.append(keep(out))
-            del out
-            samples, timed = time_steps(fn, count, device, keep, warmup)
-        curve = self._check_losses(kept + timed, f"trainperf.{kind}") if keep is not None else []
-        metrics = timing_metrics(samples, items)
+            if not self._timing_only:
+                out, flops = count_flops(fn)
+                if keep is not None:
+                    kept.append(keep(out))
+                del out
+                out, peak = measure_peak(fn, device, self._preexisting)
+                if keep is not None:
+                    kept.append(keep(out))
+                del out
+            timed = time_steps(fn, count, device, keep, warmup)
+        curve = self._check_losses(kept + timed.kept, f"trainperf.{kind}") if keep is not None else []
+        metrics = timing_metrics(timed.samples, items)
 
         def retime() -> list[Metric]:
             with fixed_threads(threads):
-                again, _ = time_steps(fn, count, device, warmup=CONFIRM_WARMUP)
-            return timing_metrics(again, items)
+                again = time_steps(fn, count, device, warmup=CONFIRM_WARMUP)
+            return timing_metrics(again.samples, items)
 
         self._retime = retime
-        metrics.append(Metric("peak_memory", float(peak.peak_bytes), "B"))
-        if peak.reserved_bytes is not None:
-            metrics.append(Metric("reserved_memory", float(peak.reserved_bytes), "B"))
-        metrics.append(Metric("flops", float(flops), "FLOP"))
-        if curve:
+        if peak is not None:
+            metrics.append(Metric("peak_memory", float(peak.peak_bytes), "B"))
+            if peak.reserved_bytes is not None:
+                metrics.append(Metric("reserved_memory", float(peak.reserved_bytes), "B"))
+        if flops is not None:
+            metrics.append(Metric("flops", float(flops), "FLOP"))
+        if curve and not self._timing_only:
             metrics.append(Metric("loss", curve[-1], "", Direction.EXACT))
         self._measured = Measurement(
             test=self._cell.test, cell=self._cell.cell, params=self._cell.params,

@@ -7,8 +7,9 @@ registered under :data:`PLUGIN_NAME`. torch is never imported here.
 from __future__ import annotations
 
 import io
-from collections.abc import Generator, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,11 @@ def _test_name(item: pytest.Item) -> str:
     return "::".join(parts)
 
 
+def _grid_key(nodeid: str) -> str:
+    """The cells of one grid share their node id up to the parameter brackets."""
+    return nodeid.split("[", 1)[0]
+
+
 def _relative(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()
@@ -100,7 +106,8 @@ def cell_of(item: pytest.Item, rootpath: Path) -> Cell:
 def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
     """Measure this cell: ``trainperf.train(step, steps=...)``, ``.run(fn, iters=...)``, ``.record(...)``."""
     session = request.config.stash[SESSION_KEY]
-    fixture = TrainPerf(cell_of(request.node, request.config.rootpath), session.settings, session.malloc)
+    fixture = TrainPerf(cell_of(request.node, request.config.rootpath), session.settings, session.malloc,
+                        timing_only=session.round > 1)
     request.node.stash[FIXTURE_KEY] = fixture
     if session.settings.enabled:
         session.baseline_file(fixture.cell)  # an unusable file fails the cell now, before it trains
@@ -120,6 +127,12 @@ class TrainPerfSession:
         self.write_errors: list[str] = []
         self._files: dict[Path, store.BaselineFile | store.BaselineError] = {}
         self._pending: dict[Path, list[tuple[Fingerprint, CellResult]]] = {}
+        self.round = 1
+        """The measurement round running: 1, then 2.. ``--trainperf-rounds`` in an update's noise rounds."""
+        self._extra_rounds: dict[str, list[Measurement]] = {}
+        self._cell_seconds: dict[str, float] = {}
+        self._grid_sizes: dict[str, int] = {}
+        self._grid_p: dict[str, dict[str, list[float]]] = {}
 
     # ------------------------------------------------------------------ collection
 
@@ -138,7 +151,44 @@ class TrainPerfSession:
                         f"arguments ({args})", pytrace=False)
         metafunc.parametrize(list(grid.names), grid.cells(), ids=grid.ids())
 
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self._grid_sizes.clear()
+        for item in session.items:
+            key = _grid_key(item.nodeid)
+            self._grid_sizes[key] = self._grid_sizes.get(key, 0) + 1
+
     # ------------------------------------------------------------------ running
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> Generator[None, object, object]:
+        result = yield
+        if self.settings.update and self.settings.rounds > 1 and not (session.shouldfail or session.shouldstop):
+            self._noise_rounds(session)
+        return result
+
+    def _noise_rounds(self, session: pytest.Session) -> None:
+        """Run rounds 2.. ``--trainperf-rounds`` of every cell measured in round 1, one cell after the
+        other in each round (so a slow spell of the machine hits many cells, not all rounds of one),
+        each a separate warm start of the test, timing only; reports are not logged."""
+        from _pytest.runner import runtestprotocol
+
+        measured = {r.cell.nodeid for entries in self._pending.values() for _, r in entries}
+        items = [item for item in session.items if item.nodeid in measured]
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        for number in range(2, self.settings.rounds + 1):
+            self.round = number
+            due = [item for item in items if self._cell_seconds.get(item.nodeid, 0.0) < self.settings.max_time]
+            if not due:
+                break
+            if reporter is not None:
+                reporter.write_line(f"trainperf: noise round {self.round} of {self.settings.rounds} "
+                                    f"({len(due)} cell{'s' * (len(due) != 1)})")
+            for i, item in enumerate(due):
+                started = time.perf_counter()
+                runtestprotocol(item, log=False, nextitem=due[i + 1] if i + 1 < len(due) else None)
+                self._cell_seconds[item.nodeid] = (self._cell_seconds.get(item.nodeid, 0.0)
+                                                   + time.perf_counter() - started)
+        self.round = 1
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
@@ -146,8 +196,11 @@ class TrainPerfSession:
         fixture = item.stash.get(FIXTURE_KEY, None)
         if fixture is not None and self.settings.enabled:
             measurement = fixture.result()
-            if measurement is not None:
+            if measurement is not None and fixture.timing_only:
+                self._extra_rounds.setdefault(item.nodeid, []).append(measurement)
+            elif measurement is not None:
                 self._conclude(item, fixture, measurement)
+                self._cell_seconds[item.nodeid] = fixture.elapsed
         return result
 
     def _baselines(self, path: Path) -> store.BaselineFile:
@@ -183,10 +236,20 @@ class TrainPerfSession:
         baseline = baselines.lookup(fingerprint.key, cell.test, cell.cell)
         mark = item.get_closest_marker(TOLERANCE_MARK)
         overrides = mark.args[0] if mark is not None else {}
-        verdict = stats.judge(measurement, baseline, overrides)
-        rounds = 0
+        grid = _grid_key(item.nodeid)
+        known = self._grid_p.setdefault(grid, {})
+        total = self._grid_sizes.get(grid, 1)
+
+        def decide(now: Measurement) -> CellVerdict:
+            return stats.correct_for_grid(stats.judge(now, baseline, overrides), known, total)
+
+        verdict = decide(measurement)
+        rounds, unconfirmed = 0, False
         if not self.settings.update:
-            verdict, rounds = self._confirm(fixture, verdict, baseline, overrides)
+            verdict, rounds, unconfirmed = self._confirm(fixture, verdict, decide)
+        for m in verdict.metrics:
+            if m.name in stats.TIMING_METRICS and m.p_value is not None:
+                known.setdefault(m.name, []).append(m.p_value)
         elsewhere = () if baseline is not None else tuple(
             key for key, env in baselines.environments.items() if (cell.test, cell.cell) in env.cells)
         result = CellResult(cell=cell, verdict=verdict, fingerprint=fingerprint, elsewhere=elsewhere)
@@ -201,9 +264,13 @@ class TrainPerfSession:
                      f"{cell.nodeid} against its baseline in {shown}",
                      f"environment: {fingerprint.key}"]
             lines += [f"  {m.describe()}" for m in verdict.regressions]
-            if rounds and any(m.name in stats.TIMING_METRICS for m in verdict.regressions):
+            timing = any(m.name in stats.TIMING_METRICS for m in verdict.regressions)
+            if rounds and timing:
                 lines.append(f"  (timings confirmed by {rounds} re-measurement{'s' * (rounds > 1)}; "
                              "figures from the last)")
+            if unconfirmed and timing:
+                lines.append(f"  (not re-measured to confirm: the cell used its --trainperf-max-time of "
+                             f"{self.settings.max_time:g} s)")
             lines.append(f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
             pytest.fail("\n".join(lines), pytrace=False)
         if baseline is None and self.settings.strict:
@@ -211,19 +278,24 @@ class TrainPerfSession:
                         f"(--trainperf-strict)\nenvironment: {fingerprint.key}\n"
                         f"Create it with `{UPDATE_HINT}`.", pytrace=False)
 
-    def _confirm(self, fixture: TrainPerf, verdict: CellVerdict, baseline: Measurement | None,
-                 overrides: Mapping[str, float]) -> tuple[CellVerdict, int]:
+    def _confirm(self, fixture: TrainPerf, verdict: CellVerdict,
+                 decide: Callable[[Measurement], CellVerdict]) -> tuple[CellVerdict, int, bool]:
         """Re-time a cell whose timings regressed, up to ``--trainperf-confirm`` times, until one
-        re-measurement does not regress; return the last verdict and the re-measurements made."""
+        re-measurement does not regress, within the cell's ``--trainperf-max-time``. Returns the last
+        verdict, the re-measurements made, and whether one was due but skipped for lack of time."""
         rounds = 0
         while rounds < self.settings.confirm and any(m.name in stats.TIMING_METRICS
                                                      for m in verdict.regressions):
+            step_time = verdict.measurement.metric("step_time")
+            expected = sum(step_time.samples) if step_time is not None else 0.0
+            if time.perf_counter() + expected > fixture.deadline:
+                return verdict, rounds, True
             again = fixture.retime()
             if again is None:
                 break
             rounds += 1
-            verdict = stats.judge(again, baseline, overrides)
-        return verdict, rounds
+            verdict = decide(again)
+        return verdict, rounds, False
 
     # ------------------------------------------------------------------ the end
 
@@ -232,6 +304,8 @@ class TrainPerfSession:
             by_env: dict[str, list[CellResult]] = {}
             fingerprints = {}
             for fingerprint, result in entries:
+                pooled = stats.pool_rounds(result.verdict.measurement, self._extra_rounds.get(result.cell.nodeid, []))
+                result = replace(result, verdict=replace(result.verdict, measurement=pooled))
                 by_env.setdefault(fingerprint.key, []).append(result)
                 fingerprints[fingerprint.key] = fingerprint
             shown = _relative(path, self.config.rootpath)

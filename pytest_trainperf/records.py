@@ -181,7 +181,8 @@ class MetricVerdict:
     the one applied)."""
 
     def describe(self) -> str:
-        """One line for a failure message: metric, baseline, now, change, tolerance, interval."""
+        """One line for a failure message: metric, baseline, now, change, tolerance, interval, and for
+        a timing the noise band and the smallest change the cell detects."""
         now = format_value(self.current, self.unit)
         if self.baseline is None:
             return f"{self.name}: {now} (new: no baseline)"
@@ -190,6 +191,8 @@ class MetricVerdict:
         if self.change is not None:
             text += f", change {format_change(self.change)}"
         text += f" (tolerance {self.tolerance:.1%}"
+        if self.configured_tolerance is not None and self.noise is not None:
+            text += f", widened from {self.configured_tolerance:.1%} by the baseline's noise band ±{self.noise:.1%}"
         if self.direction is Direction.EXACT:
             text += " either way"
         if self.interval is not None:
@@ -197,6 +200,8 @@ class MetricVerdict:
             text += f"; 95% CI {format_change(lo)} to {format_change(hi)}"
         if self.p_value is not None:
             text += f"; p={self.p_value:.2g}"
+        if self.detectable is not None and math.isfinite(self.detectable):
+            text += f"; detects {format_change(self.detectable)} or more at 95% power"
         return text + ")"
 
 

@@ -9,6 +9,7 @@ form and the value received.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ MALLOC_MODES = ("fixed", "system")
 """What ``--trainperf-malloc`` accepts."""
 DEFAULT_CONFIRM = 1
 """Re-measurements of a timing regression before it fails the cell."""
+DEFAULT_ROUNDS = 5
+"""Measurement rounds of an update: their spread is the noise band stored with the baseline."""
+DEFAULT_MAX_TIME = 60.0
+"""Seconds of adaptive measurement (confirmation, noise rounds) allowed per cell."""
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 """The devices ``--trainperf-device`` accepts."""
 METRIC_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -70,6 +75,28 @@ def parse_confirm(value: str) -> int:
     return count
 
 
+def parse_rounds(value: str) -> int:
+    """A positive integer number of measurement rounds."""
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (1: no noise band), got {value!r}")
+    return count
+
+
+def parse_seconds(value: str) -> float:
+    """A positive number of seconds."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return seconds
+
+
 def parse_malloc(value: str) -> str:
     """``fixed`` (glibc thresholds fixed for the session) or ``system`` (left alone)."""
     text = value.strip()
@@ -113,6 +140,12 @@ OPTIONS = (
             f"(default: {','.join(DEFAULT_SHOW)})", parse_metrics, metavar="METRICS"),
     _Option("--trainperf-confirm", "re-time a cell whose step time regressed N more times; it fails only if "
             f"every re-measurement regresses too (default: {DEFAULT_CONFIRM}; 0: off)", parse_confirm, metavar="N"),
+    _Option("--trainperf-rounds", "measurement rounds per cell of an update (separate warm starts, interleaved "
+            f"across cells); their spread is the noise band stored with the baseline (default: {DEFAULT_ROUNDS})",
+            parse_rounds, metavar="N"),
+    _Option("--trainperf-max-time", "seconds per cell that adaptive measurement (confirmation re-measurements, "
+            f"noise rounds of an update) may take (default: {DEFAULT_MAX_TIME:g})", parse_seconds,
+            metavar="SECONDS"),
     _Option("--trainperf-malloc", "fixed: fix glibc malloc's thresholds for the session, so CPU step times "
             "do not drift with the process's allocation history (default); system: leave malloc alone",
             parse_malloc, metavar="MODE"),
@@ -156,6 +189,10 @@ class Settings:
     """Re-measurements that must all regress too before a timing regression fails the cell."""
     malloc: str = MALLOC_MODES[0]
     """``fixed`` or ``system`` (see :mod:`pytest_trainperf.measure.host`)."""
+    rounds: int = DEFAULT_ROUNDS
+    """Measurement rounds per cell of an update (the noise band)."""
+    max_time: float = DEFAULT_MAX_TIME
+    """Seconds of adaptive measurement allowed per cell."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -197,4 +234,6 @@ def resolve(config: pytest.Config) -> Settings:
         threads=values["trainperf_threads"],
         confirm=DEFAULT_CONFIRM if values["trainperf_confirm"] is None else values["trainperf_confirm"],
         malloc=values["trainperf_malloc"] or MALLOC_MODES[0],
+        rounds=values["trainperf_rounds"] or DEFAULT_ROUNDS,
+        max_time=values["trainperf_max_time"] or DEFAULT_MAX_TIME,
     )

@@ -13,12 +13,25 @@ value against one value with a relative tolerance. Timings compare samples again
   samples rejects "not slower" at p < :data:`ALPHA` (a shifted null: a cell that is only noisily
   around the tolerance does not fail), and the estimated slowdown exceeds the tolerance. Improvements
   mirror this beyond ``1 / (1 + tolerance)`` (see :func:`ratio_bounds`).
+
+Noise between processes and warm starts is what a within-run test cannot see: a run's samples are
+tight while the next run sits elsewhere. A baseline written by ``--trainperf-update-baselines``
+therefore keeps the median of each of several measurement rounds (separate warm starts, interleaved
+across the cells); their spread, the standard deviation ``s`` of the log round medians, is the
+cell's **noise band**. At compare time:
+
+* the tolerance applied is ``max(tolerance, exp(NOISE_FACTOR * s) - 1)`` (:func:`effective_tolerance`);
+* the **smallest detectable change** (:func:`detectable_change`) is the slowdown caught with
+  :data:`POWER` probability, given the within-run uncertainty of the estimate and the band;
+* across the cells of a grid the p-values are corrected by Benjamini-Hochberg
+  (:func:`grid_reject`), so a grid of 36 cells does not get 36 chances of a false alarm.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 from scipy import stats as sps
@@ -54,6 +67,12 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
 unless a test gives it a tolerance); a recorded metric without one gets :data:`RECORD_TOLERANCE`."""
 RECORD_TOLERANCE = 0.01
 """Default relative tolerance of a metric recorded with ``trainperf.record``."""
+NOISE_FACTOR = 3.0
+"""How many band widths (standard deviations of the log round medians) a timing may move before it
+counts as a change: a new process whose median is a normal draw from the band passes 99.9% of the
+time; the rest is left to the within-run test, the grid correction and confirmation."""
+POWER = 0.95
+"""The detection probability at which :func:`detectable_change` is stated."""
 TIMING_METRICS = ("step_time", "throughput")
 """Metrics decided on samples, which a re-measurement may confirm or clear."""
 BUILTIN_METRICS = tuple(DEFAULT_TOLERANCES)
@@ -122,6 +141,63 @@ def hodges_lehmann_ratio(current: Sequence[float], baseline: Sequence[float],
     return math.exp(estimate), math.exp(low), math.exp(high)
 
 
+def noise_band(rounds: Sequence[float]) -> float | None:
+    """The standard deviation of the log round medians (None with fewer than two positive rounds)."""
+    logs = [math.log(r) for r in rounds if r > 0]
+    if len(logs) < 2:
+        return None
+    return float(np.std(logs, ddof=1))
+
+
+def effective_tolerance(tolerance: float, noise: float | None, direction: Direction = Direction.LOWER_IS_BETTER,
+                        factor: float = NOISE_FACTOR) -> float:
+    """The tolerance a timing is judged by: the configured one, widened to ``factor`` band widths when
+    the baseline's noise band is wider: ``exp(factor * noise) - 1`` for a time, the same ratio the
+    other way, ``1 - exp(-factor * noise)``, for a rate (so step time and throughput still agree)."""
+    if noise is None or not math.isfinite(tolerance):
+        return tolerance
+    if direction is Direction.HIGHER_IS_BETTER:
+        return max(tolerance, -math.expm1(-factor * noise))
+    return max(tolerance, math.expm1(factor * noise))
+
+
+def detectable_change(tolerance: float, within: float, noise: float | None, rounds: int,
+                      alpha: float = ALPHA, power: float = POWER) -> float:
+    """The smallest relative slowdown caught with probability ``power``.
+
+    ``within`` is the standard error of the log ratio estimated from the samples of this run (from
+    the width of its interval), ``noise`` the baseline's band over ``rounds`` rounds. A new run's log
+    ratio is modelled as normal around the true one, with variance ``within**2`` plus the band's
+    ``noise**2 * (1 + 1/rounds)`` (a new process draws its own offset; the baseline median averages
+    ``rounds`` of them). It is caught when it lies beyond ``log(1 + tolerance)`` by the one-sided
+    test's margin ``z(1 - alpha) * within``, so the true log slowdown must be
+    ``log(1 + tolerance) + z(1 - alpha) * within + z(power) * sqrt(within**2 + band**2)``, with
+    Student's t for ``rounds - 1`` degrees of freedom in place of the normal ``z(power)`` when there is
+    a band (it is estimated from few rounds).
+    """
+    band = (noise or 0.0) ** 2 * (1 + 1 / max(rounds, 1))
+    z_alpha = float(sps.norm.ppf(1 - alpha))
+    # the band is estimated from a few rounds: Student's t with rounds - 1 degrees of freedom
+    z_power = float(sps.t.ppf(power, rounds - 1) if band > 0 and rounds > 1 else sps.norm.ppf(power))
+    log_change = math.log1p(tolerance) + z_alpha * within + z_power * math.sqrt(within ** 2 + band)
+    return math.expm1(log_change)
+
+
+def grid_reject(p_values: Sequence[float], total: int, alpha: float = ALPHA) -> list[bool]:
+    """Benjamini-Hochberg at false discovery rate ``alpha`` over a grid of ``total`` cells of which
+    ``p_values`` are known so far; the cells not yet measured count as p = 1.
+
+    Counting the unknown cells as 1 can only shrink the rejections (the procedure is monotone in
+    every p-value), so a cell rejected now stays rejected whatever the rest of the grid brings; with
+    every cell known this is plain Benjamini-Hochberg.
+    """
+    if not p_values:
+        return []
+    padded = list(p_values) + [1.0] * max(total - len(p_values), 0)
+    adjusted = sps.false_discovery_control(np.asarray(padded, dtype=float), method="bh")
+    return [bool(q < alpha) for q in adjusted[:len(p_values)]]
+
+
 def _p_beyond(current: Sequence[float], baseline: Sequence[float], factor: float, alternative: str) -> float:
     """One-sided Mann-Whitney p-value that ``current / factor`` is still greater (or less) than
     ``baseline``: that the ratio lies beyond ``factor``. 1 when no ratio can (factor <= 0 or inf)."""
@@ -132,16 +208,21 @@ def _p_beyond(current: Sequence[float], baseline: Sequence[float], factor: float
 
 
 def compare_samples(metric: Metric, baseline: Sequence[float], tolerance: float,
-                    alpha: float = ALPHA) -> MetricVerdict:
-    """Compare sampled timings with baseline samples (see the module docstring)."""
+                    alpha: float = ALPHA, rounds: Sequence[float] = ()) -> MetricVerdict:
+    """Compare sampled timings with baseline samples (see the module docstring); ``rounds`` are the
+    baseline's round medians, whose spread widens the tolerance."""
     current = metric.samples
     m, n = len(current), len(baseline)
     too_few = m < MIN_SAMPLES or n < MIN_SAMPLES or 1 / math.comb(m + n, m) >= alpha
+    noise = noise_band(rounds)
+    applied = effective_tolerance(tolerance, noise, metric.direction)
+    configured = tolerance if applied != tolerance else None
     if too_few or min(*current, *baseline) <= 0:
-        return compare_exact(metric, float(np.median(baseline)), tolerance)
+        return replace(compare_exact(metric, float(np.median(baseline)), applied), noise=noise,
+                       configured_tolerance=configured)
     ratio, low, high = hodges_lehmann_ratio(current, baseline)
     # "beyond tolerance" is the alternative of each test, not only the point estimate
-    worse, better = ratio_bounds(tolerance, metric.direction)
+    worse, better = ratio_bounds(applied, metric.direction)
     if metric.direction is Direction.HIGHER_IS_BETTER:
         p_worse = _p_beyond(current, baseline, worse, "less")
         p_better = _p_beyond(current, baseline, better, "greater")
@@ -149,19 +230,26 @@ def compare_samples(metric: Metric, baseline: Sequence[float], tolerance: float,
         p_worse = _p_beyond(current, baseline, worse, "greater")
         p_better = _p_beyond(current, baseline, better, "less")
     change = ratio - 1.0
-    status = _classify(change, tolerance, metric.direction,
+    status = _classify(change, applied, metric.direction,
                        significant_worse=p_worse < alpha, significant_better=p_better < alpha)
+    within = math.log(high / low) / (2 * float(sps.norm.ppf(0.5 + CONFIDENCE / 2)))
+    higher = metric.direction is Direction.HIGHER_IS_BETTER
+    slower = (1 / worse if worse > 0 else math.inf) if higher else worse  # as a time ratio
+    slowdown = detectable_change(slower - 1, within, noise, len(rounds), alpha)
     return MetricVerdict(
         name=metric.name,
         status=status,
         current=metric.value,
         baseline=float(np.median(baseline)),
-        tolerance=tolerance,
+        tolerance=applied,
         unit=metric.unit,
         direction=metric.direction,
         change=change,
         interval=(low - 1.0, high - 1.0),
         p_value=p_worse,
+        noise=noise,
+        detectable=1 / (1 + slowdown) - 1 if higher else slowdown,
+        configured_tolerance=configured,
     )
 
 
@@ -196,8 +284,39 @@ def judge(current: Measurement, baseline: Measurement | None,
                 tolerance=tolerance, unit=metric.unit, direction=metric.direction,
             ))
         elif metric.sampled and base.sampled:
-            verdicts.append(compare_samples(metric, base.samples, tolerance))
+            verdicts.append(compare_samples(metric, base.samples, tolerance, rounds=base.rounds))
         else:
             verdicts.append(compare_exact(metric, base.value, tolerance))
     missing = () if baseline is None else tuple(n for n in baseline.names if current.metric(n) is None)
     return CellVerdict(measurement=current, metrics=tuple(verdicts), missing=missing)
+
+
+def correct_for_grid(verdict: CellVerdict, known: Mapping[str, Sequence[float]], total: int,
+                     alpha: float = ALPHA) -> CellVerdict:
+    """``verdict`` with each timing regression kept only if it survives :func:`grid_reject` among the
+    p-values ``known`` so far for that metric in the same grid of ``total`` cells (a regression that
+    does not survive becomes unchanged)."""
+    metrics = []
+    for m in verdict.metrics:
+        if m.status is Status.REGRESSED and m.name in TIMING_METRICS and m.p_value is not None:
+            if not grid_reject([*known.get(m.name, ()), m.p_value], total, alpha)[-1]:
+                m = replace(m, status=Status.UNCHANGED)
+        metrics.append(m)
+    return replace(verdict, metrics=tuple(metrics))
+
+
+def pool_rounds(first: Measurement, others: Sequence[Measurement]) -> Measurement:
+    """``first`` with the samples of every sampled metric pooled with those of the other measurement
+    rounds of the same cell, its value the median of the pool, and the median of each round kept as
+    the noise band (``Metric.rounds``). Other metrics stay as first measured."""
+    if not others:
+        return first
+    metrics = []
+    for metric in first.metrics:
+        extra = [m for m in (o.metric(metric.name) for o in others) if m is not None and m.sampled]
+        if metric.sampled and extra:
+            pooled = metric.samples + tuple(s for m in extra for s in m.samples)
+            medians = tuple(float(np.median(m.samples)) for m in (metric, *extra))
+            metric = replace(metric, value=float(np.median(pooled)), samples=pooled, rounds=medians)
+        metrics.append(metric)
+    return replace(first, metrics=tuple(metrics))

@@ -23,11 +23,18 @@ from pytest_trainperf.records import (
 from pytest_trainperf.stats import (
     ALPHA,
     DEFAULT_TOLERANCES,
+    NOISE_FACTOR,
     RECORD_TOLERANCE,
     compare_exact,
     compare_samples,
+    correct_for_grid,
+    detectable_change,
+    effective_tolerance,
+    grid_reject,
     hodges_lehmann_ratio,
     judge,
+    noise_band,
+    pool_rounds,
 )
 
 FAST = settings(max_examples=60, deadline=None)
@@ -458,3 +465,139 @@ def test_step_time_and_throughput_always_agree(change: float) -> None:
     step, rate = verdict.metric("step_time"), verdict.metric("throughput")
     assert step is not None and rate is not None
     assert step.status is rate.status
+
+
+# --------------------------------------------------------------------------- the noise band
+
+
+def test_noise_band_is_the_spread_of_log_round_medians() -> None:
+    assert noise_band([]) is None
+    assert noise_band([0.02]) is None
+    rounds = [0.020, 0.022, 0.019, 0.021]
+    assert noise_band(rounds) == pytest.approx(statistics.stdev(math.log(r) for r in rounds))
+    assert noise_band([r * 1000 for r in rounds]) == pytest.approx(noise_band(rounds))
+
+
+@pytest.mark.parametrize(("tolerance", "noise", "expected"), [
+    (0.10, None, 0.10),
+    (0.10, 0.01, 0.10),  # 3 band widths = 3%: the configured 10% is wider
+    (0.10, 0.05, math.expm1(3 * 0.05)),  # 16.2%: the band is wider
+    (math.inf, 0.5, math.inf),
+])
+def test_effective_tolerance_is_the_wider_of_configured_and_band(tolerance: float, noise: float | None,
+                                                                  expected: float) -> None:
+    assert effective_tolerance(tolerance, noise) == pytest.approx(expected)
+
+
+@given(noise=st.floats(0.0, 1.0), step_tolerance=st.floats(0.0, 2.0))
+def test_band_widened_step_time_and_throughput_tolerances_still_agree(noise: float, step_tolerance: float) -> None:
+    step = effective_tolerance(step_tolerance, noise, Direction.LOWER_IS_BETTER)
+    rate = effective_tolerance(step_tolerance / (1 + step_tolerance), noise, Direction.HIGHER_IS_BETTER)
+    assert 1 + step == pytest.approx(1 / (1 - rate), rel=1e-9)
+
+
+def test_a_wide_band_keeps_a_slowdown_inside_it_from_regressing() -> None:
+    """A 25% slowdown with tight samples regresses against a quiet baseline, not against one whose
+    rounds moved by 8% (3 band widths ~ 28%); the verdict says the tolerance was widened."""
+    rng = np.random.default_rng(21)
+    baseline = lognormal(rng, 0.020, 0.01, 40)
+    current = tuple(v * 1.25 for v in lognormal(rng, 0.020, 0.01, 20))
+
+    quiet = compare_samples(timing(current), baseline, 0.10, rounds=(0.0200, 0.0201, 0.0199))
+    noisy = compare_samples(timing(current), baseline, 0.10, rounds=(0.018, 0.020, 0.022, 0.0205))
+
+    assert quiet.status is Status.REGRESSED and quiet.configured_tolerance is None
+    assert noisy.status is Status.UNCHANGED
+    assert noisy.configured_tolerance == 0.10 and noisy.tolerance > 0.25
+    assert noisy.noise is not None and noisy.detectable is not None and noisy.detectable > noisy.tolerance
+    assert "widened from 10.0% by the baseline's noise band" in noisy.describe()
+
+
+def test_detectable_change_grows_with_noise_and_starts_at_the_tolerance() -> None:
+    assert detectable_change(0.10, 0.0, None, 5) == pytest.approx(0.10)
+    small = detectable_change(0.10, 0.01, 0.01, 5)
+    large = detectable_change(0.10, 0.01, 0.05, 5)
+    assert 0.10 < small < large
+
+
+def _run_of(rng: np.random.Generator, median: float, within: float, between: float, n: int) -> tuple[float, ...]:
+    """One process's samples: its own offset from the band, then per-step noise around it."""
+    return lognormal(rng, median * math.exp(rng.normal(0.0, between)), within, n)
+
+
+def test_the_printed_detectable_change_is_caught_at_about_its_power_and_no_change_rarely_is() -> None:
+    """On simulated lognormal steps with between-process offsets (the noise model of the band): a
+    baseline of 5 rounds, then fresh processes. A slowdown of the detectable size each cell reports
+    is caught in at least 90% of runs (95% nominal), and an unchanged process regresses in at most 2%."""
+    rng = np.random.default_rng(7)
+    within, between, steps, rounds = 0.04, 0.04, 20, 5
+    caught, false_alarms, trials = 0, 0, 300
+    for _ in range(trials):
+        runs = [_run_of(rng, 0.03, within, between, steps) for _ in range(rounds)]
+        baseline = tuple(s for run in runs for s in run)
+        medians = tuple(statistics.median(run) for run in runs)
+        unchanged = compare_samples(timing(_run_of(rng, 0.03, within, between, steps)), baseline, 0.10,
+                                    rounds=medians)
+        false_alarms += unchanged.status is Status.REGRESSED
+        assert unchanged.detectable is not None
+        slower = tuple(v * (1 + unchanged.detectable) for v in _run_of(rng, 0.03, within, between, steps))
+        caught += compare_samples(timing(slower), baseline, 0.10, rounds=medians).status is Status.REGRESSED
+    assert caught / trials >= 0.90
+    assert false_alarms / trials <= 0.02
+
+
+# --------------------------------------------------------------------------- the grid correction
+
+
+@given(p=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40))
+def test_grid_reject_with_every_cell_known_is_benjamini_hochberg(p: list[float]) -> None:
+    from scipy import stats as sps
+
+    expected = [bool(q < ALPHA) for q in sps.false_discovery_control(np.asarray(p), method="bh")]
+    assert grid_reject(p, len(p)) == expected
+
+
+@given(p=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=30), known=st.integers(1, 30))
+def test_a_cell_rejected_early_stays_rejected_when_the_grid_completes(p: list[float], known: int) -> None:
+    known = min(known, len(p))
+    early = grid_reject(p[:known], len(p))
+    final = grid_reject(p, len(p))
+    assert all(f for e, f in zip(early, final, strict=False) if e)
+
+
+def _regressed(p: float) -> CellVerdict:
+    step = MetricVerdict(name="step_time", status=Status.REGRESSED, current=0.03, baseline=0.02,
+                         tolerance=0.10, unit="s", change=0.5, interval=(0.3, 0.7), p_value=p)
+    flops = MetricVerdict(name="flops", status=Status.REGRESSED, current=2.0, baseline=1.0, tolerance=0.001,
+                          unit="FLOP", direction=Direction.LOWER_IS_BETTER, change=1.0)
+    return CellVerdict(measurement=cell(), metrics=(step, flops))
+
+
+def test_a_borderline_timing_regression_in_a_large_grid_is_not_a_discovery() -> None:
+    """p = 0.01 is a regression alone, not as the first of 36 cells; p = 1e-6 is in either case.
+    Exact metrics are never corrected."""
+    alone = correct_for_grid(_regressed(0.01), {}, total=1)
+    in_grid = correct_for_grid(_regressed(0.01), {"step_time": [0.5, 0.7]}, total=36)
+    strong = correct_for_grid(_regressed(1e-6), {"step_time": [0.5, 0.7]}, total=36)
+
+    assert of(alone, "step_time").status is Status.REGRESSED
+    assert of(in_grid, "step_time").status is Status.UNCHANGED
+    assert of(in_grid, "flops").status is Status.REGRESSED
+    assert of(strong, "step_time").status is Status.REGRESSED
+
+
+def test_pool_rounds_pools_samples_and_keeps_round_medians() -> None:
+    first = cell(timing((1.0, 2.0, 3.0)), Metric("flops", 10.0, "FLOP"))
+    second = cell(timing((4.0, 5.0, 6.0)))
+    third = cell(timing((7.0, 8.0, 9.0)))
+
+    pooled = pool_rounds(first, [second, third])
+
+    step = pooled.metric("step_time")
+    assert step is not None
+    assert step.samples == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
+    assert step.rounds == (2.0, 5.0, 8.0)
+    assert step.value == 5.0
+    assert pooled.metric("flops") == Metric("flops", 10.0, "FLOP")
+    assert pool_rounds(first, []) is first
+    assert NOISE_FACTOR == 3.0

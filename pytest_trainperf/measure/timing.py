@@ -9,9 +9,11 @@ thread count is fixed for the whole measurement and restored afterwards.
 from __future__ import annotations
 
 import gc
+import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
@@ -21,7 +23,12 @@ T = TypeVar("T")
 
 NS_PER_S = 1e9
 """Nanoseconds per second."""
-
+SETTLE_WINDOW = 3
+"""Timed steps compared at a time to decide whether the step time has settled."""
+SETTLE_TOLERANCE = 0.05
+"""A leading window of timed steps more than this much slower than the steps after it is still warm-up."""
+SETTLE_MAX_SHARE = 0.5
+"""At most this share of the timed steps may be moved to the warm-up."""
 
 def default_threads() -> int:
     """Intra-op threads when the user sets none: torch's own count less one, at least one.
@@ -71,14 +78,43 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+@dataclass(frozen=True)
+class Timed:
+    """What :func:`time_steps` measured."""
+
+    samples: list[float]
+    """Seconds per timed call that counts: the calls after the step time settled."""
+    kept: list[object]
+    """What ``keep`` kept of every call, warm-up included, in order."""
+    warmup: int
+    """Calls that count as warm-up: the ones asked for, and leading timed calls before the step time settled."""
+
+
+def settled_from(samples: Sequence[float], window: int = SETTLE_WINDOW, tolerance: float = SETTLE_TOLERANCE,
+                 max_share: float = SETTLE_MAX_SHARE) -> int:
+    """How many leading samples are still warm-up: the smallest ``k`` such that the median of the
+    ``window`` samples from ``k`` is no more than ``tolerance`` slower than the median of the samples
+    after them, at most ``max_share`` of the samples (0 when there are too few to tell)."""
+    cap = int(len(samples) * max_share)
+    for k in range(cap + 1):
+        head, rest = samples[k:k + window], samples[k + window:]
+        if len(rest) < window:  # too few left to tell: as far as the samples allow
+            return k
+        if statistics.median(head) <= (1 + tolerance) * statistics.median(rest):
+            return k
+    return cap
+
+
 def time_steps(fn: Callable[[], T], count: int, device: torch.device,
-               keep: Callable[[T], object] | None = None, warmup: int = 0) -> tuple[list[float], list[object]]:
+               keep: Callable[[T], object] | None = None, warmup: int = 0, settle: bool = True) -> Timed:
     """Call ``fn`` ``warmup`` times untimed, then ``count`` times timing each call.
 
-    Returns seconds per timed call and what ``keep`` kept of every call, warm-up included. The
-    garbage collector runs once before the warm-up (whose steps bring the caches back after it) and is
-    off until the last timed call. ``keep`` turns each result into what is kept (e.g. a detached
-    loss); None keeps nothing, so results die before the next call starts.
+    With ``settle`` (and ``warmup`` >= 1), leading timed calls whose time had not settled yet
+    (:func:`settled_from`) count as warm-up and are dropped from the samples: the warm-up lasts until
+    the step time settles, and the number of calls, so the state a training run ends in, stays fixed.
+    The garbage collector runs once before the warm-up (whose steps bring the caches back after it)
+    and is off until the last timed call. ``keep`` turns each result into what is kept (e.g. a
+    detached loss); None keeps nothing, so results die before the next call starts.
     """
     sync = synchronizer(device)
     clock = time.perf_counter_ns
@@ -99,4 +135,6 @@ def time_steps(fn: Callable[[], T], count: int, device: torch.device,
             if keep is not None:
                 kept.append(keep(result))
             del result
-    return [s / NS_PER_S for s in samples], kept
+    seconds = [s / NS_PER_S for s in samples]
+    skip = settled_from(seconds) if settle and warmup > 0 else 0
+    return Timed(samples=seconds[skip:], kept=kept, warmup=warmup + skip)

@@ -12,6 +12,7 @@ Everything is printed through rich renderables with styles, never markup or ANSI
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -66,10 +67,12 @@ class _Glyphs:
     """A grid cell with no verdict (not run, failed, deselected)."""
     sep: str
     """Between the parts of a table title."""
+    at_least: str
+    """Before the smallest detectable change."""
 
 
-_UNICODE = _Glyphs(missing="—", sep=" · ")
-_ASCII = _Glyphs(missing="-", sep=" | ")
+_UNICODE = _Glyphs(missing="—", sep=" · ", at_least="≥")
+_ASCII = _Glyphs(missing="-", sep=" | ", at_least=">=")
 
 
 def _glyphs(console: Console) -> _Glyphs:
@@ -154,9 +157,35 @@ def _change(verdict: MetricVerdict) -> tuple[str, str]:
     return format_change(change), MARKERS[verdict.status]
 
 
+def _percent_out(change: float, up: bool) -> str:
+    """A bound of an interval in whole percent, rounded away from the estimate (so the printed
+    interval never claims more than the computed one)."""
+    pct = math.ceil(change * 100) if up else math.floor(change * 100)
+    pct = max(min(pct, 999), -999)
+    return f"{pct:+d}"
+
+
+def interval_text(verdict: MetricVerdict) -> str:
+    """The interval of a timing change in whole percent, ``[-1,+7]``; empty without one."""
+    if verdict.interval is None or verdict.status is Status.NEW:
+        return ""
+    low, high = verdict.interval
+    return f"[{_percent_out(low, up=False)},{_percent_out(high, up=True)}]"
+
+
+def detectable_text(verdict: MetricVerdict, at_least: str = "≥") -> str:
+    """The smallest change the cell detects, ``≥+12%`` for a time (``≤-11%`` for a rate); empty without one."""
+    if verdict.detectable is None or verdict.status is Status.NEW or not math.isfinite(verdict.detectable):
+        return ""
+    if verdict.detectable >= 0:
+        return f"{at_least}+{min(math.ceil(verdict.detectable * 100), 999)}%"
+    at_most = "≤" if at_least == "≥" else "<="
+    return f"{at_most}-{min(math.ceil(-verdict.detectable * 100), 999)}%"
+
+
 def _cell(verdict: CellVerdict | None, metric: str, *, stacked: bool, glyphs: _Glyphs, factor: float) -> Text:
     """A cell's text: the value in the table's unit, then the change and marker (on a third line when
-    ``stacked``)."""
+    ``stacked``), then for a timing its interval and the smallest change it detects."""
     if verdict is None:
         return Text(glyphs.missing, style=ABSENT_STYLE)
     found = verdict.metric(metric)
@@ -166,6 +195,7 @@ def _cell(verdict: CellVerdict | None, metric: str, *, stacked: bool, glyphs: _G
     parts = [change, marker] if change and marker else [change or marker]
     lines = [in_scale(found.current, factor)]
     lines += parts if stacked else [" ".join(parts)]
+    lines += [text for text in (interval_text(found), detectable_text(found, glyphs.at_least)) if text]
     return Text("\n".join(lines), style=STATUS_STYLES[found.status])
 
 
@@ -220,6 +250,10 @@ def _table(
 def _fits(console: Console, table: Table) -> bool:
     options = console.options.update_width(_MEASURE_WIDTH)
     return RenderWidth.get(console, options, table).maximum <= console.width
+
+
+def _timing_legend(glyphs: _Glyphs) -> Text:
+    return Text(f"[lo,hi] 95% interval of the change, {glyphs.at_least}+x% smallest slowdown detected (95% power)")
 
 
 def _legend(glyphs: _Glyphs) -> Text:
@@ -284,6 +318,9 @@ def render_heatmaps(
             console.print(table)
     console.print()
     console.print(_legend(glyphs))
+    shown = [m for c in cells for m in c.metrics if m.name in metrics]
+    if any(interval_text(m) or detectable_text(m) for m in shown):
+        console.print(_timing_legend(glyphs))
 
 
 def _update_change(change: BaselineChange) -> str:

@@ -1,0 +1,50 @@
+"""Per-step timing: warm-up until the step time settles, with the number of calls fixed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from pytest_trainperf.measure.timing import SETTLE_MAX_SHARE, settled_from, time_steps
+
+
+@pytest.mark.parametrize(("samples", "expected"), [
+    ([5.0] * 10, 0),  # flat: nothing to drop
+    ([9.0, 8.0, 7.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0], 2),  # getting faster: until the window's median settles
+    ([9.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0], 0),  # one slow step in a window of 3 is not a trend
+    ([5.0, 5.1, 4.9, 5.2, 5.0, 4.8, 5.1, 5.0], 0),  # noise within 5%
+    ([20.0, 19.0, 18.0, 17.0, 16.0, 15.0, 14.0, 13.0, 12.0, 11.0], 5),  # never settles: capped at half
+    ([30.0, 20.0, 19.0, 18.0, 17.0, 16.0, 15.0, 14.0, 13.0], 4),  # cap of 4 (half of 9)
+    ([9.0, 5.0, 5.0, 5.0, 5.0], 0),  # too few to tell
+])
+def test_settled_from(samples: list[float], expected: int) -> None:
+    assert settled_from(samples) == expected
+
+
+def test_time_steps_moves_unsettled_timed_calls_to_the_warmup_and_keeps_every_call() -> None:
+    """A step that is slow for its first five calls and asked for two warm-up calls: the timed calls
+    until a window's median is fast count as warm-up, and all 2 + 12 calls happened."""
+    calls = []
+
+    def step() -> int:
+        calls.append(len(calls))
+        time.sleep(0.02 if len(calls) <= 5 else 0.002)
+        return len(calls)
+
+    timed = time_steps(step, 12, torch.device("cpu"), keep=lambda n: n, warmup=2)
+
+    assert len(calls) == 14 and timed.kept == list(range(1, 15))
+    assert timed.warmup == 4
+    assert len(timed.samples) == 10
+    assert sorted(timed.samples)[1] < 0.015  # one slow call left, nine fast ones
+
+
+def test_time_steps_without_warmup_or_settling_keeps_every_sample() -> None:
+    def step() -> None:
+        time.sleep(0.001)
+
+    assert len(time_steps(step, 6, torch.device("cpu"), warmup=0).samples) == 6
+    assert len(time_steps(step, 6, torch.device("cpu"), warmup=2, settle=False).samples) == 6
+    assert SETTLE_MAX_SHARE == 0.5
