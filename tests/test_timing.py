@@ -12,7 +12,7 @@ from pytest_trainperf.measure.timing import SETTLE_MAX_SHARE, settled_from, time
 
 @pytest.mark.parametrize(("samples", "expected"), [
     ([5.0] * 10, 0),  # flat: nothing to drop
-    ([9.0, 8.0, 7.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0], 2),  # getting faster: until the window's median settles
+    ([9.0, 8.0, 7.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0], 2),  # getting faster until a window's median settles
     ([9.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0], 0),  # one slow step in a window of 3 is not a trend
     ([5.0, 5.1, 4.9, 5.2, 5.0, 4.8, 5.1, 5.0], 0),  # noise within 5%
     ([20.0, 19.0, 18.0, 17.0, 16.0, 15.0, 14.0, 13.0, 12.0, 11.0], 5),  # never settles: capped at half
