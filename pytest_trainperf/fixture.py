@@ -104,7 +104,8 @@ class TrainPerf:
         from pytest_trainperf.measure.memory import Preexisting
 
         self._started = time.perf_counter()
-        self._preexisting = Preexisting(self.device)
+        if not self._timing_only:  # a noise round measures no memory
+            self._preexisting = Preexisting(self.device)
 
     # ------------------------------------------------------------------ what the test sees
 

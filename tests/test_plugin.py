@@ -54,8 +54,10 @@ def workload(sleep: float = 0.0, extra: int = 0, lr: float = 1e-2, step_tol: flo
     return WORKLOAD.format(sleep=sleep, extra=extra, lr=lr, step_tol=step_tol, slow_calls=slow_calls)
 
 
-ONE_THREAD = "[pytest]\ntrainperf_threads = 1\n"
-"""One intra-op thread: two threads on a two-core runner turn any other load into 20x step times."""
+ONE_THREAD = "[pytest]\ntrainperf_threads = 1\ntrainperf_rounds = 2\n"
+"""One intra-op thread: two threads on a two-core runner turn any other load into 20x step times.
+Two noise rounds per update (not the default five), so updates stay quick; tests of the rounds say
+how many they want."""
 
 
 @pytest.fixture(autouse=True)
@@ -89,12 +91,14 @@ def test_help_lists_every_option(pytester: pytest.Pytester) -> None:
         "*--trainperf-strict*",
         "*--trainperf-show=METRICS*",
         "*--trainperf-confirm=N*",
+        "*--trainperf-rounds=N*",
+        "*--trainperf-max-time=SECONDS*",
         "*--trainperf-malloc=MODE*",
         "*--trainperf-threads=N*",
     ])
     for ini in ["trainperf ", "trainperf_update_baselines", "trainperf_baselines", "trainperf_device",
                 "trainperf_strict", "trainperf_show", "trainperf_threads", "trainperf_confirm",
-                "trainperf_malloc"]:
+                "trainperf_malloc", "trainperf_rounds", "trainperf_max_time"]:
         assert ini in result.stdout.str()
 
 
@@ -103,6 +107,9 @@ def test_help_lists_every_option(pytester: pytest.Pytester) -> None:
     ("--trainperf-threads=0", "*--trainperf-threads*expected a positive integer, got '0'*"),
     ("--trainperf-malloc=jemalloc", "*--trainperf-malloc*expected one of fixed, system, got 'jemalloc'*"),
     ("--trainperf-confirm=-1", "*--trainperf-confirm*expected a non-negative integer*got '-1'*"),
+    ("--trainperf-rounds=0", "*--trainperf-rounds*expected a positive integer*got '0'*"),
+    ("--trainperf-max-time=soon", "*--trainperf-max-time*expected a positive number of seconds, got 'soon'*"),
+    ("--trainperf-max-time=-5", "*--trainperf-max-time*expected a positive number of seconds, got '-5'*"),
     ("--trainperf-show=step time", "*--trainperf-show*expected a comma-separated list*got 'step time'*"),
 ])
 def test_bad_option_is_refused_at_parse_time(pytester: pytest.Pytester, arg: str, expected: str) -> None:
@@ -264,7 +271,9 @@ def test_update_writes_baselines_then_an_unchanged_run_passes(pytester: pytest.P
     assert sorted(env["tests"]["test_mlp"]) == CELLS
     cell = env["tests"]["test_mlp"]["batch_size=4-width=16"]
     assert cell["params"] == [["batch_size", 4], ["width", 16]]
-    assert len(cell["metrics"]["step_time"]["samples"]) == 8
+    step_time = cell["metrics"]["step_time"]
+    assert len(step_time["rounds"]) == 2  # trainperf_rounds in the ini
+    assert 2 * 4 <= len(step_time["samples"]) <= 2 * 8  # 8 timed steps a round, up to half of them warm-up
     assert len(cell["loss_curve"]) == 1 + 1 + 2 + 8  # FLOP-counted, memory-tracked, warm-up, timed
     assert cell["metrics"]["loss"]["value"] == cell["loss_curve"][-1]
     assert cell["metrics"]["flops"]["value"] > 0 and cell["metrics"]["peak_memory"]["value"] > 0
@@ -520,3 +529,90 @@ def test_a_metric_that_is_no_longer_measured_is_pointed_out(pytester: pytest.Pyt
     result = pytester.runpytest("--trainperf")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["note: not measured any more, though in the baselines: accuracy (1 cell; *"])
+
+
+# ------------------------------------------------------------------ the noise band
+
+
+ORDER_LOGGED = """
+import torch
+import pytest_trainperf as tp
+
+@tp.grid(n=[1, 2])
+def test_x(trainperf, n):
+    with open("order.log", "a") as log:
+        log.write(f"{n}\\n")
+    w = torch.ones(8, 8, requires_grad=True)
+    def step():
+        loss = (w * n).sum()
+        loss.backward()
+        return loss
+    trainperf.train(step, steps=6, warmup=1)
+"""
+
+
+def test_update_measures_rounds_interleaved_across_cells_and_stores_the_band(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_order=ORDER_LOGGED)
+    result = pytester.runpytest("--trainperf-update-baselines", "--trainperf-rounds=3")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["trainperf: noise round 2 of 3 (2 cells)", "trainperf: noise round 3 of 3 (2 cells)"])
+    assert (pytester.path / "order.log").read_text().split() == ["1", "2", "1", "2", "1", "2"]
+    doc = json.loads((pytester.path / "baselines" / "test_order.json").read_text())
+    for cell in only_env(doc)["tests"]["test_x"].values():
+        step_time = cell["metrics"]["step_time"]
+        assert len(step_time["rounds"]) == 3
+        assert step_time["value"] == pytest.approx(sorted(step_time["samples"])[len(step_time["samples"]) // 2],
+                                                   rel=1.0)  # a median of the pool, not of round 1
+        assert "rounds" not in cell["metrics"]["flops"]  # exact metrics: measured once
+
+
+def test_one_round_or_no_time_left_stores_no_band(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_order=ORDER_LOGGED)
+    for args in (["--trainperf-rounds=1"], ["--trainperf-rounds=4", "--trainperf-max-time=0.000001"]):
+        (pytester.path / "order.log").unlink(missing_ok=True)
+        result = pytester.runpytest("--trainperf-update-baselines", *args)
+        result.assert_outcomes(passed=2)
+        assert "noise round" not in result.stdout.str()
+        assert (pytester.path / "order.log").read_text().split() == ["1", "2"]
+        doc = json.loads((pytester.path / "baselines" / "test_order.json").read_text())
+        for cell in only_env(doc)["tests"]["test_x"].values():
+            assert "rounds" not in cell["metrics"]["step_time"]
+
+
+def test_a_wide_noise_band_widens_the_tolerance_and_the_failure_says_so(pytester: pytest.Pytester) -> None:
+    """Rounds that moved by a factor of 3 widen a 100% tolerance to about 930%: a 100x slower step
+    still fails, and the message names the band and the smallest change the cell detects."""
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    path = pytester.path / "baselines" / "test_work.json"
+    doc = json.loads(path.read_text())
+    for cell in only_env(doc)["tests"]["test_mlp"].values():
+        value = cell["metrics"]["step_time"]["value"]
+        cell["metrics"]["step_time"]["rounds"] = [value, value * 3, value / 3, value, value]
+    path.write_text(json.dumps(doc))
+    pytester.makepyfile(test_work=workload(sleep=0.02))
+    result = pytester.runpytest("--trainperf", "--trainperf-confirm=0")
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines(["*step_time: baseline *(tolerance 9??.?%, widened from 100.0% by the baseline's "
+                                 "noise band ±*; detects +*% or more at 95% power)"])
+
+
+def test_an_unconfirmed_regression_says_the_cell_ran_out_of_time(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest("--trainperf-update-baselines", "--trainperf-rounds=1").assert_outcomes(passed=4)
+    pytester.makepyfile(test_work=workload(sleep=0.02))
+    result = pytester.runpytest("--trainperf", "--trainperf-max-time=0.000001")
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines(["*  (not re-measured to confirm: the cell used its --trainperf-max-time of 1e-06 s)"])
+    assert "confirmed by" not in result.stdout.str()
+
+
+def test_report_shows_interval_and_detectable_change_per_timing_cell(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    result = pytester.runpytest("--trainperf")
+    result.assert_outcomes(passed=4)
+    out = result.stdout.str()
+    assert re.search(r"\[[+-]\d+,[+-]\d+\]", out), out
+    assert re.search(r"≥\+\d+%", out), out
+    result.stdout.fnmatch_lines(["[[]lo,hi[]] 95% interval of the change, ≥+x% smallest slowdown detected (95% power)"])
