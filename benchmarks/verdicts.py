@@ -426,7 +426,8 @@ def trainperf_run(where: Path, baselines: Path, condition: Condition, cells: Seq
 # ---------------------------------------------------------------------------------------- pytest-benchmark
 
 
-PB_REGRESSED = re.compile(r"^\s*(\S+) - Field 'median' has failed PercentageRegressionCheck", re.M)
+PB_REGRESSED = re.compile(r"^\s*(\S+)(?: \([^)]*\))? - Field 'median' has failed PercentageRegressionCheck", re.M)
+"""A line of pytest-benchmark's own ``Performance has regressed:`` list: the benchmark's name, the run compared."""
 
 
 def medians(report: Path) -> dict[str, float]:
