@@ -356,7 +356,8 @@ def calibrate(workload: ModuleType, targets: Sequence[float], threads: int) -> l
                 step(0)
                 plain.append(time.perf_counter_ns() - start)
             step_ms = statistics.median(plain) / 1e6
-            probe = max(1, round(0.2 * max(targets) / 100 * step_ms / 0.05))  # ~0.05 ms a matmul: a first guess
+            # a first guess (~0.05 ms a matmul) at the largest target, then the measured cost of one matmul
+            probe = max(1, round(max(targets) / 100 * step_ms / 0.05))
             per_matmul = max((ab_ratio(step, probe) - 1) / probe, 1e-6)
             for target in targets:
                 extra = max(1, round(target / 100 / per_matmul))
@@ -374,6 +375,9 @@ def calibrate(workload: ModuleType, targets: Sequence[float], threads: int) -> l
 
 
 REGRESSION = re.compile(r"trainperf regression: (.*)")
+"""The first line of a regressed cell's failure: the metrics that regressed, with their changes."""
+SUMMARY = re.compile(r"^\d+ cells? measured: .*$", re.M)
+"""The summary line of a measured session, e.g. ``4 cells measured: 3 unchanged, 1 regressed``."""
 
 
 def detectable_changes(output: str) -> dict[str, float]:
@@ -416,6 +420,10 @@ def trainperf_run(where: Path, baselines: Path, condition: Condition, cells: Seq
                                 f"--junitxml={junit}", "test_trainperf.py"], condition.extra)
     if not junit.exists():
         raise RuntimeError(f"trainperf run wrote no junitxml:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    summary = SUMMARY.findall(done.stdout)
+    if not summary or " new" in summary[-1]:
+        raise RuntimeError("trainperf compared no baseline for some cell (wrong environment key?); its summary: "
+                           f"{summary[-1] if summary else 'none'}\n{done.stdout[-3000:]}")
     failed, timing, errors = trainperf_outcomes(junit, cells)
     if errors:
         log(f"trainperf: cells errored or missing: {errors}\n{done.stdout[-3000:]}")
@@ -446,6 +454,8 @@ def benchmark_run(where: Path, storage: Path, baseline: Mapping[str, float], con
     if not report.exists():
         raise RuntimeError(f"pytest-benchmark run wrote no JSON:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     now = medians(report)
+    if set(now) != set(baseline):
+        raise RuntimeError(f"pytest-benchmark measured {sorted(now)}, stored {sorted(baseline)}:\n{done.stdout[-3000:]}")
     change = {cell: now[cell] / baseline[cell] * 100 - 100 for cell in baseline if cell in now}
     own = tuple(cell_of(name) for name in PB_REGRESSED.findall(done.stdout + "\n" + done.stderr))
     return BenchmarkRun(condition.name, wall, change, own)
@@ -647,10 +657,11 @@ mean median change over its runs, runs in which trainperf caught the cell):
 | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(detail)}
 
-Timing overhead (from `benchmarks/overhead.py`, run by this script): trainperf's timed loop against a bare loop of
-the same steps, {res.overhead.get("median step time (bare loop)", "?")} step:
-{next((v for k, v in res.overhead.items() if k.startswith("reported step time")), "?")}
-(interquartile range of the per-pair ratios {res.overhead.get("interquartile range of those ratios", "?")}).
+Timing overhead (from `benchmarks/overhead.py`, run by this script in its own process): trainperf's timed loop
+against a bare loop of the same steps ({res.overhead.get("median step time (bare loop)", "?")} a step), reported
+step time / bare loop wall time, median of the per-pair ratios:
+{next((v for k, v in res.overhead.items() if k.startswith("reported step time")), "?")} (interquartile range
+{res.overhead.get("interquartile range of those ratios", "?")}).
 
 Wall time per cell (whole pytest process, including start-up, / {cells} cells): trainperf compare run
 {statistics.median(tp_wall):.2f} s (median of {len(tp_wall)}), update run {res.update_s["trainperf"] / cells:.2f} s;
