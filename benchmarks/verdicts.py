@@ -380,16 +380,18 @@ SUMMARY = re.compile(r"^\d+ cells? measured: .*$", re.M)
 """The summary line of a measured session, e.g. ``4 cells measured: 3 unchanged, 1 regressed``."""
 
 
-def detectable_changes(output: str) -> dict[str, float]:
-    """The smallest detectable slowdown per cell (relative, 0.1 = 10%) as the plugin reports it.
-
-    TODO(lead): the plugin does not print one yet (``MetricVerdict.detectable`` exists in records.py but
-    no report or ``--trainperf-json`` shows it). Parse it from ``output`` (the run's stdout) once it is
-    printed, keyed by cell id; until then this returns ``{}`` and the report says the goal could not be
-    checked.
-    """
-    del output
-    return {}
+def detectable_changes(results: Path) -> dict[str, float]:
+    """The smallest detectable slowdown of ``step_time`` per cell (relative, 0.1 = 10%) as the plugin
+    reports it, from the run's ``--trainperf-json`` file (``docs/results-format.md``)."""
+    if not results.exists():
+        return {}
+    found = {}
+    for cell in json.loads(results.read_text())["cells"]:
+        for metric in cell["verdict"]["metrics"]:
+            value = metric.get("detectable")
+            if metric["name"] == "step_time" and isinstance(value, (int, float)):
+                found[cell["cell"]] = float(value)
+    return found
 
 
 def trainperf_outcomes(junit: Path, cells: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
@@ -416,8 +418,10 @@ def trainperf_outcomes(junit: Path, cells: Sequence[str]) -> tuple[list[str], li
 def trainperf_run(where: Path, baselines: Path, condition: Condition, cells: Sequence[str], index: int) -> TrainperfRun:
     """One ``pytest --trainperf`` process of ``condition`` against the stored baselines."""
     junit = where / f"junit-{index}.xml"
+    results = where / f"results-{index}.json"
     done, wall = pytest(where, ["--trainperf", f"--trainperf-baselines={baselines}", "-p", "no:benchmark",
-                                f"--junitxml={junit}", "test_trainperf.py"], condition.extra)
+                                f"--junitxml={junit}", f"--trainperf-json={results}", "test_trainperf.py"],
+                        condition.extra)
     if not junit.exists():
         raise RuntimeError(f"trainperf run wrote no junitxml:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     summary = SUMMARY.findall(done.stdout)
@@ -428,7 +432,7 @@ def trainperf_run(where: Path, baselines: Path, condition: Condition, cells: Seq
     if errors:
         log(f"trainperf: cells errored or missing: {errors}\n{done.stdout[-3000:]}")
     return TrainperfRun(condition.name, wall, tuple(failed), tuple(timing), tuple(errors),
-                        detectable_changes(done.stdout))
+                        detectable_changes(results))
 
 
 # ---------------------------------------------------------------------------------------- pytest-benchmark
