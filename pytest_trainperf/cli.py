@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from pytest_trainperf import results, stats, store
+from pytest_trainperf import results, store
 from pytest_trainperf.records import CellVerdict, Measurement, MetricVerdict, Scalar, Status
 from pytest_trainperf.report.heatmap import render_heatmaps
 from pytest_trainperf.report.summary import render_session
@@ -139,6 +139,8 @@ def _tolerances(verdict: CellVerdict) -> dict[str, float]:
 
 def compare(old: results.SessionResults, new: results.SessionResults) -> results.SessionResults:
     """Every cell of ``new`` judged against the same cell of ``old`` (new where ``old`` lacks it)."""
+    from pytest_trainperf import stats  # numpy and scipy: only diff needs them
+
     before = {c.key: c for c in old.cells}
     cells = []
     for c in new.cells:
