@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_trainperf import results
-from pytest_trainperf.records import BaselineChange
 from pytest_trainperf.settings import Settings
 
 if TYPE_CHECKING:
@@ -112,5 +111,5 @@ class TrainPerfXdist:
             self.session.write_errors.append(str(exc))
             return
         self.session.results += [result_of(c) for c in received.cells]
-        self.session.changes += list[BaselineChange](received.changes)
+        self.session.changes += received.changes
         self.session.write_errors += received.errors
