@@ -40,13 +40,16 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", f"{GRID_MARK}(grid): applied by tp.grid: spread the test over a parameter grid")
     config.addinivalue_line(
         "markers", f"{TOLERANCE_MARK}(tolerances): applied by tp.tolerance: per-test relative tolerances")
-    settings = resolve(config)
+    from pytest_trainperf import distributed, outputs
+
+    settings = distributed.assign_device(resolve(config), config)  # a worker's own --trainperf-devices
     malloc = ""
     if settings.enabled:  # before any test module is imported, so before its tensors are allocated
         malloc = fix_malloc() if settings.malloc == "fixed" else SYSTEM
     session = TrainPerfSession(settings, config, malloc)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
+    outputs.register(config, session)  # JSON, Markdown, JUnit properties; the xdist integration
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,22 @@ def parse_path(value: str) -> str:
     return value
 
 
+def parse_file(value: str) -> str:
+    """A non-empty file path (not a directory: no trailing separator)."""
+    if not value.strip() or value.endswith(("/", "\\")):
+        raise argparse.ArgumentTypeError(f"expected a file path such as results/trainperf.json, got {value!r}")
+    return value
+
+
+def parse_devices(value: str) -> tuple[str, ...]:
+    """A comma-separated list of devices, one per pytest-xdist worker: ``cuda:0,cuda:1``."""
+    devices = tuple(d.strip() for d in value.split(","))
+    if not value.strip() or any(d == "auto" or not DEVICE_RE.match(d) for d in devices):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of devices (cpu, cuda:N, mps, xpu:N), e.g. cuda:0,cuda:1, got {value!r}")
+    return devices
+
+
 @dataclass(frozen=True)
 class _Option:
     """One option: the command-line flag and its ini twin share name, help and check."""
@@ -151,6 +167,13 @@ OPTIONS = (
             parse_malloc, metavar="MODE"),
     _Option("--trainperf-threads", "intra-op threads to fix during measurement "
             "(default: torch's own count less one, at least 1)", parse_threads, metavar="N"),
+    _Option("--trainperf-json", "write every cell of the session (parameters, metrics, baselines, changes, "
+            "verdicts, environment) to this JSON file", parse_file, metavar="PATH"),
+    _Option("--trainperf-markdown", "write the heatmaps as Markdown tables, regressions first, to this file "
+            "(also appended to $GITHUB_STEP_SUMMARY when set)", parse_file, metavar="PATH"),
+    _Option("--trainperf-devices", "comma-separated devices, one per pytest-xdist worker (gwN measures on the "
+            "N-th, modulo the list; without xdist the first); overrides --trainperf-device",
+            parse_devices, metavar="DEVICES"),
 )
 
 
@@ -193,6 +216,12 @@ class Settings:
     """Measurement rounds per cell of an update (the noise band)."""
     max_time: float = DEFAULT_MAX_TIME
     """Seconds of adaptive measurement allowed per cell."""
+    json: Path | None = None
+    """Where to write the session's results as JSON (None: nowhere)."""
+    markdown: Path | None = None
+    """Where to write the session's Markdown report (None: only ``$GITHUB_STEP_SUMMARY``, if set)."""
+    devices: tuple[str, ...] = ()
+    """One device per pytest-xdist worker (empty: every worker measures on :attr:`device`)."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -210,6 +239,15 @@ def _value(config: pytest.Config, opt: _Option) -> Any:
         return opt.parse(str(raw))
     except argparse.ArgumentTypeError as exc:
         raise pytest.UsageError(f"ini option {opt.dest} (twin of {opt.name}): {exc}") from None
+
+
+def _file(config: pytest.Config, dest: str, raw: str | None) -> Path | None:
+    """A path option: a command-line value relative to the current directory, an ini one to the ini file."""
+    if raw is None:
+        return None
+    if config.getoption(dest) is not None:
+        return config.invocation_params.dir / raw
+    return (config.inipath.parent if config.inipath is not None else config.rootpath) / raw
 
 
 def resolve(config: pytest.Config) -> Settings:
@@ -236,4 +274,7 @@ def resolve(config: pytest.Config) -> Settings:
         malloc=values["trainperf_malloc"] or MALLOC_MODES[0],
         rounds=values["trainperf_rounds"] or DEFAULT_ROUNDS,
         max_time=values["trainperf_max_time"] or DEFAULT_MAX_TIME,
+        json=_file(config, "trainperf_json", values["trainperf_json"]),
+        markdown=_file(config, "trainperf_markdown", values["trainperf_markdown"]),
+        devices=values["trainperf_devices"] or (),
     )

@@ -391,6 +391,9 @@ PURE_MODULES = [
     "pytest_trainperf.stats",
     "pytest_trainperf.store",
     "pytest_trainperf.report.heatmap",
+    "pytest_trainperf.report.markdown",
+    "pytest_trainperf.results",
+    "pytest_trainperf.cli",
 ]
 
 

@@ -151,8 +151,10 @@ def _grid(
 
 def _change(verdict: MetricVerdict) -> tuple[str, str]:
     """The change against the baseline and the status marker, e.g. ``("+32.0%", "REGR")``."""
-    if verdict.status is Status.NEW or verdict.baseline is None:
+    if verdict.status is Status.NEW:
         return "", MARKERS[Status.NEW]
+    if verdict.baseline is None:  # a value shown on its own (``python -m pytest_trainperf show``)
+        return "", ""
     change = verdict.change if verdict.change is not None else relative_change(verdict.current, verdict.baseline)
     return format_change(change), MARKERS[verdict.status]
 
@@ -194,7 +196,8 @@ def _cell(verdict: CellVerdict | None, metric: str, *, stacked: bool, glyphs: _G
     change, marker = _change(found)
     parts = [change, marker] if change and marker else [change or marker]
     lines = [in_scale(found.current, factor)]
-    lines += parts if stacked else [" ".join(parts)]
+    if change or marker:
+        lines += parts if stacked else [" ".join(parts)]
     lines += [text for text in (interval_text(found), detectable_text(found, glyphs.at_least)) if text]
     return Text("\n".join(lines), style=STATUS_STYLES[found.status])
 

@@ -1,0 +1,151 @@
+"""Results for machines and reviewers: JUnit properties, ``--trainperf-json``, ``--trainperf-markdown``
+and ``$GITHUB_STEP_SUMMARY``.
+
+:class:`TrainPerfOutputs` reads the session object's results at the end (on the controller under
+xdist, after the workers' results arrived) and writes each output once; the rendering itself lives in
+the pure :mod:`pytest_trainperf.results` and :mod:`pytest_trainperf.report.markdown`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pytest_trainperf import results
+from pytest_trainperf.distributed import is_worker, oversubscription
+from pytest_trainperf.fixture import Cell
+from pytest_trainperf.plugin import UPDATE_HINT, CellResult
+
+if TYPE_CHECKING:
+    from pytest_trainperf.plugin import TrainPerfSession
+
+PLUGIN_NAME = "trainperf-outputs"
+"""The name the outputs object is registered under."""
+STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
+"""The file GitHub Actions renders as the job's summary; the Markdown report is appended to it."""
+JUNIT_METRICS = ("step_time", "throughput", "peak_memory", "flops", "loss")
+"""Metrics attached to a cell's JUnit test case (with any other that regressed)."""
+
+
+def record_of(result: CellResult) -> results.CellRecord:
+    """The plain record of a session's cell."""
+    cell = result.cell
+    return results.CellRecord(nodeid=cell.nodeid, test_file=cell.test_file, test=cell.test, cell=cell.cell,
+                              axes=cell.axes, verdict=result.verdict, fingerprint=result.fingerprint,
+                              elsewhere=result.elsewhere)
+
+
+def result_of(record: results.CellRecord) -> CellResult:
+    """A session's cell from its plain record (a worker's, read on the controller)."""
+    cell = Cell(nodeid=record.nodeid, test_file=record.test_file, test=record.test, cell=record.cell,
+                params=record.verdict.measurement.params, axes=record.axes)
+    return CellResult(cell=cell, verdict=record.verdict, fingerprint=record.fingerprint,
+                      elsewhere=record.elsewhere)
+
+
+def cpu_warnings(session: TrainPerfSession, workers: int) -> tuple[str, ...]:
+    """The oversubscription warning when CPU cells were timed by more threads than there are cores."""
+    threads = [r.fingerprint.threads for r in session.results if r.fingerprint.device_type == "cpu"]
+    if not threads:
+        return ()
+    warning = oversubscription(max(workers, 1), max(threads), os.cpu_count())
+    return () if warning is None else (warning,)
+
+
+def session_results(session: TrainPerfSession, workers: int = 1) -> results.SessionResults:
+    """The session's results as plain records."""
+    return results.SessionResults(cells=tuple(record_of(r) for r in session.results),
+                                  changes=tuple(session.changes), errors=tuple(session.write_errors),
+                                  warnings=cpu_warnings(session, workers))
+
+
+def junit_properties(result: CellResult) -> list[tuple[str, object]]:
+    """``trainperf.*`` properties of a cell's test case: its status, environment, and the value and
+    change of each main metric."""
+    verdict = result.verdict
+    props: list[tuple[str, object]] = [("trainperf.status", verdict.status.value),
+                                       ("trainperf.environment", result.fingerprint.key)]
+    for m in verdict.metrics:
+        if m.name not in JUNIT_METRICS and m not in verdict.regressions:
+            continue
+        props.append((f"trainperf.{m.name}", m.current))
+        if m.change is not None:
+            props.append((f"trainperf.{m.name}.change", m.change))
+    return props
+
+
+class TrainPerfOutputs:
+    """Writes the session's results for machines (JSON, JUnit) and reviewers (Markdown)."""
+
+    def __init__(self, session: TrainPerfSession) -> None:
+        self.session = session
+        self.workers = 0
+        """xdist workers whose results arrived (0 without xdist)."""
+        self.written: list[str] = []
+        self.errors: list[str] = []
+        self.warnings: tuple[str, ...] = ()
+
+    @pytest.hookimpl(tryfirst=True)  # before the report copies item.user_properties
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+        done = self.session.results
+        if call.when == "call" and done and done[-1].cell.nodeid == item.nodeid:
+            item.user_properties += junit_properties(done[-1])
+
+    @pytest.hookimpl(trylast=True)  # after the baselines were written and the workers' results arrived
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        config = self.session.config
+        if is_worker(config) or not self.session.results:
+            return
+        settings = self.session.settings
+        found = session_results(self.session, self.workers)
+        self.warnings = found.warnings
+        markdown = None
+        if settings.markdown is not None or os.environ.get(STEP_SUMMARY_ENV):
+            from pytest_trainperf.report.markdown import render_markdown
+
+            markdown = render_markdown(found, show=settings.show, hint=UPDATE_HINT)
+        try:
+            if settings.json is not None:
+                results.write(settings.json, found)
+                self.written.append(f"JSON results: {self._shown(settings.json)}")
+            if settings.markdown is not None and markdown is not None:
+                settings.markdown.parent.mkdir(parents=True, exist_ok=True)
+                settings.markdown.write_text(markdown, encoding="utf-8")
+                self.written.append(f"Markdown report: {self._shown(settings.markdown)}")
+            summary = os.environ.get(STEP_SUMMARY_ENV)
+            if summary and markdown is not None:
+                with open(summary, "a", encoding="utf-8") as fh:
+                    fh.write(markdown + "\n")
+                self.written.append(f"Markdown report appended to ${STEP_SUMMARY_ENV}")
+        except OSError as exc:
+            self.errors.append(f"results not written: {exc}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    @pytest.hookimpl(trylast=True)  # under the session's own trainperf section
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        for warning in self.warnings:
+            terminalreporter.write_line(f"trainperf warning: {warning}", yellow=True)
+        for line in self.written:
+            terminalreporter.write_line(f"trainperf: {line}")
+        for error in self.errors:
+            terminalreporter.write_line(f"trainperf: {error}", red=True, bold=True)
+
+    def _shown(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.session.config.invocation_params.dir).as_posix()
+        except ValueError:
+            return str(path)
+
+
+def register(config: pytest.Config, session: TrainPerfSession) -> None:
+    """Register the outputs object, and the xdist integration where pytest-xdist is loaded."""
+    outputs = TrainPerfOutputs(session)
+    config.pluginmanager.register(outputs, PLUGIN_NAME)
+    if config.pluginmanager.hasplugin("xdist"):
+        from pytest_trainperf.distributed import PLUGIN_NAME as XDIST_NAME
+        from pytest_trainperf.distributed import TrainPerfXdist
+
+        config.pluginmanager.register(TrainPerfXdist(session, outputs), XDIST_NAME)

@@ -1,0 +1,303 @@
+"""Session results as JSON: what ``--trainperf-json`` writes and ``python -m pytest_trainperf`` reads.
+
+One document per session (or per merge of shards); the layout is documented in
+``docs/results-format.md``::
+
+    {
+      "format": "pytest-trainperf results",
+      "schema": 1,
+      "summary": {"cells": 12, "regressed": 1, "unchanged": 11},
+      "cells": [
+        {"nodeid": ..., "test_file": ..., "test": ..., "cell": ..., "axes": [[name, [values]]],
+         "status": "regressed", "environment": "<fingerprint key>",
+         "fingerprint": {<Fingerprint fields>},
+         "verdict": {"measurement": {<Measurement fields>, "metrics": [{<Metric fields>}]},
+                     "metrics": [{<MetricVerdict fields>}], "missing": [...]},
+         "elsewhere": [...]}],
+      "baseline_changes": [{<BaselineChange fields>}],
+      "errors": [...],
+      "warnings": [...]
+    }
+
+Every record is written field by field from its dataclass (:func:`dataclasses.fields`) and read back
+the same way from its type hints, so a field added to ``Metric``, ``MetricVerdict`` or ``Fingerprint``
+travels without an edit here. Enums are written as their values, tuples as lists, infinities and NaN
+as the strings ``"inf"``, ``"-inf"`` and ``"nan"`` (JSON has none). ``status``, ``environment`` and
+``summary`` are derived, for readers such as ``jq``; they are ignored when read. A reader ignores
+unknown keys; a change a reader of this schema would misread bumps :data:`SCHEMA_VERSION`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pytest_trainperf.records import BaselineChange, CellVerdict, Fingerprint, Scalar, Status
+from pytest_trainperf.store import dumps, write_atomic
+
+FORMAT = "pytest-trainperf results"
+"""The ``format`` marker that tells our result files from any other JSON."""
+SCHEMA_VERSION = 1
+"""The schema this version writes; files with a higher one are refused."""
+NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+"""How non-finite floats are written (JSON has no infinity)."""
+
+Axes = tuple[tuple[str, tuple[Scalar, ...]], ...]
+"""A grid's axes in declaration order."""
+
+T = TypeVar("T")
+
+
+class ResultsError(Exception):
+    """A result file that cannot be used: names the file and what is wrong with it."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class CellRecord:
+    """One cell of a session: which cell, how it compared, and where it was measured."""
+
+    nodeid: str
+    """The pytest node id (``tests/test_lm.py::test_step[batch_size=4]``)."""
+    test_file: str
+    """The test file, relative to the rootdir."""
+    test: str
+    """The test's name inside its file."""
+    cell: str
+    """The cell id."""
+    axes: Axes
+    """The test's grid axes in declaration order (empty without a grid)."""
+    verdict: CellVerdict
+    """The measurement and its verdict against the baseline."""
+    fingerprint: Fingerprint
+    """The environment it was measured in."""
+    elsewhere: tuple[str, ...] = ()
+    """For a cell with no baseline here: the environments whose baselines in the file hold it."""
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """What identifies the cell across sessions: test file, test, cell id, environment key."""
+        return (self.test_file, self.test, self.cell, self.fingerprint.key)
+
+
+@dataclass(frozen=True)
+class SessionResults:
+    """Everything a session (or a merge of shards) concluded."""
+
+    cells: tuple[CellRecord, ...]
+    """Every cell measured, in the order they concluded."""
+    changes: tuple[BaselineChange, ...] = ()
+    """Baseline values rewritten by ``--trainperf-update-baselines``."""
+    errors: tuple[str, ...] = ()
+    """Baseline files that could not be written."""
+    warnings: tuple[str, ...] = ()
+    """Things that make some metrics unsound (e.g. more busy threads than cores)."""
+
+    @property
+    def counts(self) -> dict[Status, int]:
+        """Cells per status, every status present."""
+        counts = {status: 0 for status in Status}
+        for c in self.cells:
+            counts[c.verdict.status] += 1
+        return counts
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _plain(value: object) -> Any:
+    """A value as JSON: dataclasses field by field, enums by value, tuples as lists, inf as strings."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_json(results: SessionResults) -> dict[str, Any]:
+    """The JSON document of a session's results."""
+    cells = []
+    for c in results.cells:
+        doc = _plain(c)
+        doc["status"] = c.verdict.status.value
+        doc["environment"] = c.fingerprint.key
+        cells.append(doc)
+    summary: dict[str, int] = {"cells": len(results.cells)}
+    summary.update({s.value: n for s, n in results.counts.items() if n})
+    return {
+        "format": FORMAT,
+        "schema": SCHEMA_VERSION,
+        "summary": summary,
+        "cells": cells,
+        "baseline_changes": _plain(results.changes),
+        "errors": list(results.errors),
+        "warnings": list(results.warnings),
+    }
+
+
+def dump(results: SessionResults) -> str:
+    """The text of a result file: stable key order, number lists on one line."""
+    return dumps(to_json(results)) + "\n"
+
+
+def write(path: Path, results: SessionResults) -> None:
+    """Write a result file atomically."""
+    write_atomic(path, dump(results))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Mismatch(Exception):
+    """A value that does not have its field's type: where, what was expected, what came."""
+
+    def __init__(self, where: str, expected: str, got: object) -> None:
+        super().__init__(f"at {where}: expected {expected}, got {got!r:.120}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _convert(hint: Any, value: object, where: str) -> Any:
+    """``value`` read from JSON as the type ``hint`` (a dataclass, enum, tuple, union or scalar)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        exact = [a for a in args if a is type(value)]
+        for arg in exact + [a for a in args if a is not type(None) and a not in exact]:
+            try:
+                return _convert(arg, value, where)
+            except _Mismatch:
+                continue
+        raise _Mismatch(where, " or ".join(getattr(a, "__name__", str(a)) for a in args), value)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _Mismatch(where, "a list", value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise _Mismatch(where, f"a list of {len(args)}", value)
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise _Mismatch(where, f"one of {[e.value for e in hint]}", value) from None
+    if hint is float:
+        if _number(value):
+            return float(value)  # type: ignore[arg-type]
+        if isinstance(value, str) and value in NON_FINITE:
+            return NON_FINITE[value]
+        raise _Mismatch(where, 'a number, "inf", "-inf" or "nan"', value)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch(where, "an integer", value)
+    if hint in (str, bool):
+        if type(value) is hint:
+            return value
+        raise _Mismatch(where, f"a {hint.__name__}", value)
+    raise _Mismatch(where, f"a value of type {hint}", value)  # pragma: no cover - a field type not handled
+
+
+def _build(cls: type[T], raw: object, where: str) -> T:
+    """An instance of the dataclass ``cls`` from its JSON object, field by field."""
+    if not isinstance(raw, dict):
+        raise _Mismatch(where, "an object", raw)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in raw:
+            kwargs[f.name] = _convert(hints[f.name], raw[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _Mismatch(where, f"a field {f.name!r}", sorted(raw))
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise _Mismatch(where, f"a valid {cls.__name__} ({exc})", raw) from None
+
+
+def from_json(source: str, doc: object) -> SessionResults:
+    """Read a result document; raise :class:`ResultsError` naming ``source`` and what is wrong."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ResultsError(source, f'not a pytest-trainperf result file (no "format": "{FORMAT}")')
+    schema = doc.get("schema")
+    if not isinstance(schema, int) or isinstance(schema, bool):
+        raise ResultsError(source, f"at schema: expected an integer, got {schema!r}")
+    if schema > SCHEMA_VERSION:
+        raise ResultsError(source, f"written by a newer pytest-trainperf (schema {schema}, this version "
+                                   f"reads up to {SCHEMA_VERSION}); upgrade pytest-trainperf")
+    try:
+        cells = _convert(tuple[CellRecord, ...], doc.get("cells"), "cells")
+        changes = _convert(tuple[BaselineChange, ...], doc.get("baseline_changes", []), "baseline_changes")
+        errors = _convert(tuple[str, ...], doc.get("errors", []), "errors")
+        warnings = _convert(tuple[str, ...], doc.get("warnings", []), "warnings")
+    except _Mismatch as exc:
+        raise ResultsError(source, str(exc)) from None
+    return SessionResults(cells=cells, changes=changes, errors=errors, warnings=warnings)
+
+
+def loads(source: str, text: str) -> SessionResults:
+    """Parse the text of a result file."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ResultsError(source, f"not valid JSON ({exc})") from None
+    return from_json(source, doc)
+
+
+def read(path: Path) -> SessionResults:
+    """Read a result file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ResultsError(str(path), f"cannot be read ({exc})") from None
+    return loads(str(path), text)
+
+
+# --------------------------------------------------------------------------- joining
+
+
+def merge(parts: Sequence[tuple[str, SessionResults]]) -> SessionResults:
+    """Join the results of shards, in order; raise :class:`ResultsError` when one cell of one
+    environment comes twice (the shards overlap: which result holds is not ours to pick)."""
+    seen: dict[tuple[str, str, str, str], str] = {}
+    cells: list[CellRecord] = []
+    for source, part in parts:
+        for c in part.cells:
+            if c.key in seen:
+                raise ResultsError(source, f"{c.nodeid} (environment {c.fingerprint.key}) is also in "
+                                           f"{seen[c.key]}; expected shards with distinct cells")
+            seen[c.key] = source
+            cells.append(c)
+    return SessionResults(
+        cells=tuple(cells),
+        changes=tuple(ch for _, part in parts for ch in part.changes),
+        errors=_unique(e for _, part in parts for e in part.errors),
+        warnings=_unique(w for _, part in parts for w in part.warnings),
+    )
+
+
+def _unique(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
