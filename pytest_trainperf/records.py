@@ -47,6 +47,33 @@ class Status(enum.Enum):
         return {"regressed": 3, "improved": 2, "new": 1, "unchanged": 0}[self.value]
 
 
+class Outcome(enum.Enum):
+    """How a cell's run ended: measured, or one of the ways a cell runs out of memory or dies."""
+
+    MEASURED = "measured"
+    """The cell ran and was measured."""
+    OOM = "oom"
+    """``torch.OutOfMemoryError`` (or a CPU allocator failure) in the cell."""
+    OOM_EMULATED = "oom-emulated"
+    """The cell's peak memory exceeded the memory budget (``--trainperf-memory-budget``): it would
+    not fit on the device the budget stands for."""
+    OOM_KILLED = "oom-killed"
+    """An isolated cell's process was killed by the kernel (SIGKILL: the OOM killer)."""
+    CRASHED = "crashed"
+    """An isolated cell's interpreter died another way (a signal, or an exit without a result)."""
+
+    @property
+    def out_of_memory(self) -> bool:
+        """True for the outcomes that mean the cell does not fit."""
+        return self in (Outcome.OOM, Outcome.OOM_EMULATED, Outcome.OOM_KILLED)
+
+    @property
+    def label(self) -> str:
+        """What a heatmap cell shows for it."""
+        return {"measured": "", "oom": "OOM", "oom-emulated": "OOM*", "oom-killed": "KILLED",
+                "crashed": "CRASH"}[self.value]
+
+
 @dataclass(frozen=True)
 class Metric:
     """One measured metric of one cell."""
@@ -133,6 +160,10 @@ class Measurement:
     """The number of timed steps (or calls)."""
     warmup: int = 0
     """The number of warm-up steps before the timed ones."""
+    outcome: Outcome = Outcome.MEASURED
+    """How the run ended; an out-of-memory cell keeps what was measured before it ran out, if anything."""
+    detail: str = ""
+    """For an outcome other than measured: what happened, e.g. the error's first line."""
 
     def metric(self, name: str) -> Metric | None:
         """The metric called ``name``, or None."""
@@ -215,13 +246,19 @@ class CellVerdict:
     """One verdict per metric measured now."""
     missing: tuple[str, ...] = field(default=())
     """Metrics in the baseline that were not measured now."""
+    outcome: Status | None = None
+    """The verdict on the cell's outcome when it or its baseline did not end measured (an OOM now or
+    before); None when both were measured."""
+    baseline_outcome: Outcome | None = None
+    """How the baseline's run ended (None without a baseline)."""
 
     @property
     def status(self) -> Status:
-        """The worst metric status (regressed > improved > new > unchanged)."""
-        if not self.metrics:
+        """The worst status of the outcome and the metrics (regressed > improved > new > unchanged)."""
+        statuses = [m.status for m in self.metrics] + ([self.outcome] if self.outcome is not None else [])
+        if not statuses:
             return Status.NEW
-        return max((m.status for m in self.metrics), key=lambda s: s.rank)
+        return max(statuses, key=lambda s: s.rank)
 
     def metric(self, name: str) -> MetricVerdict | None:
         """The verdict on metric ``name``, or None."""

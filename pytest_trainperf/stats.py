@@ -42,6 +42,7 @@ from pytest_trainperf.records import (
     Measurement,
     Metric,
     MetricVerdict,
+    Outcome,
     Status,
     relative_change,
 )
@@ -270,10 +271,37 @@ def tolerance_for(metric: Metric, overrides: Mapping[str, float]) -> float:
     return DEFAULT_TOLERANCES.get(metric.name, RECORD_TOLERANCE)
 
 
+def judge_outcome(now: Outcome, before: Outcome | None) -> Status | None:
+    """The verdict on how a cell ended against how its baseline ended; None when both were measured.
+
+    An out-of-memory cell whose baseline ran out of memory too is expected (unchanged); one whose
+    baseline was measured regressed; a cell measured now whose baseline ran out of memory improved;
+    without a baseline it is new. A crash always regresses.
+    """
+    if now is Outcome.CRASHED:
+        return Status.REGRESSED
+    if before is None:
+        return Status.NEW if now is not Outcome.MEASURED else None
+    if now is Outcome.MEASURED and before is Outcome.MEASURED:
+        return None
+    if now.out_of_memory and before.out_of_memory:
+        return Status.UNCHANGED
+    return Status.REGRESSED if now.out_of_memory else Status.IMPROVED
+
+
 def judge(current: Measurement, baseline: Measurement | None,
           overrides: Mapping[str, float] | None = None) -> CellVerdict:
-    """The verdict on every metric of ``current`` against ``baseline`` (None: everything is new)."""
+    """The verdict on every metric of ``current`` against ``baseline`` (None: everything is new), and
+    on its outcome when it or its baseline ran out of memory (metrics are compared only when both
+    were measured)."""
     overrides = overrides or {}
+    outcome = judge_outcome(current.outcome, baseline.outcome if baseline is not None else None)
+    if outcome is not None:
+        verdicts = [MetricVerdict(name=m.name, status=Status.NEW if baseline is None else Status.UNCHANGED,
+                                  current=m.value, baseline=None, tolerance=tolerance_for(m, overrides),
+                                  unit=m.unit, direction=m.direction) for m in current.metrics]
+        return CellVerdict(measurement=current, metrics=tuple(verdicts), outcome=outcome,
+                           baseline_outcome=baseline.outcome if baseline is not None else None)
     verdicts = []
     for metric in current.metrics:
         tolerance = tolerance_for(metric, overrides)
@@ -288,7 +316,8 @@ def judge(current: Measurement, baseline: Measurement | None,
         else:
             verdicts.append(compare_exact(metric, base.value, tolerance))
     missing = () if baseline is None else tuple(n for n in baseline.names if current.metric(n) is None)
-    return CellVerdict(measurement=current, metrics=tuple(verdicts), missing=missing)
+    return CellVerdict(measurement=current, metrics=tuple(verdicts), missing=missing,
+                       baseline_outcome=baseline.outcome if baseline is not None else None)
 
 
 def correct_for_grid(verdict: CellVerdict, known: Mapping[str, Sequence[float]], total: int,

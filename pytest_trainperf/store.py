@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_trainperf.records import BaselineChange, Direction, Fingerprint, Measurement, Metric
+from pytest_trainperf.records import BaselineChange, Direction, Fingerprint, Measurement, Metric, Outcome
 
 FORMAT = "pytest-trainperf baselines"
 """The ``format`` marker that tells our files from any other JSON."""
@@ -153,9 +153,14 @@ def _parse_cell(path: Path, where: str, test: str, cell: str, raw: object) -> Me
     _expect(kind in KINDS, path, f"{where}.kind", f"one of {list(KINDS)}", kind)
     _expect(isinstance(steps, int) and isinstance(warmup, int), path, f"{where}.steps",
             "integers steps and warmup", (steps, warmup))
+    outcome = raw.get("outcome", Outcome.MEASURED.value)
+    stored = [o.value for o in Outcome if o is not Outcome.CRASHED]
+    _expect(outcome in stored, path, f"{where}.outcome", f"one of {stored}", outcome)
+    detail = raw.get("detail", "")
+    _expect(isinstance(detail, str), path, f"{where}.detail", "a string", detail)
     return Measurement(test=test, cell=cell, params=tuple((p[0], p[1]) for p in params_raw),
                        metrics=metrics, loss_curve=tuple(float(v) for v in curve), kind=kind,
-                       steps=steps, warmup=warmup)
+                       steps=steps, warmup=warmup, outcome=Outcome(outcome), detail=detail)
 
 
 def _parse_fingerprint(path: Path, where: str, raw: object) -> Fingerprint:
@@ -236,6 +241,9 @@ def _cell_json(m: Measurement) -> dict[str, Any]:
     }
     if m.loss_curve:
         out["loss_curve"] = list(m.loss_curve)
+    if m.outcome is not Outcome.MEASURED:
+        out["outcome"] = m.outcome.value
+        out["detail"] = m.detail
     return out
 
 
