@@ -161,8 +161,10 @@ def diff(old_path: Path, new_path: Path, metrics: Sequence[str] | None, markdown
                    fingerprints=sorted({c.fingerprint.key for c in compared.cells}),
                    show=metrics or DIFF_SHOW, changes=(), update=False, errors=(), hint=UPDATE_HINT)
     for c in compared.cells:
-        if c.verdict.regressions:
+        if c.verdict.status is Status.REGRESSED:
             console.print(Text(f"regressed: {c.nodeid}", style="bold red"))
+            if c.verdict.outcome is Status.REGRESSED:
+                console.print(Text(f"  {c.verdict.measurement.outcome.label}: {c.verdict.measurement.detail}"))
             for m in c.verdict.regressions:
                 console.print(Text(f"  {m.describe()}"))
     keys = {c.key for c in new.cells}
@@ -176,7 +178,7 @@ def diff(old_path: Path, new_path: Path, metrics: Sequence[str] | None, markdown
         store.write_atomic(markdown, render_markdown(compared, show=metrics or DIFF_SHOW, hint=UPDATE_HINT,
                                                      title=f"pytest-trainperf: {new_path.name} against "
                                                            f"{old_path.name}"))
-    regressed = any(c.verdict.regressions for c in compared.cells)
+    regressed = any(c.verdict.status is Status.REGRESSED for c in compared.cells)
     return EXIT_REGRESSED if regressed else EXIT_OK
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
-from pytest_trainperf.records import Direction, Fingerprint, Measurement, Metric, Scalar
+from pytest_trainperf.records import Direction, Fingerprint, Measurement, Metric, Outcome, Scalar
 from pytest_trainperf.settings import METRIC_RE, Settings
 from pytest_trainperf.stats import BUILTIN_METRICS
 
@@ -84,9 +84,11 @@ class TrainPerf:
     step once, check what it returns, and measure nothing.
     """
 
-    def __init__(self, cell: Cell, settings: Settings, malloc: str = "", timing_only: bool = False) -> None:
+    def __init__(self, cell: Cell, settings: Settings, malloc: str = "", timing_only: bool = False,
+                 memory_budget: int | None = None) -> None:
         self._cell = cell
         self._timing_only = timing_only
+        self._budget = memory_budget
         self._started = time.perf_counter()
         self._settings = settings
         self._malloc = malloc
@@ -220,9 +222,16 @@ class TrainPerf:
             return None
         base = self._measured or Measurement(test=self._cell.test, cell=self._cell.cell,
                                              params=self._cell.params, metrics=(), kind="record")
-        return Measurement(test=base.test, cell=base.cell, params=base.params,
-                           metrics=base.metrics + tuple(self._recorded), loss_curve=base.loss_curve,
-                           kind=base.kind, steps=base.steps, warmup=base.warmup)
+        return replace(base, metrics=base.metrics + tuple(self._recorded))
+
+    def out_of_memory(self, detail: str, outcome: Outcome = Outcome.OOM) -> Measurement:
+        """Record that the cell ran out of memory (the plugin calls this once the error is gone):
+        the measurement keeps what was recorded before, and nothing is re-timed."""
+        kind = "run" if self._used == "trainperf.run" else "train"
+        self._measured = Measurement(test=self._cell.test, cell=self._cell.cell, params=self._cell.params,
+                                     metrics=(), kind=kind, outcome=outcome, detail=detail)
+        self._retime = None
+        return self.result()  # type: ignore[return-value]
 
     def retime(self) -> Measurement | None:
         """Time the measured step again (same count, threads, device); None if nothing was timed.
@@ -291,14 +300,15 @@ class TrainPerf:
     def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
                  items: float | None) -> Measurement:
         from pytest_trainperf.measure.flops import count_flops
-        from pytest_trainperf.measure.memory import measure_peak
+        from pytest_trainperf.measure.memory import allocator_pressure, measure_peak
         from pytest_trainperf.measure.timing import default_threads, fixed_threads, time_steps
 
         device = self.device
         keep: Callable[[object], object] | None = self._loss if kind == "train" else None
         kept: list[object] = []
-        flops = peak = None
+        flops = peak = timed = None
         threads = self._threads = self._settings.threads or default_threads()
+        pressure = allocator_pressure(device)
         with fixed_threads(threads):
             # instrumented steps first, so that the warm-up runs right before the timed steps
             if not self._timing_only:
@@ -310,27 +320,43 @@ class TrainPerf:
                 if keep is not None:
                     kept.append(keep(out))
                 del out
-            timed = time_steps(fn, count, device, keep, warmup)
-        curve = self._check_losses(kept + timed.kept, f"trainperf.{kind}") if keep is not None else []
-        metrics = timing_metrics(timed.samples, items)
+            over = peak is not None and self._budget is not None and peak.peak_bytes > self._budget
+            if not over:  # a cell over its budget would not have run: no timing
+                timed = time_steps(fn, count, device, keep, warmup)
+        curve = (self._check_losses(kept + (timed.kept if timed is not None else []), f"trainperf.{kind}")
+                 if keep is not None else [])
+        metrics = timing_metrics(timed.samples, items) if timed is not None else []
 
         def retime() -> list[Metric]:
             with fixed_threads(threads):
                 again = time_steps(fn, count, device, warmup=CONFIRM_WARMUP)
             return timing_metrics(again.samples, items)
 
-        self._retime = retime
+        self._retime = retime if timed is not None else None
         if peak is not None:
             metrics.append(Metric("peak_memory", float(peak.peak_bytes), "B"))
             if peak.reserved_bytes is not None:
                 metrics.append(Metric("reserved_memory", float(peak.reserved_bytes), "B"))
         if flops is not None:
             metrics.append(Metric("flops", float(flops), "FLOP"))
-        if curve and not self._timing_only:
+        if curve and not self._timing_only and timed is not None:
             metrics.append(Metric("loss", curve[-1], "", Direction.EXACT))
+        retries, ooms = (after - before for after, before in zip(allocator_pressure(device), pressure, strict=True))
+        notes = (f"the CUDA caching allocator flushed its cache {retries} time(s) and recovered from {ooms} "
+                 "out-of-memory error(s) during the measurement: the step runs near the memory limit, and "
+                 "its timings include that thrashing",) if retries or ooms else ()
+        outcome, detail = Outcome.MEASURED, ""
+        if over:
+            from pytest_trainperf.units import format_value
+
+            assert peak is not None and self._budget is not None
+            outcome = Outcome.OOM_EMULATED
+            detail = (f"peak memory {format_value(float(peak.peak_bytes), 'B')} exceeds the memory budget of "
+                      f"{format_value(float(self._budget), 'B')} (emulated out of memory; not timed)")
         self._measured = Measurement(
             test=self._cell.test, cell=self._cell.cell, params=self._cell.params,
-            metrics=tuple(metrics), loss_curve=tuple(curve), kind=kind, steps=count, warmup=warmup)
+            metrics=tuple(metrics), loss_curve=tuple(curve), kind=kind, steps=count, warmup=warmup,
+            outcome=outcome, detail=detail, notes=notes)
         return self.result()  # type: ignore[return-value]
 
 

@@ -25,6 +25,8 @@ GRID_MARK = "trainperf_grid"
 """The marker ``tp.grid`` applies (its one argument is the :class:`Grid`)."""
 TOLERANCE_MARK = "trainperf_tolerance"
 """The marker ``tp.tolerance`` applies (its one argument is a mapping metric -> tolerance)."""
+BUDGET_MARK = "trainperf_memory_budget"
+"""The marker ``tp.memory_budget`` applies (its one argument is the budget in bytes)."""
 RESERVED_NAMES = ("trainperf", "request")
 """Names an axis may not take: they are fixtures the test needs."""
 SINGLE_CELL = "default"
@@ -138,3 +140,18 @@ def tolerance(**tolerances: float) -> Callable[[F], F]:
     """Override the relative tolerances of built-in metrics for one test, e.g. ``step_time=0.25``."""
     spec = make_tolerances(tolerances)
     return getattr(pytest.mark, TOLERANCE_MARK)(spec)  # type: ignore[no-any-return]
+
+
+def memory_budget(size: str | int) -> Callable[[F], F]:
+    """Give one test a memory budget: a cell whose peak memory exceeds it is reported as out of memory
+    (emulated), as if it ran on a device of that size, e.g. ``@tp.memory_budget("24GiB")`` to guard
+    on a CPU runner that a grid still fits on a 24 GB card. Overrides ``--trainperf-memory-budget``."""
+    from pytest_trainperf.units import parse_size
+
+    if isinstance(size, bool) or not isinstance(size, (str, int)):
+        raise GridError(f"tp.memory_budget: expected a size such as '24GiB' or a number of bytes, got {size!r}")
+    try:
+        budget = parse_size(str(size))
+    except ValueError as exc:
+        raise GridError(f"tp.memory_budget: {exc}") from None
+    return getattr(pytest.mark, BUDGET_MARK)(budget)  # type: ignore[no-any-return]

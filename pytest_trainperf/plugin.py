@@ -7,6 +7,7 @@ registered under :data:`PLUGIN_NAME`. torch is never imported here.
 from __future__ import annotations
 
 import io
+import sys
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
@@ -16,9 +17,18 @@ import pytest
 
 from pytest_trainperf import stats, store
 from pytest_trainperf.fixture import Cell, TrainPerf
-from pytest_trainperf.grid import GRID_MARK, SINGLE_CELL, TOLERANCE_MARK, Grid
+from pytest_trainperf.grid import BUDGET_MARK, GRID_MARK, SINGLE_CELL, TOLERANCE_MARK, Grid
 from pytest_trainperf.measure.host import SYSTEM, fix_malloc
-from pytest_trainperf.records import BaselineChange, CellVerdict, Fingerprint, Measurement, Scalar, format_change
+from pytest_trainperf.records import (
+    BaselineChange,
+    CellVerdict,
+    Fingerprint,
+    Measurement,
+    Outcome,
+    Scalar,
+    Status,
+    format_change,
+)
 from pytest_trainperf.settings import Settings, add_options, resolve
 
 PLUGIN_NAME = "trainperf-session"
@@ -40,6 +50,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", f"{GRID_MARK}(grid): applied by tp.grid: spread the test over a parameter grid")
     config.addinivalue_line(
         "markers", f"{TOLERANCE_MARK}(tolerances): applied by tp.tolerance: per-test relative tolerances")
+    config.addinivalue_line(
+        "markers", f"{BUDGET_MARK}(bytes): applied by tp.memory_budget: cells over it count as out of memory")
     from pytest_trainperf import distributed, outputs
 
     settings = distributed.assign_device(resolve(config), config)  # a worker's own --trainperf-devices
@@ -71,6 +83,17 @@ def _test_name(item: pytest.Item) -> str:
     parts = item.nodeid.split("::")[1:]
     parts[-1] = getattr(item, "originalname", parts[-1].split("[")[0])
     return "::".join(parts)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error (torch is loaded if a cell allocated anything)."""
+    if isinstance(exc, MemoryError):
+        return True
+    if "torch" not in sys.modules:
+        return False
+    from pytest_trainperf.measure.memory import is_out_of_memory
+
+    return is_out_of_memory(exc)
 
 
 def _grid_key(nodeid: str) -> str:
@@ -109,8 +132,10 @@ def cell_of(item: pytest.Item, rootpath: Path) -> Cell:
 def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
     """Measure this cell: ``trainperf.train(step, steps=...)``, ``.run(fn, iters=...)``, ``.record(...)``."""
     session = request.config.stash[SESSION_KEY]
+    budget = request.node.get_closest_marker(BUDGET_MARK)
     fixture = TrainPerf(cell_of(request.node, request.config.rootpath), session.settings, session.malloc,
-                        timing_only=session.round > 1)
+                        timing_only=session.round > 1,
+                        memory_budget=budget.args[0] if budget is not None else session.settings.memory_budget)
     request.node.stash[FIXTURE_KEY] = fixture
     if session.settings.enabled:
         session.baseline_file(fixture.cell)  # an unusable file fails the cell now, before it trains
@@ -175,7 +200,8 @@ class TrainPerfSession:
         each a separate warm start of the test, timing only; reports are not logged."""
         from _pytest.runner import runtestprotocol
 
-        measured = {r.cell.nodeid for entries in self._pending.values() for _, r in entries}
+        measured = {r.cell.nodeid for entries in self._pending.values() for _, r in entries
+                    if r.verdict.measurement.outcome is Outcome.MEASURED}
         items = [item for item in session.items if item.nodeid in measured]
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         for number in range(2, self.settings.rounds + 1):
@@ -195,9 +221,23 @@ class TrainPerfSession:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
-        result = yield
         fixture = item.stash.get(FIXTURE_KEY, None)
-        if fixture is not None and self.settings.enabled:
+        measuring = fixture is not None and self.settings.enabled
+        oom = ""
+        try:
+            result = yield
+        except Exception as exc:
+            if not measuring or not _out_of_memory(exc):
+                raise
+            oom = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            result = None
+        # out of the except block: the exception, its traceback and the test's frames are gone now
+        if fixture is not None and measuring:
+            if oom:
+                from pytest_trainperf.measure.memory import recover
+
+                recover(fixture.device)
+                fixture.out_of_memory(oom)
             measurement = fixture.result()
             if measurement is not None and fixture.timing_only:
                 self._extra_rounds.setdefault(item.nodeid, []).append(measurement)
@@ -260,6 +300,16 @@ class TrainPerfSession:
         if self.settings.update:
             self._pending.setdefault(path, []).append((fingerprint, result))
             return
+        if verdict.outcome is Status.REGRESSED:
+            now = verdict.measurement
+            before = verdict.baseline_outcome
+            what = ("crashed" if now.outcome is Outcome.CRASHED else
+                    f"out of memory ({now.outcome.value}), where the baseline was measured")
+            if before is not None and before is not Outcome.MEASURED and now.outcome is Outcome.CRASHED:
+                what += f" (the baseline: {before.value})"
+            pytest.fail(f"trainperf regression: {what}\n{cell.nodeid} against its baseline in {shown}\n"
+                        f"environment: {fingerprint.key}\n  {now.detail}\n"
+                        f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.", pytrace=False)
         if verdict.regressions:
             worst = ", ".join(f"{m.name} {format_change(m.change)}" for m in verdict.regressions
                               if m.change is not None)

@@ -164,6 +164,9 @@ class Measurement:
     """How the run ended; an out-of-memory cell keeps what was measured before it ran out, if anything."""
     detail: str = ""
     """For an outcome other than measured: what happened, e.g. the error's first line."""
+    notes: tuple[str, ...] = ()
+    """Warnings about this measurement for the report (e.g. allocator retries near the memory limit);
+    not stored with baselines."""
 
     def metric(self, name: str) -> Metric | None:
         """The metric called ``name``, or None."""

@@ -97,6 +97,16 @@ def parse_seconds(value: str) -> float:
     return seconds
 
 
+def parse_budget(value: str) -> int:
+    """A memory size: ``24GiB``, ``512MiB``, ``1.5GB`` or a number of bytes."""
+    from pytest_trainperf.units import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_malloc(value: str) -> str:
     """``fixed`` (glibc thresholds fixed for the session) or ``system`` (left alone)."""
     text = value.strip()
@@ -162,6 +172,9 @@ OPTIONS = (
     _Option("--trainperf-max-time", "seconds per cell that adaptive measurement (confirmation re-measurements, "
             f"noise rounds of an update) may take (default: {DEFAULT_MAX_TIME:g})", parse_seconds,
             metavar="SECONDS"),
+    _Option("--trainperf-memory-budget", "a cell whose peak memory exceeds SIZE (e.g. 24GiB) is reported as "
+            "out of memory (emulated), as on a device of that size; tp.memory_budget overrides it per test",
+            parse_budget, metavar="SIZE"),
     _Option("--trainperf-malloc", "fixed: fix glibc malloc's thresholds for the session, so CPU step times "
             "do not drift with the process's allocation history (default); system: leave malloc alone",
             parse_malloc, metavar="MODE"),
@@ -214,6 +227,8 @@ class Settings:
     """``fixed`` or ``system`` (see :mod:`pytest_trainperf.measure.host`)."""
     rounds: int = DEFAULT_ROUNDS
     """Measurement rounds per cell of an update (the noise band)."""
+    memory_budget: int | None = None
+    """Bytes of peak memory beyond which a cell counts as out of memory (emulated); None: no budget."""
     max_time: float = DEFAULT_MAX_TIME
     """Seconds of adaptive measurement allowed per cell."""
     json: Path | None = None
@@ -273,6 +288,7 @@ def resolve(config: pytest.Config) -> Settings:
         confirm=DEFAULT_CONFIRM if values["trainperf_confirm"] is None else values["trainperf_confirm"],
         malloc=values["trainperf_malloc"] or MALLOC_MODES[0],
         rounds=values["trainperf_rounds"] or DEFAULT_ROUNDS,
+        memory_budget=values["trainperf_memory_budget"],
         max_time=values["trainperf_max_time"] or DEFAULT_MAX_TIME,
         json=_file(config, "trainperf_json", values["trainperf_json"]),
         markdown=_file(config, "trainperf_markdown", values["trainperf_markdown"]),

@@ -75,3 +75,19 @@ def in_scale(value: float, factor: float) -> str:
     if not math.isfinite(value):
         return "nan" if math.isnan(value) else ("-inf" if value < 0 else "inf")
     return _sig(value / factor)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+               "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """A memory size: ``24GiB``, ``512 MiB``, ``1.5GB``, ``1048576`` (bytes). Raises ValueError with
+    the expected form when ``text`` is none of these or not positive."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS or not float(match.group(1)) > 0:
+        raise ValueError(f"expected a positive size such as 24GiB, 512MiB, 1.5GB or a number of bytes, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])

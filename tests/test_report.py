@@ -424,3 +424,26 @@ def test_heatmap_module_imports_neither_pytest_nor_torch() -> None:
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not {name.split(".")[0] for name in imported} & {"pytest", "_pytest", "torch"}
+
+
+def test_out_of_memory_cells_show_their_outcome_in_every_table() -> None:
+    from dataclasses import replace
+
+    from pytest_trainperf.records import Outcome
+
+    fits = verdict([("batch_size", 1), ("seq_len", 16)], 0.01, Status.UNCHANGED, 0.01)
+    expected = verdict([("batch_size", 1), ("seq_len", 32)], 0.02, Status.UNCHANGED)
+    expected = replace(expected, measurement=replace(expected.measurement, outcome=Outcome.OOM), metrics=(),
+                       outcome=Status.UNCHANGED, baseline_outcome=Outcome.OOM)
+    new_oom = verdict([("batch_size", 2), ("seq_len", 16)], 0.02, Status.NEW)
+    new_oom = replace(new_oom, measurement=replace(new_oom.measurement, outcome=Outcome.OOM_EMULATED),
+                      metrics=(), outcome=Status.REGRESSED, baseline_outcome=Outcome.MEASURED)
+    gone = verdict([("batch_size", 2), ("seq_len", 32)], 0.03, Status.UNCHANGED)
+    gone = replace(gone, outcome=Status.IMPROVED, baseline_outcome=Outcome.OOM)
+
+    text = render(AXES_2X2, [fits, expected, new_oom, gone], metrics=("step_time", "peak_memory"))
+
+    assert text.count("OOM*") == 2 * 1 + 1  # both tables, and the legend
+    assert "OOM* REGR" in text
+    assert "was OOM" in text and "impr" in text
+    assert "OOM out of memory, OOM* over the memory budget (emulated)" in text

@@ -601,3 +601,43 @@ def test_pool_rounds_pools_samples_and_keeps_round_medians() -> None:
     assert pooled.metric("flops") == Metric("flops", 10.0, "FLOP")
     assert pool_rounds(first, []) is first
     assert NOISE_FACTOR == 3.0
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+@pytest.mark.parametrize(("now", "before", "expected"), [
+    ("measured", None, None),
+    ("measured", "measured", None),
+    ("oom", None, Status.NEW),
+    ("oom", "oom", Status.UNCHANGED),  # an expected OOM passes
+    ("oom-emulated", "oom", Status.UNCHANGED),
+    ("oom-killed", "oom-emulated", Status.UNCHANGED),
+    ("oom", "measured", Status.REGRESSED),  # a new OOM fails
+    ("oom-emulated", "measured", Status.REGRESSED),
+    ("measured", "oom", Status.IMPROVED),  # an OOM that went away
+    ("crashed", None, Status.REGRESSED),
+    ("crashed", "oom", Status.REGRESSED),
+])
+def test_judge_outcome(now: str, before: str | None, expected: Status | None) -> None:
+    from pytest_trainperf.records import Outcome
+    from pytest_trainperf.stats import judge_outcome
+
+    assert judge_outcome(Outcome(now), Outcome(before) if before else None) is expected
+
+
+def test_an_oom_cell_against_a_measured_baseline_regresses_without_comparing_metrics() -> None:
+    from dataclasses import replace
+
+    from pytest_trainperf.records import Outcome
+
+    measured = cell(timing((0.02,) * 10), Metric("peak_memory", 100.0, "B"))
+    oom = replace(cell(Metric("peak_memory", 500.0, "B")), outcome=Outcome.OOM_EMULATED, detail="over budget")
+
+    verdict = judge(oom, measured)
+    assert verdict.status is Status.REGRESSED and verdict.outcome is Status.REGRESSED
+    assert verdict.regressions == ()  # the outcome regressed, not a metric
+    assert of(verdict, "peak_memory").baseline is None
+    back = judge(measured, oom)
+    assert back.status is Status.IMPROVED and back.baseline_outcome is Outcome.OOM_EMULATED
+    assert judge(oom, oom).status is Status.UNCHANGED

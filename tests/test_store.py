@@ -284,6 +284,11 @@ BAD_FILES = {
         _with_cell({"metrics": {}, "loss_curve": [1.0, None]}),
         "at environments['k'].tests.test_a.default.loss_curve: expected a list of numbers",
     ),
+    "bad-outcome": (
+        _with_cell({"metrics": {}, "outcome": "exploded"}),
+        "at environments['k'].tests.test_a.default.outcome: expected one of ['measured', 'oom', 'oom-emulated', "
+        "'oom-killed'], got 'exploded'",
+    ),
     "bad-fingerprint": (
         json.dumps(_ours(environments={"k": {"fingerprint": {"device": "d"}, "tests": {}}})),
         "at environments['k'].fingerprint:",
@@ -452,3 +457,21 @@ def test_concurrent_updates_of_one_file_lose_no_cell(tmp_path: Path) -> None:
     (env,) = read(path).environments.values()
     assert sorted(cell for _, cell in env.cells) == sorted(f"w{w}-{i}" for w in range(4) for i in range(10))
     assert sorted(p.name for p in path.parent.iterdir()) == ["test_x.json"]
+
+
+def test_an_out_of_memory_cell_round_trips_with_its_outcome(tmp_path: Path) -> None:
+    from pytest_trainperf.records import Outcome
+
+    path = tmp_path / "test_lm.json"
+    oom = Measurement(test="test_train", cell="batch_size=64", params=(("batch_size", 64),), metrics=(),
+                      outcome=Outcome.OOM, detail="OutOfMemoryError: CUDA out of memory")
+    emulated = Measurement(test="test_train", cell="batch_size=32", params=(("batch_size", 32),),
+                           metrics=(Metric("peak_memory", 3.0 * 2**30, "B"),), outcome=Outcome.OOM_EMULATED,
+                           detail="peak memory 3.00 GiB exceeds the memory budget of 2.00 GiB")
+
+    update(path, CPU, [oom, emulated, train_cell()])
+
+    baselines = read(path)
+    assert baselines.lookup(CPU.key, "test_train", "batch_size=64") == oom
+    assert baselines.lookup(CPU.key, "test_train", "batch_size=32") == emulated
+    assert '"outcome": "oom"' in path.read_text() and '"outcome": "measured"' not in path.read_text()

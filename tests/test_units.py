@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pytest_trainperf.records import format_change
-from pytest_trainperf.units import format_value, in_scale
+from pytest_trainperf.units import format_value, in_scale, parse_size
 
 MIB = 2.0**20
 GIB = 2.0**30
@@ -116,3 +116,21 @@ def test_format_change_rounds_before_choosing_the_precision() -> None:
 )
 def test_in_scale_keeps_huge_outliers_short(value: float, factor: float, expected: str) -> None:
     assert in_scale(value, factor) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("24GiB", 24 * 2**30),
+    ("512 MiB", 512 * 2**20),
+    ("1.5GB", 1_500_000_000),
+    ("1048576", 2**20),
+    ("64kib", 64 * 1024),
+    ("2e3B", 2000),
+])
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1GB", "0", "12 parsecs", "GiB"])
+def test_parse_size_refuses_what_is_not_a_positive_size(text: str) -> None:
+    with pytest.raises(ValueError, match="expected a positive size such as 24GiB"):
+        parse_size(text)

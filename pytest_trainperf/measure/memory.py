@@ -169,9 +169,11 @@ def measure_peak(fn: Callable[[], T], device: torch.device,
 
 
 def _measure_cuda(fn: Callable[[], T], device: torch.device, outside: int) -> tuple[T, MemoryPeak]:
-    """Read the caching allocator's peak counters around one synchronized call."""
+    """Read the caching allocator's peak counters around one synchronized call (after collecting
+    garbage and emptying the allocator's cache, so that the reserved peak is this call's)."""
     gc.collect()
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     start = torch.cuda.memory_allocated(device)
     result = fn()
@@ -203,6 +205,37 @@ def _measure_tracked(fn: Callable[[], T], device: torch.device,
     finally:
         tracker.disarm()
     return result, peak
+
+
+CPU_ALLOCATOR_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+"""How the CPU allocator's failure reads (Linux, Windows): a ``RuntimeError``, not ``OutOfMemoryError``."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for ``torch.OutOfMemoryError`` (CUDA and other accelerators), the CPU allocator's failure
+    and Python's ``MemoryError``."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in CPU_ALLOCATOR_FAILURES)
+
+
+def recover(device: torch.device) -> None:
+    """After an out-of-memory error, once its exception and frames are gone: collect garbage and, on
+    CUDA, return the allocator's cache and reset its peak counters, so the next cell starts clean."""
+    gc.collect()
+    if device.type == _CUDA:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def allocator_pressure(device: torch.device) -> tuple[int, int]:
+    """CUDA: the caching allocator's ``num_alloc_retries`` and ``num_ooms`` so far (cache flushes and
+    out-of-memory errors it recovered from: a step near the memory limit); ``(0, 0)`` elsewhere."""
+    if device.type != _CUDA:
+        return 0, 0
+    stats = torch.cuda.memory_stats(device)
+    return int(stats.get("num_alloc_retries", 0)), int(stats.get("num_ooms", 0))
 
 
 class _StorageRef(weakref.ref[torch.UntypedStorage]):

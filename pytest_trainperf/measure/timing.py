@@ -1,9 +1,11 @@
 """Per-step wall-clock timing, with the measurement hygiene of ``torch.utils.benchmark.Timer``.
 
-Each step is timed on its own with ``time.perf_counter_ns``; on CUDA the device is synchronized
-before the clock starts and before it stops, so the time is the step's device time as the host sees
-it. The garbage collector is collected before and disabled during the timed steps; the intra-op
-thread count is fixed for the whole measurement and restored afterwards.
+Each step is timed on its own with ``time.perf_counter_ns``. On CUDA each step is bracketed by a pair
+of CUDA events and the device is synchronized at the end of every step (so the host clock is right
+too, and nothing of one step runs into the next); the sample is the events' elapsed time, the
+device's own clock from the step's start to its last kernel's end. The garbage collector is collected
+before and disabled during the timed steps; the intra-op thread count is fixed for the whole
+measurement and restored afterwards.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ T = TypeVar("T")
 
 NS_PER_S = 1e9
 """Nanoseconds per second."""
+MS_PER_S = 1e3
+"""Milliseconds per second (CUDA events measure in milliseconds)."""
 SETTLE_WINDOW = 3
 """Timed steps compared at a time to decide whether the step time has settled."""
 SETTLE_TOLERANCE = 0.05
@@ -90,6 +94,16 @@ class Timed:
     """Calls that count as warm-up: the ones asked for, and leading timed calls before the step time settled."""
 
 
+def _cuda_events(device: torch.device, count: int) -> list[tuple[torch.cuda.Event, torch.cuda.Event]]:
+    """A pair of timing events per step on CUDA (created before the loop); none elsewhere."""
+    if device.type != "cuda":
+        return []
+    import torch
+
+    make = torch.cuda.Event
+    return [(make(enable_timing=True), make(enable_timing=True)) for _ in range(count)]  # type: ignore[no-untyped-call]
+
+
 def settled_from(samples: Sequence[float], window: int = SETTLE_WINDOW, tolerance: float = SETTLE_TOLERANCE,
                  max_share: float = SETTLE_MAX_SHARE) -> int:
     """How many leading samples are still warm-up: the smallest ``k`` such that the median of the
@@ -127,14 +141,21 @@ def time_steps(fn: Callable[[], T], count: int, device: torch.device,
                 kept.append(keep(result))
             del result
         sync()
-        for _ in range(count):
+        events = _cuda_events(device, count)
+        for i in range(count):
             start = clock()
+            if events:
+                events[i][0].record()
             result = fn()
+            if events:
+                events[i][1].record()
             sync()
             samples.append(clock() - start)
             if keep is not None:
                 kept.append(keep(result))
             del result
     seconds = [s / NS_PER_S for s in samples]
+    if events:  # the device's own clock, from the start event to the end of the step's last kernel
+        seconds = [begin.elapsed_time(end) / MS_PER_S for begin, end in events]
     skip = settled_from(seconds) if settle and warmup > 0 else 0
     return Timed(samples=seconds[skip:], kept=kept, warmup=warmup + skip)

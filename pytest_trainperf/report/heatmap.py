@@ -26,6 +26,7 @@ from pytest_trainperf.records import (
     BaselineChange,
     CellVerdict,
     MetricVerdict,
+    Outcome,
     Scalar,
     Status,
     format_change,
@@ -48,6 +49,9 @@ MARKERS: dict[Status, str] = {
     Status.UNCHANGED: "",
 }
 """The word after the change that says the status without colour."""
+
+OUTCOME_STYLE = "magenta"
+"""The style of an expected out-of-memory cell (one whose baseline ran out of memory too)."""
 
 ABSENT_STYLE = "dim"
 """The style of a grid cell with no verdict, or with no value for the metric."""
@@ -190,9 +194,17 @@ def _cell(verdict: CellVerdict | None, metric: str, *, stacked: bool, glyphs: _G
     ``stacked``), then for a timing its interval and the smallest change it detects."""
     if verdict is None:
         return Text(glyphs.missing, style=ABSENT_STYLE)
+    outcome = verdict.measurement.outcome
+    if outcome is not Outcome.MEASURED:  # the same label in every metric's table
+        status = verdict.outcome or Status.UNCHANGED
+        label = " ".join(part for part in (outcome.label, MARKERS[status]) if part)
+        return Text(label, style=STATUS_STYLES[status] or OUTCOME_STYLE)
     found = verdict.metric(metric)
     if found is None:
         return Text(NOT_MEASURED, style=ABSENT_STYLE)
+    if verdict.outcome is Status.IMPROVED and verdict.baseline_outcome is not None:  # it fits now
+        lines = [in_scale(found.current, factor), f"was {verdict.baseline_outcome.label}", MARKERS[Status.IMPROVED]]
+        return Text("\n".join(lines), style=STATUS_STYLES[Status.IMPROVED])
     change, marker = _change(found)
     parts = [change, marker] if change and marker else [change or marker]
     lines = [in_scale(found.current, factor)]
@@ -259,6 +271,24 @@ def _timing_legend(glyphs: _Glyphs) -> Text:
     return Text(f"[lo,hi] 95% interval of the change, {glyphs.at_least}+x% smallest slowdown detected (95% power)")
 
 
+_OUTCOME_MEANINGS = {
+    Outcome.OOM: "out of memory",
+    Outcome.OOM_EMULATED: "over the memory budget (emulated)",
+    Outcome.OOM_KILLED: "killed by the kernel",
+    Outcome.CRASHED: "crashed",
+}
+
+
+def _outcome_legend(outcomes: set[Outcome]) -> Text:
+    legend = Text()
+    for i, outcome in enumerate(o for o in Outcome if o in outcomes):
+        if i:
+            legend.append(", ")
+        legend.append(outcome.label, style=OUTCOME_STYLE)
+        legend.append(f" {_OUTCOME_MEANINGS[outcome]}")
+    return legend
+
+
 def _legend(glyphs: _Glyphs) -> Text:
     legend = Text()
     entries = [
@@ -321,6 +351,9 @@ def render_heatmaps(
             console.print(table)
     console.print()
     console.print(_legend(glyphs))
+    outcomes = {c.measurement.outcome for c in cells} - {Outcome.MEASURED}
+    if outcomes:
+        console.print(_outcome_legend(outcomes))
     shown = [m for c in cells for m in c.metrics if m.name in metrics]
     if any(interval_text(m) or detectable_text(m) for m in shown):
         console.print(_timing_legend(glyphs))

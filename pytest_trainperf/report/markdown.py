@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from pytest_trainperf.records import CellVerdict, Scalar, Status, format_change, relative_change
+from pytest_trainperf.records import CellVerdict, Outcome, Scalar, Status, format_change, relative_change
 from pytest_trainperf.report.heatmap import MARKERS, NOT_MEASURED, _Axis, _grid, _Key, _key
 from pytest_trainperf.report.summary import metrics_to_show
 from pytest_trainperf.results import CellRecord, SessionResults
@@ -36,6 +36,11 @@ def _code(text: str) -> str:
 def _cell(verdict: CellVerdict | None, metric: str, factor: float) -> str:
     if verdict is None:
         return MISSING
+    outcome = verdict.measurement.outcome
+    if outcome is not Outcome.MEASURED:
+        status = verdict.outcome or Status.UNCHANGED
+        marker = MARKERS[status]
+        return " ".join(p for p in (outcome.label, f"**{marker}**" if status is Status.REGRESSED else marker) if p)
     found = verdict.metric(metric)
     if found is None:
         return NOT_MEASURED
@@ -101,12 +106,15 @@ def _counts(results: SessionResults) -> str:
 
 
 def _regressions(cells: Sequence[CellRecord]) -> list[str]:
-    regressed = [c for c in cells if c.verdict.regressions]
+    regressed = [c for c in cells if c.verdict.regressions or c.verdict.outcome is Status.REGRESSED]
     if not regressed:
         return []
     out = ["### Regressions", ""]
     for c in regressed:
         out.append(f"- {_code(c.nodeid)} on {_code(c.fingerprint.key)}")
+        if c.verdict.outcome is Status.REGRESSED:
+            m = c.verdict.measurement
+            out.append(f"  - {m.outcome.label}: {_escape(m.detail)}")
         out += [f"  - {m.describe()}" for m in c.verdict.regressions]
     return out + [""]
 

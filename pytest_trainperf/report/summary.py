@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.text import Text
 
-from pytest_trainperf.records import BaselineChange, CellVerdict, Scalar, Status
+from pytest_trainperf.records import BaselineChange, CellVerdict, Outcome, Scalar, Status
 from pytest_trainperf.report.heatmap import render_heatmaps, render_updates
 
 Axes = tuple[tuple[str, tuple[Scalar, ...]], ...]
@@ -23,6 +23,8 @@ def metrics_to_show(cells: Sequence[CellVerdict], show: Sequence[str]) -> list[s
     for name in changed:
         if name not in out:
             out.append(name)
+    if not out and show and any(c.measurement.outcome is not Outcome.MEASURED for c in cells):
+        out = [show[0]]  # a grid that ran out of memory everywhere still gets its table of OOM cells
     return out
 
 
@@ -59,6 +61,12 @@ def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, 
         console.print(Text(f"{_cells(counts[Status.IMPROVED])} improved beyond tolerance; to accept:",
                            style="green"))
         console.print(Text(f"  {hint}", style="green"))
+    for test_file, test, _, verdict in results:
+        m = verdict.measurement
+        if m.outcome is not Outcome.MEASURED and m.detail:
+            console.print(Text(f"{m.outcome.label}: {test_file}::{test}[{m.cell}]: {m.detail}", style="magenta"))
+        for note in m.notes:
+            console.print(Text(f"note: {test_file}::{test}[{m.cell}]: {note}", style="yellow"))
     missing = sorted({name for *_, verdict in results for name in verdict.missing})
     if missing:
         gone = sum(1 for *_, verdict in results if verdict.missing)
