@@ -160,7 +160,8 @@ def test_a_cuda_out_of_memory_error_is_an_oom_cell_and_the_next_cell_runs_cleanl
     pytester.makepyfile(test_cuda=CUDA_OOM.replace("gib=[0, 100000]", "gib=[100000, 0]"))
     result = pytester.runpytest_subprocess("--trainperf-update-baselines", "--trainperf-device=cuda")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*OOM: test_cuda.py::test_cuda[[]gib=100000[]]: OutOfMemoryError: CUDA out of memory*"])
+    result.stdout.fnmatch_lines(
+        ["*OOM: test_cuda.py::test_cuda[[]gib=100000[]]: OutOfMemoryError: CUDA out of memory*"])
     doc = json.loads((pytester.path / "baselines" / "test_cuda.json").read_text())
     (env,) = doc["environments"].values()
     fits = env["tests"]["test_cuda"]["gib=0"]["metrics"]
