@@ -68,8 +68,9 @@ def main() -> None:
 
 Measured with `{command}` on {cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}.
 One update, then {runs} separate `pytest --trainperf` processes of the same code, default settings
-(10% step-time tolerance, shifted-null Mann-Whitney test, one confirmation, threads = torch's count
-less one, glibc malloc thresholds fixed).
+(10% step-time tolerance widened to the noise band of 5 update rounds, shifted-null Mann-Whitney test,
+Benjamini-Hochberg across each grid, one confirmation, threads = torch's count less one, glibc malloc
+thresholds fixed).
 
 | suite | runs | cells compared | cells failed (false alarms) | runs with a failure | cells flagged improved | update wall time |
 | --- | --- | --- | --- | --- | --- | --- |
