@@ -49,8 +49,8 @@ def test_a_cpu_allocator_failure_is_an_oom_cell_and_the_next_cell_runs(pytester:
     pytester.makepyfile(test_work=workload(big_alloc=True))
     result = pytester.runpytest("--trainperf-update-baselines")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*OOM new*", "OOM: test_work.py::test_act[[]batch_size=64[]]: RuntimeError: *"
-                                 "DefaultCPUAllocator: can't allocate memory*", "OOM out of memory"])
+    result.stdout.fnmatch_lines(["*OOM new*", "OOM out of memory", "OOM: test_work.py::test_act[[]batch_size=64[]]: *"])
+    assert "RuntimeError:" in result.stdout.str() and "DefaultCPUAllocator" in result.stdout.str()
     stored = cells(pytester)
     assert stored["batch_size=64"]["outcome"] == "oom"
     assert stored["batch_size=64"]["metrics"] == {}
@@ -92,8 +92,9 @@ def test_a_memory_budget_emulates_oom_on_the_cpu(pytester: pytest.Pytester) -> N
     pytester.makepyfile(test_work=workload())
     result = pytester.runpytest("--trainperf-update-baselines", "--trainperf-memory-budget=16MiB")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["OOM*: test_work.py::test_act[[]batch_size=64[]]: peak memory * MiB exceeds "
-                                 "the memory budget of 16.0 MiB (emulated out of memory; not timed)"])
+    result.stdout.fnmatch_lines(["OOM[*]: test_work.py::test_act[[]batch_size=64[]]: peak memory * MiB exceeds *"])
+    words = " ".join(result.stdout.str().split())  # the note may wrap at 80 columns
+    assert "exceeds the memory budget of 16.0 MiB (emulated out of memory; not timed)" in words
     big = cells(pytester)["batch_size=64"]
     assert big["outcome"] == "oom-emulated"
     assert "step_time" not in big["metrics"] and big["metrics"]["peak_memory"]["value"] > 16 * 2**20
