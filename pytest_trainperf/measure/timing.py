@@ -106,7 +106,8 @@ def settled_from(samples: Sequence[float], window: int = SETTLE_WINDOW, toleranc
 
 
 def time_steps(fn: Callable[[], T], count: int, device: torch.device,
-               keep: Callable[[T], object] | None = None, warmup: int = 0, settle: bool = True) -> Timed:
+               keep: Callable[[T], object] | None = None, warmup: int = 0, settle: bool = True,
+               on_timed: Callable[[], None] | None = None) -> Timed:
     """Call ``fn`` ``warmup`` times untimed, then ``count`` times timing each call.
 
     With ``settle`` (and ``warmup`` >= 1), leading timed calls whose time had not settled yet
@@ -114,7 +115,9 @@ def time_steps(fn: Callable[[], T], count: int, device: torch.device,
     the step time settles, and the number of calls, so the state a training run ends in, stays fixed.
     The garbage collector runs once before the warm-up (whose steps bring the caches back after it)
     and is off until the last timed call. ``keep`` turns each result into what is kept (e.g. a
-    detached loss); None keeps nothing, so results die before the next call starts.
+    detached loss); None keeps nothing, so results die before the next call starts. ``on_timed`` is
+    called once, after the warm-up (and its synchronization), before the first timed call's clock
+    starts: where utilization samplers start.
     """
     sync = synchronizer(device)
     clock = time.perf_counter_ns
@@ -127,6 +130,8 @@ def time_steps(fn: Callable[[], T], count: int, device: torch.device,
                 kept.append(keep(result))
             del result
         sync()
+        if on_timed is not None:
+            on_timed()
         for _ in range(count):
             start = clock()
             result = fn()
