@@ -321,16 +321,20 @@ def open_sampler(device: torch.device, nvml: Any = None) -> tuple[NvmlSampler | 
             return None, note
     index = device.index if device.index is not None else torch.cuda.current_device()
     bus = pci_bus_id(torch.device("cuda", index))
-    try:
-        if bus is not None:
+    handle = None
+    if bus is not None:  # the PCI bus id names the same GPU for CUDA and NVML, whatever the ordering
+        try:
             handle = nvml.nvmlDeviceGetHandleByPciBusId(bus)
-        else:
-            ident = nvml_id(index, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        except nvml.NVMLError:
+            handle = None
+    if handle is None:
+        ident = nvml_id(index, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        try:
             handle = (nvml.nvmlDeviceGetHandleByIndex(ident) if isinstance(ident, int)
                       else nvml.nvmlDeviceGetHandleByUUID(ident))
-    except nvml.NVMLError as exc:
-        nvml.nvmlShutdown()
-        return None, f"no GPU utilization: NVML cannot find {device} ({exc})"
+        except nvml.NVMLError as exc:
+            nvml.nvmlShutdown()
+            return None, f"no GPU utilization: NVML cannot find {device} (bus id {bus}, NVML id {ident!r}: {exc})"
     return NvmlSampler(nvml, handle), ""
 
 
