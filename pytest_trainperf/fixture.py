@@ -338,24 +338,20 @@ class TrainPerf:
         flops = peak = None
         threads = self._threads = self._settings.threads or default_threads()
         policy = self._settings.cudnn_benchmark
-        probe = None if self._timing_only else Probe(device, threads)  # utilization over the timed steps
-        try:
-            with fixed_threads(threads), cudnn_benchmark(policy) as self._cudnn_benchmark:
-                # instrumented steps first, so that the warm-up runs right before the timed steps
-                if not self._timing_only:
-                    out, flops = count_flops(fn)
-                    if keep is not None:
-                        kept.append(keep(out))
-                    del out
-                    out, peak = measure_peak(fn, device, self._preexisting)
-                    if keep is not None:
-                        kept.append(keep(out))
-                    del out
-                timed = time_steps(fn, count, device, keep, warmup,
-                                   on_timed=probe.start if probe is not None else None)
-        finally:
-            usage = probe.stop() if probe is not None else []
-            self._notes.update(dict.fromkeys(probe.notes if probe is not None else ()))
+        probe = Probe(device, threads, enabled=not self._timing_only)  # utilization over the timed steps
+        with fixed_threads(threads), cudnn_benchmark(policy) as self._cudnn_benchmark, probe:
+            # instrumented steps first, so that the warm-up runs right before the timed steps
+            if not self._timing_only:
+                out, flops = count_flops(fn)
+                if keep is not None:
+                    kept.append(keep(out))
+                del out
+                out, peak = measure_peak(fn, device, self._preexisting)
+                if keep is not None:
+                    kept.append(keep(out))
+                del out
+            timed = time_steps(fn, count, device, keep, warmup, on_timed=probe.start)
+        self._notes.update(dict.fromkeys(probe.notes))
         if not self._timing_only:
             self._peak = device_peak(device)
             self._peak_precision = precision_in_use(device)
@@ -374,7 +370,7 @@ class TrainPerf:
                 metrics.append(Metric("reserved_memory", float(peak.reserved_bytes), "B"))
         if flops is not None:
             metrics.append(Metric("flops", float(flops), "FLOP"))
-        metrics += usage
+        metrics += probe.metrics
         if curve and not self._timing_only:
             metrics.append(Metric("loss", curve[-1], "", Direction.EXACT))
         self._measured = Measurement(

@@ -48,12 +48,12 @@ class NVMLError(Exception):
         self.value = value
 
 
-class NVMLError_NotSupported(NVMLError):  # noqa: N801 - pynvml's names
+class NVMLError_NotSupported(NVMLError):  # pynvml's names
     def __init__(self) -> None:
         super().__init__(3)
 
 
-class NVMLError_NotFound(NVMLError):  # noqa: N801
+class NVMLError_NotFound(NVMLError):
     def __init__(self) -> None:
         super().__init__(6)
 
@@ -95,7 +95,7 @@ class FakeNvml:
     def _after(self, stamp: int, last: int) -> bool:
         return stamp >= last if self.inclusive and last else stamp > last
 
-    def nvmlDeviceGetSamples(self, handle: object, kind: int, last: int) -> tuple[int, list[Any]]:  # noqa: N802
+    def nvmlDeviceGetSamples(self, handle: object, kind: int, last: int) -> tuple[int, list[Any]]:
         assert handle == "gpu0"
         self.calls += 1
         self.called.set()
@@ -109,7 +109,7 @@ class FakeNvml:
             raise NVMLError_NotFound()
         return 1, got  # NVML_VALUE_TYPE_UNSIGNED_INT
 
-    def nvmlDeviceGetProcessUtilization(self, handle: object, last: int) -> list[Any]:  # noqa: N802
+    def nvmlDeviceGetProcessUtilization(self, handle: object, last: int) -> list[Any]:
         if not self.supports_processes:
             raise NVMLError_NotSupported()
         got = [SimpleNamespace(pid=p, timeStamp=t, smUtil=s, memUtil=m, encUtil=0, decUtil=0)
@@ -118,10 +118,10 @@ class FakeNvml:
             raise NVMLError_NotFound()
         return got
 
-    def nvmlDeviceGetUtilizationRates(self, handle: object) -> Any:  # noqa: N802
+    def nvmlDeviceGetUtilizationRates(self, handle: object) -> Any:
         return SimpleNamespace(gpu=self.rates[0], memory=self.rates[1])
 
-    def nvmlShutdown(self) -> None:  # noqa: N802
+    def nvmlShutdown(self) -> None:
         self.shutdowns += 1
 
 
@@ -273,9 +273,9 @@ def test_no_pynvml_is_a_note_not_a_failure(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
     nvml, note = load_nvml()
     assert nvml is None and "pynvml is not installed" in note
-    probe = Probe(torch.device("cuda"), threads=1)
-    probe.start()
-    assert probe.stop() == []
+    with Probe(torch.device("cuda"), threads=1) as probe:
+        probe.start()
+    assert probe.metrics == []
     assert probe.notes == [note]
 
 

@@ -378,24 +378,36 @@ class CpuUtilization:
 
 
 class Probe:
-    """Utilization across the timed steps of one cell: :meth:`start` right before the first timed step,
-    :meth:`stop` after the last (also when they raised). NVML, if any, is opened at construction,
-    before the warm-up, so that starting costs a drain and a thread start."""
+    """Utilization across the timed steps of one cell, as a context manager around the whole
+    measurement: entering opens NVML (before the instrumented and warm-up steps), :meth:`start` opens
+    the window right before the first timed step (a drain and a thread start, or two clock reads),
+    leaving closes it (also when a step raised) into :attr:`metrics` and :attr:`notes`."""
 
-    def __init__(self, device: torch.device, threads: int) -> None:
+    def __init__(self, device: torch.device, threads: int, enabled: bool = True) -> None:
+        self._device = device
+        self._threads = threads
+        self._enabled = enabled
         self._cpu: CpuUtilization | None = None
         self._nvml: NvmlSampler | None = None
         self._started = False
+        self.metrics: list[Metric] = []
+        """The utilization metrics of the window (none if it never opened)."""
         self.notes: list[str] = []
-        """One-line notes for the session summary (no NVML, device-wide figures)."""
-        if device.type == "cpu":
-            self._cpu = CpuUtilization(threads)
-        elif device.type == "cuda":
-            self._nvml, note = open_sampler(device)
+        """One-line notes for the session summary (no NVML, device-wide figures, too few samples)."""
+
+    def __enter__(self) -> Probe:
+        if not self._enabled:
+            return self
+        if self._device.type == "cpu":
+            self._cpu = CpuUtilization(self._threads)
+        elif self._device.type == "cuda":
+            self._nvml, note = open_sampler(self._device)
             if note:
                 self.notes.append(note)
+        return self
 
     def start(self) -> None:
+        """Open the window (called once, right before the first timed step)."""
         self._started = True
         if self._cpu is not None:
             self._cpu.start()
@@ -406,20 +418,17 @@ class Probe:
                 self.notes.append(f"no GPU utilization: NVML sampling failed to start ({type(exc).__name__}: {exc})")
                 self._close()
 
-    def stop(self) -> list[Metric]:
-        """The utilization metrics of the window (none if it never started)."""
-        metrics: list[Metric] = []
+    def __exit__(self, *exc_info: object) -> None:
         if self._started and self._cpu is not None:
             cpu = self._cpu.stop()
             if cpu is not None:
-                metrics.append(cpu)
+                self.metrics.append(cpu)
         if self._started and self._nvml is not None:
             result = self._nvml.stop()
-            metrics += result.metrics()
+            self.metrics += result.metrics()
             if result.note:
                 self.notes.append(result.note)
         self._close()
-        return metrics
 
     def _close(self) -> None:
         if self._nvml is not None:
