@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-
 from pytest_trainperf.settings import CUDNN_BENCHMARK as POLICIES
+
+__all__ = ["POLICIES", "cudnn_benchmark"]
 
 
 @contextmanager

@@ -147,7 +147,6 @@ class NvmlSampler:
         self._pid = os.getpid() if pid is None else pid
         self._poll = poll
         self._rates_period = rates_period
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._kinds = {"sm": nvml.NVML_GPU_UTILIZATION_SAMPLES, "memory": nvml.NVML_MEMORY_UTILIZATION_SAMPLES}
@@ -193,25 +192,20 @@ class NvmlSampler:
         return got
 
     def _collect(self) -> None:
-        """One drain of every stream still sampled; a stream that errors stops being sampled."""
+        """One drain of every stream: by the thread while it runs, then once more by :meth:`stop`
+        after joining it (so never two at once). A process stream that errors stops being read."""
         nvml = self._nvml
         if self._rates:
             rates = nvml.nvmlDeviceGetUtilizationRates(self._handle)
             self._rate_samples.append((time.monotonic_ns() // 1000, float(rates.gpu), float(rates.memory)))
         else:
             for kind in ("sm", "memory"):
-                got = self._drain_samples(kind)
-                with self._lock:
-                    self._samples[kind] += got
+                self._samples[kind] += self._drain_samples(kind)
         if self._processes is not None:
             try:
-                got_processes = self._drain_processes()
+                self._processes.extend(self._drain_processes())
             except nvml.NVMLError:
-                with self._lock:
-                    self._processes = None
-            else:
-                with self._lock:
-                    self._processes += got_processes
+                self._processes = None
 
     # ------------------------------------------------------------------ the window
 
