@@ -36,15 +36,15 @@ def fingerprint(device: torch.device, threads: int, malloc: str = "", cudnn_benc
     the measurement ran with."""
     import torch
 
-    cuda: dict[str, str] = {}
+    capability = driver = cudnn = benchmark = ""
     if device.type == "cuda":
         from pytest_trainperf.measure.utilization import driver_version
 
         name = torch.cuda.get_device_name(device)
         major, minor = torch.cuda.get_device_capability(device)
+        capability, driver, benchmark = f"{major}.{minor}", driver_version(), cudnn_benchmark
         version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-        cuda = {"compute_capability": f"{major}.{minor}", "driver": driver_version(),
-                "cudnn": "" if version is None else str(version), "cudnn_benchmark": cudnn_benchmark}
+        cudnn = "" if version is None else str(version)
     elif device.type == "cpu":
         name = cpu_model()
     else:
@@ -59,5 +59,8 @@ def fingerprint(device: torch.device, threads: int, malloc: str = "", cudnn_benc
         malloc=malloc,
         python=platform.python_version(),
         platform=f"{sys.platform}-{platform.machine()}",
-        **cuda,
+        compute_capability=capability,
+        driver=driver,
+        cudnn=cudnn,
+        cudnn_benchmark=benchmark,
     )
