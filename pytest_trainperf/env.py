@@ -43,7 +43,7 @@ def fingerprint(device: torch.device, threads: int, malloc: str = "", cudnn_benc
         name = torch.cuda.get_device_name(device)
         major, minor = torch.cuda.get_device_capability(device)
         capability, driver, benchmark = f"{major}.{minor}", driver_version(), cudnn_benchmark
-        version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None  # type: ignore[no-untyped-call]
         cudnn = "" if version is None else str(version)
     elif device.type == "cpu":
         name = cpu_model()
