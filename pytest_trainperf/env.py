@@ -30,12 +30,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
-def fingerprint(device: torch.device, threads: int, malloc: str = "") -> Fingerprint:
-    """The fingerprint of measuring on ``device`` with ``threads`` intra-op threads."""
+def fingerprint(device: torch.device, threads: int, malloc: str = "", cudnn_benchmark: str = "") -> Fingerprint:
+    """The fingerprint of measuring on ``device`` with ``threads`` intra-op threads; on CUDA also the
+    compute capability, driver, cuDNN version and the ``cudnn.benchmark`` setting (``on``/``off``)
+    the measurement ran with."""
     import torch
 
+    capability = driver = cudnn = benchmark = ""
     if device.type == "cuda":
+        from pytest_trainperf.measure.utilization import driver_version
+
         name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        capability, driver, benchmark = f"{major}.{minor}", driver_version(), cudnn_benchmark
+        version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None  # type: ignore[no-untyped-call]
+        cudnn = "" if version is None else str(version)
     elif device.type == "cpu":
         name = cpu_model()
     else:
@@ -50,4 +59,8 @@ def fingerprint(device: torch.device, threads: int, malloc: str = "") -> Fingerp
         malloc=malloc,
         python=platform.python_version(),
         platform=f"{sys.platform}-{platform.machine()}",
+        compute_capability=capability,
+        driver=driver,
+        cudnn=cudnn,
+        cudnn_benchmark=benchmark,
     )

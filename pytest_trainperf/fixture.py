@@ -99,6 +99,10 @@ class TrainPerf:
         self._threads: int | None = None
         self._preexisting: Preexisting | None = None
         self._retime: Callable[[], list[Metric]] | None = None
+        self._cudnn_benchmark = ""
+        self._peak: tuple[float | None, str] = (None, "")
+        self._notes: dict[str, None] = {}
+        self._peak_precision = ""
 
     def begin(self) -> None:
         """Called by the fixture before the test body under ``--trainperf``: resolve the device and
@@ -222,7 +226,8 @@ class TrainPerf:
             return None
         base = self._measured or Measurement(test=self._cell.test, cell=self._cell.cell,
                                              params=self._cell.params, metrics=(), kind="record")
-        return replace(base, metrics=base.metrics + tuple(self._recorded))
+        derived = tuple(self._mfu(base))
+        return replace(base, metrics=base.metrics + derived + tuple(self._recorded))
 
     def out_of_memory(self, detail: str, outcome: Outcome = Outcome.OOM) -> Measurement:
         """Record that the cell ran out of memory (the plugin calls this once the error is gone):
@@ -246,13 +251,21 @@ class TrainPerf:
                                                                 for m in self._measured.metrics))
         return self.result()
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """One-line notes for the session summary, e.g. why ``mfu`` or GPU utilization is missing."""
+        return tuple(self._notes)
+
     def fingerprint(self) -> Fingerprint:
         """The environment of this cell's measurement (device, torch, CUDA, threads, CPU)."""
+        import torch
+
         from pytest_trainperf.env import fingerprint
         from pytest_trainperf.measure.timing import default_threads
 
+        cudnn = self._cudnn_benchmark or ("on" if torch.backends.cudnn.benchmark else "off")
         return fingerprint(self.device, self._threads or self._settings.threads or default_threads(),
-                           self._malloc)
+                           self._malloc, cudnn)
 
     # ------------------------------------------------------------------ inside
 
@@ -274,6 +287,28 @@ class TrainPerf:
         if getattr(value, "shape", None) == () and hasattr(value, "item"):
             return float(value.item())
         return None
+
+    def _mfu(self, measured: Measurement) -> list[Metric]:
+        """``mfu`` from the measured FLOPs and step time, against a recorded ``peak_flops`` or the table."""
+        from pytest_trainperf.measure.mfu import PEAK_METRIC, mfu
+
+        flops, step = measured.metric("flops"), measured.metric("step_time")
+        if flops is None or step is None or not step.value > 0:
+            return []
+        recorded = next((m.value for m in self._recorded if m.name == PEAK_METRIC), None)
+        peak, note = (recorded, "") if recorded is not None else self._peak
+        if recorded is not None and not recorded > 0:
+            note = f"no mfu in {self._cell.nodeid}: {PEAK_METRIC} recorded as {recorded}, expected FLOP/s > 0"
+        if peak is None or not peak > 0:
+            if note:
+                self._notes.setdefault(note)
+            return []
+        metric = mfu(flops.value, step.value, peak)
+        if metric.value > 100 and recorded is None:
+            self._notes.setdefault(f"mfu of {self._cell.nodeid} is {metric.value:.0f}% of the table's peak for "
+                                   f"{self._peak_precision}: the step runs in a lower precision; record the "
+                                   f"peak that applies: trainperf.record({PEAK_METRIC!r}, <FLOP/s>)")
+        return [metric]
 
     def _loss(self, out: object) -> object:
         """Check one step's return value; keep it cheaply (a detached tensor or a float)."""
@@ -299,9 +334,12 @@ class TrainPerf:
 
     def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
                  items: float | None) -> Measurement:
+        from pytest_trainperf.measure.cudnn import cudnn_benchmark
         from pytest_trainperf.measure.flops import count_flops
         from pytest_trainperf.measure.memory import allocator_pressure, measure_peak
+        from pytest_trainperf.measure.mfu import device_peak, precision_in_use
         from pytest_trainperf.measure.timing import default_threads, fixed_threads, time_steps
+        from pytest_trainperf.measure.utilization import Probe
 
         device = self.device
         keep: Callable[[object], object] | None = self._loss if kind == "train" else None
@@ -309,7 +347,9 @@ class TrainPerf:
         flops = peak = timed = None
         threads = self._threads = self._settings.threads or default_threads()
         pressure = allocator_pressure(device)
-        with fixed_threads(threads):
+        policy = self._settings.cudnn_benchmark
+        probe = Probe(device, threads, enabled=not self._timing_only)  # utilization over the timed steps
+        with fixed_threads(threads), cudnn_benchmark(policy) as self._cudnn_benchmark, probe:
             # instrumented steps first, so that the warm-up runs right before the timed steps
             if not self._timing_only:
                 out, flops = count_flops(fn)
@@ -322,13 +362,17 @@ class TrainPerf:
                 del out
             over = peak is not None and self._budget is not None and peak.peak_bytes > self._budget
             if not over:  # a cell over its budget would not have run: no timing
-                timed = time_steps(fn, count, device, keep, warmup)
+                timed = time_steps(fn, count, device, keep, warmup, on_timed=probe.start)
+        self._notes.update(dict.fromkeys(probe.notes))
+        if not self._timing_only:
+            self._peak = device_peak(device)
+            self._peak_precision = precision_in_use(device)
         curve = (self._check_losses(kept + (timed.kept if timed is not None else []), f"trainperf.{kind}")
                  if keep is not None else [])
         metrics = timing_metrics(timed.samples, items) if timed is not None else []
 
         def retime() -> list[Metric]:
-            with fixed_threads(threads):
+            with fixed_threads(threads), cudnn_benchmark(policy):
                 again = time_steps(fn, count, device, warmup=CONFIRM_WARMUP)
             return timing_metrics(again.samples, items)
 
@@ -339,6 +383,7 @@ class TrainPerf:
                 metrics.append(Metric("reserved_memory", float(peak.reserved_bytes), "B"))
         if flops is not None:
             metrics.append(Metric("flops", float(flops), "FLOP"))
+        metrics += probe.metrics
         if curve and not self._timing_only and timed is not None:
             metrics.append(Metric("loss", curve[-1], "", Direction.EXACT))
         retries, ooms = (after - before for after, before in zip(allocator_pressure(device), pressure, strict=True))

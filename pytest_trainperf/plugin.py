@@ -161,6 +161,8 @@ class TrainPerfSession:
         self._cell_seconds: dict[str, float] = {}
         self._grid_sizes: dict[str, int] = {}
         self._grid_p: dict[str, dict[str, list[float]]] = {}
+        self.notes: dict[str, None] = {}
+        """One-line notes of the cells (no NVML, no peak FLOP/s for the device), each printed once."""
 
     # ------------------------------------------------------------------ collection
 
@@ -242,6 +244,7 @@ class TrainPerfSession:
             if measurement is not None and fixture.timing_only:
                 self._extra_rounds.setdefault(item.nodeid, []).append(measurement)
             elif measurement is not None:
+                self.notes.update(dict.fromkeys(fixture.notes))
                 self._conclude(item, fixture, measurement)
                 self._cell_seconds[item.nodeid] = fixture.elapsed
         return result
@@ -392,3 +395,5 @@ class TrainPerfSession:
                        elsewhere=sorted({key for r in self.results for key in r.elsewhere}))
         terminalreporter.write_sep("=", "trainperf")
         terminalreporter.write(buffer.getvalue())
+        for note in self.notes:
+            terminalreporter.write_line(f"trainperf note: {note}")

@@ -127,11 +127,23 @@ class Fingerprint:
     """The Python version (informative, not part of the key)."""
     platform: str = ""
     """The OS and machine (informative, not part of the key)."""
+    compute_capability: str = ""
+    """CUDA: the device's compute capability, ``9.0`` (informative: the device name implies it)."""
+    driver: str = ""
+    """CUDA: the NVIDIA driver version NVML reports (informative; empty without NVML)."""
+    cudnn: str = ""
+    """CUDA: ``torch.backends.cudnn.version()``, e.g. ``90100`` (part of the key; empty without cuDNN)."""
+    cudnn_benchmark: str = ""
+    """CUDA: ``torch.backends.cudnn.benchmark`` during measurement, ``on`` or ``off`` (part of the key)."""
 
     @property
     def key(self) -> str:
         """The key baselines are stored under: what must match for timings to be comparable."""
         parts = [self.device_type, self.device, f"torch {self.torch}", f"cuda {self.cuda or 'none'}"]
+        if self.cudnn:
+            parts.append(f"cudnn {self.cudnn}")
+        if self.cudnn_benchmark:
+            parts.append(f"cudnn.benchmark {self.cudnn_benchmark}")
         parts.append(f"threads {self.threads}")
         if self.device_type != "cpu":
             parts.append(f"cpu {self.cpu}")
@@ -257,8 +269,12 @@ class CellVerdict:
 
     @property
     def status(self) -> Status:
-        """The worst status of the outcome and the metrics (regressed > improved > new > unchanged)."""
-        statuses = [m.status for m in self.metrics] + ([self.outcome] if self.outcome is not None else [])
+        """The worst status of the outcome and the metrics (regressed > improved > new > unchanged).
+
+        A report-only metric (infinite tolerance, e.g. ``cpu_utilization``) that is new to a cell
+        with a baseline, as after an upgrade adds it, leaves the cell's status alone."""
+        statuses = [m.status for m in self.metrics if not (m.status is Status.NEW and math.isinf(m.tolerance))]
+        statuses += [self.outcome] if self.outcome is not None else []
         if not statuses:
             return Status.NEW
         return max(statuses, key=lambda s: s.rank)

@@ -22,6 +22,8 @@ DEFAULT_SHOW = ("step_time", "peak_memory")
 """The metrics the report renders as heatmaps unless ``--trainperf-show`` says otherwise."""
 MALLOC_MODES = ("fixed", "system")
 """What ``--trainperf-malloc`` accepts."""
+CUDNN_BENCHMARK = ("keep", "on", "off")
+"""What ``--trainperf-cudnn-benchmark`` accepts (as :data:`pytest_trainperf.measure.cudnn.POLICIES`)."""
 DEFAULT_CONFIRM = 1
 """Re-measurements of a timing regression before it fails the cell."""
 DEFAULT_ROUNDS = 5
@@ -115,6 +117,14 @@ def parse_malloc(value: str) -> str:
     return text
 
 
+def parse_cudnn_benchmark(value: str) -> str:
+    """``keep`` (record the process's ``torch.backends.cudnn.benchmark``), ``on`` or ``off``."""
+    text = value.strip()
+    if text not in CUDNN_BENCHMARK:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(CUDNN_BENCHMARK)}, got {value!r}")
+    return text
+
+
 def parse_path(value: str) -> str:
     """A non-empty directory path."""
     if not value.strip():
@@ -187,6 +197,9 @@ OPTIONS = (
     _Option("--trainperf-devices", "comma-separated devices, one per pytest-xdist worker (gwN measures on the "
             "N-th, modulo the list; without xdist the first); overrides --trainperf-device",
             parse_devices, metavar="DEVICES"),
+    _Option("--trainperf-cudnn-benchmark", "torch.backends.cudnn.benchmark during measurement on CUDA: on, off, "
+            "or keep the process's setting (default); recorded in the environment fingerprint",
+            parse_cudnn_benchmark, metavar="POLICY"),
 )
 
 
@@ -237,6 +250,8 @@ class Settings:
     """Where to write the session's Markdown report (None: only ``$GITHUB_STEP_SUMMARY``, if set)."""
     devices: tuple[str, ...] = ()
     """One device per pytest-xdist worker (empty: every worker measures on :attr:`device`)."""
+    cudnn_benchmark: str = CUDNN_BENCHMARK[0]
+    """``torch.backends.cudnn.benchmark`` during measurement: ``keep``, ``on`` or ``off``."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -293,4 +308,5 @@ def resolve(config: pytest.Config) -> Settings:
         json=_file(config, "trainperf_json", values["trainperf_json"]),
         markdown=_file(config, "trainperf_markdown", values["trainperf_markdown"]),
         devices=values["trainperf_devices"] or (),
+        cudnn_benchmark=values["trainperf_cudnn_benchmark"] or CUDNN_BENCHMARK[0],
     )

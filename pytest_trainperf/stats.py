@@ -63,9 +63,16 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
     "flops": 0.001,
     "loss": 0.002,
     "reserved_memory": math.inf,
+    "sm_utilization": math.inf,
+    "sm_utilization_max": math.inf,
+    "memory_utilization": math.inf,
+    "memory_utilization_max": math.inf,
+    "cpu_utilization": math.inf,
+    "mfu": math.inf,
 }
-"""Relative tolerances of the built-in metrics (``reserved_memory``, CUDA only, is reported, not gated,
-unless a test gives it a tolerance); a recorded metric without one gets :data:`RECORD_TOLERANCE`."""
+"""Relative tolerances of the built-in metrics. ``reserved_memory`` (CUDA), the utilizations (GPU
+through NVML, or the process's CPU) and ``mfu`` are reported, not gated, unless a test gives them a
+tolerance; a recorded metric without one gets :data:`RECORD_TOLERANCE`."""
 RECORD_TOLERANCE = 0.01
 """Default relative tolerance of a metric recorded with ``trainperf.record``."""
 NOISE_FACTOR = 3.0

@@ -152,7 +152,8 @@ def test_file_text_is_stable_and_reviewable(tmp_path: Path) -> None:
     assert_sorted_keys(text)
     assert text.startswith('{\n  "environments": {\n'
                            f'    {json.dumps(CPU.key)}: {{\n'
-                           '      "fingerprint": {\n        "cpu": "Test CPU 9000",\n')
+                           '      "fingerprint": {\n        "compute_capability": "",\n'
+                           '        "cpu": "Test CPU 9000",\n')
     assert text.endswith("\n}\n")
     assert all((len(line) - len(line.lstrip(" "))) % 2 == 0 for line in text.splitlines())
     assert f'"samples": {json.dumps(list(STEP_SAMPLES))},\n' in text

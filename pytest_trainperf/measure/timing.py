@@ -120,7 +120,8 @@ def settled_from(samples: Sequence[float], window: int = SETTLE_WINDOW, toleranc
 
 
 def time_steps(fn: Callable[[], T], count: int, device: torch.device,
-               keep: Callable[[T], object] | None = None, warmup: int = 0, settle: bool = True) -> Timed:
+               keep: Callable[[T], object] | None = None, warmup: int = 0, settle: bool = True,
+               on_timed: Callable[[], None] | None = None) -> Timed:
     """Call ``fn`` ``warmup`` times untimed, then ``count`` times timing each call.
 
     With ``settle`` (and ``warmup`` >= 1), leading timed calls whose time had not settled yet
@@ -128,7 +129,9 @@ def time_steps(fn: Callable[[], T], count: int, device: torch.device,
     the step time settles, and the number of calls, so the state a training run ends in, stays fixed.
     The garbage collector runs once before the warm-up (whose steps bring the caches back after it)
     and is off until the last timed call. ``keep`` turns each result into what is kept (e.g. a
-    detached loss); None keeps nothing, so results die before the next call starts.
+    detached loss); None keeps nothing, so results die before the next call starts. ``on_timed`` is
+    called once, after the warm-up (and its synchronization), before the first timed call's clock
+    starts: where utilization samplers start.
     """
     sync = synchronizer(device)
     clock = time.perf_counter_ns
@@ -142,6 +145,8 @@ def time_steps(fn: Callable[[], T], count: int, device: torch.device,
             del result
         sync()
         events = _cuda_events(device, count)
+        if on_timed is not None:
+            on_timed()
         for i in range(count):
             start = clock()
             if events:
