@@ -55,37 +55,30 @@ def parse_metrics(value: str) -> tuple[str, ...]:
     return names
 
 
+def _integer(value: str, minimum: int, expected: str) -> int:
+    """``value`` as an integer of at least ``minimum``; the error names ``expected`` and the value."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+    return number
+
+
 def parse_threads(value: str) -> int:
     """A positive integer number of intra-op threads."""
-    try:
-        threads = int(value)
-    except ValueError:
-        threads = 0
-    if threads < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return threads
+    return _integer(value, 1, "a positive integer")
 
 
 def parse_confirm(value: str) -> int:
     """A non-negative integer number of re-measurements."""
-    try:
-        count = int(value)
-    except ValueError:
-        count = -1
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer (0 turns confirmation off), got {value!r}")
-    return count
+    return _integer(value, 0, "a non-negative integer (0 turns confirmation off)")
 
 
 def parse_rounds(value: str) -> int:
     """A positive integer number of measurement rounds."""
-    try:
-        count = int(value)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (1: no noise band), got {value!r}")
-    return count
+    return _integer(value, 1, "a positive integer (1: no noise band)")
 
 
 def parse_seconds(value: str) -> float:
@@ -109,20 +102,21 @@ def parse_budget(value: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _choice(value: str, choices: tuple[str, ...]) -> str:
+    text = value.strip()
+    if text not in choices:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {value!r}")
+    return text
+
+
 def parse_malloc(value: str) -> str:
     """``fixed`` (glibc thresholds fixed for the session) or ``system`` (left alone)."""
-    text = value.strip()
-    if text not in MALLOC_MODES:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(MALLOC_MODES)}, got {value!r}")
-    return text
+    return _choice(value, MALLOC_MODES)
 
 
 def parse_cudnn_benchmark(value: str) -> str:
     """``keep`` (record the process's ``torch.backends.cudnn.benchmark``), ``on`` or ``off``."""
-    text = value.strip()
-    if text not in CUDNN_BENCHMARK:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(CUDNN_BENCHMARK)}, got {value!r}")
-    return text
+    return _choice(value, CUDNN_BENCHMARK)
 
 
 def parse_path(value: str) -> str:
