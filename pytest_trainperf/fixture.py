@@ -237,6 +237,11 @@ class TrainPerf:
                                                                 for m in self._measured.metrics))
         return self.result()
 
+    def add_metric(self, metric: Metric) -> None:
+        """Add a metric the plugin measured around the cell rather than in its step (``peak_rss`` of an
+        isolated cell's process); unlike :meth:`record`, built-in names are the point."""
+        self._recorded.append(metric)
+
     def fingerprint(self) -> Fingerprint:
         """The environment of this cell's measurement (device, torch, CUDA, threads, CPU)."""
         from pytest_trainperf.env import fingerprint

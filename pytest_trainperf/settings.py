@@ -174,6 +174,9 @@ OPTIONS = (
     _Option("--trainperf-devices", "comma-separated devices, one per pytest-xdist worker (gwN measures on the "
             "N-th, modulo the list; without xdist the first); overrides --trainperf-device",
             parse_devices, metavar="DEVICES"),
+    _Option("--trainperf-isolate", "run each trainperf cell in a fresh child process: a cell the kernel kills "
+            "(out of memory) or that crashes the interpreter is reported as KILLED or CRASH and the session "
+            "goes on; the process's peak RSS is reported as peak_rss (POSIX only)", flag=True),
 )
 
 
@@ -222,6 +225,8 @@ class Settings:
     """Where to write the session's Markdown report (None: only ``$GITHUB_STEP_SUMMARY``, if set)."""
     devices: tuple[str, ...] = ()
     """One device per pytest-xdist worker (empty: every worker measures on :attr:`device`)."""
+    isolate: bool = False
+    """Run each cell in a fresh child process (see :mod:`pytest_trainperf.isolate`)."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -277,4 +282,5 @@ def resolve(config: pytest.Config) -> Settings:
         json=_file(config, "trainperf_json", values["trainperf_json"]),
         markdown=_file(config, "trainperf_markdown", values["trainperf_markdown"]),
         devices=values["trainperf_devices"] or (),
+        isolate=bool(values["trainperf_isolate"]),
     )
