@@ -168,7 +168,8 @@ def test_isolated_cells_measure_what_in_process_cells_measure(pytester: pytest.P
     for name in here:
         assert written[name]["metrics"]["peak_rss"]["value"] > 2**20
         assert written[name]["metrics"]["flops"] == here[name]["metrics"]["flops"]
-    result.stdout.fnmatch_lines(["*baselines updated*", "*peak_rss*"])  # the children's baseline changes reach the parent's summary
+    # the children's baseline changes reach the parent's summary
+    result.stdout.fnmatch_lines(["*baselines updated*", "*peak_rss*"])
 
 
 def test_killed_cell_is_out_of_memory_and_the_session_goes_on(pytester: pytest.Pytester) -> None:
