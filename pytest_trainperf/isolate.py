@@ -71,6 +71,8 @@ FORMAT = "pytest-trainperf isolated cell"
 """The ``format`` marker of a child's outcome file."""
 OUTPUT_LINES = 20
 """Lines of a dead child's output shown in the cell's failure."""
+DETAIL_CHARS = 200
+"""Characters of a crashed child's last output line kept in the cell's detail."""
 KILLED = "killed by SIGKILL (the kernel's OOM killer or another process)"
 """The detail of an out-of-memory-killed cell."""
 PASSED_THROUGH = ("-p", "-W", "-o", "--override-ini", "--pythonwarnings", "--import-mode")
@@ -155,6 +157,7 @@ class ChildError(Exception):
 
 
 def dump_outcome(outcome: ChildOutcome) -> str:
+    """The text of a child's outcome file: its reports, and its results as a result file's text."""
     return json.dumps({"format": FORMAT, "reports": [asdict(r) for r in outcome.reports],
                        "results": results.dump(outcome.results)})
 
@@ -356,7 +359,7 @@ class TrainPerfIsolation:
 
         last = next((line.strip() for line in reversed(run.output.splitlines()) if line.strip()), "")
         if outcome is Outcome.CRASHED and last:
-            detail += f"; last output: {last}"
+            detail += f"; last output: {last[:DETAIL_CHARS]}"
         fixture = item.stash[FIXTURE_KEY]
         cell, fingerprint = fixture.cell, fixture.fingerprint()
         measurement = Measurement(test=cell.test, cell=cell.cell, params=cell.params,
