@@ -312,12 +312,13 @@ class TrainPerfIsolation:
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _conclude(self, item: pytest.Function, run: ChildRun) -> None:
-        if run.outcome is None:
+        done = run.outcome
+        if done is None:
             self._dead(item, run)
             return
-        reports = [r for r in run.outcome.reports if r.nodeid == item.nodeid or r.when == "collect"]
+        reports = [r for r in done.reports if r.nodeid == item.nodeid or r.when == "collect"]
         failed = [r for r in reports if r.outcome == "failed"]
-        record = next((c for c in run.outcome.results.cells if c.nodeid == item.nodeid), None)
+        record = next((c for c in done.results.cells if c.nodeid == item.nodeid), None)
         for r in failed:
             if r.when != "call" or record is None:
                 pytest.fail(f"{r.text}\n(in the isolated run of {item.nodeid}: {r.when} failed)", pytrace=False)
@@ -338,8 +339,8 @@ class TrainPerfIsolation:
             from pytest_trainperf.outputs import result_of
 
             self.session.results.append(result_of(record))
-            self.session.changes += run.outcome.results.changes
-            self.session.write_errors += run.outcome.results.errors
+            self.session.changes += done.results.changes
+            self.session.write_errors += done.results.errors
             return
         from pytest_trainperf.plugin import FIXTURE_KEY
 
