@@ -46,7 +46,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,8 +54,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pytest_trainperf import results, stats
+from pytest_trainperf.outputs import STEP_SUMMARY_ENV
 from pytest_trainperf.records import Measurement, Metric, Outcome, Status
-from pytest_trainperf.settings import Settings
+from pytest_trainperf.settings import OPTIONS, Settings
 from pytest_trainperf.units import format_value
 
 if TYPE_CHECKING:
@@ -98,6 +99,22 @@ def child_args(settings: Settings) -> list[str]:
     if settings.threads is not None:
         args.append(f"--trainperf-threads={settings.threads}")
     return args
+
+
+def ini_overrides() -> list[str]:
+    """``-o`` options that switch off the ini twins of the options the child does not get (the child
+    reads the same ini file: it must not write the session's JSON or Markdown, for one)."""
+    out: list[str] = []
+    for opt in OPTIONS:
+        if opt.dest in NOT_FORWARDED:
+            out += ["-o", f"{opt.dest}={'false' if opt.flag else ''}"]
+    return out
+
+
+def child_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """A child's environment: the parent's, less what would repeat the session's work (options from
+    ``$PYTEST_ADDOPTS``, already on the command line; a Markdown report per cell in the job summary)."""
+    return {k: v for k, v in environ.items() if k not in ("PYTEST_ADDOPTS", STEP_SUMMARY_ENV)}
 
 
 def passed_through(args: Sequence[str]) -> list[str]:
@@ -244,7 +261,7 @@ class ChildRun:
     """What it wrote; None when it wrote nothing."""
 
 
-def run_child(argv: Sequence[str], cwd: Path, env: dict[str, str], workdir: Path) -> ChildRun:
+def run_child(argv: Sequence[str], cwd: Path, env: Mapping[str, str], workdir: Path) -> ChildRun:
     """Run a child to its end (``os.wait4``: its exit status and resource usage), output to a file."""
     log = workdir / "output.txt"
     result = workdir / "outcome.json"
@@ -301,11 +318,9 @@ class TrainPerfIsolation:
                 "-o", "addopts=", f"--rootdir={config.rootpath}", f"--basetemp={workdir / 'tmp'}"]
         if config.inipath is not None:
             argv += ["-c", str(config.inipath)]
-        argv += passed_through(config.invocation_params.args) + child_args(self.session.settings)
-        # the parent's options are on the command line already: none from the environment
-        env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+        argv += passed_through(config.invocation_params.args) + ini_overrides() + child_args(self.session.settings)
         try:
-            return run_child(argv, config.rootpath, env, workdir)
+            return run_child(argv, config.rootpath, child_env(os.environ), workdir)
         except ChildError as exc:
             pytest.fail(f"trainperf: {item.nodeid}: the isolated run's {exc}", pytrace=False)
         finally:

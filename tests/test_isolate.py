@@ -85,7 +85,9 @@ def test_help_lists_the_option_and_its_ini_twin(pytester: pytest.Pytester) -> No
 
 
 def test_ini_twin_runs_trainperf_tests_in_a_child_and_others_here(pytester: pytest.Pytester) -> None:
-    pytester.makeini(INI + "trainperf_isolate = true\n")
+    # the ini twins of the options a child does not get are switched off there with -o: it starts
+    pytester.makeini(INI + "trainperf_isolate = true\ntrainperf_strict = true\ntrainperf_show = flops\n"
+                     "trainperf_markdown = report.md\ntrainperf_devices = cpu\n")
     pytester.makepyfile(test_where=f"""
         import os
 
@@ -105,6 +107,11 @@ def test_every_option_is_forwarded_to_the_child_or_deliberately_not() -> None:
     every = {opt.dest for opt in OPTIONS}
     assert forwarded | isolate.NOT_FORWARDED | {"trainperf"} == every
     assert not forwarded & isolate.NOT_FORWARDED
+
+
+def test_child_environment_repeats_no_session_work() -> None:
+    env = isolate.child_env({"PATH": "/bin", "PYTEST_ADDOPTS": "-n 4", "GITHUB_STEP_SUMMARY": "/s.md"})
+    assert env == {"PATH": "/bin"}
 
 
 def test_plugins_warnings_and_ini_overrides_pass_through() -> None:
@@ -194,7 +201,8 @@ def test_killed_cell_is_out_of_memory_and_the_session_goes_on(pytester: pytest.P
     result.stdout.fnmatch_lines(["FAILED test_work.py::test_mlp[[]n=16[]]*"])
 
 
-def test_crash_and_failure_in_children_fail_their_items(pytester: pytest.Pytester) -> None:
+def test_crash_and_failure_in_children_fail_their_items(pytester: pytest.Pytester,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     pytester.makepyfile(test_work=textwrap.dedent("""
         import os
 
@@ -208,8 +216,12 @@ def test_crash_and_failure_in_children_fail_their_items(pytester: pytest.Pyteste
         def test_ok(trainperf):
             trainperf.record("answer", 42.0)
     """))
+    summary = pytester.path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     result = pytester.runpytest("--trainperf", "--trainperf-isolate", "--trainperf-json=r.json")
     result.assert_outcomes(passed=1, failed=2)
+    # one report, the session's: the children append none
+    assert sum(line.startswith("## ") for line in summary.read_text().splitlines()) == 1
     result.stdout.fnmatch_lines(["*crashed: died of SIGABRT*"])
     result.stdout.fnmatch_lines(["*the isolated test's own message*"])
     result.stdout.fnmatch_lines(["*in the isolated run of test_work.py::test_assert: call failed*"])
