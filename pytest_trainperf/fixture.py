@@ -256,6 +256,11 @@ class TrainPerf:
         """One-line notes for the session summary, e.g. why ``mfu`` or GPU utilization is missing."""
         return tuple(self._notes)
 
+    def add_metric(self, metric: Metric) -> None:
+        """Add a metric the plugin measured around the cell rather than in its step (``peak_rss`` of an
+        isolated cell's process); unlike :meth:`record`, built-in names are the point."""
+        self._recorded.append(metric)
+
     def fingerprint(self) -> Fingerprint:
         """The environment of this cell's measurement (device, torch, CUDA, threads, CPU)."""
         import torch

@@ -52,7 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", f"{TOLERANCE_MARK}(tolerances): applied by tp.tolerance: per-test relative tolerances")
     config.addinivalue_line(
         "markers", f"{BUDGET_MARK}(bytes): applied by tp.memory_budget: cells over it count as out of memory")
-    from pytest_trainperf import distributed, outputs
+    from pytest_trainperf import distributed, isolate, outputs
 
     settings = distributed.assign_device(resolve(config), config)  # a worker's own --trainperf-devices
     malloc = ""
@@ -62,6 +62,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, PLUGIN_NAME)
     outputs.register(config, session)  # JSON, Markdown, JUnit properties; the xdist integration
+    isolate.register(config, session)  # --trainperf-isolate: the parent's or an isolated child's part
 
 
 @dataclass(frozen=True)
@@ -276,9 +277,15 @@ class TrainPerfSession:
                     "(then rerun with --trainperf-update-baselines).", pytrace=False)
 
     def _conclude(self, item: pytest.Item, fixture: TrainPerf, measurement: Measurement) -> None:
-        cell = fixture.cell
+        self.accept(item, fixture.cell, fixture.fingerprint(), measurement, fixture)
+
+    def accept(self, item: pytest.Item, cell: Cell, fingerprint: Fingerprint, measurement: Measurement,
+               fixture: TrainPerf | None = None) -> None:
+        """Conclude one cell: judge ``measurement`` against its baseline, keep the result (and, in an
+        update, the baseline to write), and fail ``item`` on a regression. ``fixture`` is the one that
+        measured it here, for confirmation re-measurements; None for a cell measured in another process
+        (``--trainperf-isolate``: that process confirmed its own timings)."""
         path, shown, baselines = self.baseline_file(cell)
-        fingerprint = fixture.fingerprint()
         baseline = baselines.lookup(fingerprint.key, cell.test, cell.cell)
         mark = item.get_closest_marker(TOLERANCE_MARK)
         overrides = mark.args[0] if mark is not None else {}
@@ -291,7 +298,7 @@ class TrainPerfSession:
 
         verdict = decide(measurement)
         rounds, unconfirmed = 0, False
-        if not self.settings.update:
+        if not self.settings.update and fixture is not None:
             verdict, rounds, unconfirmed = self._confirm(fixture, verdict, decide)
         for m in verdict.metrics:
             if m.name in stats.TIMING_METRICS and m.p_value is not None:

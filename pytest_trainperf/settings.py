@@ -194,6 +194,9 @@ OPTIONS = (
     _Option("--trainperf-cudnn-benchmark", "torch.backends.cudnn.benchmark during measurement on CUDA: on, off, "
             "or keep the process's setting (default); recorded in the environment fingerprint",
             parse_cudnn_benchmark, metavar="POLICY"),
+    _Option("--trainperf-isolate", "run each trainperf cell in a fresh child process: a cell the kernel kills "
+            "(out of memory) or that crashes the interpreter is reported as KILLED or CRASH and the session "
+            "goes on; the process's peak RSS is reported as peak_rss (POSIX only)", flag=True),
 )
 
 
@@ -246,6 +249,8 @@ class Settings:
     """One device per pytest-xdist worker (empty: every worker measures on :attr:`device`)."""
     cudnn_benchmark: str = CUDNN_BENCHMARK[0]
     """``torch.backends.cudnn.benchmark`` during measurement: ``keep``, ``on`` or ``off``."""
+    isolate: bool = False
+    """Run each cell in a fresh child process (see :mod:`pytest_trainperf.isolate`)."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -303,4 +308,5 @@ def resolve(config: pytest.Config) -> Settings:
         markdown=_file(config, "trainperf_markdown", values["trainperf_markdown"]),
         devices=values["trainperf_devices"] or (),
         cudnn_benchmark=values["trainperf_cudnn_benchmark"] or CUDNN_BENCHMARK[0],
+        isolate=bool(values["trainperf_isolate"]),
     )

@@ -69,10 +69,12 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
     "memory_utilization_max": math.inf,
     "cpu_utilization": math.inf,
     "mfu": math.inf,
+    "peak_rss": math.inf,
 }
 """Relative tolerances of the built-in metrics. ``reserved_memory`` (CUDA), the utilizations (GPU
-through NVML, or the process's CPU) and ``mfu`` are reported, not gated, unless a test gives them a
-tolerance; a recorded metric without one gets :data:`RECORD_TOLERANCE`."""
+through NVML, or the process's CPU), ``mfu`` and ``peak_rss`` (the peak resident set size of an
+isolated cell's process) are reported, not gated, unless a test gives them a tolerance; a recorded
+metric without one gets :data:`RECORD_TOLERANCE`."""
 RECORD_TOLERANCE = 0.01
 """Default relative tolerance of a metric recorded with ``trainperf.record``."""
 NOISE_FACTOR = 3.0
@@ -314,8 +316,12 @@ def judge(current: Measurement, baseline: Measurement | None,
         tolerance = tolerance_for(metric, overrides)
         base = baseline.metric(metric.name) if baseline is not None else None
         if base is None:
+            # a report-only metric the baseline lacks (peak_rss against a baseline written without
+            # isolation) leaves the cell as it is, as it would with a baseline value: never "new"
+            report_only = baseline is not None and math.isinf(tolerance)
             verdicts.append(MetricVerdict(
-                name=metric.name, status=Status.NEW, current=metric.value, baseline=None,
+                name=metric.name, status=Status.UNCHANGED if report_only else Status.NEW,
+                current=metric.value, baseline=None,
                 tolerance=tolerance, unit=metric.unit, direction=metric.direction,
             ))
         elif metric.sampled and base.sampled:

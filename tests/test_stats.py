@@ -342,6 +342,19 @@ def test_reserved_memory_is_never_regressed_by_default(current: float) -> None:
     assert math.isinf(of(verdict, "reserved_memory").tolerance)
 
 
+def test_report_only_metric_the_baseline_lacks_leaves_the_cell_unchanged() -> None:
+    flops = Metric("flops", 100.0, "FLOP")
+    before = cell(flops)
+
+    verdict = judge(cell(flops, Metric("peak_rss", 2.0**30, "B")), before)
+
+    assert of(verdict, "peak_rss").status is Status.UNCHANGED and of(verdict, "peak_rss").baseline is None
+    assert verdict.status is Status.UNCHANGED
+    # a gated metric the baseline lacks is still new, and so is every metric without a baseline
+    assert judge(cell(flops, Metric("peak_rss", 1.0, "B"), Metric("extra", 1.0)), before).status is Status.NEW
+    assert of(judge(cell(Metric("peak_rss", 1.0, "B")), None), "peak_rss").status is Status.NEW
+
+
 def test_reserved_memory_from_zero_is_not_regressed_by_default() -> None:
     verdict = judge(cell(Metric("reserved_memory", 2.0**30, "B")), cell(Metric("reserved_memory", 0.0, "B")))
 
