@@ -103,7 +103,8 @@ def test_ini_twin_runs_trainperf_tests_in_a_child_and_others_here(pytester: pyte
 def test_every_option_is_forwarded_to_the_child_or_deliberately_not() -> None:
     forwarded = {arg.split("=")[0].removeprefix("--").replace("-", "_")
                  for arg in isolate.child_args(Settings(enabled=True, update=True, baselines=Path("b"),
-                                                        device="cpu", strict=False, show=(), threads=2))}
+                                                        device="cpu", strict=False, show=(), threads=2,
+                                                        memory_budget=2**30))}
     every = {opt.dest for opt in OPTIONS}
     assert forwarded | isolate.NOT_FORWARDED | {"trainperf"} == every
     assert not forwarded & isolate.NOT_FORWARDED
