@@ -344,6 +344,8 @@ def _update(path: Path, fingerprint: Fingerprint, measurements: Iterable[Measure
     cells = dict(env.cells) if env is not None else {}
     changes: list[BaselineChange] = []
     for m in measurements:
+        if m.outcome is Outcome.CRASHED:  # a crash is no baseline (and no reader would accept it)
+            continue
         changes += _changes(rel, cells.get((m.test, m.cell)), m)
         cells[(m.test, m.cell)] = m
     envs = dict(current.environments)

@@ -476,3 +476,16 @@ def test_an_out_of_memory_cell_round_trips_with_its_outcome(tmp_path: Path) -> N
     assert baselines.lookup(CPU.key, "test_train", "batch_size=64") == oom
     assert baselines.lookup(CPU.key, "test_train", "batch_size=32") == emulated
     assert '"outcome": "oom"' in path.read_text() and '"outcome": "measured"' not in path.read_text()
+
+
+def test_a_crashed_cell_is_never_written(tmp_path: Path) -> None:
+    from pytest_trainperf.records import Outcome
+
+    path = tmp_path / "test_lm.json"
+    crashed = Measurement(test="test_train", cell="default", params=(), metrics=(), outcome=Outcome.CRASHED,
+                          detail="crashed: died of SIGSEGV")
+
+    update(path, CPU, [crashed, train_cell()])
+
+    assert read(path).lookup(CPU.key, "test_train", "default") is None
+    assert '"crashed"' not in path.read_text()
