@@ -214,7 +214,9 @@ CPU_ALLOCATOR_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "Default
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for ``torch.OutOfMemoryError`` (CUDA and other accelerators), the CPU allocator's failure
     and Python's ``MemoryError``."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+    # torch.OutOfMemoryError since torch 2.5; torch.cuda.OutOfMemoryError (the same class there) before
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    if isinstance(exc, (oom, MemoryError)):
         return True
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in CPU_ALLOCATOR_FAILURES)
 
