@@ -95,6 +95,7 @@ def test_a_memory_budget_emulates_oom_on_the_cpu(pytester: pytest.Pytester) -> N
     result.stdout.fnmatch_lines(["OOM[*]: test_work.py::test_act[[]batch_size=64[]]: peak memory * MiB exceeds *"])
     words = " ".join(result.stdout.str().split())  # the note may wrap at 80 columns
     assert "exceeds the memory budget of 16.0 MiB (emulated out of memory; not timed)" in words
+    result.stdout.fnmatch_lines(["outcome written: test_work.py::test_act[[]batch_size=64[]]: new -> oom-emulated"])
     big = cells(pytester)["batch_size=64"]
     assert big["outcome"] == "oom-emulated"
     assert "step_time" not in big["metrics"] and big["metrics"]["peak_memory"]["value"] > 16 * 2**20
@@ -104,7 +105,10 @@ def test_a_memory_budget_emulates_oom_on_the_cpu(pytester: pytest.Pytester) -> N
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*1 improved, 1 unchanged*"])
 
-    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=2)
+    result = pytester.runpytest("--trainperf-update-baselines")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        ["outcome written: test_work.py::test_act[[]batch_size=64[]]: oom-emulated -> measured"])
     result = pytester.runpytest("--trainperf", "--trainperf-memory-budget=16MiB")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(

@@ -79,9 +79,18 @@ def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, 
         console.print(Text("  (nothing was compared for them: update the baselines on this environment)",
                            style="yellow"))
     if update:
+        outcomes = [(test_file, test, v) for test_file, test, _, v in results
+                    if v.measurement.outcome is not Outcome.CRASHED
+                    and (v.measurement.outcome is not Outcome.MEASURED
+                         or v.baseline_outcome not in (None, Outcome.MEASURED))
+                    and v.measurement.outcome is not v.baseline_outcome]
         if changes:
             render_updates(console, changes)
-        else:
+        elif not outcomes:
             console.print(Text("baselines: nothing changed"))
+        for test_file, test, v in outcomes:
+            before = v.baseline_outcome.value if v.baseline_outcome is not None else "new"
+            console.print(Text(f"outcome written: {test_file}::{test}[{v.measurement.cell}]: "
+                               f"{before} -> {v.measurement.outcome.value}"))
     for error in errors:
         console.print(Text(f"trainperf: {error}", style="bold red"))
