@@ -152,8 +152,8 @@ def test_markdown_puts_regressions_first_and_lays_out_the_grid() -> None:
     table = lines[lines.index("#### `tests/test_x.py::test_mlp` · step_time (ms)") + 2:][:4]
     assert table == ["| batch_size \\\\ name | tiny | a\\|b |",
                      "| --- | ---: | ---: |",
-                     "| 4 | 10.0 +0.0% | 10.0 +0.0% |",
-                     "| 8 | 30.0 +200% **REGR** | — |"]
+                     "| 4 | 10.0 +0.0% <br>[-2,+3] ≥+14% | 10.0 +0.0% <br>[-2,+3] ≥+14% |",
+                     "| 8 | 30.0 +200% **REGR** <br>[+194,+207] ≥+14% | — |"]
     assert "> **Warning:** a warning" in text
     assert "| baselines/test_x.json | test_mlp | batch_size=4-name=tiny | loss | — | 0.5 | new |" in text
 

@@ -13,7 +13,16 @@ import itertools
 from collections.abc import Sequence
 
 from pytest_trainperf.records import CellVerdict, Outcome, Scalar, Status, format_change, relative_change
-from pytest_trainperf.report.heatmap import MARKERS, NOT_MEASURED, _Axis, _grid, _Key, _key
+from pytest_trainperf.report.heatmap import (
+    MARKERS,
+    NOT_MEASURED,
+    _Axis,
+    _grid,
+    _Key,
+    _key,
+    detectable_text,
+    interval_text,
+)
 from pytest_trainperf.report.summary import metrics_to_show
 from pytest_trainperf.results import CellRecord, SessionResults
 from pytest_trainperf.units import common_scale, format_value, in_scale
@@ -51,7 +60,8 @@ def _cell(verdict: CellVerdict | None, metric: str, factor: float) -> str:
     marker = MARKERS[found.status] if found.baseline is not None or found.status is Status.NEW else ""
     if marker:
         parts.append(f"**{marker}**" if found.status is Status.REGRESSED else marker)
-    return " ".join(parts)
+    extra = [text for text in (interval_text(found), detectable_text(found)) if text]
+    return " ".join(parts) + (f" <br>{' '.join(extra)}" if extra else "")
 
 
 def _label(value: object) -> str:
