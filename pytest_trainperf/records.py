@@ -225,6 +225,8 @@ class MetricVerdict:
     configured_tolerance: float | None = None
     """For timings whose tolerance the noise band widened: the tolerance configured (``tolerance`` is
     the one applied)."""
+    step: int | None = None
+    """For ``loss_curve``: the step (0-based, over the whole curve) at which the curve left its band."""
 
     def describe(self) -> str:
         """One line for a failure message: metric, baseline, now, change, tolerance, interval, and for
@@ -232,6 +234,10 @@ class MetricVerdict:
         now = format_value(self.current, self.unit)
         if self.baseline is None:
             return f"{self.name}: {now} (new: no baseline)"
+        if self.step is not None and self.change is not None:
+            return (f"{self.name}: left its band at step {self.step} (mean of its window: baseline "
+                    f"{format_value(self.baseline, self.unit)}, now {now}, change {format_change(self.change)}; "
+                    f"tolerance {self.tolerance:.1%} either way)")
         base = format_value(self.baseline, self.unit)
         text = f"{self.name}: baseline {base}, now {now}"
         if self.change is not None:

@@ -328,9 +328,42 @@ def judge(current: Measurement, baseline: Measurement | None,
             verdicts.append(compare_samples(metric, base.samples, tolerance, rounds=base.rounds))
         else:
             verdicts.append(compare_exact(metric, base.value, tolerance))
+    if baseline is not None and current.loss_curve and baseline.loss_curve:
+        loss = current.metric("loss")
+        tolerance = overrides.get("loss", loss.tolerance if loss is not None and loss.tolerance is not None
+                                  else DEFAULT_TOLERANCES["loss"])
+        verdicts.append(compare_curve(current.loss_curve, baseline.loss_curve, tolerance))
     missing = () if baseline is None else tuple(n for n in baseline.names if current.metric(n) is None)
     return CellVerdict(measurement=current, metrics=tuple(verdicts), missing=missing,
                        baseline_outcome=baseline.outcome if baseline is not None else None)
+
+
+CURVE_WINDOW = 5
+"""Steps per window of the loss-curve band: the curve is compared window by window on its means."""
+
+
+def compare_curve(now: Sequence[float], before: Sequence[float], tolerance: float,
+                  window: int = CURVE_WINDOW) -> MetricVerdict:
+    """The loss curve against the baseline's: the ``loss_curve`` verdict.
+
+    Both curves are cut into windows of ``window`` steps over their common length; the curve leaves
+    its band at the first window whose mean moved beyond ``tolerance`` (relative, either way, as the
+    final loss), and the verdict names the first step of that window that moved beyond it (``step``).
+    ``current`` and ``baseline`` are the window means there (the last window's when the curve stayed).
+    """
+    n = min(len(now), len(before))
+    last = (0.0, 0.0, 0.0)
+    for start in range(0, n, window):
+        a, b = float(np.mean(now[start:start + window])), float(np.mean(before[start:start + window]))
+        change = relative_change(a, b)
+        last = (a, b, change)
+        if abs(change) > tolerance:
+            step = next((i for i in range(start, min(start + window, n))
+                         if abs(relative_change(now[i], before[i])) > tolerance), start)
+            return MetricVerdict(name="loss_curve", status=Status.REGRESSED, current=a, baseline=b,
+                                 tolerance=tolerance, direction=Direction.EXACT, change=change, step=step)
+    return MetricVerdict(name="loss_curve", status=Status.UNCHANGED, current=last[0], baseline=last[1],
+                         tolerance=tolerance, direction=Direction.EXACT, change=last[2])
 
 
 def correct_for_grid(verdict: CellVerdict, known: Mapping[str, Sequence[float]], total: int,

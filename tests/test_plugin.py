@@ -616,3 +616,15 @@ def test_report_shows_interval_and_detectable_change_per_timing_cell(pytester: p
     assert re.search(r"\[[+-]\d+,[+-]\d+\]", out), out
     assert re.search(r"≥\+\d+%", out), out
     result.stdout.fnmatch_lines(["[[]lo,hi[]] 95% interval of the change, ≥+x% smallest slowdown detected (95% power)"])
+
+
+def test_a_loss_curve_that_leaves_its_band_names_the_step(pytester: pytest.Pytester) -> None:
+    """A smaller learning rate: the first call (before any update) gives the same loss, the second
+    already differs, so the curve leaves its band at step 1."""
+    pytester.makepyfile(test_work=workload())
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    pytester.makepyfile(test_work=workload(lr=1e-3))
+    result = pytester.runpytest("--trainperf")
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines(["*trainperf regression: *loss_curve *",
+                                 "*  loss_curve: left its band at step 1 (mean of its window: baseline *, now *"])

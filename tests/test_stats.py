@@ -654,3 +654,47 @@ def test_an_oom_cell_against_a_measured_baseline_regresses_without_comparing_met
     back = judge(measured, oom)
     assert back.status is Status.IMPROVED and back.baseline_outcome is Outcome.OOM_EMULATED
     assert judge(oom, oom).status is Status.UNCHANGED
+
+
+# --------------------------------------------------------------------------- the loss-curve band
+
+
+def test_an_identical_curve_stays_in_its_band() -> None:
+    from pytest_trainperf.stats import compare_curve
+
+    curve = [5.0 - 0.1 * i for i in range(23)]
+    verdict = compare_curve(curve, list(curve), 0.002)
+    assert verdict.status is Status.UNCHANGED and verdict.step is None and verdict.change == 0.0
+
+
+def test_a_curve_that_departs_names_the_first_step_beyond_tolerance() -> None:
+    from pytest_trainperf.stats import compare_curve
+
+    before = [5.0 - 0.1 * i for i in range(23)]
+    now = before[:12] + [v * 1.05 for v in before[12:]]  # 5% higher from step 12 on
+
+    verdict = compare_curve(now, before, 0.002)
+
+    assert verdict.status is Status.REGRESSED and verdict.step == 12
+    assert verdict.change is not None and 0 < verdict.change < 0.05  # the mean of the window 10-14
+    assert "loss_curve: left its band at step 12" in verdict.describe()
+
+
+def test_a_lower_curve_regresses_too_and_a_change_within_tolerance_does_not() -> None:
+    from pytest_trainperf.stats import compare_curve
+
+    before = [2.0] * 20
+    assert compare_curve([1.9] * 20, before, 0.002).step == 0
+    assert compare_curve([2.001] * 20, before, 0.002).status is Status.UNCHANGED
+    assert compare_curve([1.9] * 20, before, 0.1).status is Status.UNCHANGED
+
+
+def test_judge_compares_the_curve_with_the_loss_tolerance() -> None:
+    from dataclasses import replace
+
+    before = replace(cell(Metric("loss", 1.0, "", Direction.EXACT)), loss_curve=(3.0, 2.0, 1.5, 1.2, 1.0, 1.0))
+    now = replace(before, loss_curve=(3.0, 2.0, 1.5, 1.2, 1.1, 1.0))
+
+    assert of(judge(now, before), "loss_curve").status is Status.REGRESSED
+    assert of(judge(now, before, {"loss": 0.05}), "loss_curve").status is Status.UNCHANGED
+    assert judge(now, None).metric("loss_curve") is None
