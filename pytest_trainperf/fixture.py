@@ -407,7 +407,15 @@ class TrainPerf:
             test=self._cell.test, cell=self._cell.cell, params=self._cell.params,
             metrics=tuple(metrics), loss_curve=tuple(curve), kind=kind, steps=count, warmup=warmup,
             outcome=outcome, detail=detail, notes=notes)
+        if over:  # as on a device of the budget's size: the test stops here, as a real OOM would stop it
+            raise EmulatedOutOfMemory(detail)
         return self.result()  # type: ignore[return-value]
+
+
+class EmulatedOutOfMemory(MemoryError):
+    """Raised by ``train``/``run`` when the cell's peak memory exceeds its memory budget: the rest of
+    the test does not run (a model that never trained records nothing), and the plugin reports the
+    cell as ``oom-emulated`` with what was measured."""
 
 
 def timing_metrics(samples: list[float], items: float | None) -> list[Metric]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pytest_trainperf import stats, store
-from pytest_trainperf.fixture import Cell, TrainPerf
+from pytest_trainperf.fixture import Cell, EmulatedOutOfMemory, TrainPerf
 from pytest_trainperf.grid import BUDGET_MARK, GRID_MARK, SINGLE_CELL, TOLERANCE_MARK, Grid
 from pytest_trainperf.measure.host import SYSTEM, fix_malloc
 from pytest_trainperf.records import (
@@ -232,7 +232,8 @@ class TrainPerfSession:
         except Exception as exc:
             if not measuring or not _out_of_memory(exc):
                 raise
-            oom = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if not isinstance(exc, EmulatedOutOfMemory):  # an emulated one is already the fixture's result
+                oom = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             result = None
         # out of the except block: the exception, its traceback and the test's frames are gone now
         if fixture is not None and measuring:

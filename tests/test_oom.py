@@ -171,3 +171,17 @@ def test_a_cuda_out_of_memory_error_is_an_oom_cell_and_the_next_cell_runs_cleanl
     (env,) = doc["environments"].values()
     fits = env["tests"]["test_cuda"]["gib=0"]["metrics"]
     assert fits["peak_memory"]["value"] < 2**24  # the failed 100000 GiB request left nothing behind
+
+
+def test_code_after_train_does_not_run_in_an_emulated_oom_cell(pytester: pytest.Pytester) -> None:
+    """Over its budget a cell stops at train(), as a real OOM would stop it: nothing is recorded from a
+    model that never trained; the cell under its budget records as usual."""
+    source = workload().replace("    trainperf.train(step, steps=4, warmup=1)",
+                                "    trainperf.train(step, steps=4, warmup=1)\n    trainperf.record('eval_loss', 1.0)")
+    pytester.makepyfile(test_work=source)
+    pytester.runpytest("--trainperf-update-baselines", "--trainperf-memory-budget=16MiB").assert_outcomes(passed=2)
+    stored = cells(pytester)
+    assert stored["batch_size=64"]["outcome"] == "oom-emulated"
+    assert "eval_loss" not in stored["batch_size=64"]["metrics"]
+    assert "peak_memory" in stored["batch_size=64"]["metrics"]
+    assert "eval_loss" in stored["batch_size=1"]["metrics"]
