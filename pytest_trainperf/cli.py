@@ -31,8 +31,8 @@ PROG = "python -m pytest_trainperf"
 """How the command is invoked, for messages."""
 DIFF_SHOW = ("step_time", "peak_memory")
 """The metrics ``diff`` renders as heatmaps unless ``--show`` says otherwise (as the plugin does)."""
-UPDATE_HINT = "pytest --trainperf-update-baselines"
-"""How to accept an improvement."""
+DIFF_HINT = "use the newer result file as the one to compare against"
+"""How to accept an improvement that ``diff`` found (there are no baselines to update)."""
 EXIT_OK, EXIT_REGRESSED, EXIT_UNUSABLE = 0, 1, 2
 """Exit statuses."""
 
@@ -159,7 +159,7 @@ def diff(old_path: Path, new_path: Path, metrics: Sequence[str] | None, markdown
     console = _console()
     render_session(console, results=[(c.test_file, c.test, c.axes, c.verdict) for c in compared.cells],
                    fingerprints=sorted({c.fingerprint.key for c in compared.cells}),
-                   show=metrics or DIFF_SHOW, changes=(), update=False, errors=(), hint=UPDATE_HINT)
+                   show=metrics or DIFF_SHOW, changes=(), update=False, errors=(), hint=DIFF_HINT)
     for c in compared.cells:
         if c.verdict.status is Status.REGRESSED:
             console.print(Text(f"regressed: {c.nodeid}", style="bold red"))
@@ -175,7 +175,7 @@ def diff(old_path: Path, new_path: Path, metrics: Sequence[str] | None, markdown
     if markdown is not None:
         from pytest_trainperf.report.markdown import render_markdown
 
-        store.write_atomic(markdown, render_markdown(compared, show=metrics or DIFF_SHOW, hint=UPDATE_HINT,
+        store.write_atomic(markdown, render_markdown(compared, show=metrics or DIFF_SHOW, hint=DIFF_HINT,
                                                      title=f"pytest-trainperf: {new_path.name} against "
                                                            f"{old_path.name}"))
     regressed = any(c.verdict.status is Status.REGRESSED for c in compared.cells)

@@ -221,6 +221,11 @@ class TrainPerfSession:
                 self._cell_seconds[item.nodeid] = (self._cell_seconds.get(item.nodeid, 0.0)
                                                    + time.perf_counter() - started)
         self.round = 1
+        short = [item for item in items if len(self._extra_rounds.get(item.nodeid, [])) + 1 < self.settings.rounds]
+        if short:
+            self.notes[f"{len(short)} cell{'s' * (len(short) != 1)} got fewer than {self.settings.rounds} "
+                       f"measurement rounds (--trainperf-max-time={self.settings.max_time:g} s per cell): "
+                       "their noise band is thinner, or absent with a single round"] = None
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:

@@ -253,7 +253,7 @@ class MetricVerdict:
         if self.p_value is not None:
             text += f"; p={self.p_value:.2g}"
         if self.detectable is not None and math.isfinite(self.detectable):
-            text += f"; detects {format_change(self.detectable)} or more at 95% power"
+            text += f"; caught with 95% power from {format_change(self.detectable)}"
         return text + ")"
 
 

@@ -10,6 +10,9 @@ from rich.text import Text
 from pytest_trainperf.records import BaselineChange, CellVerdict, Outcome, Scalar, Status
 from pytest_trainperf.report.heatmap import render_heatmaps, render_updates
 
+WIDE_BAND = 0.5
+"""A cell whose smallest detectable slowdown is above this is pointed out: its timings are barely gated."""
+
 Axes = tuple[tuple[str, tuple[Scalar, ...]], ...]
 """A grid's axes in declaration order."""
 
@@ -67,6 +70,13 @@ def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, 
             console.print(Text(f"{m.outcome.label}: {test_file}::{test}[{m.cell}]: {m.detail}", style="magenta"))
         for note in m.notes:
             console.print(Text(f"note: {test_file}::{test}[{m.cell}]: {note}", style="yellow"))
+    wide = [m for *_, verdict in results for m in verdict.metrics
+            if m.name == "step_time" and m.detectable is not None and m.detectable > WIDE_BAND]
+    if wide:
+        widest = max(m.noise or 0.0 for m in wide)
+        console.print(Text(f"note: {_cells(len(wide))} cannot reliably detect a slowdown below "
+                           f"{WIDE_BAND:.0%} (noise bands up to ±{widest:.0%}): their step-time gates are "
+                           "loose; update their baselines on a quiet machine", style="yellow"))
     missing = sorted({name for *_, verdict in results for name in verdict.missing})
     if missing:
         gone = sum(1 for *_, verdict in results if verdict.missing)
