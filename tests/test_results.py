@@ -169,8 +169,10 @@ def test_worker_n_gets_the_nth_device_modulo_the_list(worker: str | None, expect
 
 
 def test_oversubscription_names_the_unsound_and_the_sound_metrics() -> None:
-    assert oversubscription(2, 1, 2) is None
+    assert oversubscription(2, 1, 4) is None
+    assert oversubscription(1, 2, 2) is None  # one process using every core: the plugin's own choice at most
     assert oversubscription(4, 1, None) is None
+    assert oversubscription(2, 1, 2) is not None  # two workers and no core left free
     warning = oversubscription(4, 1, 2)
     assert warning is not None and warning.startswith("4 pytest-xdist workers x 1 measuring thread on 2 CPU cores")
     assert "step_time and throughput are unsound" in warning and "flops, peak_memory, loss" in warning
