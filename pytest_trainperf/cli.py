@@ -119,6 +119,10 @@ def show(files: Sequence[Path], metrics: Sequence[str] | None) -> int:
             for test, cells in tests.items():
                 present = list(dict.fromkeys(metric.name for m in cells for metric in m.metrics))
                 chosen = present if metrics is None else [n for n in metrics if n in present]
+                if not chosen:
+                    console.print(Text(f"{test}: --show: no stored metric {', '.join(metrics or ())} "
+                                       f"(stored: {', '.join(present) or 'none'})", style="yellow"))
+                    continue
                 render_heatmaps(console, test=test, axes=_axes(cells), cells=[_as_shown(m) for m in cells],
                                 metrics=chosen)
                 console.print()
