@@ -53,9 +53,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_trainperf import results, stats
+from pytest_trainperf import results
 from pytest_trainperf.outputs import STEP_SUMMARY_ENV
-from pytest_trainperf.records import Measurement, Metric, Outcome, Status
+from pytest_trainperf.records import Measurement, Metric, Outcome
 from pytest_trainperf.settings import OPTIONS, Settings
 from pytest_trainperf.units import format_value
 
@@ -364,7 +364,6 @@ class TrainPerfIsolation:
 
         cell = item.stash[FIXTURE_KEY].cell
         self.session.accept(item, cell, record.fingerprint, record.verdict.measurement)
-        self._fail_on_outcome(item, "")
 
     def _dead(self, item: pytest.Function, run: ChildRun) -> None:
         """Conclude a cell whose child died: out of memory if killed by SIGKILL, else crashed."""
@@ -374,7 +373,7 @@ class TrainPerfIsolation:
         settings = self.session.settings
         if not settings.enabled:
             pytest.fail(message, pytrace=False)
-        from pytest_trainperf.plugin import FIXTURE_KEY, CellResult
+        from pytest_trainperf.plugin import FIXTURE_KEY
 
         last = next((line.strip() for line in reversed(run.output.splitlines()) if line.strip()), "")
         if outcome is Outcome.CRASHED and last:
@@ -383,26 +382,7 @@ class TrainPerfIsolation:
         cell, fingerprint = fixture.cell, fixture.fingerprint()
         measurement = Measurement(test=cell.test, cell=cell.cell, params=cell.params,
                                   metrics=(Metric("peak_rss", run.peak_rss, "B"),), outcome=outcome, detail=detail)
-        if outcome is Outcome.CRASHED and settings.update:  # a crash is no baseline: keep it out of the file
-            _, _, baselines = self.session.baseline_file(cell)
-            verdict = stats.judge(measurement, baselines.lookup(fingerprint.key, cell.test, cell.cell))
-            self.session.results.append(CellResult(cell=cell, verdict=verdict, fingerprint=fingerprint))
-            pytest.fail(f"{message}\nIts baseline was not updated.", pytrace=False)
-        self.session.accept(item, cell, fingerprint, measurement)
-        self._fail_on_outcome(item, message)
-
-    def _fail_on_outcome(self, item: pytest.Function, message: str) -> None:
-        """Fail a cell whose outcome regressed (it crashed, or ran out of memory where its baseline
-        did not), in case the session object let it pass."""
-        done = self.session.results
-        if self.session.settings.update or not done or done[-1].cell.nodeid != item.nodeid:
-            return
-        verdict = done[-1].verdict
-        if verdict.outcome is not Status.REGRESSED:
-            return
-        now = verdict.measurement
-        what = "crashed" if now.outcome is Outcome.CRASHED else f"{now.outcome.value}, where the baseline was measured"
-        pytest.fail(f"trainperf regression: {what}\n{message or now.detail}", pytrace=False)
+        self.session.accept(item, cell, fingerprint, measurement)  # fails it when the outcome regressed
 
 
 def register(config: pytest.Config, session: TrainPerfSession) -> None:

@@ -313,9 +313,13 @@ class TrainPerfSession:
             key for key, env in baselines.environments.items() if (cell.test, cell.cell) in env.cells)
         result = CellResult(cell=cell, verdict=verdict, fingerprint=fingerprint, elsewhere=elsewhere)
         self.results.append(result)
-        if self.settings.update:
+        crashed = measurement.outcome is Outcome.CRASHED
+        if self.settings.update and not crashed:
             self._pending.setdefault(path, []).append((fingerprint, result))
             return
+        if self.settings.update:  # a crash is no baseline: it fails the cell, and the file keeps the old one
+            pytest.fail(f"trainperf: {cell.nodeid} crashed: {measurement.detail}\n"
+                        "Its baseline was not updated.", pytrace=False)
         if verdict.outcome is Status.REGRESSED:
             now = verdict.measurement
             before = verdict.baseline_outcome
