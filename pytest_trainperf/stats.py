@@ -298,6 +298,12 @@ def judge_outcome(now: Outcome, before: Outcome | None) -> Status | None:
     return Status.REGRESSED if now.out_of_memory else Status.IMPROVED
 
 
+def _uncompared(metric: Metric, tolerance: float, status: Status) -> MetricVerdict:
+    """The verdict on a metric with no baseline value to compare with."""
+    return MetricVerdict(name=metric.name, status=status, current=metric.value, baseline=None,
+                         tolerance=tolerance, unit=metric.unit, direction=metric.direction)
+
+
 def judge(current: Measurement, baseline: Measurement | None,
           overrides: Mapping[str, float] | None = None) -> CellVerdict:
     """The verdict on every metric of ``current`` against ``baseline`` (None: everything is new), and
@@ -306,9 +312,8 @@ def judge(current: Measurement, baseline: Measurement | None,
     overrides = overrides or {}
     outcome = judge_outcome(current.outcome, baseline.outcome if baseline is not None else None)
     if outcome is not None:
-        verdicts = [MetricVerdict(name=m.name, status=Status.NEW if baseline is None else Status.UNCHANGED,
-                                  current=m.value, baseline=None, tolerance=tolerance_for(m, overrides),
-                                  unit=m.unit, direction=m.direction) for m in current.metrics]
+        verdicts = [_uncompared(m, tolerance_for(m, overrides), Status.NEW if baseline is None else Status.UNCHANGED)
+                    for m in current.metrics]
         return CellVerdict(measurement=current, metrics=tuple(verdicts), outcome=outcome,
                            baseline_outcome=baseline.outcome if baseline is not None else None)
     verdicts = []
@@ -319,19 +324,15 @@ def judge(current: Measurement, baseline: Measurement | None,
             # a report-only metric the baseline lacks (peak_rss against a baseline written without
             # isolation) leaves the cell as it is, as it would with a baseline value: never "new"
             report_only = baseline is not None and math.isinf(tolerance)
-            verdicts.append(MetricVerdict(
-                name=metric.name, status=Status.UNCHANGED if report_only else Status.NEW,
-                current=metric.value, baseline=None,
-                tolerance=tolerance, unit=metric.unit, direction=metric.direction,
-            ))
+            verdicts.append(_uncompared(metric, tolerance, Status.UNCHANGED if report_only else Status.NEW))
         elif metric.sampled and base.sampled:
             verdicts.append(compare_samples(metric, base.samples, tolerance, rounds=base.rounds))
         else:
             verdicts.append(compare_exact(metric, base.value, tolerance))
     if baseline is not None and current.loss_curve and baseline.loss_curve:
-        loss = current.metric("loss")
-        tolerance = overrides.get("loss", loss.tolerance if loss is not None and loss.tolerance is not None
-                                  else DEFAULT_TOLERANCES["loss"])
+        loss = current.metric("loss")  # the curve follows the final loss's tolerance
+        tolerance = (tolerance_for(loss, overrides) if loss is not None
+                     else overrides.get("loss", DEFAULT_TOLERANCES["loss"]))
         verdicts.append(compare_curve(current.loss_curve, baseline.loss_curve, tolerance))
     missing = () if baseline is None else tuple(n for n in baseline.names if current.metric(n) is None)
     return CellVerdict(measurement=current, metrics=tuple(verdicts), missing=missing,
