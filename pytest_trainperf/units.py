@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 _BINARY = (("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10), ("B", 1.0))
 _TIME = (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9))
@@ -84,8 +85,6 @@ _SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2
 def parse_size(text: str) -> int:
     """A memory size: ``24GiB``, ``512 MiB``, ``1.5GB``, ``1048576`` (bytes). Raises ValueError with
     the expected form when ``text`` is none of these or not positive."""
-    import re
-
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _SIZE_UNITS or not float(match.group(1)) > 0:

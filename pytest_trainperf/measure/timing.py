@@ -34,6 +34,7 @@ SETTLE_TOLERANCE = 0.05
 SETTLE_MAX_SHARE = 0.5
 """At most this share of the timed steps may be moved to the warm-up."""
 
+
 def default_threads() -> int:
     """Intra-op threads when the user sets none: torch's own count less one, at least one.
 
