@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from pytest_trainperf.measure.memory import Preexisting
+    from pytest_trainperf.measure.timing import Timed
 
 DEFAULT_WARMUP = 3
 """Warm-up steps before the timed ones when the test does not say."""
@@ -30,6 +31,15 @@ CONFIRM_WARMUP = 1
 """Untimed steps before a re-measurement (after its garbage collection)."""
 RATE_DIGITS = 9
 """Significant digits kept of a throughput sample (step times are exact nanoseconds)."""
+
+
+class Timer(Protocol):
+    """What times the steps of a cell: :func:`~pytest_trainperf.measure.timing.time_steps` or a stand-in."""
+
+    def __call__(self, fn: Callable[[], Any], count: int, device: torch.device,
+                 keep: Callable[[Any], object] | None = None, warmup: int = 0, settle: bool = True,
+                 on_timed: Callable[[], None] | None = None) -> Timed:
+        ...
 
 
 class Step(Protocol):
@@ -103,6 +113,7 @@ class TrainPerf:
         self._peak: tuple[float | None, str] = (None, "")
         self._notes: dict[str, None] = {}
         self._peak_precision = ""
+        self._timer: Timer | None = None
 
     def begin(self) -> None:
         """Called by the fixture before the test body under ``--trainperf``: resolve the device and
@@ -256,6 +267,12 @@ class TrainPerf:
         """One-line notes for the session summary, e.g. why ``mfu`` or GPU utilization is missing."""
         return tuple(self._notes)
 
+    def use_timer(self, timer: Timer) -> None:
+        """Time the steps of ``train``/``run`` with ``timer`` instead of
+        :func:`~pytest_trainperf.measure.timing.time_steps` (same arguments, same result): the lockstep
+        child of ``--trainperf-against`` times one step whenever its parent says so."""
+        self._timer = timer
+
     def add_metric(self, metric: Metric) -> None:
         """Add a metric the plugin measured around the cell rather than in its step (``peak_rss`` of an
         isolated cell's process); unlike :meth:`record`, built-in names are the point."""
@@ -367,7 +384,8 @@ class TrainPerf:
                 del out
             over = peak is not None and self._budget is not None and peak.peak_bytes > self._budget
             if not over:  # a cell over its budget would not have run: no timing
-                timed = time_steps(fn, count, device, keep, warmup, on_timed=probe.start)
+                timer = self._timer or time_steps
+                timed = timer(fn, count, device, keep, warmup, on_timed=probe.start)
         self._notes.update(dict.fromkeys(probe.notes))
         if not self._timing_only:
             self._peak = device_peak(device)

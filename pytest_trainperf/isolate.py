@@ -85,6 +85,8 @@ NOT_FORWARDED = frozenset({
     "trainperf_markdown",
     "trainperf_devices",  # resolved into this worker's --trainperf-device
     "trainperf_isolate",  # a child is never isolated again
+    "trainperf_against",  # a lockstep child measures its own tree only
+    "trainperf_pairs",
 })
 """Options the child does not get; :func:`child_args` passes every other one."""
 
@@ -264,27 +266,39 @@ class ChildRun:
     """What it wrote; None when it wrote nothing."""
 
 
-def run_child(argv: Sequence[str], cwd: Path, env: Mapping[str, str], workdir: Path) -> ChildRun:
-    """Run a child to its end (``os.wait4``: its exit status and resource usage), output to a file."""
-    log = workdir / "output.txt"
-    result = workdir / "outcome.json"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(list(argv), cwd=cwd, env={**env, CHILD_ENV: str(result)},
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:  # interrupted: leave no child behind
-            proc.kill()
-            proc.wait()
-            raise
+def start_child(argv: Sequence[str], cwd: Path, env: Mapping[str, str], workdir: Path,
+                pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+    """Start a child, its output to a file in ``workdir``, its outcome to be written there too;
+    ``pass_fds`` are inherited (the lockstep pipes of ``--trainperf-against``)."""
+    with open(workdir / "output.txt", "wb") as out:
+        return subprocess.Popen(list(argv), cwd=cwd, env={**env, CHILD_ENV: str(workdir / "outcome.json")},
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                pass_fds=tuple(pass_fds))
+
+
+def wait_child(proc: subprocess.Popen[bytes], workdir: Path) -> ChildRun:
+    """Wait for a child started by :func:`start_child` (``os.wait4``: its exit status and resource
+    usage) and read what it left; killed first if the wait is interrupted."""
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # interrupted: leave no child behind
+        proc.kill()
+        proc.wait()
+        raise
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-    lines = log.read_text(encoding="utf-8", errors="replace").rstrip().splitlines()
+    lines = (workdir / "output.txt").read_text(encoding="utf-8", errors="replace").rstrip().splitlines()
+    result = workdir / "outcome.json"
     outcome = None
     if result.exists():
         outcome = load_outcome(f"outcome of the isolated run ({result.name})",
                                result.read_text(encoding="utf-8", errors="replace"))
     return ChildRun(returncode=proc.returncode, peak_rss=rss_bytes(usage.ru_maxrss),
                     output="\n".join(lines[-OUTPUT_LINES:]), outcome=outcome)
+
+
+def run_child(argv: Sequence[str], cwd: Path, env: Mapping[str, str], workdir: Path) -> ChildRun:
+    """Run a child to its end (``os.wait4``: its exit status and resource usage), output to a file."""
+    return wait_child(start_child(argv, cwd, env, workdir), workdir)
 
 
 def death(returncode: int) -> tuple[Outcome, str]:
@@ -298,6 +312,29 @@ def death(returncode: int) -> tuple[Outcome, str]:
             name = f"signal {-returncode}"
         return Outcome.CRASHED, f"crashed: died of {name}"
     return Outcome.CRASHED, f"crashed: exited with status {returncode} without a result"
+
+
+def child_record(item: pytest.Function, done: ChildOutcome, run: ChildRun) -> results.CellRecord | None:
+    """The cell a child measured for ``item``; fails, skips or xfails ``item`` (raising pytest's
+    outcome exception) as the child's run of it did; None when it passed and measured nothing."""
+    reports = [r for r in done.reports if r.nodeid == item.nodeid or r.when == "collect"]
+    failed = [r for r in reports if r.outcome == "failed"]
+    record = next((c for c in done.results.cells if c.nodeid == item.nodeid), None)
+    for r in failed:
+        if r.when != "call" or record is None:
+            pytest.fail(f"{r.text}\n(in the isolated run of {item.nodeid}: {r.when} failed)", pytrace=False)
+    if not any(r.when == "call" for r in reports):
+        skipped = next((r for r in reports if r.outcome == "skipped"), None)
+        if skipped is not None:
+            pytest.skip(skipped.text)
+        pytest.fail(f"trainperf: the isolated run of {item.nodeid} ran no test (exit status "
+                    f"{run.returncode}); its output ended:\n{run.output}", pytrace=False)
+    call = next(r for r in reports if r.when == "call")
+    if call.xfail is not None and call.outcome == "skipped":
+        pytest.xfail(call.xfail)
+    if call.outcome == "skipped":
+        pytest.skip(call.text)
+    return record
 
 
 class TrainPerfIsolation:
@@ -330,35 +367,18 @@ class TrainPerfIsolation:
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _conclude(self, item: pytest.Function, run: ChildRun) -> None:
-        done = run.outcome
-        if done is None:
+        if run.outcome is None:
             self._dead(item, run)
             return
-        reports = [r for r in done.reports if r.nodeid == item.nodeid or r.when == "collect"]
-        failed = [r for r in reports if r.outcome == "failed"]
-        record = next((c for c in done.results.cells if c.nodeid == item.nodeid), None)
-        for r in failed:
-            if r.when != "call" or record is None:
-                pytest.fail(f"{r.text}\n(in the isolated run of {item.nodeid}: {r.when} failed)", pytrace=False)
-        if not any(r.when == "call" for r in reports):
-            skipped = next((r for r in reports if r.outcome == "skipped"), None)
-            if skipped is not None:
-                pytest.skip(skipped.text)
-            pytest.fail(f"trainperf: the isolated run of {item.nodeid} ran no test (exit status "
-                        f"{run.returncode}); its output ended:\n{run.output}", pytrace=False)
-        call = next(r for r in reports if r.when == "call")
-        if call.xfail is not None and call.outcome == "skipped":
-            pytest.xfail(call.xfail)
-        if call.outcome == "skipped":
-            pytest.skip(call.text)
+        record = child_record(item, run.outcome, run)
         if record is None:
             return
         if self.session.settings.update:  # the child wrote the cell's baseline: take in what it did
             from pytest_trainperf.outputs import result_of
 
             self.session.results.append(result_of(record))
-            self.session.changes += done.results.changes
-            self.session.write_errors += done.results.errors
+            self.session.changes += run.outcome.results.changes
+            self.session.write_errors += run.outcome.results.errors
             return
         from pytest_trainperf.plugin import FIXTURE_KEY
 

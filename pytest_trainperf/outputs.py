@@ -59,7 +59,7 @@ def session_results(session: TrainPerfSession, workers: int = 1) -> results.Sess
     """The session's results as plain records."""
     return results.SessionResults(cells=tuple(record_of(r) for r in session.results),
                                   changes=tuple(session.changes), errors=tuple(session.write_errors),
-                                  warnings=cpu_warnings(session, workers))
+                                  warnings=cpu_warnings(session, workers), against=session.against)
 
 
 def junit_properties(result: CellResult) -> list[tuple[str, object]]:
@@ -104,9 +104,10 @@ class TrainPerfOutputs:
         self.warnings = found.warnings
         markdown = None
         if settings.markdown is not None or os.environ.get(STEP_SUMMARY_ENV):
-            from pytest_trainperf.report.markdown import render_markdown
+            from pytest_trainperf.report.markdown import TITLE, render_markdown
 
-            markdown = render_markdown(found, show=settings.show, hint=UPDATE_HINT)
+            markdown = render_markdown(found, show=settings.show, hint="" if found.against else UPDATE_HINT,
+                                       title=f"{TITLE} against {found.against}" if found.against else TITLE)
         try:
             if settings.json is not None:
                 results.write(settings.json, found)

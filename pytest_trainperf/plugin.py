@@ -52,7 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", f"{TOLERANCE_MARK}(tolerances): applied by tp.tolerance: per-test relative tolerances")
     config.addinivalue_line(
         "markers", f"{BUDGET_MARK}(bytes): applied by tp.memory_budget: cells over it count as out of memory")
-    from pytest_trainperf import distributed, isolate, outputs
+    from pytest_trainperf import against, distributed, isolate, outputs
 
     settings = distributed.assign_device(resolve(config), config)  # a worker's own --trainperf-devices
     malloc = ""
@@ -63,6 +63,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(session, PLUGIN_NAME)
     outputs.register(config, session)  # JSON, Markdown, JUnit properties; the xdist integration
     isolate.register(config, session)  # --trainperf-isolate: the parent's or an isolated child's part
+    against.register(config, session)  # --trainperf-against: the lockstep parent's or a lockstep child's part
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
                         memory_budget=budget.args[0] if budget is not None else session.settings.memory_budget)
     request.node.stash[FIXTURE_KEY] = fixture
     if session.settings.enabled:
-        session.baseline_file(fixture.cell)  # an unusable file fails the cell now, before it trains
+        if not session.against:  # a lockstep comparison (--trainperf-against) reads no baseline file
+            session.baseline_file(fixture.cell)  # an unusable file fails the cell now, before it trains
         fixture.begin()
     return fixture
 
@@ -164,6 +166,9 @@ class TrainPerfSession:
         self._grid_p: dict[str, dict[str, list[float]]] = {}
         self.notes: dict[str, None] = {}
         """One-line notes of the cells (no NVML, no peak FLOP/s for the device), each printed once."""
+        self.against = ""
+        """What the cells are compared with when not their baselines (``--trainperf-against``: set by
+        :mod:`pytest_trainperf.against`, e.g. ``main (1a2b3c4d5e6f), in lockstep``); empty: the baselines."""
 
     # ------------------------------------------------------------------ collection
 
@@ -408,9 +413,11 @@ class TrainPerfSession:
                                          for r in self.results],
                        fingerprints=sorted({r.fingerprint.key for r in self.results}),
                        show=self.settings.show, changes=self.changes, update=self.settings.update,
-                       errors=self.write_errors, hint=UPDATE_HINT,
+                       errors=self.write_errors, hint="" if self.against else UPDATE_HINT,
                        elsewhere=sorted({key for r in self.results for key in r.elsewhere}))
         terminalreporter.write_sep("=", "trainperf")
+        if self.against:
+            terminalreporter.write_line(f"compared against {self.against} (no baseline file read or written)")
         terminalreporter.write(buffer.getvalue())
         for note in self.notes:
             terminalreporter.write_line(f"trainperf note: {note}")

@@ -104,6 +104,9 @@ class SessionResults:
     """Baseline files that could not be written."""
     warnings: tuple[str, ...] = ()
     """Things that make some metrics unsound (e.g. more busy threads than cores)."""
+    against: str = ""
+    """What the cells were compared with when not their stored baselines: ``--trainperf-against``'s
+    git revision, e.g. ``main (1a2b3c4d5e6f), in lockstep``; empty: the stored baselines."""
 
     @property
     def counts(self) -> dict[Status, int]:
@@ -148,6 +151,7 @@ def to_json(results: SessionResults) -> dict[str, Any]:
         "baseline_changes": _plain(results.changes),
         "errors": list(results.errors),
         "warnings": list(results.warnings),
+        "against": results.against,
     }
 
 
@@ -253,9 +257,10 @@ def from_json(source: str, doc: object) -> SessionResults:
         changes = _convert(tuple[BaselineChange, ...], doc.get("baseline_changes", []), "baseline_changes")
         errors = _convert(tuple[str, ...], doc.get("errors", []), "errors")
         warnings = _convert(tuple[str, ...], doc.get("warnings", []), "warnings")
+        against = _convert(str, doc.get("against", ""), "against")
     except _Mismatch as exc:
         raise ResultsError(source, str(exc)) from None
-    return SessionResults(cells=cells, changes=changes, errors=errors, warnings=warnings)
+    return SessionResults(cells=cells, changes=changes, errors=errors, warnings=warnings, against=against)
 
 
 def loads(source: str, text: str) -> SessionResults:
@@ -296,6 +301,7 @@ def merge(parts: Sequence[tuple[str, SessionResults]]) -> SessionResults:
         changes=tuple(ch for _, part in parts for ch in part.changes),
         errors=_unique(e for _, part in parts for e in part.errors),
         warnings=_unique(w for _, part in parts for w in part.warnings),
+        against="; ".join(_unique(part.against for _, part in parts if part.against)),
     )
 
 

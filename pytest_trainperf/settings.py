@@ -30,6 +30,11 @@ DEFAULT_ROUNDS = 5
 """Measurement rounds of an update: their spread is the noise band stored with the baseline."""
 DEFAULT_MAX_TIME = 60.0
 """Seconds of adaptive measurement (confirmation, noise rounds) allowed per cell."""
+DEFAULT_PAIRS = 60
+"""Timed step pairs per cell of a lockstep comparison (``--trainperf-against``)."""
+REF_RE = re.compile(r"^[^\s\x00-\x1f~^:?*\[\\]+$")
+"""What a git ref, tag, commit or revision with ``~N``/``^`` suffixes may look like (checked by git later);
+the first character is no ``-`` so that it cannot be read as an option of git."""
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 """The devices ``--trainperf-device`` accepts."""
 METRIC_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -133,6 +138,22 @@ def parse_file(value: str) -> str:
     return value
 
 
+def parse_ref(value: str) -> str:
+    """A git revision of the repository under test: a branch, tag or commit (``main``, ``v1.2``, ``HEAD~1``)."""
+    text = value.strip()
+    bare = text.replace("~", "").replace("^", "")
+    if not text or text.startswith("-") or not REF_RE.match(bare or "x") or ".." in text:
+        raise argparse.ArgumentTypeError(
+            "expected a git branch, tag or commit of the repository under test (e.g. main, v1.2, HEAD~1), "
+            f"got {value!r}")
+    return text
+
+
+def parse_pairs(value: str) -> int:
+    """A number of step pairs, at least 6 (fewer give no 95% sign-test interval)."""
+    return _integer(value, 6, "an integer >= 6 (fewer pairs give no 95% interval)")
+
+
 def parse_devices(value: str) -> tuple[str, ...]:
     """A comma-separated list of devices, one per pytest-xdist worker: ``cuda:0,cuda:1``."""
     devices = tuple(d.strip() for d in value.split(","))
@@ -197,6 +218,12 @@ OPTIONS = (
     _Option("--trainperf-isolate", "run each trainperf cell in a fresh child process: a cell the kernel kills "
             "(out of memory) or that crashes the interpreter is reported as KILLED or CRASH and the session "
             "goes on; the process's peak RSS is reported as peak_rss (POSIX only)", flag=True),
+    _Option("--trainperf-against", "compare each trainperf cell with the same cell at git revision REF (branch, "
+            "tag or commit), measured side by side: two child processes, one per tree, alternate their steps "
+            "in lockstep; no baseline file is read or written (implies --trainperf; POSIX only)",
+            parse_ref, metavar="REF"),
+    _Option("--trainperf-pairs", "timed step pairs per cell of a --trainperf-against comparison "
+            f"(default: {DEFAULT_PAIRS})", parse_pairs, metavar="N"),
 )
 
 
@@ -251,6 +278,10 @@ class Settings:
     """``torch.backends.cudnn.benchmark`` during measurement: ``keep``, ``on`` or ``off``."""
     isolate: bool = False
     """Run each cell in a fresh child process (see :mod:`pytest_trainperf.isolate`)."""
+    against: str | None = None
+    """The git revision to compare with in lockstep (see :mod:`pytest_trainperf.against`); None: the baselines."""
+    pairs: int = DEFAULT_PAIRS
+    """Timed step pairs per cell of a lockstep comparison."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -291,8 +322,9 @@ def resolve(config: pytest.Config) -> Settings:
         base = config.inipath.parent if config.inipath is not None else config.rootpath
         baselines = base / baselines_raw
     update = bool(values["trainperf_update_baselines"])
+    against = values["trainperf_against"]
     return Settings(
-        enabled=bool(values["trainperf"]) or update,
+        enabled=bool(values["trainperf"]) or update or against is not None,
         update=update,
         baselines=baselines,
         device=values["trainperf_device"] or "auto",
@@ -309,4 +341,6 @@ def resolve(config: pytest.Config) -> Settings:
         devices=values["trainperf_devices"] or (),
         cudnn_benchmark=values["trainperf_cudnn_benchmark"] or CUDNN_BENCHMARK[0],
         isolate=bool(values["trainperf_isolate"]),
+        against=against,
+        pairs=values["trainperf_pairs"] or DEFAULT_PAIRS,
     )

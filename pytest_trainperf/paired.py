@@ -1,0 +1,163 @@
+"""Paired statistics of a lockstep A/B run (``--trainperf-against``): pure functions, no pytest, no torch.
+
+In a lockstep run the step of the reference tree (A) and the step of this tree (B) alternate, one
+pair at a time, so both steps of a pair see the same state of the machine. Each pair gives one ratio
+``b_i / a_i``; a slow spell of the machine moves both steps of a pair and cancels in the ratio.
+
+* The change is the **median of the per-pair ratios**, minus one (the median of the log ratios,
+  exponentiated): robust to the odd pair that a stray process hit in one of its two steps.
+* Its interval is the distribution-free **sign-test interval** of that median: the order statistics
+  ``d_(k)`` and ``d_(n+1-k)`` of the sorted log ratios, with ``k`` the largest rank at which
+  ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``. It assumes only that the pairs are independent
+  draws with a common median (no symmetry, no normality: shared-runner noise is neither).
+* A timing **regresses** when the whole interval lies above ``1 + tolerance`` (the tolerance of the
+  metric, :data:`PAIRED_TOLERANCE` for step time unless the test sets one), and **improves** when it
+  lies below ``1 / (1 + tolerance)``. The one-sided p-value reported is the sign test's of "the median
+  ratio is at most ``1 + tolerance``".
+
+Why a tolerance at all, when the pairing cancels the machine: two processes of the same code still
+differ by a small offset of their own (where their tensors landed, how their allocators warmed up),
+which no number of pairs averages away; :data:`PAIRED_TOLERANCE` covers it (see
+``docs/performance.md`` for the measurement behind it).
+
+Exact metrics (FLOPs, peak memory, the loss, recorded values) and the outcome of the cell are judged
+as against a stored baseline (:func:`pytest_trainperf.stats.judge`), the reference tree's measurement
+standing in for the baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy import stats as sps
+
+from pytest_trainperf import stats
+from pytest_trainperf.records import CellVerdict, Direction, Measurement, Metric, MetricVerdict, Status
+
+PAIRED_CONFIDENCE = 0.95
+"""Coverage of the sign-test interval of the median ratio."""
+PAIRED_TOLERANCE = 0.02
+"""Step-time tolerance of a lockstep comparison unless the test sets one (``tp.tolerance(step_time=)``):
+what two processes of the same code may differ by. Throughput's follows it (``t / (1 + t)``)."""
+POWER = 0.95
+"""The detection probability at which the smallest detectable change is stated."""
+
+
+@dataclass(frozen=True)
+class PairedChange:
+    """The median per-pair ratio of B to A and its sign-test interval."""
+
+    ratio: float
+    """The median of the per-pair ratios ``b_i / a_i``."""
+    low: float
+    """The lower end of the interval of the median ratio (0 with too few pairs for one)."""
+    high: float
+    """The upper end of the interval (inf with too few pairs)."""
+    pairs: int
+    """The number of pairs."""
+
+
+def sign_rank(n: int, confidence: float = PAIRED_CONFIDENCE) -> int:
+    """The 1-based rank ``k`` of the lower end of the sign-test interval of a median of ``n`` values:
+    the largest ``k`` with ``P(Binomial(n, 1/2) <= k - 1) <= (1 - confidence) / 2``; 0 when even
+    ``k = 1`` is too wide a bet (too few values)."""
+    tail = (1 - confidence) / 2
+    k = int(sps.binom.ppf(tail, n, 0.5))  # smallest k with cdf(k) >= tail
+    while k >= 0 and sps.binom.cdf(k, n, 0.5) > tail:
+        k -= 1
+    return k + 1 if k >= 0 else 0
+
+
+def paired_change(a: Sequence[float], b: Sequence[float], confidence: float = PAIRED_CONFIDENCE) -> PairedChange:
+    """The median of ``b_i / a_i`` over the pairs and its sign-test interval; all times positive."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"expected two equally long, non-empty sequences of paired times, got {len(a)} and {len(b)}")
+    logs = np.sort(np.log(np.asarray(b, dtype=float)) - np.log(np.asarray(a, dtype=float)))
+    n = len(logs)
+    k = sign_rank(n, confidence)
+    low, high = (math.exp(float(logs[k - 1])), math.exp(float(logs[n - k]))) if k else (0.0, math.inf)
+    return PairedChange(ratio=math.exp(float(np.median(logs))), low=low, high=high, pairs=n)
+
+
+def sign_p_value(a: Sequence[float], b: Sequence[float], bound: float, worse_above: bool = True) -> float:
+    """One-sided sign-test p-value that the median ratio ``b / a`` lies beyond ``bound`` (above it when
+    ``worse_above``, else below): the chance of at least this many pairs beyond it if the median were
+    ``bound`` itself. Pairs exactly at ``bound`` are dropped, as the sign test drops ties."""
+    ratios = np.asarray(b, dtype=float) / np.asarray(a, dtype=float)
+    beyond = int(np.sum(ratios > bound if worse_above else ratios < bound))
+    n = beyond + int(np.sum(ratios < bound if worse_above else ratios > bound))
+    if n == 0:
+        return 1.0
+    return float(sps.binom.sf(beyond - 1, n, 0.5))
+
+
+def detectable_change(tolerance: float, change: PairedChange, confidence: float = PAIRED_CONFIDENCE,
+                      power: float = POWER) -> float:
+    """The smallest relative slowdown this many pairs with this spread catch with probability ``power``:
+    the interval's half-width in log space is ``z((1 + confidence) / 2)`` standard errors of the median,
+    and the interval's lower end must clear ``log(1 + tolerance)`` with ``z(power)`` standard errors to spare."""
+    if not (change.low > 0 and math.isfinite(change.high)):
+        return math.inf
+    z_ci = float(sps.norm.ppf((1 + confidence) / 2))
+    se = math.log(change.high / change.low) / (2 * z_ci)
+    return math.expm1(math.log1p(tolerance) + (z_ci + float(sps.norm.ppf(power))) * se)
+
+
+def compare_paired(metric: Metric, reference: Metric, tolerance: float,
+                   confidence: float = PAIRED_CONFIDENCE) -> MetricVerdict:
+    """The verdict on a paired timing: ``metric.samples[i]`` (this tree) against ``reference.samples[i]``
+    (the reference tree), pair by pair (see the module docstring)."""
+    a, b = reference.samples, metric.samples
+    if metric.direction is Direction.HIGHER_IS_BETTER:  # a rate: judge the time ratio, report the rate's
+        a, b = tuple(1 / x for x in a), tuple(1 / x for x in b)
+        tolerance_time = 1 / (1 - tolerance) - 1 if tolerance < 1 else math.inf
+    else:
+        tolerance_time = tolerance
+    found = paired_change(a, b, confidence)
+    worse, better = stats.ratio_bounds(tolerance_time, Direction.LOWER_IS_BETTER)
+    if found.low > worse:
+        status = Status.REGRESSED
+    elif found.high < better:
+        status = Status.IMPROVED
+    else:
+        status = Status.UNCHANGED
+    ratio, low, high = found.ratio, found.low, found.high
+    slowdown = detectable_change(tolerance_time, found, confidence)
+    detectable = slowdown
+    if metric.direction is Direction.HIGHER_IS_BETTER:  # the same ratios as rates: 1 / time ratio
+        ratio, low, high = 1 / ratio, (1 / high if high > 0 else 0.0), (1 / low if low > 0 else math.inf)
+        detectable = 1 / (1 + slowdown) - 1
+    return MetricVerdict(
+        name=metric.name, status=status, current=metric.value, baseline=reference.value, tolerance=tolerance,
+        unit=metric.unit, direction=metric.direction, change=ratio - 1.0, interval=(low - 1.0, high - 1.0),
+        p_value=sign_p_value(a, b, worse), detectable=detectable)
+
+
+def tolerance_for(metric: Metric, overrides: Mapping[str, float]) -> float:
+    """A metric's tolerance in a lockstep comparison: as against a stored baseline
+    (:func:`pytest_trainperf.stats.tolerance_for`), except that step time defaults to
+    :data:`PAIRED_TOLERANCE` and throughput follows it."""
+    if metric.name not in stats.TIMING_METRICS or metric.name in overrides or metric.tolerance is not None:
+        return stats.tolerance_for(metric, overrides)
+    step = overrides.get("step_time", PAIRED_TOLERANCE)
+    return step if metric.name == "step_time" else step / (1.0 + step)
+
+
+def judge_paired(current: Measurement, reference: Measurement,
+                 overrides: Mapping[str, float] | None = None) -> CellVerdict:
+    """The verdict on this tree's measurement of a cell against the reference tree's, taken in lockstep:
+    timings pair by pair (:func:`compare_paired`), everything else as against a stored baseline."""
+    overrides = dict(overrides or {})
+    verdict = stats.judge(current, reference, overrides)
+    metrics = []
+    for m in verdict.metrics:
+        now, before = current.metric(m.name), reference.metric(m.name)
+        if (m.name in stats.TIMING_METRICS and now is not None and before is not None
+                and len(now.samples) == len(before.samples) and now.samples
+                and min(*now.samples, *before.samples) > 0):
+            m = compare_paired(now, before, tolerance_for(now, overrides))
+        metrics.append(m)
+    return replace(verdict, metrics=tuple(metrics))
