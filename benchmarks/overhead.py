@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import statistics
 import sys
 import time
@@ -133,11 +134,10 @@ the warm-up and timed steps. Wall time of each, once, against a plain step:
 | FLOP-counted step | {flops_s * 1e3:.1f} ms | {flops_s / step_s:.1f} |
 | memory-tracked step (includes one garbage-collector scan of live tensors) | {memory_s * 1e3:.1f} ms | {memory_s / step_s:.1f} |
 """
-    # keep the section benchmarks/verdicts.py writes into the same file
+    # keep the sections other scripts write into the same file (verdicts.py, against.py), in their order
     previous = OUT.read_text() if OUT.exists() else ""
-    begin, end = "<!-- verdicts:begin -->", "<!-- verdicts:end -->"
-    if begin in previous and end in previous:
-        text += "\n" + previous[previous.index(begin):previous.index(end) + len(end)] + "\n"
+    for section in re.finditer(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", previous, re.S):
+        text += "\n" + section.group(0) + "\n"
     OUT.write_text(text)
     print(text)
 

@@ -73,7 +73,7 @@ def sign_rank(n: int, confidence: float = PAIRED_CONFIDENCE) -> int:
 
 def paired_change(a: Sequence[float], b: Sequence[float], confidence: float = PAIRED_CONFIDENCE) -> PairedChange:
     """The median of ``b_i / a_i`` over the pairs and its sign-test interval; all times positive."""
-    if len(a) != len(b) or not a:
+    if len(a) != len(b) or len(a) == 0:
         raise ValueError(f"expected two equally long, non-empty sequences of paired times, got {len(a)} and {len(b)}")
     logs = np.sort(np.log(np.asarray(b, dtype=float)) - np.log(np.asarray(a, dtype=float)))
     n = len(logs)

@@ -37,6 +37,7 @@ def validate_results(doc: Any) -> None:
     assert set(doc) >= {"summary", "cells", "baseline_changes", "errors", "warnings"}
     assert doc["summary"]["cells"] == len(doc["cells"])
     assert all(isinstance(e, str) for e in doc["errors"] + doc["warnings"])
+    assert isinstance(doc.get("against", ""), str)
     for i, change in enumerate(doc["baseline_changes"]):
         _keys(change, BaselineChange, f"baseline_changes[{i}]")
     statuses = [s.value for s in Status]

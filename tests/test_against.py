@@ -1,0 +1,268 @@
+"""``--trainperf-against=REF``: the paired statistics directly, the lockstep comparison through pytester
+in a temporary git repository (the parent session in-process, its two children per cell real processes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch  # noqa: F401  (loaded before pytester's in-process runs, as conftest.py expects)
+from results_schema import validate_results
+from scipy import stats as sps
+
+from pytest_trainperf import against, paired
+from pytest_trainperf.records import Direction, Measurement, Metric, Status
+from pytest_trainperf.settings import parse_pairs, parse_ref
+
+# ------------------------------------------------------------------ paired statistics
+
+
+def test_sign_rank_is_the_largest_rank_within_the_tail() -> None:
+    for n in (6, 10, 20, 60, 121):
+        k = paired.sign_rank(n)
+        assert sps.binom.cdf(k - 1, n, 0.5) <= 0.025 < sps.binom.cdf(k, n, 0.5)
+    assert paired.sign_rank(5) == 0  # 2 / 2**5 > 0.05: no 95% interval from 5 values
+
+
+def test_paired_change_is_the_median_ratio_with_its_order_statistics() -> None:
+    a = [1.0] * 10
+    b = [1.0 + i / 100 for i in range(10)]  # ratios 1.00 .. 1.09
+    found = paired.paired_change(a, b)
+    assert found.pairs == 10
+    assert math.isclose(found.ratio, math.exp(np.median(np.log(b))))
+    assert math.isclose(found.low, 1.01) and math.isclose(found.high, 1.08)  # k = 2 of 10
+    assert paired.paired_change([1.0] * 5, [2.0] * 5).low == 0.0  # too few for an interval
+    with pytest.raises(ValueError, match="equally long"):
+        paired.paired_change([1.0, 2.0], [1.0])
+
+
+def test_the_interval_covers_the_true_median_ratio() -> None:
+    rng = np.random.default_rng(7)
+    covered = 0
+    for _ in range(400):
+        machine = rng.lognormal(0.0, 0.3, 60)  # a shared machine: both steps of a pair see it
+        a = machine * rng.lognormal(0.0, 0.05, 60)
+        b = 1.1 * machine * rng.lognormal(0.0, 0.05, 60)
+        found = paired.paired_change(a, b)
+        covered += found.low <= 1.1 <= found.high
+    assert covered / 400 >= 0.93
+
+
+def step_time(samples: list[float]) -> Metric:
+    return Metric("step_time", float(np.median(samples)), "s", Direction.LOWER_IS_BETTER, tuple(samples))
+
+
+def test_compare_paired_regresses_improves_or_leaves_unchanged() -> None:
+    rng = np.random.default_rng(3)
+    base = list(0.04 * rng.lognormal(0.0, 0.2, 40))  # a noisy machine, the same for both sides of a pair
+    same = [t * r for t, r in zip(base, rng.lognormal(0.0, 0.01, 40), strict=True)]
+    slower = [t * 1.08 for t in same]
+    faster = [t / 1.08 for t in same]
+    tol = paired.PAIRED_TOLERANCE
+    assert paired.compare_paired(step_time(same), step_time(base), tol).status is Status.UNCHANGED
+    verdict = paired.compare_paired(step_time(slower), step_time(base), tol)
+    assert verdict.status is Status.REGRESSED
+    assert verdict.interval is not None and verdict.interval[0] > tol
+    assert verdict.p_value is not None and verdict.p_value < 0.001
+    assert verdict.change is not None and 0.06 < verdict.change < 0.10
+    assert paired.compare_paired(step_time(faster), step_time(base), tol).status is Status.IMPROVED
+
+
+def test_throughput_agrees_with_step_time() -> None:
+    rng = np.random.default_rng(5)
+    base = list(0.04 * rng.lognormal(0.0, 0.1, 30))
+    for factor in (0.9, 1.0, 1.1):
+        now = [t * factor for t in base]
+        tol = paired.PAIRED_TOLERANCE
+        timed = paired.compare_paired(step_time(now), step_time(base), tol)
+        rate = lambda xs: Metric("throughput", float(np.median([1 / x for x in xs])), "items/s",  # noqa: E731
+                                 Direction.HIGHER_IS_BETTER, tuple(1 / x for x in xs))
+        rated = paired.compare_paired(rate(now), rate(base), tol / (1 + tol))
+        assert timed.status is rated.status
+        assert rated.change is not None and timed.change is not None
+        assert math.isclose(1 + rated.change, 1 / (1 + timed.change))
+
+
+def test_judge_paired_compares_exact_metrics_value_against_value() -> None:
+    def measurement(times: list[float], flops: float) -> Measurement:
+        return Measurement(test="test_x", cell="default", params=(),
+                           metrics=(step_time(times), Metric("flops", flops, "FLOP")))
+
+    times = [0.01, 0.011, 0.012, 0.01, 0.0105, 0.0102, 0.0101, 0.0099]
+    verdict = paired.judge_paired(measurement(times, 2e6), measurement(times, 1e6))
+    assert verdict.metric("flops").status is Status.REGRESSED  # type: ignore[union-attr]
+    assert verdict.metric("step_time").status is Status.UNCHANGED  # type: ignore[union-attr]
+    assert verdict.metric("step_time").tolerance == paired.PAIRED_TOLERANCE  # type: ignore[union-attr]
+    loose = paired.judge_paired(measurement(times, 1e6), measurement(times, 1e6), {"step_time": 0.5})
+    assert loose.metric("step_time").tolerance == 0.5  # type: ignore[union-attr]
+
+
+def test_revisions_and_pairs_are_checked_at_parse_time() -> None:
+    assert parse_ref(" main ") == "main"
+    assert parse_ref("HEAD~2") == "HEAD~2"
+    for bad in ("", "-x", "a..b", "a b"):
+        with pytest.raises(Exception, match="expected a git branch, tag or commit"):
+            parse_ref(bad)
+    assert parse_pairs("6") == 6
+    with pytest.raises(Exception, match="expected an integer >= 6"):
+        parse_pairs("5")
+
+
+# ------------------------------------------------------------------ through pytester, in a git repository
+
+WORKLOAD = """
+import time
+
+import torch
+from torch import nn
+
+SLEEP = {sleep}
+
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Linear(16, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        if SLEEP:
+            time.sleep(SLEEP)  # slower, not more FLOPs: only the timings change
+        return loss
+
+    return step
+"""
+TEST = """
+import pytest_trainperf as tp
+from work import build
+
+
+@tp.tolerance(step_time=0.5)  # tiny steps in a test suite: only the 10x slower commit must fail
+def test_w(trainperf):
+    trainperf.train(build(), steps=3, warmup=1)
+"""
+NEW_TEST = """
+from work import build
+
+
+def test_new(trainperf):
+    trainperf.train(build(), steps=3, warmup=1)
+"""
+INI = "[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 10\n"
+
+
+def git(where: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=where, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(pytester: pytest.Pytester) -> Path:
+    """Two commits: the parent, and a 10x slower step (a sleep) that also adds a test."""
+    where = pytester.path
+    pytester.makeini(INI)
+    pytester.makepyfile(work=WORKLOAD.format(sleep=0), test_w=TEST)
+    (where / ".gitignore").write_text("__pycache__/\n*.json\n*.md\n")
+    git(where, "init", "-q", "-b", "main")
+    git(where, "config", "user.email", "t@example.com")
+    git(where, "config", "user.name", "t")
+    git(where, "add", "-A")
+    git(where, "commit", "-qm", "parent")
+    pytester.makepyfile(work=WORKLOAD.format(sleep=0.005), test_new=NEW_TEST)
+    git(where, "add", "-A")
+    git(where, "commit", "-qm", "slower")
+    return where
+
+
+def no_worktree_left(where: Path) -> None:
+    assert git(where, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert not any((where / ".git" / "worktrees").glob("*"))
+
+
+def test_slower_commit_fails_against_its_parent(pytester: pytest.Pytester, repo: Path) -> None:
+    result = pytester.runpytest("--trainperf-against=HEAD~1", "--trainperf-json=r.json", "--trainperf-markdown=r.md")
+    result.assert_outcomes(passed=1, failed=1)
+    parent = git(repo, "rev-parse", "HEAD~1")[:against.SHORT_SHA]
+    result.stdout.fnmatch_lines([
+        f"trainperf: comparing against HEAD~1 ({parent}), in lockstep; this tree: *",
+        "*trainperf regression: step_time +*",
+        f"test_w.py::test_w against HEAD~1 ({parent}), measured in lockstep",
+        "  step_time: at HEAD~1 *, now *, change +* (tolerance 50.0%; 95% CI +*",
+        "*median of 10 per-pair ratios*",
+        f"compared against HEAD~1 ({parent}), in lockstep*(no baseline file read or written)",
+        "*test_new.py::test_new: nothing to compare against: the test or its cell does not exist at HEAD~1*",
+    ])
+    assert "flops" not in result.stdout.str().split("short test summary")[1]  # a sleep adds no FLOPs
+    doc = json.loads((repo / "r.json").read_text())
+    validate_results(doc)
+    assert doc["against"].startswith(f"HEAD~1 ({parent})")
+    statuses = {c["test"]: c["status"] for c in doc["cells"]}
+    assert statuses == {"test_w": "regressed", "test_new": "new"}
+    (cell,) = [c for c in doc["cells"] if c["test"] == "test_w"]
+    (step,) = [m for m in cell["verdict"]["metrics"] if m["name"] == "step_time"]
+    assert step["interval"][0] > 0.5 and len(cell["verdict"]["measurement"]["metrics"][0]["samples"]) == 10
+    assert (repo / "r.md").read_text().startswith(f"## pytest-trainperf against HEAD~1 ({parent})")
+    assert not (repo / "baselines").exists()
+    no_worktree_left(repo)
+
+
+def test_a_tree_against_itself_passes_and_says_it_is_dirty(pytester: pytest.Pytester, repo: Path) -> None:
+    (repo / "test_new.py").write_text(NEW_TEST + "\n# work in progress\n")  # an uncommitted change
+    result = pytester.runpytest("--trainperf-against=main", "--trainperf-strict", "test_w.py")
+    result.assert_outcomes(passed=1)
+    head = git(repo, "rev-parse", "HEAD")[:against.SHORT_SHA]
+    result.stdout.fnmatch_lines([f"trainperf: comparing against main ({head}), in lockstep; "
+                                 f"this tree: {head} + uncommitted changes",
+                                 "1 cell measured: 1 unchanged"])
+    assert "pytest --trainperf-update-baselines" not in result.stdout.str()
+    no_worktree_left(repo)
+
+
+def test_usage_errors_name_the_revision_and_the_conflict(pytester: pytest.Pytester, repo: Path) -> None:
+    result = pytester.runpytest("--trainperf-against=no-such-branch")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--trainperf-against=no-such-branch: 'no-such-branch' is no branch, tag or "
+                                 f"commit of the repository at {repo.resolve()}*"])
+    for other in ("--trainperf-update-baselines", "--trainperf-isolate", "-n1"):
+        result = pytester.runpytest("--trainperf-against=main", other)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["*--trainperf-against=main cannot be combined with *"])
+    result = pytester.runpytest("--trainperf-against=--all")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*expected a git branch, tag or commit*got '--all'*"])
+    result = pytester.runpytest("--trainperf-against=main", "--trainperf-pairs=2")
+    result.stderr.fnmatch_lines(["*--trainperf-pairs*expected an integer >= 6*got '2'*"])
+    no_worktree_left(repo)
+
+
+def test_outside_a_git_repository_is_a_usage_error(pytester: pytest.Pytester, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(pytester.path.parent))
+    pytester.makeini(INI)
+    pytester.makepyfile(test_w="def test_w(trainperf):\n    pass\n")
+    result = pytester.runpytest("--trainperf-against=main")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--trainperf-against=main: the rootdir * is not in a git repository*"])
+
+
+def test_ctrl_c_kills_the_children_and_removes_the_worktree(pytester: pytest.Pytester, repo: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[against.Worker] = []
+
+    def interrupted(a: against.Worker, b: against.Worker, pairs: int, warm: int = 0) -> None:
+        started.extend((a, b))
+        assert (repo / ".git" / "worktrees").is_dir()  # REF is checked out while the children run
+        raise KeyboardInterrupt  # Ctrl-C while the children build their workloads
+
+    monkeypatch.setattr(against, "lockstep", interrupted)
+    result = pytester.runpytest("--trainperf-against=HEAD~1", "test_w.py", no_reraise_ctrlc=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert len(started) == 2 and all(w.proc.poll() is not None for w in started)
+    no_worktree_left(repo)
