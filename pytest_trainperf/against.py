@@ -46,7 +46,7 @@ from typing import IO, TYPE_CHECKING, Any
 import pytest
 
 from pytest_trainperf import isolate, paired, stats
-from pytest_trainperf.records import Status, format_change
+from pytest_trainperf.records import CellVerdict, Measurement, Status, format_change
 
 if TYPE_CHECKING:
     import torch
@@ -335,6 +335,7 @@ class TrainPerfAgainst:
         self.session = session
         self.trees = trees
         self.worktree: Path | None = None
+        self._ref: dict[tuple[str, str, str], Measurement] = {}
         self._root_rel = self._inside(session.config.rootpath, "rootdir")
         inipath = session.config.inipath
         self._ini_rel = self._inside(inipath, "ini file") if inipath is not None else None
@@ -470,26 +471,39 @@ class TrainPerfAgainst:
             verdict = paired.judge_paired(now, other.record.verdict.measurement, overrides)
         result = replace(result_of(record), verdict=verdict)
         self.session.results.append(result)
-        where = f"{item.nodeid} against {self.trees.ref} ({self.trees.ref_sha[:SHORT_SHA]}), measured in lockstep"
+        cell = result.cell
+        if other.record is not None:
+            self._ref[(cell.test_file, cell.test, cell.cell)] = other.record.verdict.measurement
+        ref = f"{self.trees.ref} ({self.trees.ref_sha[:SHORT_SHA]})"
+        figures = self.session.grid_figures(item, result, lambda c: self._ref.get((cell.test_file, cell.test, c)),
+                                            dict(overrides), f"the same cells at {ref}, measured in lockstep")
+        failure = self._failure(item, verdict, record, f"{item.nodeid} against {ref}, measured in lockstep")
+        if failure or figures:
+            pytest.fail("\n\n".join(([failure] if failure else []) + figures), pytrace=False)
         if other.record is None and self.session.settings.strict:
             pytest.fail(f"trainperf: {item.nodeid}: nothing to compare against (--trainperf-strict): "
                         f"{other.problem}", pytrace=False)
+
+    def _failure(self, item: pytest.Function, verdict: CellVerdict, record: CellRecord, where: str) -> str:
+        """The failure message of a cell that regressed against REF; empty when it did not."""
+        now = verdict.measurement
         if verdict.outcome is Status.REGRESSED:
             before = verdict.baseline_outcome
-            pytest.fail(f"trainperf regression: {now.outcome.value} in this tree, "
-                        f"{before.value if before is not None else 'nothing'} at {self.trees.ref}\n{where}\n"
-                        f"  {now.detail}", pytrace=False)
-        if verdict.regressions:
-            worst = ", ".join(f"{m.name} {format_change(m.change)}" for m in verdict.regressions
-                              if m.change is not None)
-            lines = [f"trainperf regression: {worst}", where, f"environment: {record.fingerprint.key}"]
-            lines += [f"  {m.describe().replace(': baseline ', f': at {self.trees.ref} ', 1)}"
-                      for m in verdict.regressions]
-            pairs = now.metric("step_time")
-            if pairs is not None and any(m.name in stats.TIMING_METRICS for m in verdict.regressions):
-                lines.append(f"  (timings: median of {len(pairs.samples)} per-pair ratios, this tree / "
-                             f"{self.trees.ref}, with its 95% sign-test interval)")
-            pytest.fail("\n".join(lines), pytrace=False)
+            return (f"trainperf regression: {now.outcome.value} in this tree, "
+                    f"{before.value if before is not None else 'nothing'} at {self.trees.ref}\n{where}\n"
+                    f"  {now.detail}")
+        if not verdict.regressions:
+            return ""
+        worst = ", ".join(f"{m.name} {format_change(m.change)}" for m in verdict.regressions
+                          if m.change is not None)
+        lines = [f"trainperf regression: {worst}", where, f"environment: {record.fingerprint.key}"]
+        lines += [f"  {m.describe().replace(': baseline ', f': at {self.trees.ref} ', 1)}"
+                  for m in verdict.regressions]
+        pairs = now.metric("step_time")
+        if pairs is not None and any(m.name in stats.TIMING_METRICS for m in verdict.regressions):
+            lines.append(f"  (timings: median of {len(pairs.samples)} per-pair ratios, this tree / "
+                         f"{self.trees.ref}, with its 95% sign-test interval)")
+        return "\n".join(lines)
 
 
 def register(config: pytest.Config, session: TrainPerfSession) -> None:

@@ -179,6 +179,9 @@ class Measurement:
     notes: tuple[str, ...] = ()
     """Warnings about this measurement for the report (e.g. allocator retries near the memory limit);
     not stored with baselines."""
+    items_per_step: float | None = None
+    """Items (tokens, samples) one step or call processes, as given to ``train``/``run``; None when
+    not given. With the loss curve it gives the curve against items processed."""
 
     def metric(self, name: str) -> Metric | None:
         """The metric called ``name``, or None."""
@@ -296,6 +299,158 @@ class CellVerdict:
     def regressions(self) -> tuple[MetricVerdict, ...]:
         """The regressed metrics."""
         return tuple(m for m in self.metrics if m.status is Status.REGRESSED)
+
+
+class FigureKind(enum.Enum):
+    """How a figure is derived from the cells of one grid."""
+
+    RELATIVE = "relative"
+    """A variant's metric relative to the reference variant's in the same cell of the other axes
+    (``tp.relative``): ``value`` is ``variant / reference - 1`` (0.42: +42%, e.g. a recompute cost)."""
+    SCALING = "scaling"
+    """The exponent ``b`` of ``metric = a * x^b`` fitted across one axis (``tp.scaling``)."""
+
+
+@dataclass(frozen=True)
+class RelativeSpec:
+    """What ``tp.relative(variant="plain")`` asks for."""
+
+    axis: str
+    """The grid axis naming the variants."""
+    reference: Scalar
+    """The variant every other one is compared with."""
+    metrics: tuple[str, ...]
+    """The metrics viewed relative to the reference."""
+    tolerance: float | None = None
+    """How far the relative figure may move (the ratio of ratios, relative); None: the default of
+    :func:`pytest_trainperf.derived.figure_tolerance`."""
+
+
+@dataclass(frozen=True)
+class ScalingSpec:
+    """What ``tp.scaling(x="seq_len", metrics=[...])`` asks for."""
+
+    x: str
+    """The grid axis the points vary along."""
+    metrics: tuple[str, ...]
+    """The metrics fitted as ``a * x^b``."""
+    x_metric: str | None = None
+    """A metric of each cell to use as the abscissa instead of the axis value (e.g. a recorded
+    ``parameters`` count that the ``width`` axis sets); None: the axis value."""
+    tolerance: float | None = None
+    """How far the exponent may rise (absolute, in exponent units); None: the default."""
+
+    @property
+    def abscissa(self) -> str:
+        """What x is: the axis name, or the metric with the axis it varies along."""
+        return self.x if self.x_metric is None else f"{self.x_metric} (along {self.x})"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure derived from several cells of one grid (``tp.relative``, ``tp.scaling``): stored with
+    the baselines, guarded like a metric, drawn by ``--trainperf-plots``."""
+
+    kind: FigureKind
+    """Relative view or scaling fit."""
+    metric: str
+    """The metric it is derived from."""
+    axis: str
+    """Relative: the axis naming the variants. Scaling: the axis the points vary along."""
+    cell: str
+    """Relative: the variant cell's id. Scaling: the id of the fixed values of the other axes
+    (``default`` when the grid has only the x axis)."""
+    reference: str
+    """Relative: the reference variant, as written in ids (``plain``). Scaling: what x is
+    (:attr:`ScalingSpec.abscissa`)."""
+    value: float
+    """Relative: ``variant / reference - 1``. Scaling: the fitted exponent ``b``."""
+    params: tuple[tuple[str, Scalar], ...] = ()
+    """Relative: the variant cell's axis values. Scaling: the fixed values of the other axes."""
+    interval: tuple[float, float] | None = None
+    """The 95% interval of ``value`` (relative timings: from the samples; scaling: Theil-Sen's)."""
+    rounds: tuple[float, ...] = ()
+    """In a baseline: ``value`` per measurement round (from the round medians); its spread is the
+    figure's noise band."""
+    points: tuple[tuple[float, float], ...] = ()
+    """Scaling: the ``(x, metric)`` points fitted, in x order. Relative: ``(reference, variant)``
+    values of the metric."""
+    coefficient: float | None = None
+    """Scaling: the fitted ``a``."""
+    unit: str = ""
+    """The metric's unit."""
+    direction: Direction = Direction.LOWER_IS_BETTER
+    """Which way the figure gets worse: a relative figure follows its metric; an exponent is worse higher."""
+
+    @property
+    def key(self) -> str:
+        """What identifies the figure within its test across sessions."""
+        return f"{self.kind.value} {self.metric} {self.cell} vs {self.reference}"
+
+    def shown(self) -> str:
+        """The value as a person reads it: ``+42.0%`` or ``x^1.98``."""
+        if self.kind is FigureKind.RELATIVE:
+            return format_change(self.value)
+        return f"x^{self.value:.2f}"
+
+    def title(self) -> str:
+        """What the figure is, for a message: ``step_time of variant=checkpointed relative to
+        variant=plain at batch_size=8-window=256`` or ``step_time ~ seq_len^b at batch_size=8``."""
+        if self.kind is FigureKind.RELATIVE:
+            own = dict(self.params)
+            others = "-".join(f"{k}={v}" for k, v in self.params if k != self.axis)
+            where = f" at {others}" if others else ""
+            return (f"{self.metric} of {self.axis}={own.get(self.axis)} relative to "
+                    f"{self.axis}={self.reference}{where}")
+        where = f" at {self.cell}" if self.cell != "default" else ""
+        return f"{self.metric} ~ {self.reference}^b{where}"
+
+
+@dataclass(frozen=True)
+class FigureVerdict:
+    """How a derived figure compares with the baseline's."""
+
+    figure: Figure
+    """The figure now."""
+    status: Status
+    """The verdict."""
+    tolerance: float
+    """The tolerance applied (relative figures: on the ratio of ratios; scaling: on the exponent),
+    after widening by the noise band."""
+    baseline: Figure | None = None
+    """The baseline's figure (None: new)."""
+    change: float | None = None
+    """Relative: ``(1 + now) / (1 + baseline) - 1``. Scaling: ``now - baseline`` in exponent units."""
+    noise: float | None = None
+    """The baseline's between-round spread of the figure (None with fewer than two rounds)."""
+    test_file: str = ""
+    """The test file, relative to the rootdir."""
+    test: str = ""
+    """The test's name inside its file."""
+    axes: tuple[tuple[str, tuple[Scalar, ...]], ...] = ()
+    """The test's grid axes."""
+
+    def describe(self) -> str:
+        """One line for a failure message."""
+        now = self.figure
+        if self.baseline is None:
+            return f"{now.title()}: {now.shown()} (new: no baseline)"
+        text = f"{now.title()}: baseline {self.baseline.shown()}, now {now.shown()}"
+        if now.kind is FigureKind.RELATIVE and self.change is not None:
+            text += f" (the ratio moved {format_change(self.change)}; tolerance {self.tolerance:.1%}"
+        elif self.change is not None:
+            text += f" (exponent {self.change:+.2f}; tolerance +{self.tolerance:.2f}"
+        else:
+            text += " ("
+        if now.interval is not None:
+            lo, hi = now.interval
+            if now.kind is FigureKind.RELATIVE:
+                text += f"; 95% CI now {format_change(lo)} to {format_change(hi)}"
+            else:
+                text += f"; 95% CI now {lo:.2f} to {hi:.2f}"
+        if self.noise is not None:
+            text += f"; baseline noise band ±{self.noise:.2g}"
+        return text + ")"
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pytest_trainperf.records import BaselineChange, CellVerdict, Fingerprint, Scalar, Status
+from pytest_trainperf.records import BaselineChange, CellVerdict, FigureVerdict, Fingerprint, Scalar, Status
 from pytest_trainperf.store import dumps, write_atomic
 
 FORMAT = "pytest-trainperf results"
@@ -104,6 +104,8 @@ class SessionResults:
     """Baseline files that could not be written."""
     warnings: tuple[str, ...] = ()
     """Things that make some metrics unsound (e.g. more busy threads than cores)."""
+    figures: tuple[FigureVerdict, ...] = ()
+    """Figures derived from whole grids (``tp.relative``, ``tp.scaling``) and their verdicts."""
     against: str = ""
     """What the cells were compared with when not their stored baselines: ``--trainperf-against``'s
     git revision, e.g. ``main (1a2b3c4d5e6f), in lockstep``; empty: the stored baselines."""
@@ -151,6 +153,7 @@ def to_json(results: SessionResults) -> dict[str, Any]:
         "baseline_changes": _plain(results.changes),
         "errors": list(results.errors),
         "warnings": list(results.warnings),
+        "figures": _plain(results.figures),
         "against": results.against,
     }
 
@@ -257,10 +260,12 @@ def from_json(source: str, doc: object) -> SessionResults:
         changes = _convert(tuple[BaselineChange, ...], doc.get("baseline_changes", []), "baseline_changes")
         errors = _convert(tuple[str, ...], doc.get("errors", []), "errors")
         warnings = _convert(tuple[str, ...], doc.get("warnings", []), "warnings")
+        figures = _convert(tuple[FigureVerdict, ...], doc.get("figures", []), "figures")
         against = _convert(str, doc.get("against", ""), "against")
     except _Mismatch as exc:
         raise ResultsError(source, str(exc)) from None
-    return SessionResults(cells=cells, changes=changes, errors=errors, warnings=warnings, against=against)
+    return SessionResults(cells=cells, changes=changes, errors=errors, warnings=warnings, figures=figures,
+                          against=against)
 
 
 def loads(source: str, text: str) -> SessionResults:
@@ -301,6 +306,7 @@ def merge(parts: Sequence[tuple[str, SessionResults]]) -> SessionResults:
         changes=tuple(ch for _, part in parts for ch in part.changes),
         errors=_unique(e for _, part in parts for e in part.errors),
         warnings=_unique(w for _, part in parts for w in part.warnings),
+        figures=tuple(f for _, part in parts for f in part.figures),
         against="; ".join(_unique(part.against for _, part in parts if part.against)),
     )
 

@@ -103,7 +103,7 @@ def ratio_bounds(tolerance: float, direction: Direction) -> tuple[float, float]:
     return worse, 1.0 / worse
 
 
-def _classify(change: float, tolerance: float, direction: Direction, significant_worse: bool = True,
+def classify(change: float, tolerance: float, direction: Direction, significant_worse: bool = True,
               significant_better: bool = True) -> Status:
     """Status of a relative change beyond ``tolerance`` in the metric's direction."""
     if direction is Direction.EXACT:
@@ -123,7 +123,7 @@ def compare_exact(metric: Metric, baseline: float, tolerance: float) -> MetricVe
     change = relative_change(metric.value, baseline)
     return MetricVerdict(
         name=metric.name,
-        status=_classify(change, tolerance, metric.direction),
+        status=classify(change, tolerance, metric.direction),
         current=metric.value,
         baseline=baseline,
         tolerance=tolerance,
@@ -240,7 +240,7 @@ def compare_samples(metric: Metric, baseline: Sequence[float], tolerance: float,
         p_worse = _p_beyond(current, baseline, worse, "greater")
         p_better = _p_beyond(current, baseline, better, "less")
     change = ratio - 1.0
-    status = _classify(change, applied, metric.direction,
+    status = classify(change, applied, metric.direction,
                        significant_worse=p_worse < alpha, significant_better=p_better < alpha)
     within = math.log(high / low) / (2 * float(sps.norm.ppf(0.5 + CONFIDENCE / 2)))
     higher = metric.direction is Direction.HIGHER_IS_BETTER
