@@ -324,6 +324,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=OUT, help="document to write the section to (default %(default)s)")
     parser.add_argument("--raw", type=Path, default=None,
                         help="also write every run's figures to this JSON file (rewritten after every run)")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="a --raw file of an interrupted run: keep its sizes and whole rounds, run the rest")
     parser.add_argument("--deadline", type=float, default=None,
                         help="stop starting rounds after this many minutes (the report states the runs made)")
     args = parser.parse_args(argv)
@@ -335,16 +337,28 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def write_raw(path: Path | None, command: str, pairs: int, conditions: Sequence[verdicts.Condition],
-              runs: Sequence[Run]) -> None:
+              runs: Sequence[Run], elapsed_s: float) -> None:
     """Every run's figures as JSON (after each run, so that an interrupted benchmark keeps what it measured)."""
     if path is None:
         return
     path.write_text(json.dumps({
-        "command": command, "pairs": pairs,
+        "command": command, "pairs": pairs, "elapsed_s": elapsed_s,
         "conditions": [{"name": c.name, "target": c.target, "sizes": [s.__dict__ for s in c.sizes]}
                        for c in conditions],
         "runs": [{"condition": r.condition, "wall_s": r.wall_s, "returncode": r.returncode, "load": r.load,
                   "cells": [c.__dict__ for c in r.cells]} for r in runs]}, indent=1))
+
+
+def read_raw(path: Path) -> tuple[list[verdicts.Condition], list[Run], float]:
+    """The conditions (with their sizes), the complete rounds of runs and the elapsed seconds of a raw file."""
+    doc = json.loads(path.read_text())
+    conditions = [verdicts.Condition(c["name"], c["target"], tuple(verdicts.Size(**s) for s in c["sizes"]))
+                  for c in doc["conditions"]]
+    runs = [Run(condition=r["condition"], wall_s=r["wall_s"], returncode=r["returncode"], load=tuple(r["load"]),
+                cells=tuple(CellRun(**(c | {"interval": tuple(c["interval"]) if c["interval"] else None}))
+                            for c in r["cells"])) for r in doc["runs"]]
+    runs = runs[:len(runs) - len(runs) % len(conditions)]  # whole rounds only
+    return conditions, runs, float(doc.get("elapsed_s", sum(r.wall_s for r in runs)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -354,18 +368,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     fix_malloc()
     threads = default_threads()
+    before = 0.0
+    runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="trainperf-against-bench-") as tmp:
         where = Path(tmp)
         workload = write_repo(where)
         cells = tuple(workload.cell_id(*c) for c in workload.CELLS)
-        log(f"sizing {len(args.sizes)} slowdown(s) on {len(cells)} cells ({threads} thread(s))")
-        conditions = (verdicts.Condition("unchanged", 0.0), *verdicts.calibrate(workload, args.sizes, threads))
+        if args.resume is not None:  # the same sizes, then the rounds still missing
+            conditions, runs, before = read_raw(args.resume)
+            log(f"resuming {args.resume}: {len(runs) // len(conditions)} rounds done in {before / 60:.0f} minutes")
+        else:
+            log(f"sizing {len(args.sizes)} slowdown(s) on {len(cells)} cells ({threads} thread(s))")
+            conditions = [verdicts.Condition("unchanged", 0.0), *verdicts.calibrate(workload, args.sizes, threads)]
         branches: Mapping[str, str] = {c.name: (BASE if c.target == 0 else commit_condition(where, c))
                                        for c in conditions}
-        runs: list[Run] = []
-        index = 0
-        for round_ in range(args.runs):
-            if args.deadline is not None and time.perf_counter() - started > args.deadline * 60:
+        index = len(runs)
+        for round_ in range(len(runs) // len(conditions), args.runs):
+            if args.deadline is not None and before + time.perf_counter() - started > args.deadline * 60:
                 log(f"deadline of {args.deadline:g} minutes reached after {round_} rounds")
                 break
             for cond in conditions:
@@ -376,9 +395,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     + ", ".join(f"{c.cell} {pct(c.change) if c.change is not None else '?'}"
                                 + (" CAUGHT" if c.timing else "") for c in run.cells)
                     + f" in {run.wall_s:.0f} s (load {run.load[0]:.2f})")
-                write_raw(args.raw, command, args.pairs, conditions, runs)
+                write_raw(args.raw, command, args.pairs, conditions, runs, before + time.perf_counter() - started)
         git(where, "checkout", "-q", BASE)
-    total = time.perf_counter() - started
+    total = before + time.perf_counter() - started
     section = render(conditions, runs, args.pairs, command, args.quick, threads, cells, total)
     write_doc(args.out, section)
     print(section)

@@ -150,10 +150,13 @@ def test_w(trainperf):
     trainperf.train(build(), steps=3, warmup=1)
 """
 NEW_TEST = """
+import pytest_trainperf as tp
 from work import build
 
 
-def test_new(trainperf):
+@tp.grid(variant=["a", "b"])
+@tp.relative(variant="a", metrics=["flops"])
+def test_new(trainperf, variant):
     trainperf.train(build(), steps=3, warmup=1)
 """
 INI = "[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 10\n"
@@ -188,7 +191,7 @@ def no_worktree_left(where: Path) -> None:
 
 def test_slower_commit_fails_against_its_parent(pytester: pytest.Pytester, repo: Path) -> None:
     result = pytester.runpytest("--trainperf-against=HEAD~1", "--trainperf-json=r.json", "--trainperf-markdown=r.md")
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=2, failed=1)
     parent = git(repo, "rev-parse", "HEAD~1")[:against.SHORT_SHA]
     result.stdout.fnmatch_lines([
         f"trainperf: comparing against HEAD~1 ({parent}), in lockstep; this tree: *",
@@ -197,7 +200,8 @@ def test_slower_commit_fails_against_its_parent(pytester: pytest.Pytester, repo:
         "  step_time: at HEAD~1 *, now *, change +* (tolerance 50.0%; 95% CI +*",
         "*median of 10 per-pair ratios*",
         f"compared against HEAD~1 ({parent}), in lockstep*(no baseline file read or written)",
-        "*test_new.py::test_new: nothing to compare against: the test or its cell does not exist at HEAD~1*",
+        "*test_new.py::test_new[[]variant=a[]]: nothing to compare against: the test or its cell does not exist "
+        "at HEAD~1*",
     ])
     assert "flops" not in result.stdout.str().split("short test summary")[1]  # a sleep adds no FLOPs
     doc = json.loads((repo / "r.json").read_text())
@@ -215,13 +219,16 @@ def test_slower_commit_fails_against_its_parent(pytester: pytest.Pytester, repo:
 
 def test_a_tree_against_itself_passes_and_says_it_is_dirty(pytester: pytest.Pytester, repo: Path) -> None:
     (repo / "test_new.py").write_text(NEW_TEST + "\n# work in progress\n")  # an uncommitted change
-    result = pytester.runpytest("--trainperf-against=main", "--trainperf-strict", "test_w.py")
-    result.assert_outcomes(passed=1)
+    result = pytester.runpytest("--trainperf-against=main", "--trainperf-strict", "--trainperf-json=r.json",
+                                "test_new.py")
+    result.assert_outcomes(passed=2)
     head = git(repo, "rev-parse", "HEAD")[:against.SHORT_SHA]
     result.stdout.fnmatch_lines([f"trainperf: comparing against main ({head}), in lockstep; "
                                  f"this tree: {head} + uncommitted changes",
-                                 "1 cell measured: 1 unchanged"])
+                                 "2 cells measured: 2 unchanged"])
     assert "pytest --trainperf-update-baselines" not in result.stdout.str()
+    (figure,) = json.loads((repo / "r.json").read_text())["figures"]  # tp.relative: judged against REF's cells
+    assert figure["status"] == "unchanged" and figure["baseline"] is not None
     no_worktree_left(repo)
 
 
