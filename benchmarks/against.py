@@ -106,6 +106,8 @@ class CellRun:
     """Its 95% sign-test interval."""
     detectable: float | None
     """The smallest detectable slowdown the plugin printed."""
+    pairs: int = 0
+    """The timed pairs of the comparison."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,9 @@ def run_once(where: Path, branch: str, condition: str, pairs: int, index: int) -
             interval = step.get("interval")
             cells.append(CellRun(cell=c["cell"], status=c["status"], timing=timing, change=step.get("change"),
                                  interval=tuple(interval) if interval else None,  # type: ignore[arg-type]
-                                 detectable=step.get("detectable")))
+                                 detectable=step.get("detectable"),
+                                 pairs=next((len(m["samples"]) for m in c["verdict"]["measurement"]["metrics"]
+                                             if m["name"] == "step_time"), 0)))
         results.unlink()
     else:
         log(f"run {index} ({condition}) left no results:\n{done.stdout[-2000:]}")
@@ -263,7 +267,7 @@ def render(conditions: Sequence[verdicts.Condition], runs: Sequence[Run], pairs:
               "of the unchanged cells. Measuring both trees side by side removes the drift between processes "
               "that forces those wide gates.", "", "Injected slowdowns per cell (target, step time, extra matmuls, size measured by A/B in one "
               "process, mean change trainperf reported, runs in which the cell was caught):", "",
-              "| target | cell | step time | extra matmuls | measured | trainperf's median change | caught |",
+              "| target | cell | step time while sizing | extra matmuls | measured | trainperf's median change | caught |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for cond in conditions:
         for size in cond.sizes:

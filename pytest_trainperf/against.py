@@ -224,9 +224,10 @@ def lockstep_timer(channel: Channel) -> Callable[..., Timed]:
                 elapsed = one()
                 if word == GO:
                     samples.append(elapsed)
+                    channel.send(f"{DONE} {elapsed}")  # the parent decides on the pairs so far
                 else:
                     warm += 1
-                channel.send(DONE)
+                    channel.send(DONE)
             if not samples:
                 samples.append(one())
         return Timed(samples=[s / NS_PER_S for s in samples], kept=kept, warmup=warm)
@@ -265,6 +266,8 @@ class Worker:
         self.channel = channel
         self.workdir = workdir
         self.live = True
+        self.times: list[float] = []
+        """Seconds of each timed step, as the child answered them."""
 
     def ask(self, word: str) -> bool:
         """Send ``word``; wait for ``done`` (or ``ready``). False, and not live any more, if the child
@@ -277,7 +280,10 @@ class Worker:
             answer = self.channel.receive()
         except (BrokenPipeError, OSError):
             answer = ""
-        self.live = answer in (READY, DONE)
+        words = answer.split()
+        self.live = bool(words) and words[0] in (READY, DONE)
+        if self.live and word == GO and len(words) == 2:
+            self.times.append(int(words[1]) / 1e9)
         return self.live
 
     def stop(self) -> None:
@@ -296,19 +302,27 @@ class Worker:
             self.proc.wait()
 
 
-def lockstep(a: Worker, b: Worker, pairs: int, warm: int = WARM_PAIRS) -> None:
+def lockstep(a: Worker, b: Worker, pairs: int, warm: int = WARM_PAIRS,
+             more: Callable[[Sequence[float], Sequence[float]], bool] | None = None) -> None:
     """Wait until both are ready, then ``warm`` untimed and ``pairs`` timed pairs of steps, the order
-    within a pair alternating (A then B, B then A, ...); a side that ends early drops out and the other
-    goes on alone. Both are told to stop at the end."""
+    within a pair alternating (A then B, B then A, ...), then batches of ``pairs // 2`` more while
+    ``more(a's times, b's times)`` says the pairs so far leave the verdict open. A side that ends early
+    drops out and the other goes on alone. Both are told to stop at the end."""
     for worker in (a, b):
         worker.ask("")  # its "ready", or the end of its output
-    for i in range(warm + pairs):
-        order = (a, b) if i % 2 == 0 else (b, a)
-        live = [w for w in order if w.live]
-        if not live:
+    i, due = 0, warm + pairs
+    while True:
+        while i < due:
+            order = (a, b) if i % 2 == 0 else (b, a)
+            live = [w for w in order if w.live]
+            if not live:
+                break
+            for worker in live:
+                worker.ask(WARM if i < warm else GO)
+            i += 1
+        if not (a.live and b.live and more is not None and more(a.times, b.times)):
             break
-        for worker in live:
-            worker.ask(WARM if i < warm else GO)
+        due += max(pairs // 2, 1)
     a.stop()
     b.stop()
 
@@ -395,15 +409,19 @@ class TrainPerfAgainst:
         env = isolate.child_env(os.environ)
         paths = [str(p) for p in (tree / "src", tree, root) if p.is_dir()]
         env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        to_child, from_parent = os.pipe()
-        to_parent, from_child = os.pipe()
-        env[LOCKSTEP_ENV] = f"{to_child},{from_child}"
+        child_reads, parent_writes = os.pipe()
+        parent_reads, child_writes = os.pipe()
+        env[LOCKSTEP_ENV] = f"{child_reads},{child_writes}"
+        channel = Channel(os.fdopen(parent_reads, "r", encoding="ascii"),
+                          os.fdopen(parent_writes, "w", encoding="ascii"))
         try:
-            proc = isolate.start_child(argv, root, env, workdir, pass_fds=(to_child, from_child))
-        finally:
-            os.close(to_child)
-            os.close(from_child)
-        channel = Channel(os.fdopen(to_parent, "r", encoding="ascii"), os.fdopen(from_parent, "w", encoding="ascii"))
+            proc = isolate.start_child(argv, root, env, workdir, pass_fds=(child_reads, child_writes))
+        except BaseException:
+            channel.close()
+            raise
+        finally:  # the child's ends are the child's: the parent sees the end of file when it exits
+            os.close(child_reads)
+            os.close(child_writes)
         return Worker(side, proc, channel, workdir)
 
     def _compare(self, item: pytest.Function, worktree: Path) -> tuple[isolate.ChildRun, isolate.ChildRun]:
@@ -413,7 +431,7 @@ class TrainPerfAgainst:
             workers.append(self._start(item, REF, worktree))
             workers.append(self._start(item, THIS, self.trees.toplevel))
             ref, this = workers
-            lockstep(ref, this, self.session.settings.pairs)
+            lockstep(ref, this, self.session.settings.pairs, more=self._undecided(item))
             for worker in workers:
                 worker.channel.close()
             runs = []
@@ -428,6 +446,25 @@ class TrainPerfAgainst:
                 worker.kill()
                 worker.channel.close()
                 shutil.rmtree(worker.workdir, ignore_errors=True)
+
+    def _undecided(self, item: pytest.Function) -> Callable[[Sequence[float], Sequence[float]], bool]:
+        """Whether the step-time pairs so far leave it open if the cell regressed (their interval holds
+        ``1 + tolerance``): then the comparison goes on, up to :data:`paired.MAX_PAIRS_FACTOR` times
+        ``--trainperf-pairs`` pairs and ``--trainperf-max-time`` seconds of timed pairs."""
+        from pytest_trainperf.grid import TOLERANCE_MARK
+
+        settings = self.session.settings
+        mark = item.get_closest_marker(TOLERANCE_MARK)
+        tolerance = (mark.args[0] if mark is not None else {}).get("step_time", paired.PAIRED_TOLERANCE)
+        started = time.perf_counter()
+
+        def undecided(a: Sequence[float], b: Sequence[float]) -> bool:
+            if (len(a) != len(b) or len(a) >= paired.MAX_PAIRS_FACTOR * settings.pairs
+                    or time.perf_counter() - started > settings.max_time or min(*a, *b, 1.0) <= 0):
+                return False
+            return paired.undecided(paired.paired_change(a, b), tolerance)
+
+        return undecided
 
     def _ref_side(self, item: pytest.Function, run: isolate.ChildRun) -> SideResult:
         """The REF side's cell, or why it has none (never fails the item)."""

@@ -10,6 +10,12 @@ pair at a time, so both steps of a pair see the same state of the machine. Each 
   ``d_(k)`` and ``d_(n+1-k)`` of the sorted log ratios, with ``k`` the largest rank at which
   ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``. It assumes only that the pairs are independent
   draws with a common median (no symmetry, no normality: shared-runner noise is neither).
+* **How many pairs**: ``--trainperf-pairs`` (60), then, while the interval still holds ``1 + tolerance``
+  (the pairs so far cannot tell a regression from none), batches of half as many more, up to
+  :data:`MAX_PAIRS_FACTOR` times as many pairs or ``--trainperf-max-time`` seconds: a quiet machine decides
+  after the first pairs, a busy one gets more pairs where they are needed. The repeated looks happen
+  only while undecided and only ever need the lower end to clear a tolerance the unchanged code sits
+  below, so they add little to the false alarm rate (``docs/performance.md`` measures it).
 * A timing **regresses** when the whole interval lies above ``1 + tolerance`` (the tolerance of the
   metric, :data:`PAIRED_TOLERANCE` for step time unless the test sets one), and **improves** when it
   lies below ``1 / (1 + tolerance)``. The one-sided p-value reported is the sign test's of "the median
@@ -42,6 +48,9 @@ PAIRED_CONFIDENCE = 0.95
 PAIRED_TOLERANCE = 0.02
 """Step-time tolerance of a lockstep comparison unless the test sets one (``tp.tolerance(step_time=)``):
 what two processes of the same code may differ by. Throughput's follows it (``t / (1 + t)``)."""
+MAX_PAIRS_FACTOR = 4
+"""A comparison whose interval still holds ``1 + tolerance`` after ``--trainperf-pairs`` pairs goes on, in
+batches of half as many, up to this many times ``--trainperf-pairs`` (and ``--trainperf-max-time``)."""
 POWER = 0.95
 """The detection probability at which the smallest detectable change is stated."""
 
@@ -92,6 +101,13 @@ def sign_p_value(a: Sequence[float], b: Sequence[float], bound: float, worse_abo
     if n == 0:
         return 1.0
     return float(sps.binom.sf(beyond - 1, n, 0.5))
+
+
+def undecided(change: PairedChange, tolerance: float) -> bool:
+    """Whether the pairs so far leave it open if the step time regressed beyond ``tolerance``: the
+    interval holds ``1 + tolerance`` (its lower end not above it, its upper end above it)."""
+    worse = 1.0 + tolerance
+    return change.low <= worse < change.high
 
 
 def detectable_change(tolerance: float, change: PairedChange, confidence: float = PAIRED_CONFIDENCE,

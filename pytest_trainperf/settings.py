@@ -222,8 +222,9 @@ OPTIONS = (
             "tag or commit), measured side by side: two child processes, one per tree, alternate their steps "
             "in lockstep; no baseline file is read or written (implies --trainperf; POSIX only)",
             parse_ref, metavar="REF"),
-    _Option("--trainperf-pairs", "timed step pairs per cell of a --trainperf-against comparison "
-            f"(default: {DEFAULT_PAIRS})", parse_pairs, metavar="N"),
+    _Option("--trainperf-pairs", "timed step pairs per cell of a --trainperf-against comparison, at least; up to "
+            f"4 x N while the verdict is open, within --trainperf-max-time (default: {DEFAULT_PAIRS})",
+            parse_pairs, metavar="N"),
 )
 
 

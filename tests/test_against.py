@@ -87,6 +87,42 @@ def test_throughput_agrees_with_step_time() -> None:
         assert math.isclose(1 + rated.change, 1 / (1 + timed.change))
 
 
+def test_undecided_while_the_interval_holds_the_tolerance() -> None:
+    tol = paired.PAIRED_TOLERANCE
+    assert paired.undecided(paired.PairedChange(1.03, 1.01, 1.05, 60), tol)
+    assert not paired.undecided(paired.PairedChange(1.05, 1.03, 1.07, 60), tol)  # regressed
+    assert not paired.undecided(paired.PairedChange(1.00, 0.99, 1.01, 60), tol)  # not beyond the tolerance
+
+
+class Scripted(against.Worker):
+    """A worker that answers every step at once, as a child whose step takes ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.live, self.times, self.seconds, self.words = True, [], seconds, []  # type: ignore[misc]
+
+    def ask(self, word: str) -> bool:
+        self.words.append(word)
+        if word == against.GO:
+            self.times.append(self.seconds)
+        return True
+
+    def stop(self) -> None:
+        self.words.append(against.STOP)
+
+
+def test_lockstep_alternates_and_adds_pairs_while_undecided() -> None:
+    a, b = Scripted(1.0), Scripted(1.0)
+    looks: list[int] = []
+
+    def more(x: list[float], y: list[float]) -> bool:
+        looks.append(len(x))
+        return len(x) < 20
+
+    against.lockstep(a, b, pairs=10, warm=2, more=more)  # type: ignore[arg-type]
+    assert looks == [10, 15, 20]  # batches of half the pairs until decided
+    assert a.words == ["", "warm", "warm"] + ["go"] * 20 + ["stop"] and len(b.times) == 20
+
+
 def test_judge_paired_compares_exact_metrics_value_against_value() -> None:
     def measurement(times: list[float], flops: float) -> Measurement:
         return Measurement(test="test_x", cell="default", params=(),
@@ -263,7 +299,7 @@ def test_ctrl_c_kills_the_children_and_removes_the_worktree(pytester: pytest.Pyt
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[against.Worker] = []
 
-    def interrupted(a: against.Worker, b: against.Worker, pairs: int, warm: int = 0) -> None:
+    def interrupted(a: against.Worker, b: against.Worker, pairs: int, **_: object) -> None:
         started.extend((a, b))
         assert (repo / ".git" / "worktrees").is_dir()  # REF is checked out while the children run
         raise KeyboardInterrupt  # Ctrl-C while the children build their workloads
