@@ -1,8 +1,8 @@
 """An early and a late memory-saving strategy against the baseline, over model sizes (seed figure 001).
 
-A 6-block causal transformer LM of three sizes trains three ways: ``baseline`` keeps every
-activation; ``early`` switches activation checkpointing on from the first block (all six blocks
-recompute); ``late`` switches it on only at the fourth block (the last three). ``tp.relative`` reports
+A 4-block causal transformer LM of three sizes trains three ways: ``baseline`` keeps every
+activation; ``early`` switches activation checkpointing on from the first block (all four blocks
+recompute); ``late`` switches it on only at the third block (the last two). ``tp.relative`` reports
 each strategy's peak memory and step time relative to the baseline of the same size: ``early`` saves
 more memory and pays more recompute time than ``late``. The FLOPs every training cell measures give
 each size its compute (the figure's x axis); they include the recomputed forward passes.
@@ -21,7 +21,7 @@ from _models import TinyLM, lm_train_step
 
 import pytest_trainperf as tp
 
-LAYERS = 6
+LAYERS = 4
 FIRST_CHECKPOINTED = {"baseline": LAYERS, "early": 0, "late": LAYERS // 2}
 """The first block that recomputes its activations (LAYERS: none does)."""
 WIDTH = {"small": 32, "medium": 64, "large": 128}
