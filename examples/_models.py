@@ -1,7 +1,7 @@
 """Shared by the examples: a small causal transformer LM and a learnable synthetic token stream.
 
-Not a test module (no ``test_`` prefix); the examples import it as ``from _models import ...``, which
-works because pytest puts each test file's directory on ``sys.path`` (its default import mode).
+Not a test module (no ``test_`` prefix); the examples import it as ``from _models import ...``, with
+this directory on ``sys.path`` (``conftest.py`` sees to it).
 """
 
 from __future__ import annotations
