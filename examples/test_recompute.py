@@ -5,9 +5,10 @@ activations (``plain``) and once recomputing them in the backward pass (``checkp
 ``torch.utils.checkpoint``, non-reentrant, one checkpoint per block). ``tp.relative`` turns the two
 variants into the figure that matters, the **recompute cost**
 ``step_time(checkpointed) / step_time(plain) - 1`` and the memory saved
-``peak_memory(checkpointed) / peak_memory(plain) - 1``, at every batch size and window. On the CPU the cost is about 25-35% where the blocks' work
-dominates (one more forward pass of each block) and higher in the smallest cells, where the
-checkpoint wrapper's own per-block overhead weighs; memory saved grows with batch x window.
+``peak_memory(checkpointed) / peak_memory(plain) - 1``, at every batch size and window. On the CPU
+the cost is about 25-35% where the blocks' work dominates (one more forward pass of each block) and
+higher in the smallest cells, where the checkpoint wrapper's own per-block overhead weighs; the
+memory saved grows with batch x window.
 
 Guards: a checkpointing change (a torch upgrade, a new checkpoint policy, a block that starts saving
 what it should recompute) that makes recomputation dearer or saves less memory fails, although each
