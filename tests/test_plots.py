@@ -336,6 +336,12 @@ def test_results_read_back_from_json_draw_the_same_pngs(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the option
 
 
+def test_help_lists_the_option_and_its_ini_twin(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines(["*--trainperf-plots=DIR*", "*write PNG figures of the session*"])
+    assert "trainperf_plots" in result.stdout.str()
+
+
 def test_the_option_needs_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
