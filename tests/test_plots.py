@@ -293,6 +293,12 @@ def test_a_grid_that_ran_out_of_memory_everywhere_still_gets_its_heatmap(tmp_pat
     assert png_size(written[0]) == SIZE
 
 
+def test_a_figure_without_a_finite_value_is_not_drawn(tmp_path: Path) -> None:
+    _, figures = schedule_grid()
+    broken = [replace(f, figure=replace(f.figure, value=math.inf)) for f in figures]
+    assert write_plots(results.SessionResults(cells=(), figures=tuple(broken)), tmp_path) == []
+
+
 def test_a_single_cell_test_without_axes_gets_no_heatmap(tmp_path: Path) -> None:
     now = cell("test_one", (), timed(0.01, 1, memory=2.0**20))
     written = write_plots(results.SessionResults(cells=(record("tests/test_one.py", (), now, None),)), tmp_path)

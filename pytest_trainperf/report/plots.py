@@ -32,10 +32,10 @@ import itertools
 import math
 import re
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pytest_trainperf.records import (
     CellVerdict,
@@ -48,7 +48,7 @@ from pytest_trainperf.records import (
     Status,
     format_change,
 )
-from pytest_trainperf.report.heatmap import MARKERS, _Axis, _grid, _Key, _key
+from pytest_trainperf.report.heatmap import MARKERS, AxisValue, _Axis, _grid, _Key, _key
 from pytest_trainperf.results import CellRecord, SessionResults
 from pytest_trainperf.units import common_scale, format_value, in_scale
 
@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure as Canvas
     from matplotlib.text import Text
+
+K = TypeVar("K", bound=Hashable)
 
 FIGSIZE = (8.0, 5.0)
 """Every figure's size in inches."""
@@ -76,7 +78,7 @@ MISSING = "—"
 """A grid cell with no verdict (not run, failed, deselected)."""
 CROWDED = 12
 """More bars (or cells of the other axes) than this and the relative bars lose their value labels and
-get rotated tick labels."""
+get rotated tick labels; more loss curves than this lose their labels."""
 DOTS = 40
 """A loss curve of at most this many steps gets a dot per step on its line."""
 LOG_SPAN = 8.0
@@ -92,7 +94,8 @@ def write_plots(results: SessionResults, directory: Path) -> list[Path]:
     """Draw every figure the session's results support into ``directory`` (created when there is
     something to draw) and return the paths written, in drawing order. Empty results write nothing."""
     names = _Names(directory)
-    for (test_file, test), cells in _by_test(results.cells).items():
+    tests = _by_test(results.cells)
+    for (test_file, test), cells in tests.items():
         title = f"{test_file}::{test}"
         for metric in _heatmap_metrics(cells):
             for page, canvas in enumerate(_heatmap(title, cells, metric), start=1):
@@ -103,13 +106,14 @@ def write_plots(results: SessionResults, directory: Path) -> list[Path]:
         items = _items(title, cells)
         if items is not None:
             names.save(items, test_file, test, "items-loss")
-    relative = [f for f in results.figures if f.figure.kind is FigureKind.RELATIVE]
+    drawable = [f for f in results.figures if math.isfinite(f.figure.value)]
+    relative = [f for f in drawable if f.figure.kind is FigureKind.RELATIVE]
     for (test_file, test, metric), figures in _group(relative, lambda f: (f.test_file, f.test, f.figure.metric)):
-        cells = _by_test(results.cells).get((test_file, test), [])
+        cells = tests.get((test_file, test), [])
         names.save(_relative_bars(test_file, test, metric, figures, cells), test_file, test, f"relative-{metric}")
         for variant, canvas in _relative_heatmaps(test_file, test, metric, figures):
             names.save(canvas, test_file, test, f"relative-heatmap-{metric}-{variant}")
-    scaling = [f for f in results.figures if f.figure.kind is FigureKind.SCALING]
+    scaling = [f for f in drawable if f.figure.kind is FigureKind.SCALING and f.figure.points]
     for (test_file, test), figures in _group(scaling, lambda f: (f.test_file, f.test)):
         names.save(_scaling(f"{test_file}::{test}", figures), test_file, test, "scaling")
     return names.written
@@ -156,8 +160,8 @@ def _by_test(cells: Iterable[CellRecord]) -> dict[tuple[str, str], list[CellReco
     return groups
 
 
-def _group(figures: Sequence[FigureVerdict], key: Any) -> list[tuple[Any, list[FigureVerdict]]]:
-    groups: dict[Any, list[FigureVerdict]] = {}
+def _group(figures: Sequence[FigureVerdict], key: Callable[[FigureVerdict], K]) -> list[tuple[K, list[FigureVerdict]]]:
+    groups: dict[K, list[FigureVerdict]] = {}
     for f in figures:
         groups.setdefault(key(f), []).append(f)
     return list(groups.items())
@@ -388,7 +392,7 @@ def _heatmap(title: str, cells: Sequence[CellRecord], metric: str) -> list[Canva
         low, high = (min(values), max(values)) if values else (0.0, 1.0)
         norm = Normalize(low, high if high > low else low + 1.0)
     cmap = colormaps["viridis"].with_extremes(bad="white")
-    column_values: tuple[object, ...] = columns.values if columns is not None else ("",)
+    column_values: tuple[AxisValue, ...] = columns.values if columns is not None else ("",)
     panels = [(combination, [[_entry(index.get(_point(row, column, rows, columns, tuple(_key(v) for v in combination))),
                                       metric, factor) for column in column_values] for row in rows.values])
               for combination in itertools.product(*(axis.values for axis in further))]
@@ -461,12 +465,12 @@ def _heatmap(title: str, cells: Sequence[CellRecord], metric: str) -> list[Canva
     return canvases
 
 
-def _point(row: object, column: object, rows: _Axis, columns: _Axis | None,
+def _point(row: AxisValue, column: AxisValue, rows: _Axis, columns: _Axis | None,
            fixed: tuple[_Key, ...]) -> tuple[_Key, ...]:
     """The index key of a heatmap cell (a test without axes has one cell, keyed by nothing)."""
-    point = [] if not rows.name else [_key(row)]  # type: ignore[arg-type]
+    point = [] if not rows.name else [_key(row)]
     if columns is not None:
-        point.append(_key(column))  # type: ignore[arg-type]
+        point.append(_key(column))
     return (*point, *fixed)
 
 
@@ -526,7 +530,7 @@ def _latency(title: str, cells: Sequence[CellRecord]) -> Canvas | None:
     if any(rest for rest in lines):
         ax.legend(fontsize=7, ncols=2 if len(lines) > 6 else 1)
     _title(canvas, f"{title} · step_time (latency) against {axis}")
-    _footnote(canvas, [f"{left_out} cell{'s' * (left_out != 1)} that did not end measured (OOM) left out"]
+    _footnote(canvas, [f"left out: {left_out} cell{'s' * (left_out != 1)} that ran out of memory or died"]
               if left_out else [])
     return canvas
 
@@ -575,8 +579,9 @@ def _items(title: str, cells: Sequence[CellRecord]) -> Canvas | None:
             ax.add_collection(collection)
         dots = ax.scatter([x for x, _ in xy], [y for _, y in xy], c=[loss for _, loss in points], cmap="viridis",
                           norm=norm, s=10 if len(xy) <= DOTS else 0, zorder=3)
-        ax.annotate(_params_label([(k, v) for k, v in m.params if k in varying]) or m.cell, xy[-1],
-                    xytext=(4, 0), textcoords="offset points", fontsize=7, va="center")
+        if len(curves) <= CROWDED:  # more labels than that would overlap
+            ax.annotate(_params_label([(k, v) for k, v in m.params if k in varying]) or m.cell, xy[-1],
+                        xytext=(4, 0), textcoords="offset points", fontsize=7, va="center")
     if log:
         _log_axis(ax, "x", [float(x) for x in steps])
         _log_axis(ax, "y", items)
