@@ -855,7 +855,8 @@ def _scaling(title: str, figures: Sequence[FigureVerdict]) -> Canvas:
         ax.set_title(metric, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, title="exponent [95% interval]", title_fontsize=7)
+        ax.legend(fontsize=7, title="exponent [95% interval]", title_fontsize=7, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.14), frameon=False)  # under the axes: the lines stay visible
     for ax in axes[len(metrics):]:
         ax.set_axis_off()
     _title(canvas, f"{title} · scaling fits a · x^b")
