@@ -22,7 +22,7 @@ each cell stays within its own tolerance.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -227,15 +227,11 @@ def judge_figure(now: Figure, before: Figure | None, tolerance: float) -> Figure
                          noise=noise)
 
 
-def judge_figures(now: Sequence[Figure], before: Sequence[Figure], tolerance: Mapping[str, float],
+def judge_figures(now: Sequence[Figure], before: Sequence[Figure], tolerance: Callable[[Figure], float],
                   where: tuple[str, str, tuple[tuple[str, tuple[Scalar, ...]], ...]]) -> list[FigureVerdict]:
-    """Every figure now against the baseline's of the same key; ``tolerance`` by metric name per
-    kind is given as ``{"<kind> <metric>": tolerance}``; ``where`` is (test file, test, axes)."""
+    """Every figure now against the baseline's figure of the same key, with ``tolerance(figure)``;
+    ``where`` (test file, test, grid axes) is kept on each verdict for the report."""
     stored = {f.key: f for f in before}
     test_file, test, axes = where
-    out = []
-    for figure in now:
-        verdict = judge_figure(figure, stored.get(figure.key),
-                               tolerance[f"{figure.kind.value} {figure.metric}"])
-        out.append(replace(verdict, test_file=test_file, test=test, axes=axes))
-    return out
+    return [replace(judge_figure(f, stored.get(f.key), tolerance(f)), test_file=test_file, test=test, axes=axes)
+            for f in now]

@@ -93,11 +93,15 @@ class TrainPerfXdist:
         from pytest_trainperf.outputs import session_results
 
         output: dict[str, Any] = config.workeroutput  # type: ignore[attr-defined]
-        output[OUTPUT_KEY] = results.dump(session_results(self.session))
+        # the controller states the CPU warnings for the whole run itself; the session's own travel
+        found = dataclasses.replace(session_results(self.session), warnings=tuple(self.session.warnings))
+        output[OUTPUT_KEY] = results.dump(found)
         # the results now belong to the controller: the worker renders no summary of its own
         self.session.results.clear()
         self.session.changes.clear()
         self.session.write_errors.clear()
+        self.session.figures.clear()
+        self.session.warnings.clear()
 
     def pytest_testnodedown(self, node: Any, error: object) -> None:
         """On the controller: take in a worker's cells, baseline changes and write errors."""
@@ -116,3 +120,5 @@ class TrainPerfXdist:
         self.session.results += [result_of(c) for c in received.cells]
         self.session.changes += received.changes
         self.session.write_errors += received.errors
+        self.session.figures += received.figures
+        self.session.warnings += [w for w in received.warnings if w not in self.session.warnings]

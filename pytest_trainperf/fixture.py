@@ -406,7 +406,7 @@ class TrainPerf:
         self._measured = Measurement(
             test=self._cell.test, cell=self._cell.cell, params=self._cell.params,
             metrics=tuple(metrics), loss_curve=tuple(curve), kind=kind, steps=count, warmup=warmup,
-            outcome=outcome, detail=detail, notes=notes)
+            outcome=outcome, detail=detail, notes=notes, items_per_step=items)
         if over:  # as on a device of the budget's size: the test stops here, as a real OOM would stop it
             raise EmulatedOutOfMemory(detail)
         return self.result()  # type: ignore[return-value]

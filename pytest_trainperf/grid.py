@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pytest_trainperf.records import Scalar
+from pytest_trainperf.records import RelativeSpec, Scalar, ScalingSpec
 from pytest_trainperf.stats import BUILTIN_METRICS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -155,3 +155,125 @@ def memory_budget(size: str | int) -> Callable[[F], F]:
     except ValueError as exc:
         raise GridError(f"tp.memory_budget: {exc}") from None
     return getattr(pytest.mark, BUDGET_MARK)(budget)  # type: ignore[no-any-return]
+
+
+RELATIVE_MARK = "trainperf_relative"
+"""The marker ``tp.relative`` applies (its one argument is the :class:`RelativeSpec`)."""
+SCALING_MARK = "trainperf_scaling"
+"""The marker ``tp.scaling`` applies, once per fit (its one argument is the :class:`ScalingSpec`)."""
+RELATIVE_METRICS = ("step_time", "peak_memory")
+"""What ``tp.relative`` views relative to the reference when no ``metrics`` are given."""
+
+
+def _metric_names(call: str, metrics: object) -> tuple[str, ...]:
+    if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)) or not metrics \
+            or not all(isinstance(m, str) and m for m in metrics):
+        raise GridError(f"{call}: expected metrics=[...], a non-empty list of metric names such as "
+                        f"['step_time', 'flops'], got {metrics!r}")
+    return tuple(metrics)
+
+
+def _figure_tolerance(call: str, tolerance: object) -> float | None:
+    if tolerance is None:
+        return None
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or math.isnan(tolerance) \
+            or tolerance < 0:
+        raise GridError(f"{call}: expected tolerance=None or a non-negative number, got {tolerance!r}")
+    return float(tolerance)
+
+
+def make_relative(axis: Mapping[str, object], metrics: object = RELATIVE_METRICS,
+                  tolerance: object = None) -> RelativeSpec:
+    """Check the arguments of ``tp.relative`` and build its :class:`RelativeSpec`."""
+    if len(axis) != 1:
+        raise GridError("tp.relative: expected exactly one axis=reference keyword such as "
+                        f"variant='plain', got {dict(axis)!r}")
+    (name, reference), = axis.items()
+    return RelativeSpec(axis=name, reference=_check_value(name, reference),
+                        metrics=_metric_names("tp.relative", metrics),
+                        tolerance=_figure_tolerance("tp.relative", tolerance))
+
+
+def relative(*, metrics: Sequence[str] = RELATIVE_METRICS, tolerance: float | None = None,
+             **axis: Scalar) -> Callable[[F], F]:
+    """View every variant of one grid axis relative to a reference variant, cell by cell of the
+    other axes, and guard those relative figures against the baseline's::
+
+        @tp.grid(batch_size=[4, 16], window=[64, 256], variant=["plain", "checkpointed"])
+        @tp.relative(variant="plain", metrics=["step_time", "peak_memory"])
+        def test_recompute(trainperf, batch_size, window, variant): ...
+
+    reports (and guards) the recompute cost ``step_time(checkpointed) / step_time(plain) - 1`` at
+    each batch size and window. ``tolerance`` bounds how far a figure may move (the ratio of
+    ratios); the default is 5% for timings and the metric's own tolerance otherwise.
+    """
+    spec = make_relative(axis, metrics, tolerance)
+
+    def apply(fn: F) -> F:
+        marks = getattr(fn, "pytestmark", [])
+        if any(getattr(m, "name", None) == RELATIVE_MARK for m in marks):
+            raise GridError(f"tp.relative applied twice to {getattr(fn, '__name__', fn)!r}: expected one "
+                            "reference axis per test")
+        return getattr(pytest.mark, RELATIVE_MARK)(spec)(fn)  # type: ignore[no-any-return]
+
+    return apply
+
+
+def make_scaling(x: object, metrics: object, x_metric: object = None, tolerance: object = None) -> ScalingSpec:
+    """Check the arguments of ``tp.scaling`` and build its :class:`ScalingSpec`."""
+    if not isinstance(x, str) or not x:
+        raise GridError(f"tp.scaling: expected x='<grid axis>' such as x='seq_len', got {x!r}")
+    if x_metric is not None and (not isinstance(x_metric, str) or not x_metric):
+        raise GridError(f"tp.scaling: expected x_metric=None or a metric name such as 'parameters', "
+                        f"got {x_metric!r}")
+    return ScalingSpec(x=x, metrics=_metric_names("tp.scaling", metrics), x_metric=x_metric,
+                       tolerance=_figure_tolerance("tp.scaling", tolerance))
+
+
+def scaling(x: str, metrics: Sequence[str], *, x_metric: str | None = None,
+            tolerance: float | None = None) -> Callable[[F], F]:
+    """Fit ``metric = a * x^b`` along grid axis ``x`` (per cell of the other axes), report the
+    exponent with its interval, store it with the baselines and fail when it rises beyond
+    ``tolerance`` (exponent units, default 0.25): a complexity regression, caught even when every
+    cell stays within its own tolerance::
+
+        @tp.grid(seq_len=[64, 128, 256, 512])
+        @tp.scaling(x="seq_len", metrics=["step_time", "flops"])
+        def test_attention(trainperf, seq_len): ...
+
+    ``x_metric`` takes x from a metric each cell records instead of the axis value (e.g.
+    ``trainperf.record("parameters", n)`` with a ``width`` axis). May be applied once per fit.
+    """
+    spec = make_scaling(x, metrics, x_metric, tolerance)
+    return getattr(pytest.mark, SCALING_MARK)(spec)  # type: ignore[no-any-return]
+
+
+def check_figures(grid: Grid | None, relative: RelativeSpec | None, fits: Sequence[ScalingSpec]) -> str | None:
+    """Why ``tp.relative``/``tp.scaling`` do not fit the test's grid (None when they do); checked at
+    collection time, when the grid is known."""
+    axes = dict(grid.axes) if grid is not None else {}
+    names = ", ".join(axes) or "none"
+    if relative is not None:
+        values = axes.get(relative.axis)
+        if values is None:
+            return f"tp.relative: expected a grid axis, got {relative.axis!r} (the grid's axes: {names})"
+        if format_scalar(relative.reference) not in [format_scalar(v) for v in values]:
+            return (f"tp.relative({relative.axis}=...): expected one of the axis values "
+                    f"{list(values)!r}, got {relative.reference!r}")
+        if len(values) < 2:
+            return (f"tp.relative({relative.axis}=...): expected an axis with at least two variants, "
+                    f"got {list(values)!r}")
+    from pytest_trainperf.derived import MIN_SCALING_POINTS
+
+    for fit in fits:
+        values = axes.get(fit.x)
+        if values is None:
+            return f"tp.scaling: expected x to be a grid axis, got {fit.x!r} (the grid's axes: {names})"
+        if fit.x_metric is None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                            for v in values):
+            return (f"tp.scaling(x={fit.x!r}): expected positive numbers on the axis (or x_metric=), "
+                    f"got {list(values)!r}")
+        if len(values) < MIN_SCALING_POINTS:
+            return (f"tp.scaling(x={fit.x!r}): expected at least {MIN_SCALING_POINTS} values on the axis "
+                    f"to fit an exponent, got {list(values)!r}")
+    return None

@@ -60,7 +60,8 @@ def session_results(session: TrainPerfSession, workers: int = 1) -> results.Sess
     """The session's results as plain records."""
     return results.SessionResults(cells=tuple(record_of(r) for r in session.results),
                                   changes=tuple(session.changes), errors=tuple(session.write_errors),
-                                  warnings=cpu_warnings(session, workers))
+                                  warnings=cpu_warnings(session, workers) + tuple(session.warnings),
+                                  figures=tuple(session.figures))
 
 
 def junit_properties(result: CellResult) -> list[tuple[str, object]]:

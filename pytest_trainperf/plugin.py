@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import sys
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,15 +17,28 @@ import pytest
 
 from pytest_trainperf import stats, store
 from pytest_trainperf.fixture import Cell, EmulatedOutOfMemory, TrainPerf
-from pytest_trainperf.grid import BUDGET_MARK, GRID_MARK, SINGLE_CELL, TOLERANCE_MARK, Grid
+from pytest_trainperf.grid import (
+    BUDGET_MARK,
+    GRID_MARK,
+    RELATIVE_MARK,
+    SCALING_MARK,
+    SINGLE_CELL,
+    TOLERANCE_MARK,
+    Grid,
+    check_figures,
+)
 from pytest_trainperf.measure.host import SYSTEM, fix_malloc
 from pytest_trainperf.records import (
     BaselineChange,
     CellVerdict,
+    Figure,
+    FigureVerdict,
     Fingerprint,
     Measurement,
     Outcome,
+    RelativeSpec,
     Scalar,
+    ScalingSpec,
     Status,
     format_change,
 )
@@ -52,6 +65,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", f"{TOLERANCE_MARK}(tolerances): applied by tp.tolerance: per-test relative tolerances")
     config.addinivalue_line(
         "markers", f"{BUDGET_MARK}(bytes): applied by tp.memory_budget: cells over it count as out of memory")
+    config.addinivalue_line(
+        "markers", f"{RELATIVE_MARK}(spec): applied by tp.relative: variants viewed relative to a reference")
+    config.addinivalue_line(
+        "markers", f"{SCALING_MARK}(spec): applied by tp.scaling: a power-law exponent fitted along an axis")
     from pytest_trainperf import distributed, isolate, outputs
 
     settings = distributed.assign_device(resolve(config), config)  # a worker's own --trainperf-devices
@@ -77,6 +94,44 @@ class CellResult:
     """Where it was measured."""
     elsewhere: tuple[str, ...] = ()
     """For a cell with no baseline here: the environments whose baselines in the file hold it."""
+
+
+@dataclass(frozen=True)
+class FigureSpecs:
+    """The figures one grid test asks for: ``tp.relative`` and any ``tp.scaling`` fits."""
+
+    relative: RelativeSpec | None
+    """The relative view, if any."""
+    scaling: tuple[ScalingSpec, ...]
+    """The scaling fits, in decoration order."""
+
+    def derive(self, cells: list[Measurement]) -> list[Figure]:
+        """Every figure of these cells."""
+        from pytest_trainperf import derived
+
+        out = derived.relative_figures(self.relative, cells) if self.relative is not None else []
+        for fit in self.scaling:
+            out += derived.scaling_figures(fit, cells)
+        return out
+
+    def tolerance(self, figure: Figure, overrides: dict[str, float]) -> float:
+        """The tolerance of one of its figures."""
+        from pytest_trainperf import derived
+
+        if figure.kind.value == "relative":
+            given = self.relative.tolerance if self.relative is not None else None
+        else:
+            given = next((f.tolerance for f in self.scaling if f.abscissa == figure.reference), None)
+        return derived.figure_tolerance(figure.kind, figure.metric, given, overrides)
+
+
+def figure_specs(item: pytest.Item) -> FigureSpecs | None:
+    """The figures a test item's markers ask for; None when it asks for none."""
+    relative = item.get_closest_marker(RELATIVE_MARK)
+    fits = tuple(m.args[0] for m in reversed(list(item.iter_markers(SCALING_MARK))))
+    if relative is None and not fits:
+        return None
+    return FigureSpecs(relative=relative.args[0] if relative is not None else None, scaling=fits)
 
 
 def _test_name(item: pytest.Item) -> str:
@@ -164,11 +219,22 @@ class TrainPerfSession:
         self._grid_p: dict[str, dict[str, list[float]]] = {}
         self.notes: dict[str, None] = {}
         """One-line notes of the cells (no NVML, no peak FLOP/s for the device), each printed once."""
+        self._specs: dict[tuple[str, str], FigureSpecs] = {}
+        self._grid_done: dict[str, list[Measurement]] = {}
+        self.figures: list[FigureVerdict] = []
+        """The verdicts on the figures derived from whole grids (``tp.relative``, ``tp.scaling``)."""
+        self.warnings: list[str] = []
+        """Things about the run the report must say (a grid whose figures could not be judged)."""
 
     # ------------------------------------------------------------------ collection
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         mark = metafunc.definition.get_closest_marker(GRID_MARK)
+        specs = figure_specs(metafunc.definition)
+        if specs is not None:
+            problem = check_figures(mark.args[0] if mark is not None else None, specs.relative, specs.scaling)
+            if problem is not None:
+                pytest.fail(f"{metafunc.definition.nodeid}: {problem}", pytrace=False)
         if mark is None:
             return
         grid: Grid = mark.args[0]
@@ -187,6 +253,19 @@ class TrainPerfSession:
         for item in session.items:
             key = _grid_key(item.nodeid)
             self._grid_sizes[key] = self._grid_sizes.get(key, 0) + 1
+            specs = figure_specs(item)
+            if specs is not None:
+                self._specs[(_relative(item.path, self.config.rootpath), _test_name(item))] = specs
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Under pytest-xdist, keep each grid with figures together (``--dist loadgroup``): its
+        figures are judged where its last cell runs, from all of its cells."""
+        if not self.config.pluginmanager.hasplugin("xdist"):
+            return
+        for item in items:
+            if figure_specs(item) is not None:
+                item.add_marker(pytest.mark.xdist_group(name=_grid_key(item.nodeid)))
 
     # ------------------------------------------------------------------ running
 
@@ -313,13 +392,25 @@ class TrainPerfSession:
             key for key, env in baselines.environments.items() if (cell.test, cell.cell) in env.cells)
         result = CellResult(cell=cell, verdict=verdict, fingerprint=fingerprint, elsewhere=elsewhere)
         self.results.append(result)
+        figures = self._grid_figures(item, result, baselines, overrides, shown)
         crashed = measurement.outcome is Outcome.CRASHED
         if self.settings.update and not crashed:
             self._pending.setdefault(path, []).append((fingerprint, result))
             return
         if self.settings.update:  # a crash is no baseline: it fails the cell, and the file keeps the old one
             pytest.fail(f"trainperf: {cell.nodeid} crashed: {measurement.detail}\n"
-                        "Its baseline was not updated.", pytrace=False)
+                        "Its baseline was not updated." + "".join(f"\n\n{f}" for f in figures), pytrace=False)
+        failure = self._failure(cell, verdict, fingerprint, shown, rounds, unconfirmed)
+        if failure or figures:
+            pytest.fail("\n\n".join(([failure] if failure else []) + figures), pytrace=False)
+        if baseline is None and self.settings.strict:
+            pytest.fail(f"trainperf: {cell.nodeid} has no baseline for this environment in {shown} "
+                        f"(--trainperf-strict)\nenvironment: {fingerprint.key}\n"
+                        f"Create it with `{UPDATE_HINT}`.", pytrace=False)
+
+    def _failure(self, cell: Cell, verdict: CellVerdict, fingerprint: Fingerprint, shown: str, rounds: int,
+                 unconfirmed: bool) -> str:
+        """The failure message of a cell that regressed; empty when it did not."""
         if verdict.outcome is Status.REGRESSED:
             now = verdict.measurement
             before = verdict.baseline_outcome
@@ -327,29 +418,63 @@ class TrainPerfSession:
                     f"out of memory ({now.outcome.value}), where the baseline was measured")
             if before is not None and before is not Outcome.MEASURED and now.outcome is Outcome.CRASHED:
                 what += f" (the baseline: {before.value})"
-            pytest.fail(f"trainperf regression: {what}\n{cell.nodeid} against its baseline in {shown}\n"
-                        f"environment: {fingerprint.key}\n  {now.detail}\n"
-                        f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.", pytrace=False)
-        if verdict.regressions:
-            worst = ", ".join(f"{m.name} {format_change(m.change)}" for m in verdict.regressions
-                              if m.change is not None)
-            lines = [f"trainperf regression: {worst}",
-                     f"{cell.nodeid} against its baseline in {shown}",
-                     f"environment: {fingerprint.key}"]
-            lines += [f"  {m.describe()}" for m in verdict.regressions]
-            timing = any(m.name in stats.TIMING_METRICS for m in verdict.regressions)
-            if rounds and timing:
-                lines.append(f"  (timings confirmed by {rounds} re-measurement{'s' * (rounds > 1)}; "
-                             "figures from the last)")
-            if unconfirmed and timing:
-                lines.append(f"  (not re-measured to confirm: the cell used its --trainperf-max-time of "
-                             f"{self.settings.max_time:g} s)")
-            lines.append(f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
-            pytest.fail("\n".join(lines), pytrace=False)
-        if baseline is None and self.settings.strict:
-            pytest.fail(f"trainperf: {cell.nodeid} has no baseline for this environment in {shown} "
-                        f"(--trainperf-strict)\nenvironment: {fingerprint.key}\n"
-                        f"Create it with `{UPDATE_HINT}`.", pytrace=False)
+            return (f"trainperf regression: {what}\n{cell.nodeid} against its baseline in {shown}\n"
+                    f"environment: {fingerprint.key}\n  {now.detail}\n"
+                    f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
+        if not verdict.regressions:
+            return ""
+        worst = ", ".join(f"{m.name} {format_change(m.change)}" for m in verdict.regressions
+                          if m.change is not None)
+        lines = [f"trainperf regression: {worst}",
+                 f"{cell.nodeid} against its baseline in {shown}",
+                 f"environment: {fingerprint.key}"]
+        lines += [f"  {m.describe()}" for m in verdict.regressions]
+        timing = any(m.name in stats.TIMING_METRICS for m in verdict.regressions)
+        if rounds and timing:
+            lines.append(f"  (timings confirmed by {rounds} re-measurement{'s' * (rounds > 1)}; "
+                         "figures from the last)")
+        if unconfirmed and timing:
+            lines.append(f"  (not re-measured to confirm: the cell used its --trainperf-max-time of "
+                         f"{self.settings.max_time:g} s)")
+        lines.append(f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
+        return "\n".join(lines)
+
+    def _grid_figures(self, item: pytest.Item, result: CellResult, baselines: store.BaselineFile,
+                      overrides: dict[str, float], shown: str) -> list[str]:
+        """Once the last cell of a grid with figures concluded: derive its figures from the cells
+        measured now and from the baseline's same cells, judge them, keep the verdicts, and return
+        the failure message of those that regressed (empty when none did, or the grid is not done)."""
+        cell = result.cell
+        specs = self._specs.get((cell.test_file, cell.test))
+        if specs is None:
+            return []
+        grid = _grid_key(item.nodeid)
+        done = self._grid_done.setdefault(grid, [])
+        done.append(result.verdict.measurement)
+        if len(done) < self._grid_sizes.get(grid, 1):
+            return []
+        from pytest_trainperf import derived
+
+        key = result.fingerprint.key
+        before = [m for m in (baselines.lookup(key, cell.test, m.cell) for m in done) if m is not None]
+        verdicts = derived.judge_figures(specs.derive(done), specs.derive(before),
+                                         lambda f: specs.tolerance(f, overrides),
+                                         (cell.test_file, cell.test, cell.axes))
+        self.figures += verdicts
+        regressed = [v for v in verdicts if v.status is Status.REGRESSED]
+        if not regressed or self.settings.update:
+            return []
+        worst = regressed[0]
+        assert worst.baseline is not None
+        more = len(regressed) - 1
+        lines = [f"trainperf regression: {worst.figure.title()} {worst.baseline.shown()} -> {worst.figure.shown()}"
+                 + (f" (and {more} more figure{'s' * (more > 1)})" if more else ""),
+                 f"{cell.test_file}::{cell.test}: the figures of its grid (judged when its last cell finished) "
+                 f"against the baseline's same cells in {shown}",
+                 f"environment: {key}"]
+        lines += [f"  {v.describe()}" for v in regressed]
+        lines.append(f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
+        return ["\n".join(lines)]
 
     def _confirm(self, fixture: TrainPerf, verdict: CellVerdict,
                  decide: Callable[[Measurement], CellVerdict]) -> tuple[CellVerdict, int, bool]:
@@ -385,12 +510,32 @@ class TrainPerfSession:
             for key, results in by_env.items():
                 try:
                     self.changes += store.update(path, fingerprints[key],
-                                                 [r.verdict.measurement for r in results], shown)
+                                                 [r.verdict.measurement for r in results], shown,
+                                                 derive=self._deriver(results))
                 except (store.BaselineError, OSError) as exc:
                     self.write_errors.append(f"{shown}: not written: {exc}")
         self._pending.clear()
+        for grid, done in self._grid_done.items():
+            size = self._grid_sizes.get(grid, 1)
+            if len(done) < size:
+                self.warnings.append(
+                    f"the figures of {grid} (tp.relative/tp.scaling) were not judged: not all of its {size} cells "
+                    "concluded in one process (the run stopped early, or pytest-xdist spread the grid over "
+                    "workers: run with --dist loadgroup to keep each grid on one worker)")
         if self.write_errors:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def _deriver(self, results: list[CellResult]) -> store.Derive:
+        """What recomputes, from a baseline file's cells after an update, the figures of the tests
+        among ``results`` that ask for figures."""
+        tests = {(r.cell.test_file, r.cell.test) for r in results}
+        specs = {test: self._specs[(test_file, test)] for test_file, test in tests if (test_file, test) in self._specs}
+
+        def derive(cells: Mapping[tuple[str, str], Measurement]) -> dict[str, list[Figure]]:
+            return {test: spec.derive([m for (t, _), m in cells.items() if t == test])
+                    for test, spec in specs.items()}
+
+        return derive
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if not self.results and not self.write_errors:
@@ -409,7 +554,8 @@ class TrainPerfSession:
                        fingerprints=sorted({r.fingerprint.key for r in self.results}),
                        show=self.settings.show, changes=self.changes, update=self.settings.update,
                        errors=self.write_errors, hint=UPDATE_HINT,
-                       elsewhere=sorted({key for r in self.results for key in r.elsewhere}))
+                       elsewhere=sorted({key for r in self.results for key in r.elsewhere}),
+                       figures=self.figures, warnings=self.warnings)
         terminalreporter.write_sep("=", "trainperf")
         terminalreporter.write(buffer.getvalue())
         for note in self.notes:

@@ -20,6 +20,10 @@ Layout of ``baselines/<test file path>.json`` (``baselines/examples/test_lm.json
 
 ``rounds`` (optional) holds the median of each measurement round of an update: the noise band.
 
+An environment may also hold ``"figures": {"<test name>": {"<figure key>": {...}}}``: the figures
+derived from the whole grid (``tp.relative``, ``tp.scaling``), recomputed from the file's cells at
+every update so that they always agree with them.
+
 Keys are sorted and number lists sit on one line, so a review diff shows one line per changed curve.
 A file that cannot be parsed, is not ours, or has a newer schema raises :class:`BaselineError` and is
 never written over.
@@ -31,13 +35,22 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_trainperf.records import BaselineChange, Direction, Fingerprint, Measurement, Metric, Outcome
+from pytest_trainperf.records import (
+    BaselineChange,
+    Direction,
+    Figure,
+    FigureKind,
+    Fingerprint,
+    Measurement,
+    Metric,
+    Outcome,
+)
 
 FORMAT = "pytest-trainperf baselines"
 """The ``format`` marker that tells our files from any other JSON."""
@@ -68,6 +81,8 @@ class Environment:
     """The environment."""
     cells: Mapping[tuple[str, str], Measurement] = field(default_factory=dict)
     """``(test, cell) -> measurement``."""
+    figures: Mapping[str, tuple[Figure, ...]] = field(default_factory=dict)
+    """``test -> the figures derived from its grid`` (``tp.relative``, ``tp.scaling``)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,11 @@ class BaselineFile:
         """The stored measurement of one cell in one environment, or None."""
         env = self.environments.get(env_key)
         return None if env is None else env.cells.get((test, cell))
+
+    def figures(self, env_key: str, test: str) -> tuple[Figure, ...]:
+        """The stored figures of one test in one environment (empty when none)."""
+        env = self.environments.get(env_key)
+        return () if env is None else env.figures.get(test, ())
 
 
 def baseline_path(baselines_dir: Path, test_file: str) -> Path:
@@ -158,9 +178,55 @@ def _parse_cell(path: Path, where: str, test: str, cell: str, raw: object) -> Me
     _expect(outcome in stored, path, f"{where}.outcome", f"one of {stored}", outcome)
     detail = raw.get("detail", "")
     _expect(isinstance(detail, str), path, f"{where}.detail", "a string", detail)
+    items = raw.get("items_per_step")
+    _expect(items is None or (_number(items) and items > 0), path, f"{where}.items_per_step",
+            "a positive number or null", items)
     return Measurement(test=test, cell=cell, params=tuple((p[0], p[1]) for p in params_raw),
                        metrics=metrics, loss_curve=tuple(float(v) for v in curve), kind=kind,
-                       steps=steps, warmup=warmup, outcome=Outcome(outcome), detail=detail)
+                       steps=steps, warmup=warmup, outcome=Outcome(outcome), detail=detail,
+                       items_per_step=None if items is None else float(items))
+
+
+def _numbers(path: Path, where: str, raw: object) -> tuple[float, ...]:
+    _expect(isinstance(raw, list) and all(_number(v) for v in raw), path, where, "a list of numbers", raw)
+    assert isinstance(raw, list)
+    return tuple(float(v) for v in raw)
+
+
+def _parse_figure(path: Path, where: str, raw: object) -> Figure:
+    _expect(isinstance(raw, dict), path, where, "an object", raw)
+    assert isinstance(raw, dict)
+    kinds = [k.value for k in FigureKind]
+    _expect(raw.get("kind") in kinds, path, f"{where}.kind", f"one of {kinds}", raw.get("kind"))
+    for name in ("metric", "axis", "cell", "reference", "unit"):
+        _expect(isinstance(raw.get(name, ""), str), path, f"{where}.{name}", "a string", raw.get(name))
+    _expect(_number(raw.get("value")), path, f"{where}.value", "a number", raw.get("value"))
+    interval = raw.get("interval")
+    if interval is not None:
+        interval = _numbers(path, f"{where}.interval", interval)
+        _expect(len(interval) == 2, path, f"{where}.interval", "two numbers", interval)
+    points = raw.get("points", [])
+    _expect(isinstance(points, list) and all(isinstance(p, list) and len(p) == 2 and all(_number(v) for v in p)
+                                             for p in points), path, f"{where}.points", "a list of [x, y] pairs",
+            points)
+    coefficient = raw.get("coefficient")
+    _expect(coefficient is None or _number(coefficient), path, f"{where}.coefficient", "a number or null",
+            coefficient)
+    params = raw.get("params", [])
+    _expect(isinstance(params, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                             for p in params), path, f"{where}.params",
+            "a list of [name, value] pairs", params)
+    direction = raw.get("direction", "lower")
+    valid = [d.value for d in Direction]
+    _expect(direction in valid, path, f"{where}.direction", f"one of {valid}", direction)
+    return Figure(kind=FigureKind(raw["kind"]), metric=raw["metric"], axis=raw["axis"], cell=raw["cell"],
+                  reference=raw["reference"], value=float(raw["value"]),
+                  params=tuple((p[0], p[1]) for p in params),
+                  interval=None if interval is None else (interval[0], interval[1]),
+                  rounds=_numbers(path, f"{where}.rounds", raw.get("rounds", [])),
+                  points=tuple((float(a), float(b)) for a, b in points),
+                  coefficient=None if coefficient is None else float(coefficient),
+                  unit=raw.get("unit", ""), direction=Direction(direction))
 
 
 def _parse_fingerprint(path: Path, where: str, raw: object) -> Fingerprint:
@@ -200,7 +266,13 @@ def parse(path: Path, text: str) -> BaselineFile:
             _expect(isinstance(test_cells, dict), path, f"{where}.tests.{test}", "an object", test_cells)
             for cell, raw in test_cells.items():
                 cells[(test, cell)] = _parse_cell(path, f"{where}.tests.{test}.{cell}", test, cell, raw)
-        environments[key] = Environment(fingerprint=fingerprint, cells=cells)
+        figures_raw = env_raw.get("figures", {})
+        _expect(isinstance(figures_raw, dict), path, f"{where}.figures", "an object", figures_raw)
+        figures: dict[str, tuple[Figure, ...]] = {}
+        for test, by_key in figures_raw.items():
+            _expect(isinstance(by_key, dict), path, f"{where}.figures.{test}", "an object", by_key)
+            figures[test] = tuple(_parse_figure(path, f"{where}.figures.{test}.{k}", v) for k, v in by_key.items())
+        environments[key] = Environment(fingerprint=fingerprint, cells=cells, figures=figures)
     return BaselineFile(path=path, environments=environments)
 
 
@@ -241,9 +313,25 @@ def _cell_json(m: Measurement) -> dict[str, Any]:
     }
     if m.loss_curve:
         out["loss_curve"] = list(m.loss_curve)
+    if m.items_per_step is not None:
+        out["items_per_step"] = m.items_per_step
     if m.outcome is not Outcome.MEASURED:
         out["outcome"] = m.outcome.value
         out["detail"] = m.detail
+    return out
+
+
+def _figure_json(f: Figure) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": f.kind.value, "metric": f.metric, "axis": f.axis, "cell": f.cell,
+                           "reference": f.reference, "value": f.value, "params": [[k, v] for k, v in f.params],
+                           "unit": f.unit, "direction": f.direction.value,
+                           "points": [list(p) for p in f.points]}
+    if f.interval is not None:
+        out["interval"] = list(f.interval)
+    if f.rounds:
+        out["rounds"] = list(f.rounds)
+    if f.coefficient is not None:
+        out["coefficient"] = f.coefficient
     return out
 
 
@@ -255,6 +343,9 @@ def to_json(baselines: BaselineFile) -> dict[str, Any]:
         for (test, cell), m in env.cells.items():
             tests.setdefault(test, {})[cell] = _cell_json(m)
         envs[key] = {"fingerprint": asdict(env.fingerprint), "tests": tests}
+        if any(env.figures.values()):
+            envs[key]["figures"] = {test: {f.key: _figure_json(f) for f in figures}
+                                    for test, figures in env.figures.items() if figures}
     return {"format": FORMAT, "schema": SCHEMA_VERSION, "environments": envs}
 
 
@@ -325,19 +416,41 @@ def locked(path: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+Derive = Callable[[Mapping[tuple[str, str], Measurement]], Mapping[str, Sequence[Figure]]]
+"""Computes the figures of some tests from an environment's cells (``(test, cell) -> measurement``)."""
+
+
 def update(path: Path, fingerprint: Fingerprint, measurements: Iterable[Measurement],
-           display_path: str | None = None) -> list[BaselineChange]:
+           display_path: str | None = None, derive: Derive | None = None) -> list[BaselineChange]:
     """Replace the given cells of one environment in ``path``; keep everything else as it was.
 
     Reads the current file first, under :func:`locked`: a file that cannot be parsed raises
-    :class:`BaselineError` and is left untouched. Returns what changed, metric by metric.
+    :class:`BaselineError` and is left untouched. ``derive``, when given, recomputes the figures of
+    the tests it returns from the environment's cells after the merge (other tests keep theirs).
+    Returns what changed, metric by metric (and figure by figure).
     """
     with locked(path):
-        return _update(path, fingerprint, measurements, display_path)
+        return _update(path, fingerprint, measurements, display_path, derive)
+
+
+def _figure_changes(rel: str, test: str, old: Sequence[Figure], new: Sequence[Figure]) -> list[BaselineChange]:
+    """Figures rewritten, as changes: a relative figure in percent, an exponent as it is."""
+    before = {f.key: f for f in old}
+    out = []
+    for f in new:
+        was = before.get(f.key)
+        scale = 1.0 if f.kind is FigureKind.SCALING else 100.0
+        if was is None or was.value != f.value:
+            what = (f"exponent of {f.metric} ~ {f.reference}" if f.kind is FigureKind.SCALING
+                    else f"{f.metric} relative to {f.axis}={f.reference}")
+            out.append(BaselineChange(path=rel, test=test, cell=f.cell, metric=what,
+                                      old=None if was is None else was.value * scale, new=f.value * scale,
+                                      unit="" if f.kind is FigureKind.SCALING else "%"))
+    return out
 
 
 def _update(path: Path, fingerprint: Fingerprint, measurements: Iterable[Measurement],
-            display_path: str | None) -> list[BaselineChange]:
+            display_path: str | None, derive: Derive | None = None) -> list[BaselineChange]:
     current = read(path)
     rel = display_path or str(path)
     env = current.environments.get(fingerprint.key)
@@ -348,7 +461,11 @@ def _update(path: Path, fingerprint: Fingerprint, measurements: Iterable[Measure
             continue
         changes += _changes(rel, cells.get((m.test, m.cell)), m)
         cells[(m.test, m.cell)] = m
+    figures = dict(env.figures) if env is not None else {}
+    for test, derived in (derive(cells) if derive is not None else {}).items():
+        changes += _figure_changes(rel, test, figures.get(test, ()), derived)
+        figures[test] = tuple(derived)
     envs = dict(current.environments)
-    envs[fingerprint.key] = Environment(fingerprint=fingerprint, cells=cells)
+    envs[fingerprint.key] = Environment(fingerprint=fingerprint, cells=cells, figures=figures)
     write_atomic(path, dumps(to_json(BaselineFile(path=path, environments=envs))) + "\n")
     return changes

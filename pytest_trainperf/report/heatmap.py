@@ -214,7 +214,7 @@ def _cell(verdict: CellVerdict | None, metric: str, *, stacked: bool, glyphs: _G
     return Text("\n".join(lines), style=STATUS_STYLES[found.status])
 
 
-def _plain_table(*, leading: int = 0) -> Table:
+def plain_table(*, leading: int = 0) -> Table:
     """A borderless table: a rule under the header, columns two spaces apart."""
     return Table(
         box=box.SIMPLE,
@@ -238,7 +238,7 @@ def _table(
     factor: float,
 ) -> Table:
     """One metric over the rows x columns of the grid, at the further-axis values ``fixed``."""
-    table = _plain_table(leading=1 if rows is not None else 0)
+    table = plain_table(leading=1 if rows is not None else 0)
     if rows is None:
         corner = None
     elif columns is None:

@@ -12,7 +12,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from pytest_trainperf.records import CellVerdict, Outcome, Scalar, Status, format_change, relative_change
+from pytest_trainperf.records import (
+    CellVerdict,
+    FigureKind,
+    FigureVerdict,
+    Outcome,
+    Scalar,
+    Status,
+    format_change,
+    relative_change,
+)
 from pytest_trainperf.report.heatmap import (
     MARKERS,
     NOT_MEASURED,
@@ -129,6 +138,22 @@ def _regressions(cells: Sequence[CellRecord]) -> list[str]:
     return out + [""]
 
 
+def _figures(figures: Sequence[FigureVerdict]) -> list[str]:
+    """Figures of whole grids: regressions first, one row each."""
+    if not figures:
+        return []
+    out = ["### Figures of whole grids", "", "| test | figure | baseline | now | change | |",
+           "| --- | --- | ---: | ---: | ---: | --- |"]
+    for f in sorted(figures, key=lambda f: -f.status.rank):
+        change = ""
+        if f.change is not None:
+            change = format_change(f.change) if f.figure.kind is FigureKind.RELATIVE else f"{f.change:+.2f}"
+        base = f.baseline.shown() if f.baseline is not None else MISSING
+        row = [f"{f.test_file}::{f.test}", f.figure.title(), base, f.figure.shown(), change, MARKERS[f.status]]
+        out.append("| " + " | ".join(_escape(x) for x in row) + " |")
+    return out + [""]
+
+
 def _updates(results: SessionResults) -> list[str]:
     if not results.changes:
         return []
@@ -168,6 +193,7 @@ def render_markdown(results: SessionResults, *, show: Sequence[str], hint: str =
                                              for v in verdicts for m in v.metrics)]
         names = regressed + [n for n in names if n not in regressed]
         out += heatmap_tables(f"{test_file}::{test}", cells[0].axes, verdicts, names)
+    out += _figures(results.figures)
     out += _updates(results)
     keys = sorted({c.fingerprint.key for c in results.cells})
     if keys:

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.text import Text
 
-from pytest_trainperf.records import BaselineChange, CellVerdict, Outcome, Scalar, Status
+from pytest_trainperf.records import BaselineChange, CellVerdict, FigureVerdict, Outcome, Scalar, Status
+from pytest_trainperf.report.figures import render_figures
 from pytest_trainperf.report.heatmap import render_heatmaps, render_updates
 
 WIDE_BAND = 0.5
@@ -38,9 +39,11 @@ def _cells(n: int) -> str:
 def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, CellVerdict]],
                    fingerprints: Sequence[str], show: Sequence[str],
                    changes: Sequence[BaselineChange], update: bool, errors: Sequence[str],
-                   hint: str, elsewhere: Sequence[str] = ()) -> None:
+                   hint: str, elsewhere: Sequence[str] = (), figures: Sequence[FigureVerdict] = (),
+                   warnings: Sequence[str] = ()) -> None:
     """Render the session: ``results`` are ``(test file, test name, grid axes, verdict)`` per cell;
-    ``elsewhere`` the environments that hold baselines for cells that are new in this one."""
+    ``elsewhere`` the environments that hold baselines for cells that are new in this one; ``figures``
+    the verdicts on figures derived from whole grids, printed after their test's heatmaps."""
     groups: dict[tuple[str, str], tuple[Axes, list[CellVerdict]]] = {}
     for test_file, test, axes, verdict in results:
         groups.setdefault((test_file, test), (axes, []))[1].append(verdict)
@@ -48,6 +51,9 @@ def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, 
         render_heatmaps(console, test=f"{test_file}::{test}", axes=axes, cells=cells,
                         metrics=metrics_to_show(cells, show))
         console.print()
+        own = [f for f in figures if (f.test_file, f.test) == (test_file, test)]
+        if own:
+            render_figures(console, f"{test_file}::{test}", own)
     measured = {m.name for *_, verdict in results for m in verdict.metrics}
     unknown = [name for name in show if name not in measured]
     if unknown:
@@ -60,6 +66,12 @@ def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, 
         counts[verdict.status] += 1
     parts = [f"{counts[s]} {s.value}" for s in Status if counts[s]]
     console.print(Text(f"{_cells(len(results))} measured: " + ", ".join(parts)))
+    if figures:
+        by_status = {status: sum(f.status is status for f in figures) for status in Status}
+        console.print(Text(f"{len(figures)} figure{'s' * (len(figures) != 1)} of whole grids: "
+                           + ", ".join(f"{n} {s.value}" for s, n in by_status.items() if n)))
+    for warning in warnings:
+        console.print(Text(f"note: {warning}", style="yellow"))
     if counts[Status.IMPROVED] and not update:
         console.print(Text(f"{_cells(counts[Status.IMPROVED])} improved beyond tolerance; to accept:",
                            style="green"))
