@@ -149,7 +149,9 @@ def judged(spec: RelativeSpec | ScalingSpec, now: Sequence[Measurement], before:
         derive, kind = derived.relative_figures, FigureKind.RELATIVE
     else:
         derive, kind = derived.scaling_figures, FigureKind.SCALING
-    tolerance = {f"{kind.value} {m}": derived.figure_tolerance(kind, m, spec.tolerance) for m in spec.metrics}
+    def tolerance(figure: Figure) -> float:
+        return derived.figure_tolerance(kind, figure.metric, spec.tolerance)
+
     return derived.judge_figures(derive(spec, now), derive(spec, before), tolerance, where)
 
 
@@ -375,13 +377,16 @@ import torch
 from torch import nn
 import pytest_trainperf as tp
 
-@tp.grid(batch_size=[2, 4], width=[8, 16])
+@tp.grid(width=[8, 16, 32], variant=["plain", "wide"])
 @tp.tolerance(step_time=1.0)
-def test_mlp(trainperf, batch_size, width):
+@tp.relative(variant="plain", metrics=["flops"])
+@tp.scaling(x="width", metrics=["flops"])
+def test_mlp(trainperf, width, variant):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(width, 16), nn.ReLU(), nn.Linear(16, 1))
+    hidden = 16 if variant == "plain" else 64
+    model = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    x = torch.randn(batch_size, width, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, width, generator=torch.Generator().manual_seed(1))
     y = x.sum(dim=1, keepdim=True)
 
     def step():
@@ -391,7 +396,7 @@ def test_mlp(trainperf, batch_size, width):
         opt.step()
         return loss
 
-    trainperf.train(step, steps=4, warmup=1, items_per_step=batch_size)
+    trainperf.train(step, steps=4, warmup=1, items_per_step=4)
 """
 
 
@@ -399,9 +404,10 @@ def test_a_measured_session_writes_and_lists_its_figures(pytester: pytest.Pytest
     pytester.makeini("[pytest]\ntrainperf_threads = 1\ntrainperf_rounds = 1\n")
     pytester.makepyfile(test_work=WORKLOAD)
     result = pytester.runpytest("--trainperf", "--trainperf-plots=figs")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=6)
     figures = sorted((pytester.path / "figs").glob("*.png"))
-    assert "test_work.test_mlp.heatmap-step_time.png" in names(figures)
+    for figure in ("heatmap-step_time", "heatmap-peak_memory", "items-loss", "relative-flops", "scaling"):
+        assert f"test_work.test_mlp.{figure}.png" in names(figures)
     for path in figures:
         assert png_size(path) == SIZE
     listed = sorted(line for line in result.outlines if line.startswith("trainperf: figure: "))
@@ -411,5 +417,5 @@ def test_a_measured_session_writes_and_lists_its_figures(pytester: pytest.Pytest
 def test_plain_runs_draw_nothing(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\ntrainperf_plots = figs\n")
     pytester.makepyfile(test_work=WORKLOAD)
-    pytester.runpytest().assert_outcomes(passed=4)
+    pytester.runpytest().assert_outcomes(passed=6)
     assert not (pytester.path / "figs").exists()

@@ -569,6 +569,7 @@ def _items(title: str, cells: Sequence[CellRecord]) -> Canvas | None:
     items = [s * (m.items_per_step or 0.0) for m, points in curves for s, _ in points]
     log = _log_span([float(s) for s in steps]) and all(v > 0 for v in items)
     collection = None
+    ends: dict[tuple[float, float], list[str]] = {}
     for m, points in curves:
         per = m.items_per_step or 0.0
         xy = [(float(s), s * per) for s, _ in points]
@@ -579,9 +580,14 @@ def _items(title: str, cells: Sequence[CellRecord]) -> Canvas | None:
             ax.add_collection(collection)
         dots = ax.scatter([x for x, _ in xy], [y for _, y in xy], c=[loss for _, loss in points], cmap="viridis",
                           norm=norm, s=10 if len(xy) <= DOTS else 0, zorder=3)
-        if len(curves) <= CROWDED:  # more labels than that would overlap
-            ax.annotate(_params_label([(k, v) for k, v in m.params if k in varying]) or m.cell, xy[-1],
-                        xytext=(4, 0), textcoords="offset points", fontsize=7, va="center")
+        ends.setdefault(xy[-1], []).append(_params_label([(k, v) for k, v in m.params if k in varying]) or m.cell)
+    if len(ends) <= CROWDED:  # more labels than that would overlap
+        for end, labels in ends.items():
+            text = "\n".join(labels) if len(labels) <= 3 else f"{labels[0]} and {len(labels) - 1} more"
+            ax.annotate(text, end, xytext=(4, 0), textcoords="offset points", fontsize=7, va="center")
+    shared = sum(len(labels) for labels in ends.values() if len(labels) > 1)
+    _footnote(canvas, [f"{shared} curves coincide (equal items per step): the one drawn last shows its loss"]
+              if shared else [])
     if log:
         _log_axis(ax, "x", [float(x) for x in steps])
         _log_axis(ax, "y", items)
@@ -725,7 +731,7 @@ def _relative_bars(test_file: str, test: str, metric: str, figures: Sequence[Fig
     if regressed:
         handles.append(Patch(facecolor="white", edgecolor=REGRESSED_COLOUR, hatch="xx", linewidth=2.0,
                              label="regressed"))
-    ax.legend(handles=handles, fontsize=8)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     _title(canvas, f"{test_file}::{test} · {metric} of each {axis} relative to {axis}={reference}")
     return canvas
 
