@@ -133,6 +133,19 @@ def parse_file(value: str) -> str:
     return value
 
 
+def parse_plots(value: str) -> str:
+    """A directory for PNG figures; refused, naming the extra to install, when matplotlib is missing
+    (so a session asking for figures stops before its tests run, not after)."""
+    text = parse_path(value)
+    try:
+        import matplotlib  # noqa: F401  # the optional ``plots`` extra
+    except ImportError:
+        raise argparse.ArgumentTypeError(
+            f"figures need matplotlib, which is not installed: pip install pytest-trainperf[plots] "
+            f"(got {value!r})") from None
+    return text
+
+
 def parse_devices(value: str) -> tuple[str, ...]:
     """A comma-separated list of devices, one per pytest-xdist worker: ``cuda:0,cuda:1``."""
     devices = tuple(d.strip() for d in value.split(","))
@@ -197,6 +210,9 @@ OPTIONS = (
     _Option("--trainperf-isolate", "run each trainperf cell in a fresh child process: a cell the kernel kills "
             "(out of memory) or that crashes the interpreter is reported as KILLED or CRASH and the session "
             "goes on; the process's peak RSS is reported as peak_rss (POSIX only)", flag=True),
+    _Option("--trainperf-plots", "write PNG figures of the session to this directory: heatmaps per test and "
+            "metric, relative views, scaling fits, latency against batch, items processed by loss "
+            "(needs matplotlib: pip install pytest-trainperf[plots])", parse_plots, metavar="DIR"),
 )
 
 
@@ -251,6 +267,8 @@ class Settings:
     """``torch.backends.cudnn.benchmark`` during measurement: ``keep``, ``on`` or ``off``."""
     isolate: bool = False
     """Run each cell in a fresh child process (see :mod:`pytest_trainperf.isolate`)."""
+    plots: Path | None = None
+    """The directory to write PNG figures to (None: no figures)."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -309,4 +327,5 @@ def resolve(config: pytest.Config) -> Settings:
         devices=values["trainperf_devices"] or (),
         cudnn_benchmark=values["trainperf_cudnn_benchmark"] or CUDNN_BENCHMARK[0],
         isolate=bool(values["trainperf_isolate"]),
+        plots=_file(config, "trainperf_plots", values["trainperf_plots"]),
     )
