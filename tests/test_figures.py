@@ -280,7 +280,8 @@ def test_figures_are_reported_stored_and_pass_unchanged(pytester: pytest.Pyteste
     update = pytester.runpytest("--trainperf-update-baselines", "-p", "no:randomly")
     update.assert_outcomes(passed=8)
     update.stdout.fnmatch_lines(["*test_work.py::test_variants: flops of variant=heavy relative to variant=plain*",
-                                 "*+150%*", "*test_scaling: scaling, metric = a * x^b*", "*flops*n*2.00 [[]2.00, 2.00[]]*",
+                                 "*+150%*", "*test_scaling: scaling, metric = a * x^b*",
+                                 "*flops*n*2.00 [[]2.00, 2.00[]]*",
                                  "*exponent of flops ~ n*new*", "*flops relative to variant=plain*new*"])
     doc = json.loads((pytester.path / "baselines" / "test_work.json").read_text())
     (env,) = doc["environments"].values()
