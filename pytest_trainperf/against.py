@@ -46,7 +46,7 @@ from typing import IO, TYPE_CHECKING, Any
 import pytest
 
 from pytest_trainperf import isolate, paired, stats
-from pytest_trainperf.records import CellVerdict, Measurement, Status, format_change
+from pytest_trainperf.records import CellVerdict, Status, format_change
 
 if TYPE_CHECKING:
     import torch
@@ -349,7 +349,6 @@ class TrainPerfAgainst:
         self.session = session
         self.trees = trees
         self.worktree: Path | None = None
-        self._ref: dict[tuple[str, str, str], Measurement] = {}
         self._root_rel = self._inside(session.config.rootpath, "rootdir")
         inipath = session.config.inipath
         self._ini_rel = self._inside(inipath, "ini file") if inipath is not None else None
@@ -493,7 +492,7 @@ class TrainPerfAgainst:
         record = isolate.child_record(item, this_run.outcome, this_run)  # fails or skips as the test did here
         if record is None:
             return
-        from pytest_trainperf.grid import TOLERANCE_MARK
+        from pytest_trainperf.grid import RELATIVE_MARK, SCALING_MARK, TOLERANCE_MARK
         from pytest_trainperf.outputs import result_of
 
         other = self._ref_side(item, ref_run)
@@ -508,15 +507,13 @@ class TrainPerfAgainst:
             verdict = paired.judge_paired(now, other.record.verdict.measurement, overrides)
         result = replace(result_of(record), verdict=verdict)
         self.session.results.append(result)
-        cell = result.cell
-        if other.record is not None:
-            self._ref[(cell.test_file, cell.test, cell.cell)] = other.record.verdict.measurement
+        if item.get_closest_marker(RELATIVE_MARK) or item.get_closest_marker(SCALING_MARK):
+            self.session.notes[f"{item.nodeid.split('[')[0]}: tp.relative/tp.scaling figures are not judged in a "
+                               "lockstep comparison (its cells are)"] = None
         ref = f"{self.trees.ref} ({self.trees.ref_sha[:SHORT_SHA]})"
-        figures = self.session.grid_figures(item, result, lambda c: self._ref.get((cell.test_file, cell.test, c)),
-                                            dict(overrides), f"the same cells at {ref}, measured in lockstep")
         failure = self._failure(item, verdict, record, f"{item.nodeid} against {ref}, measured in lockstep")
-        if failure or figures:
-            pytest.fail("\n\n".join(([failure] if failure else []) + figures), pytrace=False)
+        if failure:
+            pytest.fail(failure, pytrace=False)
         if other.record is None and self.session.settings.strict:
             pytest.fail(f"trainperf: {item.nodeid}: nothing to compare against (--trainperf-strict): "
                         f"{other.problem}", pytrace=False)

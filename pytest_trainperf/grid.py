@@ -109,14 +109,17 @@ def grid(**axes: Sequence[Scalar]) -> Callable[[F], F]:
         @tp.grid(batch_size=[4, 16], seq_len=[16, 64])
         def test_encoder(trainperf, batch_size, seq_len): ...
     """
-    spec = make_grid(axes)
+    return _once(GRID_MARK, make_grid(axes), "tp.grid", "expected one tp.grid with every axis")
+
+
+def _once(mark: str, spec: object, call: str, expected: str) -> Callable[[F], F]:
+    """A decorator applying ``mark(spec)``, refusing a test that has that mark already."""
 
     def apply(fn: F) -> F:
         marks = getattr(fn, "pytestmark", [])
-        if any(getattr(m, "name", None) == GRID_MARK for m in marks):
-            raise GridError(f"tp.grid applied twice to {getattr(fn, '__name__', fn)!r}: "
-                            "expected one tp.grid with every axis")
-        return getattr(pytest.mark, GRID_MARK)(spec)(fn)  # type: ignore[no-any-return]
+        if any(getattr(m, "name", None) == mark for m in marks):
+            raise GridError(f"{call} applied twice to {getattr(fn, '__name__', fn)!r}: {expected}")
+        return getattr(pytest.mark, mark)(spec)(fn)  # type: ignore[no-any-return]
 
     return apply
 
@@ -207,16 +210,8 @@ def relative(*, metrics: Sequence[str] = RELATIVE_METRICS, tolerance: float | No
     each batch size and window. ``tolerance`` bounds how far a figure may move (the ratio of
     ratios); the default is 5% for timings and the metric's own tolerance otherwise.
     """
-    spec = make_relative(axis, metrics, tolerance)
-
-    def apply(fn: F) -> F:
-        marks = getattr(fn, "pytestmark", [])
-        if any(getattr(m, "name", None) == RELATIVE_MARK for m in marks):
-            raise GridError(f"tp.relative applied twice to {getattr(fn, '__name__', fn)!r}: expected one "
-                            "reference axis per test")
-        return getattr(pytest.mark, RELATIVE_MARK)(spec)(fn)  # type: ignore[no-any-return]
-
-    return apply
+    return _once(RELATIVE_MARK, make_relative(axis, metrics, tolerance), "tp.relative",
+                 "expected one reference axis per test")
 
 
 def make_scaling(x: object, metrics: object, x_metric: object = None, tolerance: object = None) -> ScalingSpec:

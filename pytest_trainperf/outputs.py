@@ -1,9 +1,10 @@
-"""Results for machines and reviewers: JUnit properties, ``--trainperf-json``, ``--trainperf-markdown``
-and ``$GITHUB_STEP_SUMMARY``.
+"""Results for machines and reviewers: JUnit properties, ``--trainperf-json``, ``--trainperf-markdown``,
+``$GITHUB_STEP_SUMMARY`` and ``--trainperf-plots``.
 
 :class:`TrainPerfOutputs` reads the session object's results at the end (on the controller under
 xdist, after the workers' results arrived) and writes each output once; the rendering itself lives in
-the pure :mod:`pytest_trainperf.results` and :mod:`pytest_trainperf.report.markdown`.
+the pure :mod:`pytest_trainperf.results`, :mod:`pytest_trainperf.report.markdown` and
+:mod:`pytest_trainperf.report.plots`.
 """
 
 from __future__ import annotations
@@ -122,6 +123,13 @@ class TrainPerfOutputs:
                 with open(summary, "a", encoding="utf-8") as fh:
                     fh.write(markdown + "\n")
                 self.written.append(f"Markdown report appended to ${STEP_SUMMARY_ENV}")
+            if settings.plots is not None:
+                from pytest_trainperf.report.plots import write_plots
+
+                figures = write_plots(found, settings.plots)
+                self.written += [f"figure: {self._shown(path)}" for path in figures]
+                if not figures:
+                    self.written.append(f"figures: nothing to draw into {self._shown(settings.plots)}")
         except OSError as exc:
             self.errors.append(f"results not written: {exc}")
             session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -126,6 +126,25 @@ class FigureSpecs:
         return derived.figure_tolerance(figure.kind, figure.metric, given, overrides)
 
 
+@dataclass(frozen=True)
+class PendingFigures:
+    """A grid whose timing figures regressed, to be confirmed after the run loop by re-measuring the
+    cells they come from, interleaved (a slow spell between two cells must not fake a figure)."""
+
+    grid: str
+    """The grid's node id without parameters."""
+    specs: FigureSpecs
+    """What figures it asks for."""
+    overrides: dict[str, float]
+    """Its ``tp.tolerance`` overrides."""
+    shown: str
+    """Its baseline file as shown."""
+    baselines: store.BaselineFile
+    """The baseline file."""
+    figures: tuple[FigureVerdict, ...]
+    """The regressed timing figures."""
+
+
 def figure_specs(item: pytest.Item) -> FigureSpecs | None:
     """The figures a test item's markers ask for; None when it asks for none."""
     relative = item.get_closest_marker(RELATIVE_MARK)
@@ -151,6 +170,25 @@ def _out_of_memory(exc: BaseException) -> bool:
     from pytest_trainperf.measure.memory import is_out_of_memory
 
     return is_out_of_memory(exc)
+
+
+def _feeds(figure: Figure, cell: Measurement) -> bool:
+    """Whether ``cell`` is one of the cells ``figure`` is derived from."""
+    params = dict(cell.params)
+    if figure.kind.value == "relative":
+        own = dict(figure.params)
+        same_elsewhere = all(params.get(k) == v for k, v in own.items() if k != figure.axis)
+        return same_elsewhere and str(params.get(figure.axis)) in (str(own.get(figure.axis)), figure.reference)
+    return all(params.get(k) == v for k, v in figure.params)
+
+
+def _retimed(measurement: Measurement, again: list[Measurement]) -> Measurement:
+    """``measurement`` with its timings replaced by those of its re-measurements, pooled."""
+    if not again:
+        return measurement
+    pooled = stats.pool_rounds(again[0], again[1:])
+    timed = {m.name: m for m in pooled.metrics if m.name in stats.TIMING_METRICS}
+    return replace(measurement, metrics=tuple(timed.get(m.name, m) for m in measurement.metrics))
 
 
 def _grid_key(nodeid: str) -> str:
@@ -221,15 +259,19 @@ class TrainPerfSession:
         self._grid_p: dict[str, dict[str, list[float]]] = {}
         self.notes: dict[str, None] = {}
         """One-line notes of the cells (no NVML, no peak FLOP/s for the device), each printed once."""
+        self.against = ""
+        """What the cells are compared with when not their baselines (``--trainperf-against``: set by
+        :mod:`pytest_trainperf.against`, e.g. ``main (1a2b3c4d5e6f), in lockstep``); empty: the baselines."""
         self._specs: dict[tuple[str, str], FigureSpecs] = {}
-        self._grid_done: dict[str, list[Measurement]] = {}
+        self._grid_done: dict[str, list[CellResult]] = {}
+        self._unconfirmed: list[PendingFigures] = []
+        self.figure_failures: list[str] = []
+        """Failure messages of figures whose timing regression was confirmed after the run loop (no
+        test item is left to fail: they fail the session)."""
         self.figures: list[FigureVerdict] = []
         """The verdicts on the figures derived from whole grids (``tp.relative``, ``tp.scaling``)."""
         self.warnings: list[str] = []
         """Things about the run the report must say (a grid whose figures could not be judged)."""
-        self.against = ""
-        """What the cells are compared with when not their baselines (``--trainperf-against``: set by
-        :mod:`pytest_trainperf.against`, e.g. ``main (1a2b3c4d5e6f), in lockstep``); empty: the baselines."""
 
     # ------------------------------------------------------------------ collection
 
@@ -277,8 +319,11 @@ class TrainPerfSession:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtestloop(self, session: pytest.Session) -> Generator[None, object, object]:
         result = yield
-        if self.settings.update and self.settings.rounds > 1 and not (session.shouldfail or session.shouldstop):
+        stopped = bool(session.shouldfail or session.shouldstop)
+        if self.settings.update and self.settings.rounds > 1 and not stopped:
             self._noise_rounds(session)
+        if self._unconfirmed:
+            self._confirm_figures(session, remeasure=not stopped)
         return result
 
     def _noise_rounds(self, session: pytest.Session) -> None:
@@ -397,9 +442,7 @@ class TrainPerfSession:
             key for key, env in baselines.environments.items() if (cell.test, cell.cell) in env.cells)
         result = CellResult(cell=cell, verdict=verdict, fingerprint=fingerprint, elsewhere=elsewhere)
         self.results.append(result)
-        figures = self.grid_figures(item, result, lambda c: baselines.lookup(fingerprint.key, cell.test, c),
-                                    overrides, f"the baseline's same cells in {shown}",
-                                    f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
+        figures = self._grid_figures(item, result, baselines, overrides, shown)
         crashed = measurement.outcome is Outcome.CRASHED
         if self.settings.update and not crashed:
             self._pending.setdefault(path, []).append((fingerprint, result))
@@ -446,45 +489,104 @@ class TrainPerfSession:
         lines.append(f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
         return "\n".join(lines)
 
-    def grid_figures(self, item: pytest.Item, result: CellResult, before: Callable[[str], Measurement | None],
-                     overrides: dict[str, float], against: str, hint: str = "") -> list[str]:
+    def _grid_figures(self, item: pytest.Item, result: CellResult, baselines: store.BaselineFile,
+                      overrides: dict[str, float], shown: str) -> list[str]:
         """Once the last cell of a grid with figures concluded: derive its figures from the cells
-        measured now and from the same cells before (``before``: a cell id's baseline, or its measurement
-        at ``--trainperf-against``'s revision), judge them, keep the verdicts, and return the failure
-        message of those that regressed (empty when none did, or the grid is not done); ``against``
-        names what they were judged against, ``hint`` how to accept the change."""
+        measured now and from the baseline's same cells, judge them, keep the verdicts, and return
+        the failure message of those that regressed (empty when none did, or the grid is not done).
+        Timing figures that regressed are confirmed after the run loop instead (``_confirm_figures``)."""
         cell = result.cell
         specs = self._specs.get((cell.test_file, cell.test))
         if specs is None:
             return []
         grid = _grid_key(item.nodeid)
         done = self._grid_done.setdefault(grid, [])
-        done.append(result.verdict.measurement)
+        done.append(result)
         if len(done) < self._grid_sizes.get(grid, 1):
             return []
-        from pytest_trainperf import derived
-
-        key = result.fingerprint.key
-        earlier = [m for m in (before(m.cell) for m in done) if m is not None]
-        verdicts = derived.judge_figures(specs.derive(done), specs.derive(earlier),
-                                         lambda f: specs.tolerance(f, overrides),
-                                         (cell.test_file, cell.test, cell.axes))
+        verdicts = self._judge_figures(specs, done, baselines, overrides)
         self.figures += verdicts
         regressed = [v for v in verdicts if v.status is Status.REGRESSED]
         if not regressed or self.settings.update:
             return []
+        timing = tuple(v for v in regressed if v.figure.metric in stats.TIMING_METRICS)
+        if timing and self.settings.confirm:
+            self._unconfirmed.append(PendingFigures(grid, specs, overrides, shown, baselines, timing))
+            regressed = [v for v in regressed if v not in timing]
+        return [self._figure_failure(regressed, shown, result.fingerprint.key)] if regressed else []
+
+    @staticmethod
+    def _judge_figures(specs: FigureSpecs, done: list[CellResult], baselines: store.BaselineFile,
+                       overrides: dict[str, float]) -> list[FigureVerdict]:
+        """The figures of a grid's concluded cells against those of the baseline's same cells."""
+        from pytest_trainperf import derived
+
+        cell = done[-1].cell
+        before = [m for m in (baselines.lookup(r.fingerprint.key, cell.test, r.cell.cell) for r in done)
+                  if m is not None]
+        return derived.judge_figures(specs.derive([r.verdict.measurement for r in done]), specs.derive(before),
+                                     lambda f: specs.tolerance(f, overrides), (cell.test_file, cell.test, cell.axes))
+
+    @staticmethod
+    def _figure_failure(regressed: list[FigureVerdict], shown: str, key: str, confirmed: int = 0) -> str:
+        """The failure message of a grid's regressed figures."""
         worst = regressed[0]
         assert worst.baseline is not None
         more = len(regressed) - 1
         lines = [f"trainperf regression: {worst.figure.title()} {worst.baseline.shown()} -> {worst.figure.shown()}"
                  + (f" (and {more} more figure{'s' * (more > 1)})" if more else ""),
-                 f"{cell.test_file}::{cell.test}: the figures of its grid (judged when its last cell finished) "
-                 f"against {against}",
+                 f"{worst.test_file}::{worst.test}: the figures of its grid (judged when its last cell finished) "
+                 f"against the baseline's same cells in {shown}",
                  f"environment: {key}"]
         lines += [f"  {v.describe()}" for v in regressed]
-        if hint:
-            lines.append(hint)
-        return ["\n".join(lines)]
+        if confirmed:
+            lines.append(f"  (confirmed by {confirmed} re-measurement{'s' * (confirmed > 1)} of the cells they come "
+                         "from, taken in turn; figures from the re-measurements)")
+        lines.append(f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
+        return "\n".join(lines)
+
+    def _confirm_figures(self, session: pytest.Session, remeasure: bool = True) -> None:
+        """Re-time the cells of each grid's regressed timing figures ``--trainperf-confirm`` times,
+        in turn (reference and variant one after the other, order alternating), and judge the figures
+        again on the re-measurements; those that still regress fail the session."""
+        from _pytest.runner import runtestprotocol
+
+        items = {item.nodeid: item for item in session.items}
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        for pending in self._unconfirmed:
+            done = self._grid_done[pending.grid]
+            involved = [r for r in done if any(_feeds(v.figure, r.verdict.measurement) for v in pending.figures)]
+            again: dict[str, list[Measurement]] = {}
+            rounds = self.settings.confirm if remeasure else 0
+            if reporter is not None and rounds:
+                reporter.write_line(f"trainperf: re-measuring {len(involved)} cells of {pending.grid} to confirm "
+                                    f"{len(pending.figures)} regressed figure{'s' * (len(pending.figures) > 1)}")
+            self.round = 2  # timing only: the re-measurements land in _extra_rounds
+            for number in range(rounds):
+                order = involved if number % 2 == 0 else involved[::-1]
+                for i, r in enumerate(order):
+                    item = items.get(r.cell.nodeid)
+                    if item is None:
+                        continue
+                    runtestprotocol(item, log=False, nextitem=None if i + 1 == len(order) else items.get(
+                        order[i + 1].cell.nodeid))
+                    taken = self._extra_rounds.pop(r.cell.nodeid, [])
+                    again.setdefault(r.cell.nodeid, []).extend(taken)
+            self.round = 1
+            remeasured = [replace(r, verdict=replace(r.verdict, measurement=_retimed(r.verdict.measurement,
+                                                                                     again.get(r.cell.nodeid, []))))
+                          for r in done]
+            verdicts = self._judge_figures(pending.specs, remeasured, pending.baselines, pending.overrides)
+            keys = {v.figure.key for v in pending.figures}
+            judged = {v.figure.key: v for v in verdicts if v.figure.key in keys}
+            self.figures = [judged.get(v.figure.key, v) if (v.test_file, v.test) == (pending.figures[0].test_file,
+                                                                                    pending.figures[0].test) else v
+                            for v in self.figures]
+            still = [v for v in judged.values() if v.status is Status.REGRESSED]
+            if still:
+                self.figure_failures.append(self._figure_failure(still, pending.shown, done[-1].fingerprint.key,
+                                                                 confirmed=rounds))
+        self._unconfirmed.clear()
 
     def _confirm(self, fixture: TrainPerf, verdict: CellVerdict,
                  decide: Callable[[Measurement], CellVerdict]) -> tuple[CellVerdict, int, bool]:
@@ -532,7 +634,7 @@ class TrainPerfSession:
                     f"the figures of {grid} (tp.relative/tp.scaling) were not judged: not all of its {size} cells "
                     "concluded in one process (the run stopped early, or pytest-xdist spread the grid over "
                     "workers: run with --dist loadgroup to keep each grid on one worker)")
-        if self.write_errors:
+        if self.write_errors or self.figure_failures:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def _deriver(self, results: list[CellResult]) -> store.Derive:
@@ -570,5 +672,9 @@ class TrainPerfSession:
         if self.against:
             terminalreporter.write_line(f"compared against {self.against} (no baseline file read or written)")
         terminalreporter.write(buffer.getvalue())
+        for failure in self.figure_failures:
+            terminalreporter.write_line("")
+            for line in failure.splitlines():
+                terminalreporter.write_line(line, red=True, bold=line.startswith("trainperf regression"))
         for note in self.notes:
             terminalreporter.write_line(f"trainperf note: {note}")

@@ -154,6 +154,19 @@ def parse_pairs(value: str) -> int:
     return _integer(value, 6, "an integer >= 6 (fewer pairs give no 95% interval)")
 
 
+def parse_plots(value: str) -> str:
+    """A directory for PNG figures; refused, naming the extra to install, when matplotlib is missing
+    (so a session asking for figures stops before its tests run, not after)."""
+    text = parse_path(value)
+    try:
+        import matplotlib  # noqa: F401  # the optional ``plots`` extra
+    except ImportError:
+        raise argparse.ArgumentTypeError(
+            f"figures need matplotlib, which is not installed: pip install pytest-trainperf[plots] "
+            f"(got {value!r})") from None
+    return text
+
+
 def parse_devices(value: str) -> tuple[str, ...]:
     """A comma-separated list of devices, one per pytest-xdist worker: ``cuda:0,cuda:1``."""
     devices = tuple(d.strip() for d in value.split(","))
@@ -218,6 +231,9 @@ OPTIONS = (
     _Option("--trainperf-isolate", "run each trainperf cell in a fresh child process: a cell the kernel kills "
             "(out of memory) or that crashes the interpreter is reported as KILLED or CRASH and the session "
             "goes on; the process's peak RSS is reported as peak_rss (POSIX only)", flag=True),
+    _Option("--trainperf-plots", "write PNG figures of the session to this directory: heatmaps per test and "
+            "metric, relative views, scaling fits, latency against batch, items processed by loss "
+            "(needs matplotlib: pip install pytest-trainperf[plots])", parse_plots, metavar="DIR"),
     _Option("--trainperf-against", "compare each trainperf cell with the same cell at git revision REF (branch, "
             "tag or commit), measured side by side: two child processes, one per tree, alternate their steps "
             "in lockstep; no baseline file is read or written (implies --trainperf; POSIX only)",
@@ -279,6 +295,8 @@ class Settings:
     """``torch.backends.cudnn.benchmark`` during measurement: ``keep``, ``on`` or ``off``."""
     isolate: bool = False
     """Run each cell in a fresh child process (see :mod:`pytest_trainperf.isolate`)."""
+    plots: Path | None = None
+    """The directory to write PNG figures to (None: no figures)."""
     against: str | None = None
     """The git revision to compare with in lockstep (see :mod:`pytest_trainperf.against`); None: the baselines."""
     pairs: int = DEFAULT_PAIRS
@@ -342,6 +360,7 @@ def resolve(config: pytest.Config) -> Settings:
         devices=values["trainperf_devices"] or (),
         cudnn_benchmark=values["trainperf_cudnn_benchmark"] or CUDNN_BENCHMARK[0],
         isolate=bool(values["trainperf_isolate"]),
+        plots=_file(config, "trainperf_plots", values["trainperf_plots"]),
         against=against,
         pairs=values["trainperf_pairs"] or DEFAULT_PAIRS,
     )

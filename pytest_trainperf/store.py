@@ -1,7 +1,7 @@
 """Baseline files: one JSON file per test file, keyed by environment, written atomically.
 
-Layout of ``baselines/<test file path>.json`` (``baselines/examples/test_lm.json`` for
-``examples/test_lm.py``)::
+Layout of ``baselines/<test file path>.json`` (``baselines/examples/test_batch_scan.json`` for
+``examples/test_batch_scan.py``)::
 
     {
       "format": "pytest-trainperf baselines",

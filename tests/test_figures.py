@@ -280,7 +280,8 @@ def test_figures_are_reported_stored_and_pass_unchanged(pytester: pytest.Pyteste
     update = pytester.runpytest("--trainperf-update-baselines", "-p", "no:randomly")
     update.assert_outcomes(passed=8)
     update.stdout.fnmatch_lines(["*test_work.py::test_variants: flops of variant=heavy relative to variant=plain*",
-                                 "*+150%*", "*test_scaling: scaling, metric = a * x^b*", "*flops*n*2.00 [[]2.00, 2.00[]]*",
+                                 "*+150%*", "*test_scaling: scaling, metric = a * x^b*",
+                                 "*flops*n*2.00 [[]2.00, 2.00[]]*",
                                  "*exponent of flops ~ n*new*", "*flops relative to variant=plain*new*"])
     doc = json.loads((pytester.path / "baselines" / "test_work.json").read_text())
     (env,) = doc["environments"].values()
@@ -346,3 +347,62 @@ def test_a_plain_run_ignores_the_figures(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=8)
     assert "figures of whole grids" not in result.stdout.str()
     assert not (pytester.path / "baselines").exists()
+
+
+# A timing figure: the heavy variant sleeps SLEEP_S per step, in every run of the test or only in its
+# first run in the process (ONLY_FIRST: a slow spell that a re-measurement does not see). The cells'
+# own step-time gate is off, so only the figure can fail.
+TIMED = """
+import math
+import time
+import torch
+import pytest_trainperf as tp
+
+SLEEP_S = {sleep}
+ONLY_FIRST = {only_first}
+RUNS = {{}}
+
+@tp.grid(batch=[2, 4], variant=["plain", "heavy"])
+@tp.relative(variant="plain", metrics=["step_time"])
+@tp.tolerance(step_time=math.inf)
+def test_timed(trainperf, batch, variant):
+    RUNS[(batch, variant)] = RUNS.get((batch, variant), 0) + 1
+    slow = variant == "heavy" and (not ONLY_FIRST or RUNS[(batch, variant)] == 1)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 32, requires_grad=True)
+
+    def step():
+        loss = (x @ x.T).sum()
+        loss.backward()
+        if slow and SLEEP_S:
+            time.sleep(SLEEP_S)
+        return loss
+
+    trainperf.train(step, steps=6, warmup=1)
+"""
+
+
+def test_a_timing_figure_regression_is_confirmed_by_re_measuring_its_cells(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=TIMED.format(sleep=0.0, only_first=False))
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    pytester.makepyfile(test_work=TIMED.format(sleep=0.003, only_first=False))
+    result = pytester.runpytest("--trainperf")
+    result.assert_outcomes(passed=4)  # no cell regressed on its own: the figures fail the session
+    assert result.ret == 1
+    result.stdout.fnmatch_lines([
+        "*re-measuring 4 cells of test_work.py::test_timed to confirm 2 regressed figures*",
+        "*trainperf regression: step_time of variant=heavy relative to variant=plain at batch=2*",
+        "*(confirmed by 1 re-measurement of the cells they come from, taken in turn*",
+    ])
+
+
+def test_a_slow_spell_in_one_cell_is_not_confirmed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_work=TIMED.format(sleep=0.0, only_first=False))
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
+    pytester.makepyfile(test_work=TIMED.format(sleep=0.003, only_first=True))
+    result = pytester.runpytest("--trainperf", "--trainperf-json=out.json")
+    result.assert_outcomes(passed=4)
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*re-measuring 4 cells*"])
+    out = json.loads((pytester.path / "out.json").read_text())
+    assert {f["status"] for f in out["figures"]} <= {"unchanged", "improved"}
