@@ -265,7 +265,14 @@ def render(conditions: Sequence[verdicts.Condition], runs: Sequence[Run], pairs:
               "75 ms): against a stored baseline, trainperf's default gate caught none of the +5% and a fifth of "
               "the +10% slowdowns, and pytest-benchmark's `median:5%` caught more only by failing about half "
               "of the unchanged cells. Measuring both trees side by side removes the drift between processes "
-              "that forces those wide gates.", "", "Injected slowdowns per cell (target, step time, extra matmuls, size measured by A/B in one "
+              "that forces those wide gates.", ""]
+    pairs_used = [c.pairs for r in runs for c in r.cells if c.pairs]
+    if pairs_used:
+        lines += [f"Timed pairs per comparison (at least {pairs}; batches of {pairs // 2} more while the interval "
+                  f"still held 1 + tolerance): median {statistics.median(pairs_used):g}, range {min(pairs_used)} to "
+                  f"{max(pairs_used)}; {sum(p > pairs for p in pairs_used)} of {len(pairs_used)} comparisons took "
+                  f"more than {pairs}.", ""]
+    lines += ["Injected slowdowns per cell (target, step time, extra matmuls, size measured by A/B in one "
               "process, mean change trainperf reported, runs in which the cell was caught):", "",
               "| target | cell | step time while sizing | extra matmuls | measured | trainperf's median change | caught |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -353,8 +360,9 @@ def write_raw(path: Path | None, command: str, pairs: int, conditions: Sequence[
                   "cells": [c.__dict__ for c in r.cells]} for r in runs]}, indent=1))
 
 
-def read_raw(path: Path) -> tuple[list[verdicts.Condition], list[Run], float]:
-    """The conditions (with their sizes), the complete rounds of runs and the elapsed seconds of a raw file."""
+def read_raw(path: Path) -> tuple[list[verdicts.Condition], list[Run], float, str]:
+    """The conditions (with their sizes), the complete rounds of runs, the elapsed seconds and the command
+    of a raw file."""
     doc = json.loads(path.read_text())
     conditions = [verdicts.Condition(c["name"], c["target"], tuple(verdicts.Size(**s) for s in c["sizes"]))
                   for c in doc["conditions"]]
@@ -362,7 +370,7 @@ def read_raw(path: Path) -> tuple[list[verdicts.Condition], list[Run], float]:
                 cells=tuple(CellRun(**(c | {"interval": tuple(c["interval"]) if c["interval"] else None}))
                             for c in r["cells"])) for r in doc["runs"]]
     runs = runs[:len(runs) - len(runs) % len(conditions)]  # whole rounds only
-    return conditions, runs, float(doc.get("elapsed_s", sum(r.wall_s for r in runs)))
+    return conditions, runs, float(doc.get("elapsed_s", sum(r.wall_s for r in runs))), str(doc["command"])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -379,7 +387,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         workload = write_repo(where)
         cells = tuple(workload.cell_id(*c) for c in workload.CELLS)
         if args.resume is not None:  # the same sizes, then the rounds still missing
-            conditions, runs, before = read_raw(args.resume)
+            conditions, runs, before, first = read_raw(args.resume)
+            # the figures come from the first command; a resumption that adds rounds says so
+            command = first if len(runs) // len(conditions) >= args.runs else f"{first}` and resumed with `{command}"
             log(f"resuming {args.resume}: {len(runs) // len(conditions)} rounds done in {before / 60:.0f} minutes")
         else:
             log(f"sizing {len(args.sizes)} slowdown(s) on {len(cells)} cells ({threads} thread(s))")
