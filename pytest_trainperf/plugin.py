@@ -32,6 +32,7 @@ from pytest_trainperf.records import (
     BaselineChange,
     CellVerdict,
     Figure,
+    FigureKind,
     FigureVerdict,
     Fingerprint,
     Measurement,
@@ -119,7 +120,7 @@ class FigureSpecs:
         """The tolerance of one of its figures."""
         from pytest_trainperf import derived
 
-        if figure.kind.value == "relative":
+        if figure.kind is FigureKind.RELATIVE:
             given = self.relative.tolerance if self.relative is not None else None
         else:
             given = next((f.tolerance for f in self.scaling if f.abscissa == figure.reference), None)
@@ -175,7 +176,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 def _feeds(figure: Figure, cell: Measurement) -> bool:
     """Whether ``cell`` is one of the cells ``figure`` is derived from."""
     params = dict(cell.params)
-    if figure.kind.value == "relative":
+    if figure.kind is FigureKind.RELATIVE:
         own = dict(figure.params)
         same_elsewhere = all(params.get(k) == v for k, v in own.items() if k != figure.axis)
         return same_elsewhere and str(params.get(figure.axis)) in (str(own.get(figure.axis)), figure.reference)
