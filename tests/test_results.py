@@ -21,6 +21,7 @@ from pytest_trainperf.records import (
     Measurement,
     Metric,
     MetricVerdict,
+    Outcome,
     Status,
 )
 from pytest_trainperf.report.markdown import render_markdown
@@ -140,6 +141,16 @@ def test_diff_judges_new_cells_against_the_same_cells_of_old() -> None:
 
 
 # ------------------------------------------------------------------ Markdown
+
+
+def test_markdown_legend_names_the_outcomes_present() -> None:
+    plain = render_markdown(session(), show=("step_time",))
+    assert "OOM*" not in plain.splitlines()[-1]
+    over = dataclasses.replace(measurement(8, "a|b"), outcome=Outcome.OOM_EMULATED, detail="over the budget")
+    found = session()
+    found = dataclasses.replace(found, cells=(*found.cells, record(over, judge(over, None))))
+    legend = render_markdown(found, show=("step_time",)).splitlines()[-1]
+    assert legend.endswith("n/a not measured. OOM* over the memory budget (emulated).")
 
 
 def test_markdown_puts_regressions_first_and_lays_out_the_grid() -> None:

@@ -271,7 +271,7 @@ def _timing_legend(glyphs: _Glyphs) -> Text:
     return Text(f"[lo,hi] 95% interval of the change, {glyphs.at_least}+x% smallest slowdown detected (95% power)")
 
 
-_OUTCOME_MEANINGS = {
+OUTCOME_MEANINGS = {
     Outcome.OOM: "out of memory",
     Outcome.OOM_EMULATED: "over the memory budget (emulated)",
     Outcome.OOM_KILLED: "killed by the kernel",
@@ -285,7 +285,7 @@ def _outcome_legend(outcomes: set[Outcome]) -> Text:
         if i:
             legend.append(", ")
         legend.append(outcome.label, style=OUTCOME_STYLE)
-        legend.append(f" {_OUTCOME_MEANINGS[outcome]}")
+        legend.append(f" {OUTCOME_MEANINGS[outcome]}")
     return legend
 
 

@@ -25,6 +25,7 @@ from pytest_trainperf.records import (
 from pytest_trainperf.report.heatmap import (
     MARKERS,
     NOT_MEASURED,
+    OUTCOME_MEANINGS,
     _Axis,
     _grid,
     _Key,
@@ -199,4 +200,8 @@ def render_markdown(results: SessionResults, *, show: Sequence[str], hint: str =
     if keys:
         out += ["Environment" + "s" * (len(keys) > 1) + ": " + ", ".join(_code(k) for k in keys), ""]
     legend = "Legend: **REGR** regressed, impr improved, new no baseline, — no result, n/a not measured."
+    outcomes = [o for o in Outcome if o is not Outcome.MEASURED
+                and any(c.verdict.measurement.outcome is o for c in results.cells)]
+    if outcomes:
+        legend += " " + ", ".join(f"{o.label} {OUTCOME_MEANINGS[o]}" for o in outcomes) + "."
     return "\n".join(out + [legend]) + "\n"
