@@ -307,17 +307,6 @@ def render(conditions: Sequence[verdicts.Condition], runs: Sequence[Run], pairs:
     return "\n".join(lines)
 
 
-def write_doc(path: Path, section: str) -> None:
-    """Replace the section between the markers in ``path`` (or append it), leaving the rest as it is."""
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def _torch() -> str:
     import torch
 
@@ -413,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         git(where, "checkout", "-q", BASE)
     total = before + time.perf_counter() - started
     section = render(conditions, runs, args.pairs, command, args.quick, threads, cells, total)
-    write_doc(args.out, section)
+    verdicts.write_doc(args.out, section, BEGIN, END)
     print(section)
     log(f"done in {total:.0f} s; wrote {args.out}")
 

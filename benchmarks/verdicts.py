@@ -680,12 +680,13 @@ cell, and the re-measurement of every cell whose timing regressed.
     return body
 
 
-def write_doc(path: Path, section: str) -> None:
-    """Replace the section between the markers in ``path`` (or append it), leaving the rest as it is."""
+def write_doc(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section between the markers ``begin`` and ``end`` in ``path`` (or append it),
+    leaving the rest as it is."""
     text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
