@@ -193,7 +193,7 @@ def lockstep_timer(channel: Channel) -> Callable[..., Timed]:
 
     def timer(fn: Callable[[], Any], count: int, device: torch.device, keep: Callable[[Any], object] | None = None,
               warmup: int = 0, settle: bool = True, on_timed: Callable[[], None] | None = None) -> Timed:
-        from pytest_trainperf.measure.timing import NS_PER_S, Timed, no_gc, synchronizer
+        from pytest_trainperf.measure.timing import NS_PER_S, Timed, no_gc, synchronizer, warm_up
 
         sync = synchronizer(device)
         clock = time.perf_counter_ns
@@ -211,11 +211,7 @@ def lockstep_timer(channel: Channel) -> Callable[..., Timed]:
             return elapsed
 
         with no_gc():
-            for _ in range(warmup):
-                result = fn()
-                if keep is not None:
-                    kept.append(keep(result))
-                del result
+            warm_up(fn, warmup, keep, kept)
             sync()
             channel.send(READY)
             while (word := channel.receive()) in (WARM, GO):

@@ -120,6 +120,16 @@ def settled_from(samples: Sequence[float], window: int = SETTLE_WINDOW, toleranc
     return cap
 
 
+def warm_up(fn: Callable[[], T], warmup: int, keep: Callable[[T], object] | None, kept: list[object]) -> None:
+    """Call ``fn`` ``warmup`` times untimed, keeping ``keep(result)`` of each in ``kept``; each result
+    dies before the next call starts."""
+    for _ in range(warmup):
+        result = fn()
+        if keep is not None:
+            kept.append(keep(result))
+        del result
+
+
 def time_steps(fn: Callable[[], T], count: int, device: torch.device,
                keep: Callable[[T], object] | None = None, warmup: int = 0, settle: bool = True,
                on_timed: Callable[[], None] | None = None) -> Timed:
@@ -139,11 +149,7 @@ def time_steps(fn: Callable[[], T], count: int, device: torch.device,
     samples: list[int] = []
     kept: list[object] = []
     with no_gc():
-        for _ in range(warmup):
-            result = fn()
-            if keep is not None:
-                kept.append(keep(result))
-            del result
+        warm_up(fn, warmup, keep, kept)
         sync()
         events = _cuda_events(device, count)
         if on_timed is not None:
