@@ -41,6 +41,8 @@ from pytest_trainperf.records import (
     Scalar,
     ScalingSpec,
     Status,
+    cell_id,
+    format_scalar,
 )
 
 RELATIVE_TIMING_TOLERANCE = 0.05
@@ -52,16 +54,8 @@ MIN_SCALING_POINTS = 3
 """Points a scaling fit needs along its axis (two points always fit a line exactly)."""
 
 
-def _text(value: Scalar) -> str:
-    return str(value)
-
-
 def _measured(cells: Sequence[Measurement]) -> list[Measurement]:
     return [m for m in cells if m.outcome is Outcome.MEASURED]
-
-
-def _cell_id(params: Sequence[tuple[str, Scalar]]) -> str:
-    return "-".join(f"{k}={_text(v)}" for k, v in params) or "default"
 
 
 def figure_tolerance(kind: FigureKind, metric: str, given: float | None,
@@ -92,7 +86,7 @@ def _ratio(variant: Metric, reference: Metric) -> tuple[float, tuple[float, floa
 def relative_figures(spec: RelativeSpec, cells: Sequence[Measurement]) -> list[Figure]:
     """Every variant's figure against the reference variant in the same cell of the other axes, for
     each metric of ``spec`` both cells measured; cells that did not end measured give none."""
-    reference = _text(spec.reference)
+    reference = format_scalar(spec.reference)
     refs: dict[tuple[tuple[str, Scalar], ...], Measurement] = {}
     variants: list[tuple[tuple[tuple[str, Scalar], ...], Measurement]] = []
     for m in _measured(cells):
@@ -100,7 +94,7 @@ def relative_figures(spec: RelativeSpec, cells: Sequence[Measurement]) -> list[F
         if spec.axis not in params:
             continue
         rest = tuple((k, v) for k, v in m.params if k != spec.axis)
-        if _text(params[spec.axis]) == reference:
+        if format_scalar(params[spec.axis]) == reference:
             refs[rest] = m
         else:
             variants.append((rest, m))
@@ -173,7 +167,8 @@ def scaling_figures(spec: ScalingSpec, cells: Sequence[Measurement]) -> list[Fig
             if len(counts) == 1 and (count := counts.pop()) >= 2 and all(min(m.rounds) > 0 for _, m in points):
                 rounds = tuple(fit_power_law(xs, [metric.rounds[i] for _, metric in points])[0]
                                for i in range(count))
-            out.append(Figure(kind=FigureKind.SCALING, metric=name, axis=spec.x, cell=_cell_id(rest),
+            out.append(Figure(kind=FigureKind.SCALING, metric=name, axis=spec.x,
+                              cell=cell_id([k for k, _ in rest], [v for _, v in rest]),
                               reference=spec.abscissa, value=exponent, params=rest, interval=interval,
                               rounds=rounds, points=tuple((x, metric.value) for x, metric in points),
                               coefficient=coefficient, unit=points[0][1].unit,

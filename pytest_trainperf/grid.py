@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pytest_trainperf.records import RelativeSpec, Scalar, ScalingSpec
+from pytest_trainperf.records import RelativeSpec, Scalar, ScalingSpec, cell_id, format_scalar
 from pytest_trainperf.stats import BUILTIN_METRICS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,8 +29,6 @@ BUDGET_MARK = "trainperf_memory_budget"
 """The marker ``tp.memory_budget`` applies (its one argument is the budget in bytes)."""
 RESERVED_NAMES = ("trainperf", "request")
 """Names an axis may not take: they are fixtures the test needs."""
-SINGLE_CELL = "default"
-"""The cell id of a test without grid axes."""
 
 
 class GridError(ValueError):
@@ -65,18 +63,6 @@ class Grid:
     def ids(self) -> list[str]:
         """The pytest id of every cell, in :meth:`cells` order."""
         return [cell_id(self.names, cell) for cell in self.cells()]
-
-
-def format_scalar(value: Scalar) -> str:
-    """How an axis value is written in ids and table headers."""
-    return str(value)
-
-
-def cell_id(names: Sequence[str], values: Sequence[Scalar]) -> str:
-    """``batch_size=4-seq_len=16``; ``default`` for no axes."""
-    if not names:
-        return SINGLE_CELL
-    return "-".join(f"{n}={format_scalar(v)}" for n, v in zip(names, values, strict=True))
 
 
 def make_grid(axes: Mapping[str, object]) -> Grid:

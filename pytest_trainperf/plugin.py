@@ -22,13 +22,13 @@ from pytest_trainperf.grid import (
     GRID_MARK,
     RELATIVE_MARK,
     SCALING_MARK,
-    SINGLE_CELL,
     TOLERANCE_MARK,
     Grid,
     check_figures,
 )
 from pytest_trainperf.measure.host import SYSTEM, fix_malloc
 from pytest_trainperf.records import (
+    SINGLE_CELL,
     BaselineChange,
     CellVerdict,
     Figure,
@@ -42,6 +42,7 @@ from pytest_trainperf.records import (
     ScalingSpec,
     Status,
     format_change,
+    format_scalar,
 )
 from pytest_trainperf.settings import Settings, add_options, resolve
 
@@ -179,7 +180,9 @@ def _feeds(figure: Figure, cell: Measurement) -> bool:
     if figure.kind is FigureKind.RELATIVE:
         own = dict(figure.params)
         same_elsewhere = all(params.get(k) == v for k, v in own.items() if k != figure.axis)
-        return same_elsewhere and str(params.get(figure.axis)) in (str(own.get(figure.axis)), figure.reference)
+        variant = params.get(figure.axis)
+        return same_elsewhere and variant is not None and format_scalar(variant) in (
+            format_scalar(own[figure.axis]), figure.reference)
     return all(params.get(k) == v for k, v in figure.params)
 
 

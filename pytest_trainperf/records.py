@@ -10,12 +10,27 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pytest_trainperf.units import format_value
 
 Scalar = int | float | str | bool
 """What a grid axis value may be."""
+SINGLE_CELL = "default"
+"""The cell id of a test without grid axes."""
+
+
+def format_scalar(value: Scalar) -> str:
+    """How an axis value is written in ids and table headers."""
+    return str(value)
+
+
+def cell_id(names: Sequence[str], values: Sequence[Scalar]) -> str:
+    """``batch_size=4-seq_len=16``; ``default`` for no axes."""
+    if not names:
+        return SINGLE_CELL
+    return "-".join(f"{n}={format_scalar(v)}" for n, v in zip(names, values, strict=True))
 
 
 class Direction(enum.Enum):

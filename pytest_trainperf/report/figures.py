@@ -15,12 +15,8 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.text import Text
 
-from pytest_trainperf.records import FigureKind, FigureVerdict, Scalar, Status, format_change
+from pytest_trainperf.records import FigureKind, FigureVerdict, Status, format_change, format_scalar
 from pytest_trainperf.report.heatmap import MARKERS, STATUS_STYLES, plain_table
-
-
-def _value(value: Scalar) -> str:
-    return str(value)
 
 
 def _relative_cell(verdict: FigureVerdict) -> Text:
@@ -40,7 +36,7 @@ def _relative_tables(console: Console, test: str, verdicts: Sequence[FigureVerdi
     groups: dict[tuple[str, str], list[FigureVerdict]] = {}
     for v in verdicts:
         variant = dict(v.figure.params).get(v.figure.axis, "")
-        groups.setdefault((v.figure.metric, _value(variant)), []).append(v)
+        groups.setdefault((v.figure.metric, format_scalar(variant)), []).append(v)
     for (metric, variant), members in groups.items():
         first = members[0].figure
         others = [name for name, _ in first.params if name != first.axis]
@@ -53,8 +49,8 @@ def _relative_tables(console: Console, test: str, verdicts: Sequence[FigureVerdi
         columns: list[str] = []
         for v in members:
             params = dict(v.figure.params)
-            row = ", ".join(f"{_value(params[a])}" for a in row_axes) or ""
-            column = _value(params[columns_axis]) if columns_axis is not None else "value"
+            row = ", ".join(f"{format_scalar(params[a])}" for a in row_axes) or ""
+            column = format_scalar(params[columns_axis]) if columns_axis is not None else "value"
             index[(row, column)] = v
             rows += [row] if row not in rows else []
             columns += [column] if column not in columns else []

@@ -47,6 +47,7 @@ from pytest_trainperf.records import (
     Scalar,
     Status,
     format_change,
+    relative_change,
 )
 from pytest_trainperf.report.heatmap import MARKERS, AxisValue, _Axis, _grid, _Key, _key
 from pytest_trainperf.results import CellRecord, SessionResults
@@ -366,7 +367,7 @@ def _change(found: MetricVerdict) -> str:
         return format_change(found.change)
     if found.baseline == 0:
         return ""
-    return format_change((found.current - found.baseline) / abs(found.baseline))
+    return format_change(relative_change(found.current, found.baseline))
 
 
 def _heatmap(title: str, cells: Sequence[CellRecord], metric: str) -> list[Canvas]:
