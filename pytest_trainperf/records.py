@@ -469,6 +469,71 @@ class FigureVerdict:
 
 
 @dataclass(frozen=True)
+class Cell:
+    """Which cell of which test: what a fixture serves and a runner measures."""
+
+    nodeid: str
+    """The pytest node id, for messages."""
+    test_file: str
+    """The test file, relative to the rootdir."""
+    test: str
+    """The test's name inside its file (``test_x`` or ``TestA::test_x``)."""
+    cell: str
+    """The cell id (``batch_size=4-seq_len=16``; ``default`` without a grid)."""
+    params: tuple[tuple[str, Scalar], ...]
+    """The cell's parameter values, grid axes first."""
+    axes: tuple[tuple[str, tuple[Scalar, ...]], ...]
+    """The test's grid axes in declaration order (empty without a grid)."""
+
+    @property
+    def grid(self) -> str:
+        """The node id without the parameters: what the cells of one grid share."""
+        return self.nodeid.split("[", 1)[0]
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """One concluded cell of a session: which cell, how it compared, and where it was measured (what
+    the report, the outputs and a result file hold)."""
+
+    nodeid: str
+    """The pytest node id (``tests/test_lm.py::test_step[batch_size=4]``)."""
+    test_file: str
+    """The test file, relative to the rootdir."""
+    test: str
+    """The test's name inside its file."""
+    cell: str
+    """The cell id."""
+    axes: tuple[tuple[str, tuple[Scalar, ...]], ...]
+    """The test's grid axes in declaration order (empty without a grid)."""
+    verdict: CellVerdict
+    """The measurement and its verdict against the baseline."""
+    fingerprint: Fingerprint
+    """The environment it was measured in."""
+    elsewhere: tuple[str, ...] = ()
+    """For a cell with no baseline here: the environments whose baselines in the file hold it."""
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """What identifies the cell across sessions: test file, test, cell id, environment key."""
+        return (self.test_file, self.test, self.cell, self.fingerprint.key)
+
+
+    @property
+    def cell_of(self) -> Cell:
+        """Which cell, as a :class:`Cell` (its parameters from the measurement)."""
+        return Cell(nodeid=self.nodeid, test_file=self.test_file, test=self.test, cell=self.cell,
+                    params=self.verdict.measurement.params, axes=self.axes)
+
+    @classmethod
+    def of(cls, cell: Cell, verdict: CellVerdict, fingerprint: Fingerprint,
+           elsewhere: tuple[str, ...] = ()) -> CellResult:
+        """The result of ``cell``."""
+        return cls(nodeid=cell.nodeid, test_file=cell.test_file, test=cell.test, cell=cell.cell, axes=cell.axes,
+                   verdict=verdict, fingerprint=fingerprint, elsewhere=elsewhere)
+
+
+@dataclass(frozen=True)
 class BaselineChange:
     """One metric of one cell rewritten by ``--trainperf-update-baselines``."""
 

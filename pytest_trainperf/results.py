@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pytest_trainperf.records import BaselineChange, CellVerdict, FigureVerdict, Fingerprint, Scalar, Status
+from pytest_trainperf.records import BaselineChange, FigureVerdict, Scalar, Status
+from pytest_trainperf.records import CellResult as CellResult  # a result file's cell record, re-exported
 from pytest_trainperf.store import dumps, write_atomic
 
 FORMAT = "pytest-trainperf results"
@@ -66,37 +67,10 @@ class ResultsError(Exception):
 
 
 @dataclass(frozen=True)
-class CellRecord:
-    """One cell of a session: which cell, how it compared, and where it was measured."""
-
-    nodeid: str
-    """The pytest node id (``tests/test_lm.py::test_step[batch_size=4]``)."""
-    test_file: str
-    """The test file, relative to the rootdir."""
-    test: str
-    """The test's name inside its file."""
-    cell: str
-    """The cell id."""
-    axes: Axes
-    """The test's grid axes in declaration order (empty without a grid)."""
-    verdict: CellVerdict
-    """The measurement and its verdict against the baseline."""
-    fingerprint: Fingerprint
-    """The environment it was measured in."""
-    elsewhere: tuple[str, ...] = ()
-    """For a cell with no baseline here: the environments whose baselines in the file hold it."""
-
-    @property
-    def key(self) -> tuple[str, str, str, str]:
-        """What identifies the cell across sessions: test file, test, cell id, environment key."""
-        return (self.test_file, self.test, self.cell, self.fingerprint.key)
-
-
-@dataclass(frozen=True)
 class SessionResults:
     """Everything a session (or a merge of shards) concluded."""
 
-    cells: tuple[CellRecord, ...]
+    cells: tuple[CellResult, ...]
     """Every cell measured, in the order they concluded."""
     changes: tuple[BaselineChange, ...] = ()
     """Baseline values rewritten by ``--trainperf-update-baselines``."""
@@ -117,6 +91,58 @@ class SessionResults:
         for c in self.cells:
             counts[c.verdict.status] += 1
         return counts
+
+
+class Ledger:
+    """What a session has concluded so far: the one mutable collection of its results.
+
+    The session adds to it as cells conclude; the consumers of results (the outputs, the xdist
+    integration, an isolated child's report to its parent) read it with :meth:`snapshot` and, on an
+    xdist controller or a parent, add what a worker or a child concluded with :meth:`absorb`.
+    """
+
+    def __init__(self) -> None:
+        self.cells: list[CellResult] = []
+        self.changes: list[BaselineChange] = []
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.figures: list[FigureVerdict] = []
+        self.notes: dict[str, None] = {}
+        """One-line notes (no NVML, no peak FLOP/s for the device), each printed once, in order."""
+        self.against = ""
+        """What the cells were compared with when not their stored baselines (see :class:`SessionResults`)."""
+
+    def note(self, text: str) -> None:
+        """Keep a one-line note (once)."""
+        self.notes.setdefault(text)
+
+    def warn(self, text: str) -> None:
+        """Keep a warning (once)."""
+        if text not in self.warnings:
+            self.warnings.append(text)
+
+    def snapshot(self, warnings: Sequence[str] = ()) -> SessionResults:
+        """The results so far as a plain record; ``warnings`` go before the ledger's own."""
+        return SessionResults(cells=tuple(self.cells), changes=tuple(self.changes), errors=tuple(self.errors),
+                              warnings=_unique([*warnings, *self.warnings]), figures=tuple(self.figures),
+                              against=self.against)
+
+    def absorb(self, other: SessionResults) -> None:
+        """Add what another process (an xdist worker, an isolated child) concluded."""
+        self.cells += other.cells
+        self.changes += other.changes
+        self.errors += other.errors
+        self.figures += other.figures
+        for warning in other.warnings:
+            self.warn(warning)
+
+    def clear(self) -> None:
+        """Forget everything concluded (a worker whose results now belong to its controller)."""
+        self.cells.clear()
+        self.changes.clear()
+        self.errors.clear()
+        self.warnings.clear()
+        self.figures.clear()
 
 
 # --------------------------------------------------------------------------- writing
@@ -256,7 +282,7 @@ def from_json(source: str, doc: object) -> SessionResults:
         raise ResultsError(source, f"written by a newer pytest-trainperf (schema {schema}, this version "
                                    f"reads up to {SCHEMA_VERSION}); upgrade pytest-trainperf")
     try:
-        cells = _convert(tuple[CellRecord, ...], doc.get("cells"), "cells")
+        cells = _convert(tuple[CellResult, ...], doc.get("cells"), "cells")
         changes = _convert(tuple[BaselineChange, ...], doc.get("baseline_changes", []), "baseline_changes")
         errors = _convert(tuple[str, ...], doc.get("errors", []), "errors")
         warnings = _convert(tuple[str, ...], doc.get("warnings", []), "warnings")
@@ -293,7 +319,7 @@ def merge(parts: Sequence[tuple[str, SessionResults]]) -> SessionResults:
     """Join the results of shards, in order; raise :class:`ResultsError` when one cell of one
     environment comes twice (the shards overlap: which result holds is not ours to pick)."""
     seen: dict[tuple[str, str, str, str], str] = {}
-    cells: list[CellRecord] = []
+    cells: list[CellResult] = []
     for source, part in parts:
         for c in part.cells:
             if c.key in seen:

@@ -13,6 +13,7 @@ import itertools
 from collections.abc import Sequence
 
 from pytest_trainperf.records import (
+    CellResult,
     CellVerdict,
     FigureKind,
     FigureVerdict,
@@ -34,7 +35,7 @@ from pytest_trainperf.report.heatmap import (
     interval_text,
 )
 from pytest_trainperf.report.summary import metrics_to_show
-from pytest_trainperf.results import CellRecord, SessionResults
+from pytest_trainperf.results import SessionResults
 from pytest_trainperf.units import common_scale, format_value, in_scale
 
 TITLE = "pytest-trainperf"
@@ -125,7 +126,7 @@ def _counts(results: SessionResults) -> str:
     return f"**{n} cell{'s' * (n != 1)} measured**" + (": " + ", ".join(parts) if parts else "")
 
 
-def _regressions(cells: Sequence[CellRecord]) -> list[str]:
+def _regressions(cells: Sequence[CellResult]) -> list[str]:
     regressed = [c for c in cells if c.verdict.regressions or c.verdict.outcome is Status.REGRESSED]
     if not regressed:
         return []
@@ -183,7 +184,7 @@ def render_markdown(results: SessionResults, *, show: Sequence[str], hint: str =
     improved = results.counts[Status.IMPROVED]
     if improved and hint:
         out += [f"{improved} cell{'s' * (improved != 1)} improved beyond tolerance; to accept: {_code(hint)}", ""]
-    groups: dict[tuple[str, str], list[CellRecord]] = {}
+    groups: dict[tuple[str, str], list[CellResult]] = {}
     for c in results.cells:
         groups.setdefault((c.test_file, c.test), []).append(c)
     ordered = sorted(groups.items(), key=lambda kv: not any(c.verdict.regressions for c in kv[1]))

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pytest_trainperf.records import (
+    CellResult,
     CellVerdict,
     FigureKind,
     FigureVerdict,
@@ -50,7 +51,7 @@ from pytest_trainperf.records import (
     relative_change,
 )
 from pytest_trainperf.report.heatmap import MARKERS, AxisValue, _Axis, _grid, _Key, _key
-from pytest_trainperf.results import CellRecord, SessionResults
+from pytest_trainperf.results import SessionResults
 from pytest_trainperf.units import common_scale, format_value, in_scale
 
 if TYPE_CHECKING:
@@ -154,8 +155,8 @@ class _Names:
 # --------------------------------------------------------------------------- helpers
 
 
-def _by_test(cells: Iterable[CellRecord]) -> dict[tuple[str, str], list[CellRecord]]:
-    groups: dict[tuple[str, str], list[CellRecord]] = {}
+def _by_test(cells: Iterable[CellResult]) -> dict[tuple[str, str], list[CellResult]]:
+    groups: dict[tuple[str, str], list[CellResult]] = {}
     for c in cells:
         groups.setdefault((c.test_file, c.test), []).append(c)
     return groups
@@ -312,7 +313,7 @@ def _log_axis(ax: Axes, which: str, values: Sequence[float]) -> None:
 # --------------------------------------------------------------------------- heatmaps
 
 
-def _heatmap_metrics(cells: Sequence[CellRecord]) -> list[str]:
+def _heatmap_metrics(cells: Sequence[CellResult]) -> list[str]:
     """The heatmap metrics some cell has; ``step_time`` for a grid whose cells all failed to fit."""
     if not cells or not cells[0].axes and len(cells) < 2:
         return []
@@ -370,7 +371,7 @@ def _change(found: MetricVerdict) -> str:
     return format_change(relative_change(found.current, found.baseline))
 
 
-def _heatmap(title: str, cells: Sequence[CellRecord], metric: str) -> list[Canvas]:
+def _heatmap(title: str, cells: Sequence[CellResult], metric: str) -> list[Canvas]:
     """The heatmap figures of one test and metric: one panel per combination of further axes,
     :data:`PANELS_PER_FIGURE` panels per figure, one colour scale across them all."""
     from matplotlib import colormaps
@@ -478,7 +479,7 @@ def _point(row: AxisValue, column: AxisValue, rows: _Axis, columns: _Axis | None
 # --------------------------------------------------------------------------- latency against batch
 
 
-def _numeric_axis(cells: Sequence[CellRecord]) -> str | None:
+def _numeric_axis(cells: Sequence[CellResult]) -> str | None:
     """The first declared axis whose values are all numbers, at least two of them."""
     for name, values in cells[0].axes:
         if len(values) > 1 and all(_number(v) is not None for v in values):
@@ -486,7 +487,7 @@ def _numeric_axis(cells: Sequence[CellRecord]) -> str | None:
     return None
 
 
-def _latency(title: str, cells: Sequence[CellRecord]) -> Canvas | None:
+def _latency(title: str, cells: Sequence[CellResult]) -> Canvas | None:
     """Latency per call of ``run`` cells against the first numeric axis, a line per combination of
     the other axes; None when no line has two points."""
     runs = [c for c in cells if c.verdict.measurement.kind == "run"]
@@ -545,7 +546,7 @@ def _colour(n: int) -> str:
 # --------------------------------------------------------------------------- items processed, by loss
 
 
-def _items(title: str, cells: Sequence[CellRecord]) -> Canvas | None:
+def _items(title: str, cells: Sequence[CellResult]) -> Canvas | None:
     """Items processed (``(step + 1) * items_per_step``) against step, coloured by the loss, a line
     per ``train`` cell with a loss curve and ``items_per_step``; None when no cell has both."""
     curves: list[tuple[Measurement, list[tuple[int, float]]]] = []
@@ -648,7 +649,7 @@ def _rest_order(figures: Sequence[FigureVerdict]) -> list[tuple[tuple[str, Scala
     return sorted(rests, key=rank)
 
 
-def _reference_flops(figures: Sequence[FigureVerdict], cells: Sequence[CellRecord],
+def _reference_flops(figures: Sequence[FigureVerdict], cells: Sequence[CellResult],
                      rests: Sequence[tuple[tuple[str, Scalar], ...]]) -> dict[tuple[tuple[str, Scalar], ...], float]:
     """The FLOPs of the reference cell at each cell of the other axes, when every one counted them."""
     axis, reference = figures[0].figure.axis, figures[0].figure.reference
@@ -663,7 +664,7 @@ def _reference_flops(figures: Sequence[FigureVerdict], cells: Sequence[CellRecor
 
 
 def _relative_bars(test_file: str, test: str, metric: str, figures: Sequence[FigureVerdict],
-                   cells: Sequence[CellRecord]) -> Canvas:
+                   cells: Sequence[CellResult]) -> Canvas:
     """Bars of each variant's value relative to the reference, in %, per cell of the other axes."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch

@@ -4,25 +4,28 @@ A stored baseline drifts between processes on a shared runner by more than the s
 catching; measuring the old and the new code at the same time does not: whatever the machine does, it
 does to both. How:
 
-* The **parent** (the session the user started; :class:`TrainPerfAgainst`) resolves REF in the
+* The **parent** (the session the user started; its runner is :class:`Lockstep`) resolves REF in the
   repository under test and checks it out, detached, into a temporary ``git worktree`` (at the first
   cell; removed again at the end of the session, on Ctrl-C and on failure too, then ``git worktree
-  prune``). For each item that uses the ``trainperf`` fixture, a ``tryfirst`` ``pytest_pyfunc_call``
-  starts two children instead of calling the test: ``python -m pytest <node id>`` with the rootdir,
+  prune``). For each item that uses the ``trainperf`` fixture, the runner starts two children instead
+  of calling the test: ``python -m pytest <node id>`` with the rootdir,
   ini file and ``sys.path`` of the REF worktree (A), and of this checkout (B): each imports the code
   under test from its own tree (the tree and its ``src/`` go first on ``PYTHONPATH``, ahead of an
   installed copy); both use this pytest-trainperf.
-* Each **child** (:class:`TrainPerfLockstep`, marked by :data:`LOCKSTEP_ENV`: the pipes to its parent)
+* Each **child** (marked by :data:`~pytest_trainperf.runners.children.LOCKSTEP_ENV`: the pipes to its
+  parent; its in-process runner times steps with :func:`lockstep_timer`)
   builds the cell's workload, runs the instrumented steps (FLOPs, peak memory) and its warm-up as any
   cell does, says ``ready``, then times one step each time the parent says ``go`` and answers ``done``.
   At ``stop`` the test goes on as usual and the child writes its cell as an isolated child does
-  (:class:`pytest_trainperf.isolate.TrainPerfChild`).
+  (:class:`pytest_trainperf.runners.children.ChildReporter`).
 * In between, the parent **takes turns**: :data:`WARM_PAIRS` untimed pairs, then ``--trainperf-pairs``
   timed ones, one step of A and one of B, the order flipping every pair (AB, BA, AB, ...), so that both
   steps of a pair see the same state of the machine and an order effect cancels.
 * The verdict (:func:`pytest_trainperf.paired.judge_paired`): timings on the per-pair ratios (median
   and sign-test interval), exact metrics (FLOPs, peak memory, loss) value against value. It goes into
-  the session's results like any verdict (heatmaps, JSON, Markdown, JUnit), labelled "against REF".
+  the session's results like any verdict (heatmaps, JSON, Markdown, JUnit), labelled "against REF";
+  the runner returns both sides (:class:`~pytest_trainperf.runners.CellRun` with ``reference``) and
+  the session's judge decides (:func:`pytest_trainperf.judge.side_by_side`).
 
 A cell that cannot be measured at REF (the test or cell is not there, it fails or crashes there) is
 measured here alone and reported as new, with the reason; ``--trainperf-strict`` fails it. A tree with
@@ -38,27 +41,36 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_trainperf import isolate, paired, stats
-from pytest_trainperf.records import CellVerdict, Status, format_change
+from pytest_trainperf import paired
+from pytest_trainperf.records import CellResult
+from pytest_trainperf.runners import CellRun
+from pytest_trainperf.runners.children import (
+    DETAIL_CHARS,
+    LOCKSTEP_ENV,
+    ChildError,
+    ChildRun,
+    child_env,
+    child_record,
+    command,
+    death,
+    start_child,
+    wait_child,
+)
+from pytest_trainperf.settings import Settings
 
 if TYPE_CHECKING:
     import torch
 
+    from pytest_trainperf.fixture import TrainPerf
     from pytest_trainperf.measure.timing import Timed
-    from pytest_trainperf.plugin import TrainPerfSession
-    from pytest_trainperf.results import CellRecord
 
-PLUGIN_NAME = "trainperf-against"
-"""The name the parent's or the child's part is registered under."""
-LOCKSTEP_ENV = "PYTEST_TRAINPERF_LOCKSTEP"
-"""Set in a lockstep child's environment to ``<fd it reads commands from>,<fd it answers on>``."""
 WARM_PAIRS = 2
 """Untimed pairs of steps, in lockstep, before the timed ones: both children ran their warm-up at the
 same time, each with the other one busy; these warm the caches to the turn-taking they are timed in."""
@@ -231,25 +243,6 @@ def lockstep_timer(channel: Channel) -> Callable[..., Timed]:
     return timer
 
 
-class TrainPerfLockstep:
-    """A lockstep child's part: the cell's steps are timed when the parent says so."""
-
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
-        from pytest_trainperf.plugin import FIXTURE_KEY
-
-        fixture = item.stash.get(FIXTURE_KEY, None)
-        if fixture is not None:
-            fixture.use_timer(lockstep_timer(self.channel))
-        return (yield)
-
-    def pytest_unconfigure(self) -> None:
-        self.channel.close()
-
-
 # --------------------------------------------------------------------------- the parent
 
 
@@ -327,7 +320,7 @@ def lockstep(a: Worker, b: Worker, pairs: int, warm: int = WARM_PAIRS,
 class SideResult:
     """What one side of a comparison gave for a cell."""
 
-    record: CellRecord | None
+    record: CellResult | None
     """Its cell, when it was measured."""
     problem: str
     """Why there is no cell (empty when there is)."""
@@ -338,16 +331,38 @@ def _first_lines(text: str, n: int = 3) -> str:
     return " / ".join(line.strip() for line in lines[:n])
 
 
-class TrainPerfAgainst:
-    """The parent's part: runs each trainperf cell in a lockstep pair of children and concludes it."""
+class Lockstep:
+    """The runner of ``--trainperf-against``: each trainperf cell in a lockstep pair of children."""
 
-    def __init__(self, session: TrainPerfSession, trees: Trees) -> None:
-        self.session = session
+    def __init__(self, settings: Settings, config: pytest.Config, trees: Trees) -> None:
+        self.settings = settings
+        self.config = config
         self.trees = trees
         self.worktree: Path | None = None
-        self._root_rel = self._inside(session.config.rootpath, "rootdir")
-        inipath = session.config.inipath
-        self._ini_rel = self._inside(inipath, "ini file") if inipath is not None else None
+        self._root_rel = self._inside(config.rootpath, "rootdir")
+        self._ini_rel = self._inside(config.inipath, "ini file") if config.inipath is not None else None
+
+    @classmethod
+    def start(cls, settings: Settings, config: pytest.Config) -> Lockstep:
+        """The runner, once the other options allow it and REF exists; else a usage error saying why."""
+        option = f"--trainperf-against={settings.against}"
+        conflicts = [
+            ("--trainperf-update-baselines", settings.update, "no baseline is written in a lockstep comparison"),
+            ("--trainperf-isolate", settings.isolate, "each cell already runs in child processes"),
+            ("pytest-xdist's -n", bool(getattr(config.option, "numprocesses", None))
+             or bool(getattr(config.option, "dist", "no") not in ("no", None)),
+             "the two trees take turns on one machine; parallel cells would time each other")]
+        for other, given, why in conflicts:
+            if given:
+                raise pytest.UsageError(f"{option} cannot be combined with {other}: {why}; expected one or the other")
+        if not hasattr(os, "wait4"):
+            raise pytest.UsageError(f"{option}: expected a POSIX system (Linux, macOS) with os.wait4; "
+                                    f"this one ({sys.platform}) has none")
+        try:
+            trees = resolve_trees(config.rootpath, str(settings.against))
+        except GitError as exc:
+            raise pytest.UsageError(f"{option}: {exc}") from None
+        return cls(settings, config, trees)
 
     def _inside(self, path: Path, what: str) -> Path:
         try:
@@ -357,51 +372,50 @@ class TrainPerfAgainst:
                                     f"{self.trees.toplevel}; expected it inside, to find it at the other "
                                     "revision") from None
 
-    # ------------------------------------------------------------------ the session
+    @property
+    def label(self) -> str:
+        """What the cells are compared with, for the report (``main (1a2b3c4d5e6f), in lockstep; ...``)."""
+        return self.trees.label
 
-    def pytest_report_header(self) -> str:
+    def header(self) -> str | None:
         return f"trainperf: comparing against {self.trees.label}"
 
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_pyfunc_call(self, pyfuncitem: pytest.Function) -> bool | None:
-        if isolate.FIXTURE not in pyfuncitem.fixturenames:
-            return None
+    def close(self) -> None:
+        if self.worktree is not None:
+            remove_worktree(self.trees.toplevel, self.worktree)
+            self.worktree = None
+
+    def run(self, item: pytest.Function, fixture: TrainPerf) -> CellRun | None:
         if self.worktree is None:
             try:
                 self.worktree = add_worktree(self.trees.toplevel, self.trees.ref_sha)
             except GitError as exc:
                 pytest.fail(f"trainperf: --trainperf-against={self.trees.ref}: cannot check it out: {exc}",
                             pytrace=False)
-        self._conclude(pyfuncitem, *self._compare(pyfuncitem, self.worktree))
-        return True
-
-    @pytest.hookimpl(tryfirst=True)  # pytest calls it after Ctrl-C too
-    def pytest_sessionfinish(self) -> None:
-        self._remove()
-
-    def pytest_unconfigure(self) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        if self.worktree is not None:
-            remove_worktree(self.trees.toplevel, self.worktree)
-            self.worktree = None
+        ref_run, this_run = self._compare(item, self.worktree)
+        if this_run.outcome is None:
+            _, detail = death(this_run.returncode)
+            pytest.fail(f"trainperf: the lockstep run of {item.nodeid} in this tree {detail}.\n"
+                        f"The last lines of its output:\n{this_run.output}", pytrace=False)
+        record = child_record(item, this_run.outcome, this_run)  # fails or skips as the test did here
+        if record is None:
+            return None
+        other = self._ref_side(item, ref_run)
+        reference = other.record.verdict.measurement if other.record is not None else None
+        return CellRun(cell=fixture.cell, fingerprint=record.fingerprint, measurement=record.verdict.measurement,
+                       reference=reference, compared=self.trees.ref, problem=other.problem,
+                       revision=f"{self.trees.ref} ({self.trees.ref_sha[:SHORT_SHA]})")
 
     # ------------------------------------------------------------------ one cell
 
     def _start(self, item: pytest.Function, side: str, tree: Path) -> Worker:
-        config = self.session.config
         root = tree / self._root_rel
         workdir = Path(tempfile.mkdtemp(prefix="trainperf-lockstep-"))
-        argv = [sys.executable, "-m", "pytest", item.nodeid, "-p", "no:cacheprovider", "-q", "--color=no",
-                "-o", "addopts=", f"--rootdir={root}", f"--basetemp={workdir / 'tmp'}"]
-        if self._ini_rel is not None and (tree / self._ini_rel).is_file():
-            argv += ["-c", str(tree / self._ini_rel)]
-        argv += isolate.passed_through(config.invocation_params.args) + isolate.ini_overrides()
-        argv += isolate.child_args(self.session.settings)
+        ini = tree / self._ini_rel if self._ini_rel is not None and (tree / self._ini_rel).is_file() else None
+        argv = command(item.nodeid, root, workdir / "tmp", ini, self.config, self.settings)
         # no baseline file is read (a directory that does not exist) and none written; no re-timing
         argv += [f"--trainperf-baselines={workdir / 'no-baselines'}", "--trainperf-confirm=0", "--trainperf-rounds=1"]
-        env = isolate.child_env(os.environ)
+        env = child_env(os.environ)
         paths = [str(p) for p in (tree / "src", tree, root) if p.is_dir()]
         env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         child_reads, parent_writes = os.pipe()
@@ -410,7 +424,7 @@ class TrainPerfAgainst:
         channel = Channel(os.fdopen(parent_reads, "r", encoding="ascii"),
                           os.fdopen(parent_writes, "w", encoding="ascii"))
         try:
-            proc = isolate.start_child(argv, root, env, workdir, pass_fds=(child_reads, child_writes))
+            proc = start_child(argv, root, env, workdir, pass_fds=(child_reads, child_writes))
         except BaseException:
             channel.close()
             raise
@@ -419,21 +433,21 @@ class TrainPerfAgainst:
             os.close(child_writes)
         return Worker(side, proc, channel, workdir)
 
-    def _compare(self, item: pytest.Function, worktree: Path) -> tuple[isolate.ChildRun, isolate.ChildRun]:
+    def _compare(self, item: pytest.Function, worktree: Path) -> tuple[ChildRun, ChildRun]:
         """Run the cell in both trees in lockstep; the runs of the REF side and of this side."""
         workers: list[Worker] = []
         try:
             workers.append(self._start(item, REF, worktree))
             workers.append(self._start(item, THIS, self.trees.toplevel))
             ref, this = workers
-            lockstep(ref, this, self.session.settings.pairs, more=self._undecided(item))
+            lockstep(ref, this, self.settings.pairs, more=self._undecided(item))
             for worker in workers:
                 worker.channel.close()
             runs = []
             for worker in workers:
                 try:
-                    runs.append(isolate.wait_child(worker.proc, worker.workdir))
-                except isolate.ChildError as exc:
+                    runs.append(wait_child(worker.proc, worker.workdir))
+                except ChildError as exc:
                     pytest.fail(f"trainperf: {item.nodeid}: the lockstep run at {worker.side}: {exc}", pytrace=False)
             return runs[0], runs[1]
         finally:
@@ -448,7 +462,7 @@ class TrainPerfAgainst:
         ``--trainperf-pairs`` pairs and ``--trainperf-max-time`` seconds of timed pairs."""
         from pytest_trainperf.grid import TOLERANCE_MARK
 
-        settings = self.session.settings
+        settings = self.settings
         mark = item.get_closest_marker(TOLERANCE_MARK)
         tolerance = (mark.args[0] if mark is not None else {}).get("step_time", paired.PAIRED_TOLERANCE)
         started = time.perf_counter()
@@ -461,106 +475,21 @@ class TrainPerfAgainst:
 
         return undecided
 
-    def _ref_side(self, item: pytest.Function, run: isolate.ChildRun) -> SideResult:
+    def _ref_side(self, item: pytest.Function, run: ChildRun) -> SideResult:
         """The REF side's cell, or why it has none (never fails the item)."""
         ref = self.trees.ref
         if run.outcome is None:
-            _, detail = isolate.death(run.returncode)
-            last = (run.output.strip().splitlines()[-1:] or [""])[0].strip()[:isolate.DETAIL_CHARS]
+            _, detail = death(run.returncode)
+            last = (run.output.strip().splitlines()[-1:] or [""])[0].strip()[:DETAIL_CHARS]
             return SideResult(None, f"its run at {ref} {detail} (last output: {last})")
         if not any(r.nodeid == item.nodeid and r.when == "call" for r in run.outcome.reports):
             if "not found" in run.output or "no match" in run.output or "ERROR: file or directory" in run.output:
                 return SideResult(None, f"the test or its cell does not exist at {ref}")
         try:
-            record = isolate.child_record(item, run.outcome, run)
+            record = child_record(item, run.outcome, run)
         except (pytest.fail.Exception, pytest.skip.Exception) as exc:
             kind = "was skipped" if isinstance(exc, pytest.skip.Exception) else "failed"
             return SideResult(None, f"it {kind} at {ref}: {_first_lines(str(exc.msg or ''))}")
         if record is None:
             return SideResult(None, f"it measured nothing at {ref}")
         return SideResult(record, "")
-
-    def _conclude(self, item: pytest.Function, ref_run: isolate.ChildRun, this_run: isolate.ChildRun) -> None:
-        if this_run.outcome is None:
-            _, detail = isolate.death(this_run.returncode)
-            pytest.fail(f"trainperf: the lockstep run of {item.nodeid} in this tree {detail}.\n"
-                        f"The last lines of its output:\n{this_run.output}", pytrace=False)
-        record = isolate.child_record(item, this_run.outcome, this_run)  # fails or skips as the test did here
-        if record is None:
-            return
-        from pytest_trainperf.grid import RELATIVE_MARK, SCALING_MARK, TOLERANCE_MARK
-        from pytest_trainperf.outputs import result_of
-
-        other = self._ref_side(item, ref_run)
-        mark = item.get_closest_marker(TOLERANCE_MARK)
-        overrides: Mapping[str, float] = mark.args[0] if mark is not None else {}
-        now = record.verdict.measurement
-        if other.record is None:
-            verdict = stats.judge(now, None, overrides)
-            self.session.notes[f"{item.nodeid}: nothing to compare against: {other.problem}; measured in "
-                               "this tree alone (new)"] = None
-        else:
-            verdict = paired.judge_paired(now, other.record.verdict.measurement, overrides)
-        result = replace(result_of(record), verdict=verdict)
-        self.session.results.append(result)
-        if item.get_closest_marker(RELATIVE_MARK) or item.get_closest_marker(SCALING_MARK):
-            self.session.notes[f"{item.nodeid.split('[')[0]}: tp.relative/tp.scaling figures are not judged in a "
-                               "lockstep comparison (its cells are)"] = None
-        ref = f"{self.trees.ref} ({self.trees.ref_sha[:SHORT_SHA]})"
-        failure = self._failure(item, verdict, record, f"{item.nodeid} against {ref}, measured in lockstep")
-        if failure:
-            pytest.fail(failure, pytrace=False)
-        if other.record is None and self.session.settings.strict:
-            pytest.fail(f"trainperf: {item.nodeid}: nothing to compare against (--trainperf-strict): "
-                        f"{other.problem}", pytrace=False)
-
-    def _failure(self, item: pytest.Function, verdict: CellVerdict, record: CellRecord, where: str) -> str:
-        """The failure message of a cell that regressed against REF; empty when it did not."""
-        now = verdict.measurement
-        if verdict.outcome is Status.REGRESSED:
-            before = verdict.baseline_outcome
-            return (f"trainperf regression: {now.outcome.value} in this tree, "
-                    f"{before.value if before is not None else 'nothing'} at {self.trees.ref}\n{where}\n"
-                    f"  {now.detail}")
-        if not verdict.regressions:
-            return ""
-        worst = ", ".join(f"{m.name} {format_change(m.change)}" for m in verdict.regressions
-                          if m.change is not None)
-        lines = [f"trainperf regression: {worst}", where, f"environment: {record.fingerprint.key}"]
-        lines += [f"  {m.describe().replace(': baseline ', f': at {self.trees.ref} ', 1)}"
-                  for m in verdict.regressions]
-        pairs = now.metric("step_time")
-        if pairs is not None and any(m.name in stats.TIMING_METRICS for m in verdict.regressions):
-            lines.append(f"  (timings: median of {len(pairs.samples)} per-pair ratios, this tree / "
-                         f"{self.trees.ref}, with its 95% sign-test interval)")
-        return "\n".join(lines)
-
-
-def register(config: pytest.Config, session: TrainPerfSession) -> None:
-    """Register a lockstep child's part in a lockstep child, the parent's under ``--trainperf-against``
-    (checking that the other options allow it, and that REF exists)."""
-    channel = os.environ.get(LOCKSTEP_ENV)
-    if channel:
-        config.pluginmanager.register(TrainPerfLockstep(Channel.from_env(channel)), PLUGIN_NAME)
-        return
-    settings = session.settings
-    if settings.against is None:
-        return
-    option = f"--trainperf-against={settings.against}"
-    conflicts = [("--trainperf-update-baselines", settings.update, "no baseline is written in a lockstep comparison"),
-                 ("--trainperf-isolate", settings.isolate, "each cell already runs in child processes"),
-                 ("pytest-xdist's -n", bool(getattr(config.option, "numprocesses", None))
-                  or bool(getattr(config.option, "dist", "no") not in ("no", None)),
-                  "the two trees take turns on one machine; parallel cells would time each other")]
-    for other, given, why in conflicts:
-        if given:
-            raise pytest.UsageError(f"{option} cannot be combined with {other}: {why}; expected one or the other")
-    if not hasattr(os, "wait4"):
-        raise pytest.UsageError(f"{option}: expected a POSIX system (Linux, macOS) with os.wait4; "
-                                f"this one ({sys.platform}) has none")
-    try:
-        trees = resolve_trees(config.rootpath, settings.against)
-    except GitError as exc:
-        raise pytest.UsageError(f"{option}: {exc}") from None
-    session.against = trees.label
-    config.pluginmanager.register(TrainPerfAgainst(session, trees), PLUGIN_NAME)
