@@ -84,7 +84,7 @@ def pytest_configure(config: pytest.Config) -> None:
         malloc = fix_malloc() if settings.malloc == "fixed" else SYSTEM
     ledger = results.Ledger()
     session = TrainPerfSession(settings, config, ledger, malloc)
-    session.runner = choose(settings, config, session.call_test)
+    session.runner = choose(settings, config, session.call_test, ledger)
     ledger.against = getattr(session.runner, "label", "")
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, PLUGIN_NAME)

@@ -168,6 +168,17 @@ class Fingerprint:
 
 
 @dataclass(frozen=True)
+class Source:
+    """The code a measurement was taken of, as git knows it (written with a baseline by an update)."""
+
+    commit: str
+    """The commit checked out (HEAD) when it was measured."""
+    tree: str
+    """The id of the git tree that was measured: the tracked files as they were, uncommitted changes
+    included, less the baselines directory. A commit with this tree holds exactly the measured code."""
+
+
+@dataclass(frozen=True)
 class Measurement:
     """Everything measured for one cell of one test."""
 
@@ -197,6 +208,8 @@ class Measurement:
     items_per_step: float | None = None
     """Items (tokens, samples) one step or call processes, as given to ``train``/``run``; None when
     not given. With the loss curve it gives the curve against items processed."""
+    source: Source | None = None
+    """In a baseline: the code it measured (None: written outside git, or by an older version)."""
 
     def metric(self, name: str) -> Metric | None:
         """The metric called ``name``, or None."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from pytest_trainperf.records import Cell, Fingerprint, Measurement
-from pytest_trainperf.results import SessionResults
+from pytest_trainperf.results import Ledger, SessionResults
 
 if TYPE_CHECKING:
     import pytest
@@ -80,17 +80,20 @@ class CellRunner(Protocol):
         ...
 
 
-def choose(settings: Settings, config: pytest.Config, call: Callable[[pytest.Function], object]) -> CellRunner:
+def choose(settings: Settings, config: pytest.Config, call: Callable[[pytest.Function], object],
+           ledger: Ledger) -> CellRunner:
     """The runner of this process: in a child of another runner, the in-process runner that serves its
-    parent; else the one the settings ask for. ``call`` runs a test function in this process."""
+    parent (a lockstep worker also registers its serving loop); else the one the settings ask for.
+    ``call`` runs a test function in this process."""
     from pytest_trainperf.runners import children, inprocess
 
     channel = os.environ.get(children.LOCKSTEP_ENV)
     if channel:
-        from pytest_trainperf.runners.lockstep import Channel, lockstep_timer
+        from pytest_trainperf.runners.lockstep import Channel, lockstep_timer, serve
 
         pipes = Channel.from_env(channel)
-        return inprocess.InProcess(call, timer=lockstep_timer(pipes), peak_rss=True, on_close=pipes.close)
+        serve(config, ledger, pipes)
+        return inprocess.InProcess(call, timer=lockstep_timer(pipes))
     if os.environ.get(children.CHILD_ENV):
         return inprocess.InProcess(call, peak_rss=True)
     if settings.against is not None:

@@ -70,6 +70,7 @@ def child_args(settings: Settings) -> list[str]:
     if settings.memory_budget is not None:
         args.append(f"--trainperf-memory-budget={settings.memory_budget}")
     args.append(f"--trainperf-cudnn-benchmark={settings.cudnn_benchmark}")
+    args.append("--trainperf-confirm-against=none")  # a child never confirms side by side: its parent does
     return args
 
 
@@ -169,7 +170,7 @@ def load_outcome(source: str, text: str) -> ChildOutcome:
     return ChildOutcome(reports=reports, results=found)
 
 
-def _phase(report: pytest.TestReport | pytest.CollectReport) -> PhaseReport:
+def phase_report(report: pytest.TestReport | pytest.CollectReport) -> PhaseReport:
     text = ""
     if report.failed:
         text = report.longreprtext
@@ -276,11 +277,11 @@ class ChildReporter:
         self.reports: list[PhaseReport] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.reports.append(_phase(report))
+        self.reports.append(phase_report(report))
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:
-            self.reports.append(_phase(report))
+            self.reports.append(phase_report(report))
 
     @pytest.hookimpl(trylast=True)  # after the session object wrote the cell's baseline
     def pytest_sessionfinish(self, session: pytest.Session) -> None:

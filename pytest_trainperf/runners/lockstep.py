@@ -50,20 +50,27 @@ import pytest
 
 from pytest_trainperf import paired
 from pytest_trainperf.records import CellResult
+from pytest_trainperf.results import Ledger
 from pytest_trainperf.runners import CellRun
 from pytest_trainperf.runners.children import (
     DETAIL_CHARS,
     LOCKSTEP_ENV,
+    OUTPUT_LINES,
     ChildError,
+    ChildOutcome,
     ChildRun,
+    PhaseReport,
     child_env,
     child_record,
     command,
     death,
+    dump_outcome,
+    load_outcome,
+    phase_report,
     start_child,
-    wait_child,
 )
 from pytest_trainperf.settings import Settings
+from pytest_trainperf.vcs import SHORT_SHA, GitError, Trees, add_worktree, remove_worktree, resolve_trees
 
 if TYPE_CHECKING:
     import torch
@@ -71,96 +78,23 @@ if TYPE_CHECKING:
     from pytest_trainperf.fixture import TrainPerf
     from pytest_trainperf.measure.timing import Timed
 
+PLUGIN_NAME = "trainperf-lockstep"
+"""The name a lockstep worker's serving loop is registered under."""
+FIXTURE_NAME = "trainperf"
+"""The fixture whose tests a worker collects."""
 WARM_PAIRS = 2
 """Untimed pairs of steps, in lockstep, before the timed ones: both children ran their warm-up at the
 same time, each with the other one busy; these warm the caches to the turn-taking they are timed in."""
-SHORT_SHA = 12
-"""Hex digits of a commit shown in the report."""
 READY, GO, WARM, STOP, DONE = "ready", "go", "warm", "stop", "done"
-"""The words of the lockstep protocol, one per line."""
+"""The words of the lockstep protocol within a cell, one per line."""
+SERVING, RUN, END, QUIT = "serving", "run", "end", "quit"
+"""The words between cells: a worker says ``serving`` once it collected its files, runs ``run <node id>``
+and answers ``end <outcome>`` (the cell's reports and results, one line of JSON) when its test is over;
+``quit`` ends it."""
+QUIT_WAIT = 30.0
+"""Seconds a worker told to quit may take to end before it is killed."""
 THIS, REF = "this tree", "REF"
 """The two sides of a comparison, as messages name them."""
-
-
-class GitError(Exception):
-    """A git command that failed: the command and git's own message."""
-
-
-def git(args: Sequence[str], cwd: Path) -> str:
-    """The output of ``git <args>`` in ``cwd``, stripped; raises :class:`GitError` with git's message."""
-    try:
-        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False,
-                              stdin=subprocess.DEVNULL)
-    except OSError as exc:
-        raise GitError(f"git could not be run ({exc}); expected git on PATH") from None
-    if done.returncode != 0:
-        message = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}").splitlines()
-        raise GitError(f"`git {' '.join(args)}` failed: {message[0] if message else ''}")
-    return done.stdout.strip()
-
-
-@dataclass(frozen=True)
-class Trees:
-    """The two trees of a comparison."""
-
-    toplevel: Path
-    """The top of this checkout (``git rev-parse --show-toplevel``)."""
-    ref: str
-    """The revision as the user named it."""
-    ref_sha: str
-    """The commit it resolves to."""
-    head_sha: str
-    """The commit this checkout is at."""
-    dirty: bool
-    """Whether this checkout has uncommitted changes (untracked files not ignored count too)."""
-
-    @property
-    def label(self) -> str:
-        """How the report names the comparison: ``main (1a2b3c4d5e6f), in lockstep; this tree: ...``."""
-        here = self.head_sha[:SHORT_SHA] + (" + uncommitted changes" if self.dirty else "")
-        return f"{self.ref} ({self.ref_sha[:SHORT_SHA]}), in lockstep; this tree: {here}"
-
-
-def resolve_trees(rootpath: Path, ref: str) -> Trees:
-    """Find the repository of ``rootpath`` and resolve ``ref`` in it; :class:`GitError` says what failed."""
-    try:
-        toplevel = Path(git(["rev-parse", "--show-toplevel"], rootpath))
-    except GitError as exc:
-        raise GitError(f"the rootdir {rootpath} is not in a git repository ({exc})") from None
-    try:
-        ref_sha = git(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"], toplevel)
-    except GitError:
-        raise GitError(f"{ref!r} is no branch, tag or commit of the repository at {toplevel} "
-                       "(`git rev-parse` cannot resolve it)") from None
-    try:
-        head_sha = git(["rev-parse", "--verify", "HEAD"], toplevel)
-    except GitError:
-        raise GitError(f"the repository at {toplevel} has no commit yet to compare from") from None
-    dirty = bool(git(["status", "--porcelain", "--untracked-files=normal"], toplevel))
-    return Trees(toplevel=toplevel.resolve(), ref=ref, ref_sha=ref_sha, head_sha=head_sha, dirty=dirty)
-
-
-def add_worktree(toplevel: Path, sha: str) -> Path:
-    """Check ``sha`` out, detached, into a new temporary directory; returns the worktree's path."""
-    holder = Path(tempfile.mkdtemp(prefix="trainperf-against-"))
-    tree = holder / "tree"
-    try:
-        git(["worktree", "add", "--detach", "--quiet", str(tree), sha], toplevel)
-    except BaseException:
-        shutil.rmtree(holder, ignore_errors=True)
-        raise
-    return tree
-
-
-def remove_worktree(toplevel: Path, tree: Path) -> None:
-    """Remove a worktree made by :func:`add_worktree` and its directory; prune git's record of it.
-    Never raises: this runs while a session ends, maybe after Ctrl-C."""
-    for args in (["worktree", "remove", "--force", str(tree)], ["worktree", "prune"]):
-        try:
-            git(args, toplevel)
-        except GitError:
-            pass
-    shutil.rmtree(tree.parent, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the lockstep child
@@ -257,6 +191,8 @@ class Worker:
         self.live = True
         self.times: list[float] = []
         """Seconds of each timed step, as the child answered them."""
+        self.ended: str | None = None
+        """The ``end`` line's outcome once the cell's test is over (None before, or if the child died)."""
 
     def ask(self, word: str) -> bool:
         """Send ``word``; wait for ``done`` (or ``ready``). False, and not live any more, if the child
@@ -269,6 +205,8 @@ class Worker:
             answer = self.channel.receive()
         except (BrokenPipeError, OSError):
             answer = ""
+        if answer.startswith(f"{END} "):
+            self.ended = answer[len(END) + 1:]
         words = answer.split()
         self.live = bool(words) and words[0] in (READY, DONE)
         if self.live and word == GO and len(words) == 2:
@@ -289,6 +227,59 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    # ------------------------------------------------------------------ a persistent worker
+
+    def serving(self) -> bool:
+        """Wait for the worker's ``serving`` (it collected its files); False if it ended instead."""
+        try:
+            return self.channel.receive() == SERVING
+        except (OSError, ValueError):
+            return False
+
+    def begin(self, nodeid: str) -> bool:
+        """Start the test of ``nodeid`` in the worker; False if the worker is gone."""
+        self.live, self.times, self.ended = True, [], None
+        try:
+            self.channel.send(f"{RUN} {nodeid}")
+        except (BrokenPipeError, OSError, ValueError):
+            self.live = False
+            return False
+        return True
+
+    def outcome(self) -> str | None:
+        """The cell's outcome line (waiting for it once the steps are over); None if the worker died."""
+        while self.ended is None:
+            try:
+                line = self.channel.receive()
+            except (OSError, ValueError):
+                line = ""
+            if not line:
+                return None
+            if line.startswith(f"{END} "):
+                self.ended = line[len(END) + 1:]
+        return self.ended
+
+    def output(self) -> str:
+        """The last lines of the worker's output."""
+        try:
+            lines = (self.workdir / "output.txt").read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-OUTPUT_LINES:])
+
+    def quit(self) -> None:
+        """End the worker: ``quit``, then kill it if it has not ended in :data:`QUIT_WAIT` seconds."""
+        try:
+            self.channel.send(QUIT)
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        try:
+            self.proc.wait(timeout=QUIT_WAIT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.channel.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def lockstep(a: Worker, b: Worker, pairs: int, warm: int = WARM_PAIRS,
@@ -331,16 +322,219 @@ def _first_lines(text: str, n: int = 3) -> str:
     return " / ".join(line.strip() for line in lines[:n])
 
 
+class Serve:
+    """A persistent lockstep worker's part: instead of running its collected items in order, it runs
+    the one its parent names, one cell at a time, and answers with the cell's outcome."""
+
+    def __init__(self, channel: Channel, ledger: Ledger) -> None:
+        self.channel = channel
+        self.ledger = ledger
+        self.reports: list[PhaseReport] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.reports.append(phase_report(report))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool:
+        from _pytest.runner import runtestprotocol
+
+        items = {item.nodeid: item for item in session.items}
+        self.channel.send(SERVING)
+        while (line := self.channel.receive()).startswith(f"{RUN} "):
+            item = items.get(line[len(RUN) + 1:])
+            self.reports = []
+            self.ledger.clear()
+            if item is not None:  # a missing one answers with no report at all
+                runtestprotocol(item, log=True, nextitem=None)
+            self.channel.send(f"{END} {dump_outcome(ChildOutcome(tuple(self.reports), self.ledger.snapshot()))}")
+        return True
+
+    def pytest_unconfigure(self) -> None:
+        self.channel.close()
+
+
+def serve(config: pytest.Config, ledger: Ledger, channel: Channel) -> None:
+    """In a lockstep worker: register its serving loop."""
+    config.pluginmanager.register(Serve(channel, ledger), PLUGIN_NAME)
+
+
+@dataclass(frozen=True)
+class Compared:
+    """Both sides of one cell measured in lockstep."""
+
+    this: ChildRun
+    """This tree's side (``outcome`` None: its worker died)."""
+    other: SideResult
+    """The other revision's side: its cell, or why there is none."""
+
+
+class Pairing:
+    """Persistent lockstep workers, cell after cell: one for this tree, one per other revision (each
+    checked out into a temporary worktree), started when first needed and ended with :meth:`close`."""
+
+    def __init__(self, settings: Settings, config: pytest.Config, toplevel: Path) -> None:
+        self.settings = settings
+        self.config = config
+        self.toplevel = toplevel
+        self.workdir: Path | None = None
+        self._root_rel = _inside(config.rootpath, toplevel, "rootdir")
+        self._ini_rel = _inside(config.inipath, toplevel, "ini file") if config.inipath is not None else None
+        self._workers: dict[str, Worker] = {}
+        self._worktrees: dict[str, Path] = {}
+
+    def compare(self, item: pytest.Function, sha: str, name: str,
+                more: Callable[[Sequence[float], Sequence[float]], bool] | None = None) -> Compared:
+        """Run ``item``'s cell at commit ``sha`` (named ``name`` in messages) and in this tree, in
+        lockstep; the side of this tree and the other's."""
+        other, this = self._worker(item, sha), self._worker(item, THIS)
+        for worker in (other, this):
+            worker.begin(item.nodeid)
+        lockstep(other, this, self.settings.pairs, more=more)
+        ran = [self._ran(worker) for worker in (other, this)]
+        return Compared(this=ran[1], other=self._other_side(item, ran[0], name))
+
+    def close(self) -> None:
+        """End every worker and remove every worktree; never raises (it runs as a session ends)."""
+        for worker in self._workers.values():
+            worker.quit()
+        self._workers.clear()
+        for tree in self._worktrees.values():
+            remove_worktree(self.toplevel, tree)
+        self._worktrees.clear()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def _ran(self, worker: Worker) -> ChildRun:
+        """What a worker gave for its cell; a dead worker is dropped (a new one serves the next cell)."""
+        line = worker.outcome()
+        outcome = None
+        if line is not None:
+            try:
+                outcome = load_outcome(f"the lockstep outcome at {worker.side}", line)
+            except ChildError:
+                outcome = None
+        code = 0
+        if outcome is None:  # it died (or wrote nonsense): its exit status says how
+            try:
+                code = worker.proc.wait(timeout=QUIT_WAIT)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                code = worker.proc.returncode
+            self._workers = {k: w for k, w in self._workers.items() if w is not worker}
+        return ChildRun(returncode=code, peak_rss=0.0, output=worker.output(), outcome=outcome)
+
+    def _worker(self, item: pytest.Function, side: str) -> Worker:
+        """The worker of this tree (``side`` is :data:`THIS`) or of a commit, started if need be."""
+        worker = self._workers.get(side)
+        if worker is not None and worker.proc.poll() is None:
+            return worker
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="trainperf-lockstep-"))
+            shim = self.workdir / "plugin"  # this pytest-trainperf, ahead of any copy in a tree under test
+            shim.mkdir()
+            (shim / "pytest_trainperf").symlink_to(Path(__file__).resolve().parent.parent, target_is_directory=True)
+        if side == THIS:
+            tree = self.toplevel
+        elif side not in self._worktrees:
+            try:
+                self._worktrees[side] = tree = add_worktree(self.toplevel, side)
+            except GitError as exc:
+                pytest.fail(f"trainperf: cannot check out {side[:SHORT_SHA]} to compare with: {exc}", pytrace=False)
+        else:
+            tree = self._worktrees[side]
+        worker = self._workers[side] = self._start(item, side, tree)
+        worker.serving()
+        return worker
+
+    def _start(self, item: pytest.Function, side: str, tree: Path) -> Worker:
+        assert self.workdir is not None
+        root = tree / self._root_rel
+        workdir = Path(tempfile.mkdtemp(prefix=f"worker-{len(self._workers)}-", dir=self.workdir))
+        ini = tree / self._ini_rel if self._ini_rel is not None and (tree / self._ini_rel).is_file() else None
+        files = sorted({str(Path(i.path).relative_to(self.config.rootpath)) for i in item.session.items
+                        if FIXTURE_NAME in getattr(i, "fixturenames", ())
+                        and Path(i.path).is_relative_to(self.config.rootpath)})
+        files = [f for f in files if (root / f).is_file()] or [str(Path(item.path).relative_to(self.config.rootpath))]
+        argv = command(files[0], root, workdir / "tmp", ini, self.config, self.settings) + files[1:]
+        # no baseline file is read (a directory that does not exist) and none written; no re-timing
+        argv += [f"--trainperf-baselines={workdir / 'no-baselines'}", "--trainperf-confirm=0", "--trainperf-rounds=1",
+                 "--continue-on-collection-errors"]
+        env = child_env(os.environ)
+        paths = [str(p) for p in (self.workdir / "plugin", tree / "src", tree, root) if p.is_dir()]
+        env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        child_reads, parent_writes = os.pipe()
+        parent_reads, child_writes = os.pipe()
+        env[LOCKSTEP_ENV] = f"{child_reads},{child_writes}"
+        channel = Channel(os.fdopen(parent_reads, "r", encoding="ascii"),
+                          os.fdopen(parent_writes, "w", encoding="ascii"))
+        try:
+            proc = start_child(argv, root, env, workdir, pass_fds=(child_reads, child_writes))
+        except BaseException:
+            channel.close()
+            raise
+        finally:  # the child's ends are the child's: the parent sees the end of file when it exits
+            os.close(child_reads)
+            os.close(child_writes)
+        return Worker(REF if side != THIS else THIS, proc, channel, workdir)
+
+    @staticmethod
+    def _other_side(item: pytest.Function, run: ChildRun, name: str) -> SideResult:
+        """The other revision's cell, or why it has none (never fails the item)."""
+        if run.outcome is None:
+            _, detail = death(run.returncode)
+            last = (run.output.strip().splitlines()[-1:] or [""])[0].strip()[:DETAIL_CHARS]
+            return SideResult(None, f"its run at {name} {detail} (last output: {last})")
+        if not run.outcome.reports:
+            return SideResult(None, f"the test or its cell does not exist at {name}")
+        try:
+            record = child_record(item, run.outcome, run)
+        except (pytest.fail.Exception, pytest.skip.Exception) as exc:
+            kind = "was skipped" if isinstance(exc, pytest.skip.Exception) else "failed"
+            return SideResult(None, f"it {kind} at {name}: {_first_lines(str(exc.msg or ''))}")
+        if record is None:
+            return SideResult(None, f"it measured nothing at {name}")
+        return SideResult(record, "")
+
+
+def _inside(path: Path, top: Path, what: str) -> Path:
+    try:
+        return path.resolve().relative_to(top)
+    except ValueError:
+        raise pytest.UsageError(f"trainperf: the {what} {path} is outside the git repository at {top}; expected it "
+                                "inside, to find it at the other revision") from None
+
+
+def undecided(settings: Settings, tolerance: float) -> Callable[[Sequence[float], Sequence[float]], bool]:
+    """Whether the step-time pairs so far leave it open if the cell regressed (their interval holds
+    ``1 + tolerance``): then the comparison goes on, up to :data:`paired.MAX_PAIRS_FACTOR` times
+    ``--trainperf-pairs`` pairs and ``--trainperf-max-time`` seconds of timed pairs."""
+    started = time.perf_counter()
+
+    def more(a: Sequence[float], b: Sequence[float]) -> bool:
+        if (len(a) != len(b) or len(a) >= paired.MAX_PAIRS_FACTOR * settings.pairs
+                or time.perf_counter() - started > settings.max_time or min(*a, *b, 1.0) <= 0):
+            return False
+        return paired.undecided(paired.paired_change(a, b), tolerance)
+
+    return more
+
+
+def step_tolerance(item: pytest.Item) -> float:
+    """The step-time tolerance of a side-by-side comparison: ``tp.tolerance(step_time=)`` or the default."""
+    from pytest_trainperf.grid import TOLERANCE_MARK
+
+    mark = item.get_closest_marker(TOLERANCE_MARK)
+    return float((mark.args[0] if mark is not None else {}).get("step_time", paired.PAIRED_TOLERANCE))
+
+
 class Lockstep:
-    """The runner of ``--trainperf-against``: each trainperf cell in a lockstep pair of children."""
+    """The runner of ``--trainperf-against``: each trainperf cell in lockstep with the same cell at REF."""
 
     def __init__(self, settings: Settings, config: pytest.Config, trees: Trees) -> None:
         self.settings = settings
-        self.config = config
         self.trees = trees
-        self.worktree: Path | None = None
-        self._root_rel = self._inside(config.rootpath, "rootdir")
-        self._ini_rel = self._inside(config.inipath, "ini file") if config.inipath is not None else None
+        self.pairing = Pairing(settings, config, trees.toplevel)
 
     @classmethod
     def start(cls, settings: Settings, config: pytest.Config) -> Lockstep:
@@ -362,15 +556,10 @@ class Lockstep:
             trees = resolve_trees(config.rootpath, str(settings.against))
         except GitError as exc:
             raise pytest.UsageError(f"{option}: {exc}") from None
-        return cls(settings, config, trees)
-
-    def _inside(self, path: Path, what: str) -> Path:
         try:
-            return path.resolve().relative_to(self.trees.toplevel)
-        except ValueError:
-            raise pytest.UsageError(f"--trainperf-against: the {what} {path} is outside the git repository at "
-                                    f"{self.trees.toplevel}; expected it inside, to find it at the other "
-                                    "revision") from None
+            return cls(settings, config, trees)
+        except pytest.UsageError as exc:
+            raise pytest.UsageError(f"--trainperf-against: {str(exc).removeprefix('trainperf: ')}") from None
 
     @property
     def label(self) -> str:
@@ -381,115 +570,21 @@ class Lockstep:
         return f"trainperf: comparing against {self.trees.label}"
 
     def close(self) -> None:
-        if self.worktree is not None:
-            remove_worktree(self.trees.toplevel, self.worktree)
-            self.worktree = None
+        self.pairing.close()
 
     def run(self, item: pytest.Function, fixture: TrainPerf) -> CellRun | None:
-        if self.worktree is None:
-            try:
-                self.worktree = add_worktree(self.trees.toplevel, self.trees.ref_sha)
-            except GitError as exc:
-                pytest.fail(f"trainperf: --trainperf-against={self.trees.ref}: cannot check it out: {exc}",
-                            pytrace=False)
-        ref_run, this_run = self._compare(item, self.worktree)
-        if this_run.outcome is None:
-            _, detail = death(this_run.returncode)
+        ref = self.trees.ref
+        compared = self.pairing.compare(item, self.trees.ref_sha, ref, undecided(self.settings, step_tolerance(item)))
+        this = compared.this
+        if this.outcome is None:
+            _, detail = death(this.returncode)
             pytest.fail(f"trainperf: the lockstep run of {item.nodeid} in this tree {detail}.\n"
-                        f"The last lines of its output:\n{this_run.output}", pytrace=False)
-        record = child_record(item, this_run.outcome, this_run)  # fails or skips as the test did here
+                        f"The last lines of its output:\n{this.output}", pytrace=False)
+        record = child_record(item, this.outcome, this)  # fails or skips as the test did here
         if record is None:
             return None
-        other = self._ref_side(item, ref_run)
-        reference = other.record.verdict.measurement if other.record is not None else None
+        other = compared.other
         return CellRun(cell=fixture.cell, fingerprint=record.fingerprint, measurement=record.verdict.measurement,
-                       reference=reference, compared=self.trees.ref, problem=other.problem,
-                       revision=f"{self.trees.ref} ({self.trees.ref_sha[:SHORT_SHA]})")
-
-    # ------------------------------------------------------------------ one cell
-
-    def _start(self, item: pytest.Function, side: str, tree: Path) -> Worker:
-        root = tree / self._root_rel
-        workdir = Path(tempfile.mkdtemp(prefix="trainperf-lockstep-"))
-        ini = tree / self._ini_rel if self._ini_rel is not None and (tree / self._ini_rel).is_file() else None
-        argv = command(item.nodeid, root, workdir / "tmp", ini, self.config, self.settings)
-        # no baseline file is read (a directory that does not exist) and none written; no re-timing
-        argv += [f"--trainperf-baselines={workdir / 'no-baselines'}", "--trainperf-confirm=0", "--trainperf-rounds=1"]
-        env = child_env(os.environ)
-        paths = [str(p) for p in (tree / "src", tree, root) if p.is_dir()]
-        env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        child_reads, parent_writes = os.pipe()
-        parent_reads, child_writes = os.pipe()
-        env[LOCKSTEP_ENV] = f"{child_reads},{child_writes}"
-        channel = Channel(os.fdopen(parent_reads, "r", encoding="ascii"),
-                          os.fdopen(parent_writes, "w", encoding="ascii"))
-        try:
-            proc = start_child(argv, root, env, workdir, pass_fds=(child_reads, child_writes))
-        except BaseException:
-            channel.close()
-            raise
-        finally:  # the child's ends are the child's: the parent sees the end of file when it exits
-            os.close(child_reads)
-            os.close(child_writes)
-        return Worker(side, proc, channel, workdir)
-
-    def _compare(self, item: pytest.Function, worktree: Path) -> tuple[ChildRun, ChildRun]:
-        """Run the cell in both trees in lockstep; the runs of the REF side and of this side."""
-        workers: list[Worker] = []
-        try:
-            workers.append(self._start(item, REF, worktree))
-            workers.append(self._start(item, THIS, self.trees.toplevel))
-            ref, this = workers
-            lockstep(ref, this, self.settings.pairs, more=self._undecided(item))
-            for worker in workers:
-                worker.channel.close()
-            runs = []
-            for worker in workers:
-                try:
-                    runs.append(wait_child(worker.proc, worker.workdir))
-                except ChildError as exc:
-                    pytest.fail(f"trainperf: {item.nodeid}: the lockstep run at {worker.side}: {exc}", pytrace=False)
-            return runs[0], runs[1]
-        finally:
-            for worker in workers:  # interrupted or failed: leave no child behind
-                worker.kill()
-                worker.channel.close()
-                shutil.rmtree(worker.workdir, ignore_errors=True)
-
-    def _undecided(self, item: pytest.Function) -> Callable[[Sequence[float], Sequence[float]], bool]:
-        """Whether the step-time pairs so far leave it open if the cell regressed (their interval holds
-        ``1 + tolerance``): then the comparison goes on, up to :data:`paired.MAX_PAIRS_FACTOR` times
-        ``--trainperf-pairs`` pairs and ``--trainperf-max-time`` seconds of timed pairs."""
-        from pytest_trainperf.grid import TOLERANCE_MARK
-
-        settings = self.settings
-        mark = item.get_closest_marker(TOLERANCE_MARK)
-        tolerance = (mark.args[0] if mark is not None else {}).get("step_time", paired.PAIRED_TOLERANCE)
-        started = time.perf_counter()
-
-        def undecided(a: Sequence[float], b: Sequence[float]) -> bool:
-            if (len(a) != len(b) or len(a) >= paired.MAX_PAIRS_FACTOR * settings.pairs
-                    or time.perf_counter() - started > settings.max_time or min(*a, *b, 1.0) <= 0):
-                return False
-            return paired.undecided(paired.paired_change(a, b), tolerance)
-
-        return undecided
-
-    def _ref_side(self, item: pytest.Function, run: ChildRun) -> SideResult:
-        """The REF side's cell, or why it has none (never fails the item)."""
-        ref = self.trees.ref
-        if run.outcome is None:
-            _, detail = death(run.returncode)
-            last = (run.output.strip().splitlines()[-1:] or [""])[0].strip()[:DETAIL_CHARS]
-            return SideResult(None, f"its run at {ref} {detail} (last output: {last})")
-        if not any(r.nodeid == item.nodeid and r.when == "call" for r in run.outcome.reports):
-            if "not found" in run.output or "no match" in run.output or "ERROR: file or directory" in run.output:
-                return SideResult(None, f"the test or its cell does not exist at {ref}")
-        try:
-            record = child_record(item, run.outcome, run)
-        except (pytest.fail.Exception, pytest.skip.Exception) as exc:
-            kind = "was skipped" if isinstance(exc, pytest.skip.Exception) else "failed"
-            return SideResult(None, f"it {kind} at {ref}: {_first_lines(str(exc.msg or ''))}")
-        if record is None:
-            return SideResult(None, f"it measured nothing at {ref}")
-        return SideResult(record, "")
+                       reference=other.record.verdict.measurement if other.record is not None else None,
+                       compared=ref, problem=other.problem,
+                       revision=f"{ref} ({self.trees.ref_sha[:SHORT_SHA]})")
