@@ -8,7 +8,7 @@ parent, the lockstep pair, and the figures of a whole grid. Pure: imports neithe
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pytest_trainperf import derived, paired, stats
 from pytest_trainperf.records import (
@@ -75,6 +75,15 @@ def side_by_side(now: Measurement, reference: Measurement | None, overrides: Map
     return paired.judge_paired(now, reference, overrides)
 
 
+def confirmed(screen: CellVerdict, pair: CellVerdict, against: str) -> CellVerdict:
+    """The verdict of a cell whose timings regressed against the stored baseline (``screen``) and were
+    measured again side by side with ``against`` (``pair``): the timings as the pair judged them, every
+    other metric (the exact ones: FLOPs, memory, loss) as the stored baseline judged it."""
+    timing = {m.name: m for m in pair.metrics if m.name in stats.TIMING_METRICS}
+    return replace(screen, metrics=tuple(timing.get(m.name, m) for m in screen.metrics),
+                   screen=tuple(m for m in screen.metrics if m.name in timing), confirmed_against=against)
+
+
 def timing_regressed(verdict: CellVerdict) -> bool:
     """Whether a timing metric is among the verdict's regressions (what confirmation re-times)."""
     return any(m.name in stats.TIMING_METRICS for m in verdict.regressions)
@@ -100,15 +109,25 @@ def failure(verdict: CellVerdict, against: Against, retimed: Retimed = Retimed()
     if not verdict.regressions:
         return ""
     worst = ", ".join(f"{m.name} {format_change(m.change)}" for m in verdict.regressions if m.change is not None)
-    lines = [f"trainperf regression: {worst}", against.where, f"environment: {against.environment}"]
+    side = verdict.confirmed_against
+    lines = [f"trainperf regression: {worst}" + (f" (confirmed side by side with {side})" if side else ""),
+             against.where + (f", confirmed side by side with {side} on this machine" if side else ""),
+             f"environment: {against.environment}"]
+    screened = {m.name: m for m in verdict.screen}
     for m in verdict.regressions:
         line = m.describe()
-        lines.append(f"  {line.replace(': baseline ', f': at {other} ', 1) if other else line}")
+        if other:
+            line = line.replace(": baseline ", f": at {other} ", 1)
+        elif m.name in screened:
+            lines.append(f"  stored: {screened[m.name].describe()}")
+            line = f"side by side: {line.replace(': baseline ', f': at {side} ', 1)}"
+        lines.append(f"  {line}")
     if timing_regressed(verdict):
         pairs = now.metric("step_time")
-        if other and pairs is not None:
-            lines.append(f"  (timings: median of {len(pairs.samples)} per-pair ratios, this tree / {other}, "
-                         "with its 95% sign-test interval)")
+        if (other or side) and pairs is not None:
+            count = len(pairs.samples) if other else None
+            lines.append(f"  (timings side by side: the median of {count or 'the'} per-pair ratios, this tree / "
+                         f"{other or side}, with its 95% sign-test interval)")
         if retimed.rounds:
             lines.append(f"  (timings confirmed by {retimed.rounds} re-measurement{'s' * (retimed.rounds > 1)}; "
                          "figures from the last)")

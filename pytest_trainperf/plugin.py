@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_trainperf import judge, results, stats, store
+from pytest_trainperf import judge, results, stats, store, vcs
 from pytest_trainperf.fixture import TrainPerf
 from pytest_trainperf.grid import (
     BUDGET_MARK,
@@ -45,10 +45,13 @@ from pytest_trainperf.records import (
     Measurement,
     Outcome,
     Scalar,
+    Source,
     Status,
 )
 from pytest_trainperf.runners import CellRun, CellRunner, choose
-from pytest_trainperf.settings import Settings, add_options, resolve
+from pytest_trainperf.runners.children import death
+from pytest_trainperf.runners.lockstep import Pairing
+from pytest_trainperf.settings import CONFIRM_BASELINE, CONFIRM_NONE, Settings, add_options, resolve
 
 __all__ = ["FIXTURE_KEY", "PLUGIN_NAME", "SESSION_KEY", "UPDATE_HINT", "TrainPerfSession", "cell_of", "trainperf"]
 
@@ -206,6 +209,9 @@ class TrainPerfSession:
         self._retimed: dict[str, list[Measurement]] = {}
         self._cell_seconds: dict[str, float] = {}
         self._grids: dict[str, GridState] = {}
+        self._pairing: Pairing | None = None
+        self._references: dict[str, tuple[str | None, str, str]] = {}
+        self._source: tuple[Source | None] | None = None
 
     # ------------------------------------------------------------------ collection
 
@@ -322,6 +328,9 @@ class TrainPerfSession:
         for m in verdict.metrics:
             if m.name in stats.TIMING_METRICS and m.p_value is not None:
                 state.p_values.setdefault(m.name, []).append(m.p_value)
+        if (not self.settings.update and self.settings.confirm_against != CONFIRM_NONE
+                and judge.timing_regressed(verdict) and baseline is not None):
+            verdict = self._side_by_side(item, baseline, verdict, overrides)
         elsewhere = () if baseline is not None else tuple(
             key for key, env in found.file.environments.items() if (cell.test, cell.cell) in env.cells)
         result = CellResult.of(cell, verdict, fingerprint, elsewhere)
@@ -358,6 +367,65 @@ class TrainPerfSession:
             rounds += 1
             verdict = decide(again)
         return verdict, judge.Retimed(rounds)
+
+    def _side_by_side(self, item: pytest.Function, baseline: Measurement, screen: CellVerdict,
+                      overrides: Mapping[str, float]) -> CellVerdict:
+        """Confirm a timing regression against the stored baseline side by side on this machine, in
+        lockstep with the commit the baseline measured (or ``--trainperf-confirm-against``'s revision).
+        Where that cannot be had, the stored verdict stands, with a note that says why."""
+        from pytest_trainperf.runners.children import child_record
+        from pytest_trainperf.runners.lockstep import step_tolerance, undecided
+
+        commit, name, problem = self._reference(baseline)
+        if commit is None:
+            self.ledger.note(f"{item.nodeid}: not confirmed side by side ({problem}); the stored verdict stands")
+            return screen
+        if self._pairing is None:
+            top = vcs.toplevel(self.config.rootpath)
+            assert top is not None  # a commit was found in it
+            self._pairing = Pairing(self.settings, self.config, top)
+        compared = self._pairing.compare(item, commit, name, undecided(self.settings, step_tolerance(item)))
+        problem = compared.other.problem
+        this = None
+        if compared.this.outcome is not None and compared.other.record is not None:
+            try:
+                this = child_record(item, compared.this.outcome, compared.this)
+            except (pytest.fail.Exception, pytest.skip.Exception) as exc:
+                problem = f"its run in this tree did not pass: {str(exc.msg or '').strip().splitlines()[0]}"
+        elif compared.this.outcome is None:
+            problem = f"its run in this tree {death(compared.this.returncode)[1]}"
+        if this is None or compared.other.record is None:
+            self.ledger.note(f"{item.nodeid}: not confirmed side by side with {name} ({problem}); the stored "
+                             "verdict stands")
+            return screen
+        pair = judge.side_by_side(this.verdict.measurement, compared.other.record.verdict.measurement, overrides)
+        return judge.confirmed(screen, pair, name)
+
+    def _reference(self, baseline: Measurement) -> tuple[str | None, str, str]:
+        """The commit to confirm against, its name in messages, and why there is none (cached)."""
+        policy = self.settings.confirm_against
+        key = policy if policy != CONFIRM_BASELINE else (baseline.source.tree if baseline.source else "")
+        if key not in self._references:
+            self._references[key] = self._find_reference(policy, baseline)
+        return self._references[key]
+
+    def _find_reference(self, policy: str, baseline: Measurement) -> tuple[str | None, str, str]:
+        if policy != CONFIRM_BASELINE:
+            top = vcs.toplevel(self.config.rootpath)
+            if top is None:
+                return None, policy, f"the rootdir {self.config.rootpath} is not in a git checkout"
+            try:
+                sha = vcs.git(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{policy}^{{commit}}"], top)
+            except vcs.GitError:
+                return None, policy, f"{policy!r} is no branch, tag or commit of the repository at {top}"
+            return sha, f"{policy} ({sha[:vcs.SHORT_SHA]})", ""
+        if baseline.source is None:
+            return None, "", (f"its baseline records no commit (written outside git or by an older pytest-trainperf); "
+                              f"update it with `{UPDATE_HINT}` and commit it with the code")
+        found = vcs.measured_commit(self.config.rootpath, baseline.source, self.settings.baselines)
+        if found.commit is None:
+            return None, "", found.reason
+        return found.commit, found.commit[:vcs.SHORT_SHA], ""
 
     # ------------------------------------------------------------------ baseline files
 
@@ -494,8 +562,7 @@ class TrainPerfSession:
 
     @pytest.hookimpl(tryfirst=True)  # pytest calls it after Ctrl-C too
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if self.runner is not None:
-            self.runner.close()
+        self._close()
         for path, entries in self._pending.items():
             self._write(path, entries)
         self._pending.clear()
@@ -509,15 +576,25 @@ class TrainPerfSession:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_unconfigure(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        """End the runner's and the confirmations' child processes and worktrees."""
         if self.runner is not None:
             self.runner.close()
+        if self._pairing is not None:
+            self._pairing.close()
+            self._pairing = None
 
     def _write(self, path: Path, entries: list[tuple[Fingerprint, CellResult]]) -> None:
         """Write the baselines of one file: each cell's rounds pooled, per environment."""
         by_env: dict[str, list[CellResult]] = {}
         fingerprints = {}
+        if self._source is None:  # the code measured: the same for every file this session writes
+            self._source = (vcs.snapshot(self.config.rootpath, self.settings.baselines),)
         for fingerprint, result in entries:
-            pooled = stats.pool_rounds(result.verdict.measurement, self._retimed.get(result.nodeid, []))
+            pooled = replace(stats.pool_rounds(result.verdict.measurement, self._retimed.get(result.nodeid, [])),
+                             source=self._source[0])
             by_env.setdefault(fingerprint.key, []).append(replace(result, verdict=replace(result.verdict,
                                                                                           measurement=pooled)))
             fingerprints[fingerprint.key] = fingerprint
@@ -563,6 +640,9 @@ class TrainPerfSession:
         if found.against:
             terminalreporter.write_line(f"compared against {found.against} (no baseline file read or written)")
         terminalreporter.write(buffer.getvalue())
+        machine = found.snapshot().machine
+        if machine is not None and not self.settings.update:
+            terminalreporter.write_line(f"trainperf: {machine.describe()}")
         for failure in self.figure_failures:
             terminalreporter.write_line("")
             for line in failure.splitlines():

@@ -303,6 +303,13 @@ class CellVerdict:
     before); None when both were measured."""
     baseline_outcome: Outcome | None = None
     """How the baseline's run ended (None without a baseline)."""
+    screen: tuple[MetricVerdict, ...] = ()
+    """For a cell whose timings regressed against the stored baseline and were then confirmed side by
+    side (:attr:`confirmed_against`): the stored-baseline verdicts of those timings, the screen's.
+    :attr:`metrics` then holds the side-by-side verdicts of the timings."""
+    confirmed_against: str = ""
+    """The revision the timings were confirmed against, side by side on this machine (``0e20a21b1c2d``);
+    empty when they were not."""
 
     @property
     def status(self) -> Status:

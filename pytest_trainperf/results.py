@@ -85,12 +85,68 @@ class SessionResults:
     git revision, e.g. ``main (1a2b3c4d5e6f), in lockstep``; empty: the stored baselines."""
 
     @property
+    def machine(self) -> MachineComparison | None:
+        """How this runner's step times compared with the stored baselines', and what side-by-side
+        confirmation found; None when no cell was timed against a stored baseline."""
+        return None if self.against else compare_machine(self.cells)
+
+    @property
     def counts(self) -> dict[Status, int]:
         """Cells per status, every status present."""
         counts = {status: 0 for status in Status}
         for c in self.cells:
             counts[c.verdict.status] += 1
         return counts
+
+
+@dataclass(frozen=True)
+class MachineComparison:
+    """How a session's step times compared with their stored baselines: this runner against theirs."""
+
+    cells: int
+    """Cells timed against a stored baseline."""
+    median: float
+    """The median of their step-time changes (stored baseline -> now, relative; +0.24: 24% slower)."""
+    quartiles: tuple[float, float]
+    """The interquartile range of those changes."""
+    confirmed: tuple[tuple[str, int, int], ...] = ()
+    """Per revision confirmed against: ``(revision, timing cells confirmed side by side, regressed)``."""
+
+    def describe(self) -> str:
+        """``this runner ran 41 cells 24.0% slower than their baselines (median; interquartile +17.0% to
+        +31.0%); 45 timing cells confirmed side by side against 0e20a21: 0 regressed``."""
+        from pytest_trainperf.records import format_change
+
+        way = "slower" if self.median > 0 else "faster"
+        text = (f"this runner ran {self.cells} cell{'s' * (self.cells != 1)} {abs(self.median):.1%} {way} than their "
+                f"baselines (median; interquartile {format_change(self.quartiles[0])} to "
+                f"{format_change(self.quartiles[1])})")
+        for revision, count, regressed in self.confirmed:
+            text += (f"; {count} timing cell{'s' * (count != 1)} confirmed side by side against {revision}: "
+                     f"{regressed} regressed")
+        return text
+
+
+def compare_machine(cells: Sequence[CellResult]) -> MachineComparison | None:
+    """The :class:`MachineComparison` of cells judged against stored baselines."""
+    import statistics
+
+    changes: list[float] = []
+    confirmed: dict[str, list[bool]] = {}
+    for c in cells:
+        verdict = c.verdict
+        stored = {m.name: m for m in verdict.metrics}
+        stored.update({m.name: m for m in verdict.screen})
+        step = stored.get("step_time")
+        if step is not None and step.change is not None and step.baseline is not None:
+            changes.append(step.change)
+        if verdict.confirmed_against:
+            confirmed.setdefault(verdict.confirmed_against, []).append(bool(verdict.regressions))
+    if not changes:
+        return None
+    q1, _, q3 = statistics.quantiles(changes, n=4) if len(changes) > 1 else (changes[0],) * 3
+    return MachineComparison(cells=len(changes), median=statistics.median(changes), quartiles=(q1, q3),
+                             confirmed=tuple((r, len(v), sum(v)) for r, v in confirmed.items()))
 
 
 class Ledger:
@@ -169,8 +225,14 @@ def to_json(results: SessionResults) -> dict[str, Any]:
         doc["status"] = c.verdict.status.value
         doc["environment"] = c.fingerprint.key
         cells.append(doc)
-    summary: dict[str, int] = {"cells": len(results.cells)}
+    summary: dict[str, Any] = {"cells": len(results.cells)}
     summary.update({s.value: n for s, n in results.counts.items() if n})
+    machine = results.machine
+    if machine is not None:
+        summary["machine"] = {"cells": machine.cells, "median_change": machine.median,
+                              "quartiles": list(machine.quartiles), "text": machine.describe(),
+                              "confirmed": [{"against": r, "cells": n, "regressed": k}
+                                            for r, n, k in machine.confirmed]}
     return {
         "format": FORMAT,
         "schema": SCHEMA_VERSION,

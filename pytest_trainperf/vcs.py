@@ -120,7 +120,7 @@ def _tree(top: Path, fill: Sequence[str], exclude: Path | None, env: Mapping[str
         index = {**env, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
         git(fill, top, index)
         if exclude is not None:
-            git(["rm", "-r", "-q", "--cached", "--ignore-unmatch", "--", str(exclude)], top, index)
+            git(["rm", "-r", "-q", "-f", "--cached", "--ignore-unmatch", "--", str(exclude)], top, index)
         return git(["write-tree"], top, index)
 
 
@@ -153,7 +153,7 @@ def _working_tree(top: Path, exclude: Path | None) -> str:
             shutil.copyfile(real, env["GIT_INDEX_FILE"])
         git(["add", "-u", "--", "."], top, env)
         if exclude is not None:
-            git(["rm", "-r", "-q", "--cached", "--ignore-unmatch", "--", str(exclude)], top, env)
+            git(["rm", "-r", "-q", "-f", "--cached", "--ignore-unmatch", "--", str(exclude)], top, env)
         return git(["write-tree"], top, env)
 
 

@@ -176,6 +176,10 @@ def render_markdown(results: SessionResults, *, show: Sequence[str], hint: str =
     """The whole report as Markdown text: counts, regressions, heatmaps, environments, warnings,
     errors and baseline updates."""
     out = [f"## {title}", "", _counts(results), ""]
+    machine = results.machine
+    if machine is not None and not results.changes:
+        line = machine.describe()
+        out += [line[0].upper() + line[1:] + ".", ""]
     for warning in results.warnings:
         out += [f"> **Warning:** {warning}", ""]
     for error in results.errors:

@@ -274,11 +274,11 @@ class Worker:
             self.channel.send(QUIT)
         except (BrokenPipeError, OSError, ValueError):
             pass
+        self.channel.close()  # a worker still in a cell reads the end of its pipe, finishes and ends
         try:
             self.proc.wait(timeout=QUIT_WAIT)
         except subprocess.TimeoutExpired:
             self.kill()
-        self.channel.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
