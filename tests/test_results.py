@@ -82,7 +82,36 @@ def test_every_field_of_the_records_is_written_generically() -> None:
     assert step["name"] == "step_time" and step["status"] == "regressed" and len(step["interval"]) == 2
     assert cell["verdict"]["measurement"]["metrics"][0]["samples"] == pytest.approx([s * 3 for s in BASE])
     assert cell["verdict"]["metrics"][3]["tolerance"] == "inf"  # JSON has no infinity
+    machine = doc["summary"].pop("machine")
     assert doc["summary"] == {"cells": 3, "regressed": 1, "unchanged": 2}
+    assert machine["cells"] == 3 and machine["confirmed"] == [] and machine["text"].startswith("this runner ran 3 cells")
+
+
+def test_the_machine_comparison_is_the_median_and_quartiles_of_the_stored_step_time_changes() -> None:
+    """The screen's change counts for a cell confirmed side by side; a side-by-side run against a
+    revision (--trainperf-against) compares no machine with a stored one."""
+    def cell(change: float, confirmed: str = "", regressed: bool = False) -> results.CellResult:
+        m = Measurement(test="test_x", cell=f"c{change}", params=(), metrics=(Metric("step_time", 1.0, "s"),))
+        stored = MetricVerdict("step_time", Status.REGRESSED if change > 0.2 else Status.UNCHANGED, 1.0 + change,
+                               1.0, 0.1, "s", change=change)
+        pair = MetricVerdict("step_time", Status.REGRESSED if regressed else Status.UNCHANGED, 1.0, 1.0, 0.02,
+                             "s", change=0.3 if regressed else 0.0)
+        verdict = (CellVerdict(m, (pair,), screen=(stored,), confirmed_against=confirmed) if confirmed
+                   else CellVerdict(m, (stored,)))
+        return results.CellResult(nodeid=f"t.py::test_x[{m.cell}]", test_file="t.py", test="test_x", cell=m.cell,
+                                  axes=(), verdict=verdict, fingerprint=CPU)
+
+    cells = (cell(0.1), cell(0.2), cell(0.3, "0e20a21b1c2d"), cell(0.4, "0e20a21b1c2d", regressed=True), cell(0.5))
+    machine = results.SessionResults(cells=cells).machine
+    assert machine is not None
+    assert machine.cells == 5 and machine.median == pytest.approx(0.3)
+    assert machine.quartiles == pytest.approx((0.15, 0.45))
+    assert machine.confirmed == (("0e20a21b1c2d", 2, 1),)
+    assert machine.describe() == ("this runner ran 5 cells 30.0% slower than their baselines (median; interquartile "
+                                  "+15.0% to +45.0%); 2 timing cells confirmed side by side against 0e20a21b1c2d: "
+                                  "1 regressed")
+    assert results.SessionResults(cells=cells, against="main (0e20a21b1c2d), in lockstep").machine is None
+    assert results.SessionResults(cells=()).machine is None
 
 
 def test_a_field_added_to_a_record_flows_through_without_an_edit() -> None:
