@@ -7,6 +7,7 @@ parent, the lockstep pair, and the figures of a whole grid. Pure: imports neithe
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -213,3 +214,34 @@ def figure_failure(regressed: Sequence[FigureVerdict], shown: str, environment: 
                      "from, taken in turn; figures from the re-measurements)")
     lines.append(f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- an update's noise
+
+
+def spreads(rounds: Mapping[str, Sequence[Measurement]], in_process: int) -> str:
+    """The line that reports an update's two spreads of the step time: within a process (the
+    standard deviation of the log medians of the first ``in_process`` rounds, which ran in one
+    process) and between processes (of the process medians: the pool of those rounds, then each later
+    round, each a fresh process); the median over the cells and the widest. Empty when no cell has
+    rounds of both kinds."""
+    within: list[float] = []
+    between: list[float] = []
+    for measurements in rounds.values():
+        medians = [m.metric("step_time") for m in measurements]
+        timed = [m for m in medians if m is not None and m.samples]
+        if len(timed) <= in_process:
+            continue
+        first = timed[:in_process]
+        inside = stats.noise_band([statistics.median(m.samples) for m in first])
+        pooled = statistics.median([s for m in first for s in m.samples])
+        across = stats.noise_band([pooled, *(statistics.median(m.samples) for m in timed[in_process:])])
+        if inside is not None and across is not None:
+            within.append(inside)
+            between.append(across)
+    if not within:
+        return ""
+    return (f"the step times of this update's {len(within)} cell{'s' * (len(within) != 1)} spread "
+            f"±{statistics.median(within):.1%} within a process (median; widest ±{max(within):.1%}) and "
+            f"±{statistics.median(between):.1%} between processes (median; widest ±{max(between):.1%}); "
+            "the noise band stored holds both")

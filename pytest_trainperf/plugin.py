@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
@@ -49,12 +50,15 @@ from pytest_trainperf.records import (
     Status,
 )
 from pytest_trainperf.runners import CellRun, CellRunner, choose
-from pytest_trainperf.runners.children import death
+from pytest_trainperf.runners.children import CHILD_ENV, death
 from pytest_trainperf.runners.lockstep import Pairing
 from pytest_trainperf.settings import CONFIRM_BASELINE, CONFIRM_NONE, Settings, add_options, resolve
 
 __all__ = ["FIXTURE_KEY", "PLUGIN_NAME", "SESSION_KEY", "UPDATE_HINT", "TrainPerfSession", "cell_of", "trainperf"]
 
+IN_PROCESS_ROUNDS = 2
+"""An update's measurement rounds that run in the session's process; each later one runs in a fresh
+child process, so that the noise band holds what a new process does."""
 PLUGIN_NAME = "trainperf-session"
 """The name the session object is registered under."""
 FIXTURE_KEY = pytest.StashKey[TrainPerf]()
@@ -212,6 +216,7 @@ class TrainPerfSession:
         self._pairing: Pairing | None = None
         self._references: dict[str, tuple[str | None, str, str]] = {}
         self._source: tuple[Source | None] | None = None
+        self._first: dict[str, Measurement] = {}
 
     # ------------------------------------------------------------------ collection
 
@@ -339,6 +344,7 @@ class TrainPerfSession:
         crashed = run.measurement.outcome is Outcome.CRASHED
         if self.settings.update and not crashed:
             self._pending.setdefault(found.path, []).append((fingerprint, result))
+            self._first[cell.nodeid] = run.measurement
             return
         if self.settings.update:  # a crash is no baseline: it fails the cell, and the file keeps the old one
             pytest.fail("\n\n".join([judge.crashed_in_update(cell.nodeid, run.measurement.detail), *figures]),
@@ -513,23 +519,72 @@ class TrainPerfSession:
     def _noise_rounds(self, session: pytest.Session) -> None:
         """Run rounds 2.. ``--trainperf-rounds`` of every cell measured in round 1, one cell after the
         other in each round (so a slow spell of the machine hits many cells, not all rounds of one),
-        each a separate warm start of the test, timing only."""
+        each a separate warm start of the test, timing only. Rounds up to :data:`IN_PROCESS_ROUNDS` run
+        in this process; each later one in a fresh child process (what a new process does to the step
+        time, its memory layout and the host's state then, belongs in the noise band)."""
         measured = [r.nodeid for entries in self._pending.values() for _, r in entries
                     if r.verdict.measurement.outcome is Outcome.MEASURED]
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        fresh_allowed = not os.environ.get(CHILD_ENV)  # an isolated child's rounds stay in it
         for number in range(2, self.settings.rounds + 1):
             due = [n for n in measured if self._cell_seconds.get(n, 0.0) < self.settings.max_time]
             if not due:
                 break
+            fresh = fresh_allowed and number > IN_PROCESS_ROUNDS
             if reporter is not None:
                 reporter.write_line(f"trainperf: noise round {number} of {self.settings.rounds} "
-                                    f"({len(due)} cell{'s' * (len(due) != 1)})")
-            self._remeasure(session, due)
+                                    f"({len(due)} cell{'s' * (len(due) != 1)}"
+                                    f"{', in a fresh process' if fresh else ''})")
+            if fresh:
+                self._fresh_round(due)
+            else:
+                self._remeasure(session, due)
         short = [n for n in measured if len(self._retimed.get(n, [])) + 1 < self.settings.rounds]
         if short:
             self.ledger.note(f"{len(short)} cell{'s' * (len(short) != 1)} got fewer than {self.settings.rounds} "
                              f"measurement rounds (--trainperf-max-time={self.settings.max_time:g} s per cell): "
                              "their noise band is thinner, or absent with a single round")
+        spreads = judge.spreads({n: [self._first[n], *self._retimed.get(n, [])] for n in measured if n in self._first},
+                                IN_PROCESS_ROUNDS)
+        if spreads:
+            self.ledger.note(spreads)
+
+    def _fresh_round(self, nodeids: list[str]) -> None:
+        """One noise round of these cells in a fresh child process (measured as a compare run against no
+        baseline would measure them); their timings join their rounds. A child that fails to give a
+        cell costs that cell this round, with a note."""
+        import shutil
+        import tempfile
+
+        from pytest_trainperf.runners.children import ChildError, child_env, command, run_child
+
+        config = self.config
+        workdir = Path(tempfile.mkdtemp(prefix="trainperf-round-"))
+        settings = replace(self.settings, update=False, enabled=True, rounds=1, confirm=0,
+                           baselines=workdir / "no-baselines")
+        argv = command(nodeids[0], config.rootpath, workdir / "tmp", config.inipath, config, settings) + nodeids[1:]
+        started = time.perf_counter()
+        try:
+            ran = run_child(argv, config.rootpath, child_env(os.environ), workdir)
+        except ChildError as exc:
+            self.ledger.note(f"a noise round in a fresh process gave nothing: {exc}")
+            return
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        cells = {c.nodeid: c for c in ran.outcome.results.cells} if ran.outcome is not None else {}
+        for nodeid in nodeids:
+            cell = cells.get(nodeid)
+            if cell is not None and cell.verdict.measurement.outcome is Outcome.MEASURED:
+                self._retimed.setdefault(nodeid, []).append(cell.verdict.measurement)
+        missing = [n for n in nodeids if n not in cells]
+        if missing:
+            last = (ran.output.strip().splitlines()[-1:] or [""])[0]
+            self.ledger.note(f"a noise round in a fresh process did not measure {len(missing)} cell"
+                             f"{'s' * (len(missing) != 1)} ({missing[0]}{', ...' if len(missing) > 1 else ''}; "
+                             f"exit status {ran.returncode}; last output: {last[:200]})")
+        share = (time.perf_counter() - started) / len(nodeids)
+        for nodeid in nodeids:
+            self._cell_seconds[nodeid] = self._cell_seconds.get(nodeid, 0.0) + share
 
     def _confirm_figures(self, session: pytest.Session, grid: str, state: GridState, remeasure: bool) -> None:
         """Re-time the cells of a grid's regressed timing figures ``--trainperf-confirm`` times, in turn

@@ -575,7 +575,10 @@ def test_update_measures_rounds_interleaved_across_cells_and_stores_the_band(pyt
     pytester.makepyfile(test_order=ORDER_LOGGED)
     result = pytester.runpytest("--trainperf-update-baselines", "--trainperf-rounds=3")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["trainperf: noise round 2 of 3 (2 cells)", "trainperf: noise round 3 of 3 (2 cells)"])
+    result.stdout.fnmatch_lines(["trainperf: noise round 2 of 3 (2 cells)",
+                                 "trainperf: noise round 3 of 3 (2 cells, in a fresh process)",
+                                 "trainperf note: the step times of this update's 2 cells spread ±*% within a process "
+                                 "(median; widest ±*%) and ±*% between processes (median; widest ±*%)*"])
     assert (pytester.path / "order.log").read_text().split() == ["1", "2", "1", "2", "1", "2"]
     doc = json.loads((pytester.path / "baselines" / "test_order.json").read_text())
     for cell in only_env(doc)["tests"]["test_x"].values():
