@@ -10,12 +10,17 @@ pair at a time, so both steps of a pair see the same state of the machine. Each 
   ``d_(k)`` and ``d_(n+1-k)`` of the sorted log ratios, with ``k`` the largest rank at which
   ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``. It assumes only that the pairs are independent
   draws with a common median (no symmetry, no normality: shared-runner noise is neither).
-* **How many pairs**: ``--trainperf-pairs`` (60), then, while the interval still holds ``1 + tolerance``
-  (the pairs so far cannot tell a regression from none), batches of half as many more, up to
-  :data:`MAX_PAIRS_FACTOR` times as many pairs or ``--trainperf-max-time`` seconds: a quiet machine decides
-  after the first pairs, a busy one gets more pairs where they are needed. The repeated looks happen
-  only while undecided and only ever need the lower end to clear a tolerance the unchanged code sits
-  below, so they add little to the false alarm rate (``docs/performance.md`` measures it).
+* **How many pairs: a sequential rule.** The comparison looks at its pairs after the first
+  ``min(--trainperf-pairs, SEQUENTIAL_FIRST)`` and after every :data:`SEQUENTIAL_STEP` more, and stops
+  at the first look whose interval no longer holds ``1 + tolerance``: the verdict is decided, either
+  way. It stops at :data:`MAX_PAIRS_FACTOR` times ``--trainperf-pairs`` pairs (or
+  ``--trainperf-max-time`` seconds) undecided. Each look uses a sign-test interval of confidence
+  ``1 - 0.05 / K``, ``K`` the number of looks the budget allows (:func:`look_confidence`), so by the union
+  bound the chance that any look wrongly clears the lower end for code within the tolerance is at most
+  2.5%; a comparison that ends undecided is judged on the 95% interval of all its pairs, which adds at
+  most 2.5% more. **False alarms: at most 5% per cell for code exactly at the tolerance**, far fewer
+  for unchanged code, which sits well below it. A cell that is clearly fine or clearly slower stops
+  after ``SEQUENTIAL_FIRST`` pairs; a noisy machine gets more pairs where they are needed.
 * A timing **regresses** when the whole interval lies above ``1 + tolerance`` (the tolerance of the
   metric, :data:`PAIRED_TOLERANCE` for step time unless the test sets one), and **improves** when it
   lies below ``1 / (1 + tolerance)``. The one-sided p-value reported is the sign test's of "the median
@@ -49,8 +54,12 @@ PAIRED_TOLERANCE = 0.02
 """Step-time tolerance of a lockstep comparison unless the test sets one (``tp.tolerance(step_time=)``):
 what two processes of the same code may differ by. Throughput's follows it (``t / (1 + t)``)."""
 MAX_PAIRS_FACTOR = 4
-"""A comparison whose interval still holds ``1 + tolerance`` after ``--trainperf-pairs`` pairs goes on, in
-batches of half as many, up to this many times ``--trainperf-pairs`` (and ``--trainperf-max-time``)."""
+"""A comparison still undecided goes on up to this many times ``--trainperf-pairs`` pairs (and
+``--trainperf-max-time``)."""
+SEQUENTIAL_FIRST = 20
+"""Timed pairs before the first look of the sequential rule (fewer if ``--trainperf-pairs`` is smaller)."""
+SEQUENTIAL_STEP = 10
+"""Timed pairs between two looks of the sequential rule."""
 POWER = 0.95
 """The detection probability at which the smallest detectable change is stated."""
 
@@ -101,6 +110,18 @@ def sign_p_value(a: Sequence[float], b: Sequence[float], bound: float, worse_abo
     if n == 0:
         return 1.0
     return float(sps.binom.sf(beyond - 1, n, 0.5))
+
+
+def first_look(pairs: int) -> int:
+    """Timed pairs before the sequential rule's first look, for a ``--trainperf-pairs`` of ``pairs``."""
+    return max(1, min(pairs, SEQUENTIAL_FIRST))
+
+
+def look_confidence(pairs: int, confidence: float = PAIRED_CONFIDENCE) -> float:
+    """The confidence of each look of the sequential rule: ``1 - (1 - confidence) / K``, ``K`` the looks
+    that a budget of :data:`MAX_PAIRS_FACTOR` times ``pairs`` pairs allows (Bonferroni over the looks)."""
+    looks = 1 + math.ceil(max(MAX_PAIRS_FACTOR * pairs - first_look(pairs), 0) / SEQUENTIAL_STEP)
+    return 1.0 - (1.0 - confidence) / looks
 
 
 def undecided(change: PairedChange, tolerance: float) -> bool:

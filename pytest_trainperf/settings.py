@@ -260,8 +260,9 @@ OPTIONS = (
             "is confirmed, side by side on this machine in lockstep: baseline (default: the commit holding the code "
             "the baseline measured), a git revision, or none (the stored verdict stands)", parse_confirm_against,
             metavar="POLICY"),
-    _Option("--trainperf-pairs", "timed step pairs per cell of a --trainperf-against comparison, at least; up to "
-            f"4 x N while the verdict is open, within --trainperf-max-time (default: {DEFAULT_PAIRS})",
+    _Option("--trainperf-pairs", "the budget of timed step pairs per cell of a side-by-side comparison: the verdict "
+            "is looked at after min(N, 20) pairs and every 10 more, and the pairs stop once it is decided; at most "
+            f"4 x N, within --trainperf-max-time (default: {DEFAULT_PAIRS})",
             parse_pairs, metavar="N"),
 )
 

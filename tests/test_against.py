@@ -310,3 +310,37 @@ def test_ctrl_c_kills_the_children_and_removes_the_worktree(pytester: pytest.Pyt
     assert result.ret == pytest.ExitCode.INTERRUPTED
     assert len(started) == 2 and all(w.proc.poll() is not None for w in started)
     no_worktree_left(repo)
+
+
+def test_each_look_of_the_sequential_rule_splits_the_error_over_the_looks() -> None:
+    assert paired.first_look(60) == paired.SEQUENTIAL_FIRST and paired.first_look(6) == 6
+    looks = 1 + math.ceil((paired.MAX_PAIRS_FACTOR * 60 - paired.SEQUENTIAL_FIRST) / paired.SEQUENTIAL_STEP)
+    assert paired.look_confidence(60) == pytest.approx(1 - 0.05 / looks)
+    assert paired.look_confidence(60) > paired.look_confidence(30) > paired.PAIRED_CONFIDENCE
+
+
+def sequential(ratio: float, noise: float, rng: np.random.Generator, pairs: int = 60) -> tuple[int, Status]:
+    """One comparison under the sequential rule, on simulated pairs: how many pairs it took, and its verdict."""
+    from pytest_trainperf.settings import Settings
+
+    settings = Settings(enabled=True, update=False, baselines=Path("b"), device="cpu", strict=False, show=(),
+                        threads=1, pairs=pairs, max_time=1e9)
+    more = against.undecided(settings, paired.PAIRED_TOLERANCE)
+    machine = list(rng.lognormal(0.0, 0.3, paired.MAX_PAIRS_FACTOR * pairs))  # both steps of a pair see it
+    a = [m * rng.lognormal(0.0, noise) for m in machine]
+    b = [m * ratio * rng.lognormal(0.0, noise) for m in machine]
+    n = paired.first_look(pairs)
+    while more(a[:n], b[:n]):
+        n += paired.SEQUENTIAL_STEP
+    n = min(n, len(a))
+    return n, paired.compare_paired(step_time(b[:n]), step_time(a[:n]), paired.PAIRED_TOLERANCE).status
+
+
+def test_the_sequential_rule_stops_once_decided_and_keeps_false_alarms_rare() -> None:
+    rng = np.random.default_rng(11)
+    same = [sequential(1.0, 0.02, rng) for _ in range(300)]
+    assert sum(status is Status.REGRESSED for _, status in same) <= 3  # well under the 5% bound
+    assert np.median([n for n, _ in same]) < 60  # a clear verdict needs fewer pairs than the old fixed 60
+    slower = [sequential(1.10, 0.02, rng) for _ in range(100)]
+    assert all(status is Status.REGRESSED for _, status in slower)
+    assert max(n for n, _ in slower) == paired.SEQUENTIAL_FIRST  # decided at the first look

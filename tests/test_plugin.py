@@ -104,7 +104,7 @@ HELP_OPTIONS = [  # all 21 options, pinned: a new option, or one renamed, is a c
     ("--trainperf-plots=DIR", "write PNG figures of the session"),
     ("--trainperf-against=REF", "compare each trainperf cell with the same cell at git revision REF"),
     ("--trainperf-confirm-against=POLICY", "where a cell whose step time regressed"),
-    ("--trainperf-pairs=N", "timed step pairs per cell"),
+    ("--trainperf-pairs=N", "the budget of timed step pairs per cell"),
 ]
 
 

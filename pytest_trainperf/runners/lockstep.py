@@ -283,11 +283,11 @@ class Worker:
 
 
 def lockstep(a: Worker, b: Worker, pairs: int, warm: int = WARM_PAIRS,
-             more: Callable[[Sequence[float], Sequence[float]], bool] | None = None) -> None:
+             more: Callable[[Sequence[float], Sequence[float]], bool] | None = None, step: int | None = None) -> None:
     """Wait until both are ready, then ``warm`` untimed and ``pairs`` timed pairs of steps, the order
-    within a pair alternating (A then B, B then A, ...), then batches of ``pairs // 2`` more while
-    ``more(a's times, b's times)`` says the pairs so far leave the verdict open. A side that ends early
-    drops out and the other goes on alone. Both are told to stop at the end."""
+    within a pair alternating (A then B, B then A, ...), then batches of ``step`` (default ``pairs // 2``)
+    more while ``more(a's times, b's times)`` says the pairs so far leave the verdict open. A side that
+    ends early drops out and the other goes on alone. Both are told to stop at the end."""
     for worker in (a, b):
         worker.ask("")  # its "ready", or the end of its output
     i, due = 0, warm + pairs
@@ -302,7 +302,7 @@ def lockstep(a: Worker, b: Worker, pairs: int, warm: int = WARM_PAIRS,
             i += 1
         if not (a.live and b.live and more is not None and more(a.times, b.times)):
             break
-        due += max(pairs // 2, 1)
+        due += step if step is not None else max(pairs // 2, 1)
     a.stop()
     b.stop()
 
@@ -389,7 +389,7 @@ class Pairing:
         other, this = self._worker(item, sha), self._worker(item, THIS)
         for worker in (other, this):
             worker.begin(item.nodeid)
-        lockstep(other, this, self.settings.pairs, more=more)
+        lockstep(other, this, paired.first_look(self.settings.pairs), more=more, step=paired.SEQUENTIAL_STEP)
         ran = [self._ran(worker) for worker in (other, this)]
         return Compared(this=ran[1], other=self._other_side(item, ran[0], name))
 
@@ -506,16 +506,18 @@ def _inside(path: Path, top: Path, what: str) -> Path:
 
 
 def undecided(settings: Settings, tolerance: float) -> Callable[[Sequence[float], Sequence[float]], bool]:
-    """Whether the step-time pairs so far leave it open if the cell regressed (their interval holds
-    ``1 + tolerance``): then the comparison goes on, up to :data:`paired.MAX_PAIRS_FACTOR` times
+    """The sequential rule (:mod:`pytest_trainperf.paired`): whether the step-time pairs so far leave it
+    open if the cell regressed (their interval, at :func:`paired.look_confidence`, holds ``1 +
+    tolerance``); then the comparison goes on, up to :data:`paired.MAX_PAIRS_FACTOR` times
     ``--trainperf-pairs`` pairs and ``--trainperf-max-time`` seconds of timed pairs."""
     started = time.perf_counter()
+    confidence = paired.look_confidence(settings.pairs)
 
     def more(a: Sequence[float], b: Sequence[float]) -> bool:
         if (len(a) != len(b) or len(a) >= paired.MAX_PAIRS_FACTOR * settings.pairs
                 or time.perf_counter() - started > settings.max_time or min(*a, *b, 1.0) <= 0):
             return False
-        return paired.undecided(paired.paired_change(a, b), tolerance)
+        return paired.undecided(paired.paired_change(a, b, confidence), tolerance)
 
     return more
 
