@@ -85,6 +85,17 @@ def confirmed(screen: CellVerdict, pair: CellVerdict, against: str) -> CellVerdi
                    screen=tuple(m for m in screen.metrics if m.name in timing), confirmed_against=against)
 
 
+def suspect(now: Measurement, baseline: Measurement, overrides: Mapping[str, float]) -> bool:
+    """Whether the screen sends a cell to side-by-side confirmation: its timings are slower than the
+    stored baseline's beyond the side-by-side tolerance (the test's ``step_time`` tolerance, else
+    :data:`pytest_trainperf.paired.PAIRED_TOLERANCE`), significantly, with no widening by the baseline's
+    noise band. Stricter than the stored verdict on purpose: a false flag costs a confirmation, not a
+    failure, and a +5% slowdown hides inside a stored noise band of a shared runner."""
+    tolerance = {**overrides, "step_time": overrides.get("step_time", paired.PAIRED_TOLERANCE)}
+    bare = replace(baseline, metrics=tuple(replace(m, rounds=()) for m in baseline.metrics))
+    return timing_regressed(stats.judge(now, bare, tolerance))
+
+
 def timing_regressed(verdict: CellVerdict) -> bool:
     """Whether a timing metric is among the verdict's regressions (what confirmation re-times)."""
     return any(m.name in stats.TIMING_METRICS for m in verdict.regressions)

@@ -333,8 +333,8 @@ class TrainPerfSession:
         for m in verdict.metrics:
             if m.name in stats.TIMING_METRICS and m.p_value is not None:
                 state.p_values.setdefault(m.name, []).append(m.p_value)
-        if (not self.settings.update and self.settings.confirm_against != CONFIRM_NONE
-                and judge.timing_regressed(verdict) and baseline is not None):
+        if (not self.settings.update and self.settings.confirm_against != CONFIRM_NONE and baseline is not None
+                and (judge.timing_regressed(verdict) or judge.suspect(verdict.measurement, baseline, overrides))):
             verdict = self._side_by_side(item, baseline, verdict, overrides)
         elsewhere = () if baseline is not None else tuple(
             key for key, env in found.file.environments.items() if (cell.test, cell.cell) in env.cells)
@@ -376,15 +376,17 @@ class TrainPerfSession:
 
     def _side_by_side(self, item: pytest.Function, baseline: Measurement, screen: CellVerdict,
                       overrides: Mapping[str, float]) -> CellVerdict:
-        """Confirm a timing regression against the stored baseline side by side on this machine, in
-        lockstep with the commit the baseline measured (or ``--trainperf-confirm-against``'s revision).
-        Where that cannot be had, the stored verdict stands, with a note that says why."""
+        """Confirm a timing regression against the stored baseline (or a suspect, :func:`judge.suspect`)
+        side by side on this machine, in lockstep with the commit the baseline measured (or
+        ``--trainperf-confirm-against``'s revision). Where that cannot be had, the stored verdict stands,
+        with a note that says why when it fails the cell."""
         from pytest_trainperf.runners.children import child_record
         from pytest_trainperf.runners.lockstep import step_tolerance, undecided
 
         commit, name, problem = self._reference(baseline)
         if commit is None:
-            self.ledger.note(f"{item.nodeid}: not confirmed side by side ({problem}); the stored verdict stands")
+            if judge.timing_regressed(screen):
+                self.ledger.note(f"{item.nodeid}: not confirmed side by side ({problem}); the stored verdict stands")
             return screen
         if self._pairing is None:
             top = vcs.toplevel(self.config.rootpath)
@@ -401,8 +403,9 @@ class TrainPerfSession:
         elif compared.this.outcome is None:
             problem = f"its run in this tree {death(compared.this.returncode)[1]}"
         if this is None or compared.other.record is None:
-            self.ledger.note(f"{item.nodeid}: not confirmed side by side with {name} ({problem}); the stored "
-                             "verdict stands")
+            if judge.timing_regressed(screen):
+                self.ledger.note(f"{item.nodeid}: not confirmed side by side with {name} ({problem}); the stored "
+                                 "verdict stands")
             return screen
         pair = judge.side_by_side(this.verdict.measurement, compared.other.record.verdict.measurement, overrides)
         return judge.confirmed(screen, pair, name)

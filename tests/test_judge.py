@@ -29,3 +29,22 @@ def test_spreads_split_the_rounds_into_one_process_and_fresh_ones() -> None:
 def test_no_spread_line_without_rounds_in_fresh_processes() -> None:
     assert judge.spreads({"a": rounds(1.0, 1.1)}, in_process=2) == ""
     assert judge.spreads({}, in_process=2) == ""
+
+
+def timed(median: float, rounds: tuple[float, ...] = ()) -> Measurement:
+    samples = tuple(median * (1 + d) for d in (-0.004, -0.002, 0.0, 0.0, 0.002, 0.004) * 4)
+    return Measurement(test="test_x", cell="default", params=(),
+                       metrics=(Metric("step_time", median, "s", Direction.LOWER_IS_BETTER, samples, rounds=rounds),))
+
+
+def test_the_screen_suspects_a_slowdown_that_the_stored_noise_band_hides() -> None:
+    """A baseline whose rounds spread ±10% widens the stored tolerance past 30%: 5% slower passes the
+    stored verdict, and is still sent to side-by-side confirmation; the same step time is not."""
+    from pytest_trainperf.records import Status
+
+    baseline = timed(1.0, rounds=(0.9, 1.0, 1.1, 1.0, 0.95))
+    slower = timed(1.05)
+    assert judge.cell(slower, baseline, {}).status is Status.UNCHANGED
+    assert judge.suspect(slower, baseline, {})
+    assert not judge.suspect(timed(1.0), baseline, {})
+    assert not judge.suspect(slower, baseline, {"step_time": 0.25})  # the test's own tolerance rules
