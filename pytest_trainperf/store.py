@@ -79,6 +79,8 @@ bound on the time and memory a stray file can cost."""
 TEMP_MARK = ".trainperf-tmp-"
 """What the name of a temporary file of :func:`write_atomic` holds: ``.test_x.json.trainperf-tmp-<random>``,
 recognisable by the sweep of the next update (:func:`sweep_temp_files`)."""
+SHOWN_CHARS = 200
+"""How much of a refused value a message shows (a refusal is one line, whatever the file holds)."""
 OUTSIDE = "_outside"
 """The folder of the baselines directory that holds the baselines of test files outside the rootdir."""
 UP = "_up"
@@ -157,7 +159,7 @@ def baseline_path(baselines_dir: Path, test_file: str) -> Path:
 
 def _expect(cond: bool, path: Path, where: str, expected: str, got: object) -> None:
     if not cond:
-        raise BaselineError(path, f"at {where}: expected {expected}, got {got!r}")
+        raise BaselineError(path, f"at {where}: expected {expected}, got {got!r:.{SHOWN_CHARS}}")
 
 
 class UnreadableFile(Exception):

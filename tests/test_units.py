@@ -94,6 +94,7 @@ def test_format_value_rounds_up_into_kibibytes() -> None:
         (10.0, "+1000%"),
         (math.inf, "+inf%"),
         (-math.inf, "-inf%"),
+        (math.nan, "nan%"),  # not "+nan%"
     ],
 )
 def test_format_change(change: float, expected: str) -> None:
