@@ -135,14 +135,20 @@ def memory_budget(size: str | int) -> Callable[[F], F]:
     """Give one test a memory budget: a cell whose peak memory exceeds it is reported as out of memory
     (emulated), as if it ran on a device of that size, e.g. ``@tp.memory_budget("24GiB")`` to guard
     on a CPU runner that a grid still fits on a 24 GB card. Overrides ``--trainperf-memory-budget``."""
-    from pytest_trainperf.units import parse_size
+    from pytest_trainperf.units import MAX_SIZE, SIZE_EXPECTED, parse_size
 
     if isinstance(size, bool) or not isinstance(size, (str, int)):
-        raise GridError(f"tp.memory_budget: expected a size such as '24GiB' or a number of bytes, got {size!r}")
-    try:
-        budget = parse_size(str(size))
-    except ValueError as exc:
-        raise GridError(f"tp.memory_budget: {exc}") from None
+        raise GridError(f"tp.memory_budget: expected a size such as '24GiB' or a number of bytes, got {size!r:.80}")
+    if isinstance(size, int):  # not through str(): a 5000-digit int has no str() in Python 3.11
+        if not 1 <= size < MAX_SIZE:
+            shown = f"{size}" if size.bit_length() < 256 else f"an integer of {size.bit_length()} bits"
+            raise GridError(f"tp.memory_budget: expected {SIZE_EXPECTED}, got {shown}")
+        budget = size
+    else:
+        try:
+            budget = parse_size(size)
+        except ValueError as exc:
+            raise GridError(f"tp.memory_budget: {exc}") from None
     return getattr(pytest.mark, BUDGET_MARK)(budget)  # type: ignore[no-any-return]
 
 
