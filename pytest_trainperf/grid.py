@@ -35,6 +35,29 @@ class GridError(ValueError):
     """An invalid ``tp.grid`` or ``tp.tolerance``: says what was expected and what was received."""
 
 
+def test_name(nodeid: str, originalname: str | None = None, param_id: str | None = None) -> str:
+    """The test's name inside its file, ``test_x`` or ``TestA::test_x``, from its node id
+    (``tests/test_x.py::TestA::test_x[batch_size=4-name=a::b]``): without the file and without the
+    parameters, which may hold ``::`` and ``[`` themselves (a grid value ``"a::b"``).
+
+    The file is what comes before the first ``::``. ``param_id`` (the item's ``callspec.id``), when
+    given, is cut from the end exactly; otherwise the parameters are everything from the first ``[``
+    after the file, which no class or function name holds. ``originalname`` (the item's: the
+    function's name without parameters) replaces the last part.
+    """
+    _, sep, inside = nodeid.partition("::")
+    inside = inside if sep else nodeid
+    suffix = f"[{param_id}]" if param_id is not None else None
+    if suffix is not None and inside.endswith(suffix):
+        inside = inside[:-len(suffix)]
+    else:
+        inside = inside.split("[", 1)[0]
+    parts = inside.split("::")
+    if originalname:
+        parts[-1] = originalname
+    return "::".join(parts)
+
+
 def _check_value(axis: str, value: object) -> Scalar:
     if isinstance(value, float) and not math.isfinite(value):
         raise GridError(f"tp.grid axis {axis!r}: expected finite values, got {value!r}")
