@@ -376,20 +376,21 @@ def _parse_figure(path: Path, where: str, raw: object) -> Figure:
     return figure
 
 
-FINGERPRINT_TYPES = {"int": "an integer", "str": "a string", "str | None": "a string or null"}
-"""What the fields of a stored fingerprint may hold, by their annotation."""
+FINGERPRINT_TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "int": ("a non-negative integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "str | None": ("a string or null", lambda v: v is None or isinstance(v, str)),
+}
+"""What the fields of a stored fingerprint may hold, by their annotation: what to say, and the check."""
 
 
 def _parse_fingerprint(path: Path, where: str, raw: object) -> Fingerprint:
     _expect(isinstance(raw, dict), path, where, "an object", raw)
     assert isinstance(raw, dict)
     for f in fields(Fingerprint):
+        expected, ok = FINGERPRINT_TYPES.get(str(f.type), ("", lambda v: True))
         if f.name in raw:
-            value = raw[f.name]
-            ok = {"int": isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63,
-                  "str": isinstance(value, str),
-                  "str | None": value is None or isinstance(value, str)}[str(f.type)]
-            _expect(ok, path, f"{where}.{f.name}", FINGERPRINT_TYPES[str(f.type)], value)
+            _expect(ok(raw[f.name]), path, f"{where}.{f.name}", expected, raw[f.name])
     try:
         return Fingerprint(**raw)
     except TypeError as exc:

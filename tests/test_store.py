@@ -369,7 +369,7 @@ BAD_FILES = {
         json.dumps(_ours(environments={"k": {"fingerprint": {"device": "d", "device_type": "cpu", "torch": "t",
                                                              "cuda": None, "threads": math.nan, "cpu": "c"},
                                              "tests": {}}})),
-        "at environments['k'].fingerprint.threads: expected an integer, got NaN",
+        "at environments['k'].fingerprint.threads: expected a non-negative integer, got NaN",
     ),
     "nan-in-an-ignored-key": (json.dumps(_ours(note=math.nan)), "holds the literal NaN"),
     "nan-figure": (
