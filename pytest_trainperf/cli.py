@@ -153,7 +153,7 @@ def compare(old: results.SessionResults, new: results.SessionResults) -> results
         base = before.get(c.key)
         verdict = stats.judge(c.verdict.measurement, base.verdict.measurement if base is not None else None,
                               _tolerances(c.verdict))
-        cells.append(results.CellRecord(nodeid=c.nodeid, test_file=c.test_file, test=c.test, cell=c.cell,
+        cells.append(results.CellResult(nodeid=c.nodeid, test_file=c.test_file, test=c.test, cell=c.cell,
                                         axes=c.axes, verdict=verdict, fingerprint=c.fingerprint))
     return results.SessionResults(cells=tuple(cells), warnings=new.warnings)
 

@@ -25,7 +25,6 @@ from pytest_trainperf.settings import Settings
 
 if TYPE_CHECKING:
     from pytest_trainperf.outputs import TrainPerfOutputs
-    from pytest_trainperf.plugin import TrainPerfSession
 
 PLUGIN_NAME = "trainperf-xdist"
 """The name the xdist integration is registered under."""
@@ -79,34 +78,26 @@ def oversubscription(workers: int, threads: int, cores: int | None) -> str | Non
 
 
 class TrainPerfXdist:
-    """Moves each worker's results to the controller."""
+    """Moves each worker's results to the controller: a consumer of the session's results on a worker,
+    a producer of them on the controller."""
 
-    def __init__(self, session: TrainPerfSession, outputs: TrainPerfOutputs) -> None:
-        self.session = session
+    def __init__(self, config: pytest.Config, ledger: results.Ledger, outputs: TrainPerfOutputs) -> None:
+        self.config = config
+        self.ledger = ledger
         self.outputs = outputs
 
     @pytest.hookimpl(trylast=True)  # after the session object has written the worker's baseline updates
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        config = self.session.config
-        if not is_worker(config):
+        if not is_worker(self.config):
             return
-        from pytest_trainperf.outputs import session_results
-
-        output: dict[str, Any] = config.workeroutput  # type: ignore[attr-defined]
+        output: dict[str, Any] = self.config.workeroutput  # type: ignore[attr-defined]
         # the controller states the CPU warnings for the whole run itself; the session's own travel
-        found = dataclasses.replace(session_results(self.session), warnings=tuple(self.session.warnings))
-        output[OUTPUT_KEY] = results.dump(found)
+        output[OUTPUT_KEY] = results.dump(self.ledger.snapshot())
         # the results now belong to the controller: the worker renders no summary of its own
-        self.session.results.clear()
-        self.session.changes.clear()
-        self.session.write_errors.clear()
-        self.session.figures.clear()
-        self.session.warnings.clear()
+        self.ledger.clear()
 
     def pytest_testnodedown(self, node: Any, error: object) -> None:
         """On the controller: take in a worker's cells, baseline changes and write errors."""
-        from pytest_trainperf.outputs import result_of
-
         self.outputs.workers += 1
         text = getattr(node, "workeroutput", {}).get(OUTPUT_KEY)
         if text is None:
@@ -115,10 +106,6 @@ class TrainPerfXdist:
         try:
             received = results.loads(f"trainperf results of {worker}", text)
         except results.ResultsError as exc:
-            self.session.write_errors.append(str(exc))
+            self.ledger.errors.append(str(exc))
             return
-        self.session.results += [result_of(c) for c in received.cells]
-        self.session.changes += received.changes
-        self.session.write_errors += received.errors
-        self.session.figures += received.figures
-        self.session.warnings += [w for w in received.warnings if w not in self.session.warnings]
+        self.ledger.absorb(received)

@@ -10,12 +10,12 @@ import numbers
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
-from pytest_trainperf.records import Direction, Fingerprint, Measurement, Metric, Outcome, Scalar
+from pytest_trainperf.records import Cell, Direction, Fingerprint, Measurement, Metric, Outcome, Scalar
 from pytest_trainperf.settings import METRIC_RE, Settings
 from pytest_trainperf.stats import BUILTIN_METRICS
 
@@ -47,24 +47,6 @@ class Step(Protocol):
 
     def __call__(self) -> Any:  # a 0-d tensor or a float
         ...
-
-
-@dataclass(frozen=True)
-class Cell:
-    """Which cell of which test a fixture serves."""
-
-    nodeid: str
-    """The pytest node id, for messages."""
-    test_file: str
-    """The test file, relative to the rootdir."""
-    test: str
-    """The test's name inside its file (``test_x`` or ``TestA::test_x``)."""
-    cell: str
-    """The cell id (``batch_size=4-seq_len=16``; ``default`` without a grid)."""
-    params: tuple[tuple[str, Scalar], ...]
-    """The cell's parameter values, grid axes first."""
-    axes: tuple[tuple[str, tuple[Scalar, ...]], ...]
-    """The test's grid axes in declaration order (empty without a grid)."""
 
 
 def _usage(cell: Cell, message: str) -> None:

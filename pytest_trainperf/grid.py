@@ -14,10 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import pytest
-
 from pytest_trainperf.records import RelativeSpec, Scalar, ScalingSpec, cell_id, format_scalar
-from pytest_trainperf.stats import BUILTIN_METRICS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -121,6 +118,14 @@ def grid(**axes: Sequence[Scalar]) -> Callable[[F], F]:
     return _once(GRID_MARK, make_grid(axes), "tp.grid", "expected one tp.grid with every axis")
 
 
+def _mark(name: str, spec: object) -> Callable[[F], F]:
+    """The pytest marker ``name`` with its one argument (pytest is imported here, when a test file
+    applies a decorator, not when the package is imported)."""
+    import pytest
+
+    return getattr(pytest.mark, name)(spec)  # type: ignore[no-any-return]
+
+
 def _once(mark: str, spec: object, call: str, expected: str) -> Callable[[F], F]:
     """A decorator applying ``mark(spec)``, refusing a test that has that mark already."""
 
@@ -128,13 +133,15 @@ def _once(mark: str, spec: object, call: str, expected: str) -> Callable[[F], F]
         marks = getattr(fn, "pytestmark", [])
         if any(getattr(m, "name", None) == mark for m in marks):
             raise GridError(f"{call} applied twice to {getattr(fn, '__name__', fn)!r}: {expected}")
-        return getattr(pytest.mark, mark)(spec)(fn)  # type: ignore[no-any-return]
+        return _mark(mark, spec)(fn)
 
     return apply
 
 
 def make_tolerances(tolerances: Mapping[str, object]) -> dict[str, float]:
     """Check per-test tolerances: built-in metric names, non-negative numbers."""
+    from pytest_trainperf.stats import BUILTIN_METRICS
+
     checked = {}
     for metric, tol in tolerances.items():
         if metric not in BUILTIN_METRICS:
@@ -151,7 +158,7 @@ def make_tolerances(tolerances: Mapping[str, object]) -> dict[str, float]:
 def tolerance(**tolerances: float) -> Callable[[F], F]:
     """Override the relative tolerances of built-in metrics for one test, e.g. ``step_time=0.25``."""
     spec = make_tolerances(tolerances)
-    return getattr(pytest.mark, TOLERANCE_MARK)(spec)  # type: ignore[no-any-return]
+    return _mark(TOLERANCE_MARK, spec)
 
 
 def memory_budget(size: str | int) -> Callable[[F], F]:
@@ -172,7 +179,7 @@ def memory_budget(size: str | int) -> Callable[[F], F]:
             budget = parse_size(size)
         except ValueError as exc:
             raise GridError(f"tp.memory_budget: {exc}") from None
-    return getattr(pytest.mark, BUDGET_MARK)(budget)  # type: ignore[no-any-return]
+    return _mark(BUDGET_MARK, budget)
 
 
 RELATIVE_MARK = "trainperf_relative"
@@ -255,7 +262,7 @@ def scaling(x: str, metrics: Sequence[str], *, x_metric: str | None = None,
     ``trainperf.record("parameters", n)`` with a ``width`` axis). May be applied once per fit.
     """
     spec = make_scaling(x, metrics, x_metric, tolerance)
-    return getattr(pytest.mark, SCALING_MARK)(spec)  # type: ignore[no-any-return]
+    return _mark(SCALING_MARK, spec)
 
 
 def check_figures(grid: Grid | None, relative: RelativeSpec | None, fits: Sequence[ScalingSpec]) -> str | None:

@@ -1,8 +1,9 @@
 """Results for machines and reviewers: JUnit properties, ``--trainperf-json``, ``--trainperf-markdown``,
 ``$GITHUB_STEP_SUMMARY`` and ``--trainperf-plots``.
 
-:class:`TrainPerfOutputs` reads the session object's results at the end (on the controller under
-xdist, after the workers' results arrived) and writes each output once; the rendering itself lives in
+:class:`TrainPerfOutputs` is a consumer of the session's results: it reads the session's
+:class:`~pytest_trainperf.results.Ledger` at the end (on the controller under xdist, after the workers'
+results arrived) and writes each output once; the rendering itself lives in
 the pure :mod:`pytest_trainperf.results`, :mod:`pytest_trainperf.report.markdown` and
 :mod:`pytest_trainperf.report.plots`.
 """
@@ -11,57 +12,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from pytest_trainperf import results
 from pytest_trainperf.distributed import is_worker, oversubscription
-from pytest_trainperf.fixture import Cell
-from pytest_trainperf.plugin import UPDATE_HINT, CellResult
-
-if TYPE_CHECKING:
-    from pytest_trainperf.plugin import TrainPerfSession
+from pytest_trainperf.judge import UPDATE_HINT
+from pytest_trainperf.records import CellResult
+from pytest_trainperf.runners.children import STEP_SUMMARY_ENV
+from pytest_trainperf.settings import Settings
 
 PLUGIN_NAME = "trainperf-outputs"
 """The name the outputs object is registered under."""
-STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
-"""The file GitHub Actions renders as the job's summary; the Markdown report is appended to it."""
 JUNIT_METRICS = ("step_time", "throughput", "peak_memory", "flops", "loss")
 """Metrics attached to a cell's JUnit test case (with any other that regressed)."""
 
 
-def record_of(result: CellResult) -> results.CellRecord:
-    """The plain record of a session's cell."""
-    cell = result.cell
-    return results.CellRecord(nodeid=cell.nodeid, test_file=cell.test_file, test=cell.test, cell=cell.cell,
-                              axes=cell.axes, verdict=result.verdict, fingerprint=result.fingerprint,
-                              elsewhere=result.elsewhere)
-
-
-def result_of(record: results.CellRecord) -> CellResult:
-    """A session's cell from its plain record (a worker's, read on the controller)."""
-    cell = Cell(nodeid=record.nodeid, test_file=record.test_file, test=record.test, cell=record.cell,
-                params=record.verdict.measurement.params, axes=record.axes)
-    return CellResult(cell=cell, verdict=record.verdict, fingerprint=record.fingerprint,
-                      elsewhere=record.elsewhere)
-
-
-def cpu_warnings(session: TrainPerfSession, workers: int) -> tuple[str, ...]:
+def cpu_warnings(cells: list[CellResult], workers: int) -> tuple[str, ...]:
     """The oversubscription warning when CPU cells were timed by more threads than there are cores."""
-    threads = [r.fingerprint.threads for r in session.results if r.fingerprint.device_type == "cpu"]
+    threads = [r.fingerprint.threads for r in cells if r.fingerprint.device_type == "cpu"]
     if not threads:
         return ()
     warning = oversubscription(max(workers, 1), max(threads), os.cpu_count())
     return () if warning is None else (warning,)
-
-
-def session_results(session: TrainPerfSession, workers: int = 1) -> results.SessionResults:
-    """The session's results as plain records."""
-    return results.SessionResults(cells=tuple(record_of(r) for r in session.results),
-                                  changes=tuple(session.changes), errors=tuple(session.write_errors),
-                                  warnings=cpu_warnings(session, workers) + tuple(session.warnings),
-                                  figures=tuple(session.figures), against=session.against)
 
 
 def junit_properties(result: CellResult) -> list[tuple[str, object]]:
@@ -82,8 +55,10 @@ def junit_properties(result: CellResult) -> list[tuple[str, object]]:
 class TrainPerfOutputs:
     """Writes the session's results for machines (JSON, JUnit) and reviewers (Markdown)."""
 
-    def __init__(self, session: TrainPerfSession) -> None:
-        self.session = session
+    def __init__(self, config: pytest.Config, settings: Settings, ledger: results.Ledger) -> None:
+        self.config = config
+        self.settings = settings
+        self.ledger = ledger
         self.workers = 0
         """xdist workers whose results arrived (0 without xdist)."""
         self.written: list[str] = []
@@ -92,17 +67,16 @@ class TrainPerfOutputs:
 
     @pytest.hookimpl(tryfirst=True)  # before the report copies item.user_properties
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> None:
-        done = self.session.results
-        if call.when == "call" and done and done[-1].cell.nodeid == item.nodeid:
+        done = self.ledger.cells
+        if call.when == "call" and done and done[-1].nodeid == item.nodeid:
             item.user_properties += junit_properties(done[-1])
 
     @pytest.hookimpl(trylast=True)  # after the baselines were written and the workers' results arrived
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        config = self.session.config
-        if is_worker(config) or not self.session.results:
+        if is_worker(self.config) or not self.ledger.cells:
             return
-        settings = self.session.settings
-        found = session_results(self.session, self.workers)
+        settings = self.settings
+        found = self.ledger.snapshot(cpu_warnings(self.ledger.cells, self.workers))
         self.warnings = found.warnings
         markdown = None
         if settings.markdown is not None or os.environ.get(STEP_SUMMARY_ENV):
@@ -130,7 +104,7 @@ class TrainPerfOutputs:
                 self.written += [f"figure: {self._shown(path)}" for path in figures]
                 if not figures:
                     self.written.append(f"figures: nothing to draw into {self._shown(settings.plots)}")
-        except OSError as exc:
+        except (OSError, results.ResultsError) as exc:
             self.errors.append(f"results not written: {exc}")
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -145,17 +119,17 @@ class TrainPerfOutputs:
 
     def _shown(self, path: Path) -> str:
         try:
-            return path.relative_to(self.session.config.invocation_params.dir).as_posix()
+            return path.relative_to(self.config.invocation_params.dir).as_posix()
         except ValueError:
             return str(path)
 
 
-def register(config: pytest.Config, session: TrainPerfSession) -> None:
+def register(config: pytest.Config, settings: Settings, ledger: results.Ledger) -> None:
     """Register the outputs object, and the xdist integration where pytest-xdist is loaded."""
-    outputs = TrainPerfOutputs(session)
+    outputs = TrainPerfOutputs(config, settings, ledger)
     config.pluginmanager.register(outputs, PLUGIN_NAME)
     if config.pluginmanager.hasplugin("xdist"):
         from pytest_trainperf.distributed import PLUGIN_NAME as XDIST_NAME
         from pytest_trainperf.distributed import TrainPerfXdist
 
-        config.pluginmanager.register(TrainPerfXdist(session, outputs), XDIST_NAME)
+        config.pluginmanager.register(TrainPerfXdist(config, ledger, outputs), XDIST_NAME)

@@ -171,6 +171,17 @@ class Fingerprint:
 
 
 @dataclass(frozen=True)
+class Source:
+    """The code a measurement was taken of, as git knows it (written with a baseline by an update)."""
+
+    commit: str
+    """The commit checked out (HEAD) when it was measured."""
+    tree: str
+    """The id of the git tree that was measured: the tracked files as they were, uncommitted changes
+    included, less the baselines directory. A commit with this tree holds exactly the measured code."""
+
+
+@dataclass(frozen=True)
 class Measurement:
     """Everything measured for one cell of one test."""
 
@@ -200,6 +211,8 @@ class Measurement:
     items_per_step: float | None = None
     """Items (tokens, samples) one step or call processes, as given to ``train``/``run``; None when
     not given. With the loss curve it gives the curve against items processed."""
+    source: Source | None = None
+    """In a baseline: the code it measured (None: written outside git, or by an older version)."""
 
     def metric(self, name: str) -> Metric | None:
         """The metric called ``name``, or None."""
@@ -293,6 +306,13 @@ class CellVerdict:
     before); None when both were measured."""
     baseline_outcome: Outcome | None = None
     """How the baseline's run ended (None without a baseline)."""
+    screen: tuple[MetricVerdict, ...] = ()
+    """For a cell whose timings regressed against the stored baseline and were then confirmed side by
+    side (:attr:`confirmed_against`): the stored-baseline verdicts of those timings, the screen's.
+    :attr:`metrics` then holds the side-by-side verdicts of the timings."""
+    confirmed_against: str = ""
+    """The revision the timings were confirmed against, side by side on this machine (``0e20a21b1c2d``);
+    empty when they were not."""
 
     @property
     def status(self) -> Status:
@@ -469,6 +489,71 @@ class FigureVerdict:
         if self.noise is not None:
             text += f"; baseline noise band ±{self.noise:.2g}"
         return text + ")"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Which cell of which test: what a fixture serves and a runner measures."""
+
+    nodeid: str
+    """The pytest node id, for messages."""
+    test_file: str
+    """The test file, relative to the rootdir."""
+    test: str
+    """The test's name inside its file (``test_x`` or ``TestA::test_x``)."""
+    cell: str
+    """The cell id (``batch_size=4-seq_len=16``; ``default`` without a grid)."""
+    params: tuple[tuple[str, Scalar], ...]
+    """The cell's parameter values, grid axes first."""
+    axes: tuple[tuple[str, tuple[Scalar, ...]], ...]
+    """The test's grid axes in declaration order (empty without a grid)."""
+
+    @property
+    def grid(self) -> str:
+        """The node id without the parameters: what the cells of one grid share."""
+        return self.nodeid.split("[", 1)[0]
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """One concluded cell of a session: which cell, how it compared, and where it was measured (what
+    the report, the outputs and a result file hold)."""
+
+    nodeid: str
+    """The pytest node id (``tests/test_lm.py::test_step[batch_size=4]``)."""
+    test_file: str
+    """The test file, relative to the rootdir."""
+    test: str
+    """The test's name inside its file."""
+    cell: str
+    """The cell id."""
+    axes: tuple[tuple[str, tuple[Scalar, ...]], ...]
+    """The test's grid axes in declaration order (empty without a grid)."""
+    verdict: CellVerdict
+    """The measurement and its verdict against the baseline."""
+    fingerprint: Fingerprint
+    """The environment it was measured in."""
+    elsewhere: tuple[str, ...] = ()
+    """For a cell with no baseline here: the environments whose baselines in the file hold it."""
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """What identifies the cell across sessions: test file, test, cell id, environment key."""
+        return (self.test_file, self.test, self.cell, self.fingerprint.key)
+
+
+    @property
+    def cell_of(self) -> Cell:
+        """Which cell, as a :class:`Cell` (its parameters from the measurement)."""
+        return Cell(nodeid=self.nodeid, test_file=self.test_file, test=self.test, cell=self.cell,
+                    params=self.verdict.measurement.params, axes=self.axes)
+
+    @classmethod
+    def of(cls, cell: Cell, verdict: CellVerdict, fingerprint: Fingerprint,
+           elsewhere: tuple[str, ...] = ()) -> CellResult:
+        """The result of ``cell``."""
+        return cls(nodeid=cell.nodeid, test_file=cell.test_file, test=cell.test, cell=cell.cell, axes=cell.axes,
+                   verdict=verdict, fingerprint=fingerprint, elsewhere=elsewhere)
 
 
 @dataclass(frozen=True)

@@ -43,15 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pytest_trainperf.records import (
-    BaselineChange,
-    CellVerdict,
-    FigureVerdict,
-    Fingerprint,
-    Scalar,
-    Status,
-    finite_number,
-)
+from pytest_trainperf.records import BaselineChange, FigureVerdict, Scalar, Status, finite_number
+from pytest_trainperf.records import CellResult as CellResult  # a result file's cell record, re-exported
 from pytest_trainperf.store import UnreadableFile, dumps, load_json, read_text, write_atomic
 
 FORMAT = "pytest-trainperf results"
@@ -77,37 +70,10 @@ class ResultsError(Exception):
 
 
 @dataclass(frozen=True)
-class CellRecord:
-    """One cell of a session: which cell, how it compared, and where it was measured."""
-
-    nodeid: str
-    """The pytest node id (``tests/test_lm.py::test_step[batch_size=4]``)."""
-    test_file: str
-    """The test file, relative to the rootdir."""
-    test: str
-    """The test's name inside its file."""
-    cell: str
-    """The cell id."""
-    axes: Axes
-    """The test's grid axes in declaration order (empty without a grid)."""
-    verdict: CellVerdict
-    """The measurement and its verdict against the baseline."""
-    fingerprint: Fingerprint
-    """The environment it was measured in."""
-    elsewhere: tuple[str, ...] = ()
-    """For a cell with no baseline here: the environments whose baselines in the file hold it."""
-
-    @property
-    def key(self) -> tuple[str, str, str, str]:
-        """What identifies the cell across sessions: test file, test, cell id, environment key."""
-        return (self.test_file, self.test, self.cell, self.fingerprint.key)
-
-
-@dataclass(frozen=True)
 class SessionResults:
     """Everything a session (or a merge of shards) concluded."""
 
-    cells: tuple[CellRecord, ...]
+    cells: tuple[CellResult, ...]
     """Every cell measured, in the order they concluded."""
     changes: tuple[BaselineChange, ...] = ()
     """Baseline values rewritten by ``--trainperf-update-baselines``."""
@@ -122,12 +88,120 @@ class SessionResults:
     git revision, e.g. ``main (1a2b3c4d5e6f), in lockstep``; empty: the stored baselines."""
 
     @property
+    def machine(self) -> MachineComparison | None:
+        """How this runner's step times compared with the stored baselines', and what side-by-side
+        confirmation found; None when no cell was timed against a stored baseline."""
+        return None if self.against else compare_machine(self.cells)
+
+    @property
     def counts(self) -> dict[Status, int]:
         """Cells per status, every status present."""
         counts = {status: 0 for status in Status}
         for c in self.cells:
             counts[c.verdict.status] += 1
         return counts
+
+
+@dataclass(frozen=True)
+class MachineComparison:
+    """How a session's step times compared with their stored baselines: this runner against theirs."""
+
+    cells: int
+    """Cells timed against a stored baseline."""
+    median: float
+    """The median of their step-time changes (stored baseline -> now, relative; +0.24: 24% slower)."""
+    quartiles: tuple[float, float]
+    """The interquartile range of those changes."""
+    confirmed: tuple[tuple[str, int, int], ...] = ()
+    """Per revision confirmed against: ``(revision, timing cells confirmed side by side, regressed)``."""
+
+    def describe(self) -> str:
+        """``this runner ran 41 cells 24.0% slower than their baselines (median; interquartile +17.0% to
+        +31.0%); 45 timing cells confirmed side by side against 0e20a21: 0 regressed``."""
+        from pytest_trainperf.records import format_change
+
+        way = "slower" if self.median > 0 else "faster"
+        text = (f"this runner ran {self.cells} cell{'s' * (self.cells != 1)} {abs(self.median):.1%} {way} than their "
+                f"baselines (median; interquartile {format_change(self.quartiles[0])} to "
+                f"{format_change(self.quartiles[1])})")
+        for revision, count, regressed in self.confirmed:
+            text += (f"; {count} timing cell{'s' * (count != 1)} confirmed side by side against {revision}: "
+                     f"{regressed} regressed")
+        return text
+
+
+def compare_machine(cells: Sequence[CellResult]) -> MachineComparison | None:
+    """The :class:`MachineComparison` of cells judged against stored baselines."""
+    import statistics
+
+    changes: list[float] = []
+    confirmed: dict[str, list[bool]] = {}
+    for c in cells:
+        verdict = c.verdict
+        stored = {m.name: m for m in verdict.metrics}
+        stored.update({m.name: m for m in verdict.screen})
+        step = stored.get("step_time")
+        if step is not None and step.change is not None and step.baseline is not None:
+            changes.append(step.change)
+        if verdict.confirmed_against:
+            confirmed.setdefault(verdict.confirmed_against, []).append(bool(verdict.regressions))
+    if not changes:
+        return None
+    q1, _, q3 = statistics.quantiles(changes, n=4) if len(changes) > 1 else (changes[0],) * 3
+    return MachineComparison(cells=len(changes), median=statistics.median(changes), quartiles=(q1, q3),
+                             confirmed=tuple((r, len(v), sum(v)) for r, v in confirmed.items()))
+
+
+class Ledger:
+    """What a session has concluded so far: the one mutable collection of its results.
+
+    The session adds to it as cells conclude; the consumers of results (the outputs, the xdist
+    integration, an isolated child's report to its parent) read it with :meth:`snapshot` and, on an
+    xdist controller or a parent, add what a worker or a child concluded with :meth:`absorb`.
+    """
+
+    def __init__(self) -> None:
+        self.cells: list[CellResult] = []
+        self.changes: list[BaselineChange] = []
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.figures: list[FigureVerdict] = []
+        self.notes: dict[str, None] = {}
+        """One-line notes (no NVML, no peak FLOP/s for the device), each printed once, in order."""
+        self.against = ""
+        """What the cells were compared with when not their stored baselines (see :class:`SessionResults`)."""
+
+    def note(self, text: str) -> None:
+        """Keep a one-line note (once)."""
+        self.notes.setdefault(text)
+
+    def warn(self, text: str) -> None:
+        """Keep a warning (once)."""
+        if text not in self.warnings:
+            self.warnings.append(text)
+
+    def snapshot(self, warnings: Sequence[str] = ()) -> SessionResults:
+        """The results so far as a plain record; ``warnings`` go before the ledger's own."""
+        return SessionResults(cells=tuple(self.cells), changes=tuple(self.changes), errors=tuple(self.errors),
+                              warnings=_unique([*warnings, *self.warnings]), figures=tuple(self.figures),
+                              against=self.against)
+
+    def absorb(self, other: SessionResults) -> None:
+        """Add what another process (an xdist worker, an isolated child) concluded."""
+        self.cells += other.cells
+        self.changes += other.changes
+        self.errors += other.errors
+        self.figures += other.figures
+        for warning in other.warnings:
+            self.warn(warning)
+
+    def clear(self) -> None:
+        """Forget everything concluded (a worker whose results now belong to its controller)."""
+        self.cells.clear()
+        self.changes.clear()
+        self.errors.clear()
+        self.warnings.clear()
+        self.figures.clear()
 
 
 # --------------------------------------------------------------------------- writing
@@ -154,8 +228,14 @@ def to_json(results: SessionResults) -> dict[str, Any]:
         doc["status"] = c.verdict.status.value
         doc["environment"] = c.fingerprint.key
         cells.append(doc)
-    summary: dict[str, int] = {"cells": len(results.cells)}
+    summary: dict[str, Any] = {"cells": len(results.cells)}
     summary.update({s.value: n for s, n in results.counts.items() if n})
+    machine = results.machine
+    if machine is not None:
+        summary["machine"] = {"cells": machine.cells, "median_change": machine.median,
+                              "quartiles": list(machine.quartiles), "text": machine.describe(),
+                              "confirmed": [{"against": r, "cells": n, "regressed": k}
+                                            for r, n, k in machine.confirmed]}
     return {
         "format": FORMAT,
         "schema": SCHEMA_VERSION,
@@ -268,7 +348,7 @@ def from_json(source: str, doc: object) -> SessionResults:
         raise ResultsError(source, f"written by a newer pytest-trainperf (schema {schema}, this version "
                                    f"reads up to {SCHEMA_VERSION}); upgrade pytest-trainperf")
     try:
-        cells = _convert(tuple[CellRecord, ...], doc.get("cells"), "cells")
+        cells = _convert(tuple[CellResult, ...], doc.get("cells"), "cells")
         changes = _convert(tuple[BaselineChange, ...], doc.get("baseline_changes", []), "baseline_changes")
         errors = _convert(tuple[str, ...], doc.get("errors", []), "errors")
         warnings = _convert(tuple[str, ...], doc.get("warnings", []), "warnings")
@@ -311,7 +391,7 @@ def merge(parts: Sequence[tuple[str, SessionResults]]) -> SessionResults:
     """Join the results of shards, in order; raise :class:`ResultsError` when one cell of one
     environment comes twice (the shards overlap: which result holds is not ours to pick)."""
     seen: dict[tuple[str, str, str, str], str] = {}
-    cells: list[CellRecord] = []
+    cells: list[CellResult] = []
     for source, part in parts:
         for c in part.cells:
             if c.key in seen:

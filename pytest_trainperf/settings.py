@@ -149,6 +149,24 @@ def parse_ref(value: str) -> str:
     return text
 
 
+CONFIRM_BASELINE, CONFIRM_NONE = "baseline", "none"
+"""The policies of ``--trainperf-confirm-against`` besides a git revision."""
+
+
+def parse_confirm_against(value: str) -> str:
+    """``baseline`` (confirm side by side against the commit each baseline measured), ``none`` (the stored
+    verdict stands), or a git revision to confirm against."""
+    text = value.strip()
+    if text.lower() in (CONFIRM_BASELINE, CONFIRM_NONE):
+        return text.lower()
+    try:
+        return parse_ref(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected {CONFIRM_BASELINE}, {CONFIRM_NONE} or a git branch, tag or commit (e.g. main), got {value!r}"
+        ) from None
+
+
 def parse_pairs(value: str) -> int:
     """A number of step pairs, at least 6 (fewer give no 95% sign-test interval)."""
     return _integer(value, 6, "an integer >= 6 (fewer pairs give no 95% interval)")
@@ -238,6 +256,10 @@ OPTIONS = (
             "tag or commit), measured side by side: two child processes, one per tree, alternate their steps "
             "in lockstep; no baseline file is read or written (implies --trainperf; POSIX only)",
             parse_ref, metavar="REF"),
+    _Option("--trainperf-confirm-against", "where a cell whose step time regressed against its stored baseline "
+            "is confirmed, side by side on this machine in lockstep: baseline (default: the commit holding the code "
+            "the baseline measured), a git revision, or none (the stored verdict stands)", parse_confirm_against,
+            metavar="POLICY"),
     _Option("--trainperf-pairs", "timed step pairs per cell of a --trainperf-against comparison, at least; up to "
             f"4 x N while the verdict is open, within --trainperf-max-time (default: {DEFAULT_PAIRS})",
             parse_pairs, metavar="N"),
@@ -294,13 +316,16 @@ class Settings:
     cudnn_benchmark: str = CUDNN_BENCHMARK[0]
     """``torch.backends.cudnn.benchmark`` during measurement: ``keep``, ``on`` or ``off``."""
     isolate: bool = False
-    """Run each cell in a fresh child process (see :mod:`pytest_trainperf.isolate`)."""
+    """Run each cell in a fresh child process (see :mod:`pytest_trainperf.runners.isolated`)."""
     plots: Path | None = None
     """The directory to write PNG figures to (None: no figures)."""
     against: str | None = None
-    """The git revision to compare with in lockstep (see :mod:`pytest_trainperf.against`); None: the baselines."""
+    """The git revision to compare with in lockstep (:mod:`pytest_trainperf.runners.lockstep`); None: the baselines."""
     pairs: int = DEFAULT_PAIRS
     """Timed step pairs per cell of a lockstep comparison."""
+    confirm_against: str = CONFIRM_BASELINE
+    """Where a timing regression against a stored baseline is confirmed side by side: ``baseline``
+    (the commit the baseline measured), ``none``, or a git revision."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -387,6 +412,7 @@ def resolve(config: pytest.Config) -> Settings:
         plots=_file(config, "trainperf_plots", values["trainperf_plots"]),
         against=against,
         pairs=values["trainperf_pairs"] or DEFAULT_PAIRS,
+        confirm_against=values["trainperf_confirm_against"] or CONFIRM_BASELINE,
     )
     check_outputs(settings)
     return settings

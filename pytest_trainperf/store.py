@@ -15,6 +15,7 @@ Layout of ``baselines/<test file path>.json`` (``baselines/examples/test_batch_s
                 "params": [["batch_size", 4], ["seq_len", 16]],
                 "kind": "train", "steps": 20, "warmup": 3,
                 "loss_curve": [...],
+                "source": {"commit": "<HEAD at the update>", "tree": "<the measured tree>"},
                 "metrics": {"step_time": {"value": ..., "unit": "s", "direction": "lower",
                                           "samples": [...], "rounds": [...]}, ...}}}}}}}
 
@@ -58,6 +59,7 @@ from pytest_trainperf.records import (
     Measurement,
     Metric,
     Outcome,
+    Source,
     check_figure,
     check_finite,
     finite_number,
@@ -324,10 +326,15 @@ def _parse_cell(path: Path, where: str, test: str, cell: str, raw: object) -> Me
     items = raw.get("items_per_step")
     _expect(items is None or (_number(items) and items > 0), path, f"{where}.items_per_step",
             "a positive number or null", items)
+    source = raw.get("source")
+    _expect(source is None or (isinstance(source, dict) and all(isinstance(source.get(k), str) and source[k]
+                                                               for k in ("commit", "tree"))),
+            path, f"{where}.source", 'an object {"commit": "<sha>", "tree": "<sha>"}', source)
     measurement = Measurement(test=test, cell=cell, params=tuple((p[0], p[1]) for p in params_raw),
                               metrics=metrics, loss_curve=tuple(float(v) for v in curve), kind=kind,
                               steps=steps, warmup=warmup, outcome=Outcome(outcome), detail=detail,
-                              items_per_step=None if items is None else float(items))
+                              items_per_step=None if items is None else float(items),
+                              source=None if source is None else Source(commit=source["commit"], tree=source["tree"]))
     _checked(path, where, check_finite(measurement))
     return measurement
 
@@ -485,6 +492,8 @@ def _cell_json(m: Measurement) -> dict[str, Any]:
         out["loss_curve"] = list(m.loss_curve)
     if m.items_per_step is not None:
         out["items_per_step"] = m.items_per_step
+    if m.source is not None:
+        out["source"] = {"commit": m.source.commit, "tree": m.source.tree}
     if m.outcome is not Outcome.MEASURED:
         out["outcome"] = m.outcome.value
         out["detail"] = m.detail

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _pytest import pytester as _pytester
 from hypothesis import settings
 
 pytest_plugins = ["pytester"]
@@ -14,6 +16,20 @@ pytest_plugins = ["pytester"]
 # does not hang on a lucky draw; local runs stay random and keep looking for new counterexamples.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# The fixture below wraps pytester's private SysModulesSnapshot(preserve=...), which pytest 8 and 9 have
+# (pyproject.toml's test extra pins that range). Say so plainly if a pytest changes it, rather than fail
+# every pytester test with torch's "cannot import twice" errors.
+if "preserve" not in inspect.signature(_pytester.SysModulesSnapshot.__init__).parameters:  # pragma: no cover
+    raise RuntimeError(f"tests/conftest.py: pytest {pytest.__version__}'s pytester.SysModulesSnapshot takes no "
+                       "`preserve` argument any more; expected pytest 8 or 9 (the test extra's pin)")
+
+
+def written_by_test(name: str, base: str) -> bool:
+    """Whether module ``name`` comes from a file under ``base`` (the files pytester's tests write).
+    A module with no file (a C extension's submodule such as ``torch._C._dynamo``) is not."""
+    file = getattr(sys.modules.get(name), "__file__", None)
+    return file is not None and str(Path(file)).startswith(base)
 
 
 @pytest.fixture(autouse=True)
@@ -24,16 +40,10 @@ def _keep_library_modules(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
     during it; torch and its C extensions cannot be imported twice in one process. Modules of the
     test files pytester writes (under the base temp dir) are still dropped, as pytester intends.
     """
-    from _pytest import pytester
-
     base = str(tmp_path_factory.getbasetemp())
-    original = pytester.SysModulesSnapshot.__init__
+    original = _pytester.SysModulesSnapshot.__init__
 
-    def written_by_test(name: str) -> bool:
-        module = sys.modules.get(name)
-        return str(Path(getattr(module, "__file__", None) or base)).startswith(base)
+    def init(self: _pytester.SysModulesSnapshot, preserve: Callable[[str], bool] | None = None) -> None:
+        original(self, preserve=lambda name: not written_by_test(name, base) or bool(preserve and preserve(name)))
 
-    def init(self: pytester.SysModulesSnapshot, preserve: Callable[[str], bool] | None = None) -> None:
-        original(self, preserve=lambda name: not written_by_test(name) or bool(preserve and preserve(name)))
-
-    monkeypatch.setattr(pytester.SysModulesSnapshot, "__init__", init)
+    monkeypatch.setattr(_pytester.SysModulesSnapshot, "__init__", init)

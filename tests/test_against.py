@@ -14,8 +14,9 @@ import torch  # noqa: F401  (loaded before pytester's in-process runs, as confte
 from results_schema import validate_results
 from scipy import stats as sps
 
-from pytest_trainperf import against, paired
+from pytest_trainperf import paired
 from pytest_trainperf.records import Direction, Measurement, Metric, Status
+from pytest_trainperf.runners import lockstep as against
 from pytest_trainperf.settings import parse_pairs, parse_ref
 
 # ------------------------------------------------------------------ paired statistics

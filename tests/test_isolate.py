@@ -14,8 +14,9 @@ import pytest
 import torch  # noqa: F401  (loaded before pytester's in-process runs, as conftest.py expects)
 from results_schema import validate_results
 
-from pytest_trainperf import isolate, results
+from pytest_trainperf import results
 from pytest_trainperf.records import Outcome
+from pytest_trainperf.runners import children as isolate
 from pytest_trainperf.settings import OPTIONS, Settings
 
 # Two tiny cells; with KILL the second one's process sends itself SIGKILL inside its step, as the

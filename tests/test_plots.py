@@ -77,8 +77,8 @@ def cell(test: str, params: Params, metrics: tuple[Metric, ...], **kwargs: objec
                        **kwargs)  # type: ignore[arg-type]
 
 
-def record(test_file: str, axes: Axes, now: Measurement, before: Measurement | None) -> results.CellRecord:
-    return results.CellRecord(nodeid=f"{test_file}::{now.test}[{now.cell}]", test_file=test_file, test=now.test,
+def record(test_file: str, axes: Axes, now: Measurement, before: Measurement | None) -> results.CellResult:
+    return results.CellResult(nodeid=f"{test_file}::{now.test}[{now.cell}]", test_file=test_file, test=now.test,
                               cell=now.cell, axes=axes, verdict=judge(now, before), fingerprint=CPU)
 
 
@@ -89,7 +89,7 @@ def grid(axes: Axes) -> list[Params]:
     return out
 
 
-def inference_grid() -> list[results.CellRecord]:
+def inference_grid() -> list[results.CellResult]:
     """A ``run`` grid of three variants (seed 003): batch size x sequence length, out of memory at the
     largest cells, one regression and one improvement against the baseline."""
     axes: Axes = (("batch_size", (1, 2, 4, 8, 16, 32, 64, 128)), ("seq_len", (128, 512)),
@@ -118,7 +118,7 @@ def inference_grid() -> list[results.CellRecord]:
     return out
 
 
-def recompute_grid() -> tuple[list[results.CellRecord], list[FigureVerdict]]:
+def recompute_grid() -> tuple[list[results.CellResult], list[FigureVerdict]]:
     """A ``train`` grid of plain and checkpointed steps (seed 000): batch size x window, the
     checkpointed step's cost relative to the plain one, one cost that rose beyond tolerance."""
     axes: Axes = (("batch_size", (1, 2, 4, 8, 16, 32)), ("window", (16, 32, 64, 128, 256, 512)),
@@ -155,7 +155,7 @@ def judged(spec: RelativeSpec | ScalingSpec, now: Sequence[Measurement], before:
     return derived.judge_figures(derive(spec, now), derive(spec, before), tolerance, where)
 
 
-def schedule_grid() -> tuple[list[results.CellRecord], list[FigureVerdict]]:
+def schedule_grid() -> tuple[list[results.CellResult], list[FigureVerdict]]:
     """Three model sizes (FLOPs counted) x three phases (seed 001): memory and time relative to no phase."""
     axes: Axes = (("model", ("s", "m", "l")), ("phase", ("none", "early", "late")))
     flops = {"s": 2e12, "m": 4e12, "l": 6e12}
@@ -176,7 +176,7 @@ def schedule_grid() -> tuple[list[results.CellRecord], list[FigureVerdict]]:
     return records, judged(spec, now_cells, before_cells, ("tests/test_schedule.py", "test_schedule", axes))
 
 
-def attention_grid() -> tuple[list[results.CellRecord], list[FigureVerdict]]:
+def attention_grid() -> tuple[list[results.CellResult], list[FigureVerdict]]:
     """Linear and quadratic attention along the sequence length (seed 002): the quadratic one's step
     time exponent rose from 1 to 2 against the baseline."""
     axes: Axes = (("seq_len", (128, 256, 512, 1024, 2048, 4096)), ("impl", ("linear", "quadratic")))
@@ -194,7 +194,7 @@ def attention_grid() -> tuple[list[results.CellRecord], list[FigureVerdict]]:
     return records, judged(spec, now_cells, before_cells, ("tests/test_attention.py", "test_attention", axes))
 
 
-def batch_scan() -> list[results.CellRecord]:
+def batch_scan() -> list[results.CellResult]:
     """Training at five batch sizes with their loss curves and items per step (seed 004)."""
     axes: Axes = (("batch_size", (8, 16, 32, 64, 128)),)
     out = []

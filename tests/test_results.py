@@ -46,8 +46,8 @@ def measurement(batch_size: int, name: str, scale: float = 1.0, memory: float = 
         loss_curve=(1.0, 0.75, 0.5), steps=6, warmup=1)
 
 
-def record(m: Measurement, verdict: CellVerdict, fingerprint: Fingerprint = CPU) -> results.CellRecord:
-    return results.CellRecord(nodeid=f"tests/test_x.py::test_mlp[{m.cell}]", test_file="tests/test_x.py",
+def record(m: Measurement, verdict: CellVerdict, fingerprint: Fingerprint = CPU) -> results.CellResult:
+    return results.CellResult(nodeid=f"tests/test_x.py::test_mlp[{m.cell}]", test_file="tests/test_x.py",
                               test="test_mlp", cell=m.cell, axes=AXES, verdict=verdict, fingerprint=fingerprint)
 
 

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ CPU = Fingerprint(device="Test CPU 9000", device_type="cpu", torch="2.4.0", cuda
                   cpu="Test CPU 9000", python="3.12.1", platform="linux-x86_64")
 CPU_8 = Fingerprint(device="Test CPU 9000", device_type="cpu", torch="2.4.0", cuda=None, threads=8,
                     cpu="Test CPU 9000", python="3.12.1", platform="linux-x86_64")
+
+LOCK_WAIT_POLLS = 2400
+"""Polls, 50 ms apart, for the concurrent writers to block on the lock (a bound for a slow start)."""
 
 STEP_SAMPLES = (0.0123, 0.0125, 0.0121, 0.0130, 0.0124)
 CURVE = (2.302585, 2.1, 1.875, 1.5000001)
@@ -490,10 +494,16 @@ PURE_MODULES = [
     "pytest_trainperf.records",
     "pytest_trainperf.units",
     "pytest_trainperf.stats",
+    "pytest_trainperf.paired",
+    "pytest_trainperf.derived",
+    "pytest_trainperf.judge",
     "pytest_trainperf.store",
-    "pytest_trainperf.report.heatmap",
-    "pytest_trainperf.report.markdown",
     "pytest_trainperf.results",
+    "pytest_trainperf.report.heatmap",
+    "pytest_trainperf.report.figures",
+    "pytest_trainperf.report.summary",
+    "pytest_trainperf.report.markdown",
+    "pytest_trainperf.report.plots",
     "pytest_trainperf.cli",
 ]
 
@@ -517,39 +527,74 @@ def test_pure_modules_import_neither_pytest_nor_torch(module: str) -> None:
     assert _imported_roots(source).isdisjoint({"pytest", "_pytest", "torch"})
 
 
+def test_pure_modules_load_neither_pytest_nor_torch_in_a_fresh_interpreter() -> None:
+    """What the source check cannot see: what importing each module loads (its package's ``__init__``
+    and every module it imports in turn), in a fresh interpreter, one module after the other."""
+    import subprocess
+    import sys
+
+    script = ("import importlib, sys\n"
+              "for name in sys.argv[1:]:\n"
+              "    importlib.import_module(name)\n"
+              "    loaded = sorted(m for m in ('pytest', '_pytest', 'torch') if m in sys.modules)\n"
+              "    print(name, *loaded)\n")
+    done = subprocess.run([sys.executable, "-c", script, *PURE_MODULES], capture_output=True, text=True,
+                          check=True)
+
+    assert done.stdout.splitlines() == PURE_MODULES  # each line: the module, then nothing it should not load
+
+
 def test_the_import_check_sees_nested_imports() -> None:
     source = "def f():\n    import torch.nn\n    from _pytest import fixtures\n"
 
     assert _imported_roots(source) == {"torch", "_pytest"}
 
 
+def _lock_waiters(directory: Path) -> int:
+    """Processes blocked in ``flock`` on ``directory`` right now (Linux's ``/proc/locks``: ``->`` lines)."""
+    inode = f":{os.stat(directory).st_ino} "
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(1 for line in lines if " -> " in line and "FLOCK" in line and inode in line)
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks to see the writers wait")
 def test_concurrent_updates_of_one_file_lose_no_cell(tmp_path: Path) -> None:
-    """Four processes each write their own cells into one file at the same moment: all survive."""
+    """Four processes each write their own cells into one file: while the test holds the file's lock,
+    all four are seen blocked on it (so their updates certainly overlap) and none has written; once
+    it is released, every cell of every writer survives."""
     import subprocess
     import sys
     import textwrap
 
     path = tmp_path / "baselines" / "test_x.json"
+    path.parent.mkdir(parents=True)
     script = textwrap.dedent(f"""
-        import sys, time
+        import sys
         from pathlib import Path
         from pytest_trainperf.records import Fingerprint, Measurement, Metric
         from pytest_trainperf.store import update
         worker = int(sys.argv[1])
         fp = Fingerprint(device="cpu", device_type="cpu", torch="2", cuda=None, threads=1, cpu="cpu")
-        start = float(sys.argv[2])
-        while time.time() < start:
-            pass
         for i in range(10):
             cell = Measurement(test="test_x", cell=f"w{{worker}}-{{i}}", params=(),
                                metrics=(Metric("flops", float(i)),))
             update(Path({str(path)!r}), fp, [cell])
     """)
-    import time
-
-    start = time.time() + 1.0
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(w), str(start)]) for w in range(4)]
-    assert all(p.wait(timeout=60) == 0 for p in procs)
+    procs = []
+    try:
+        with store.locked(path):
+            procs = [subprocess.Popen([sys.executable, "-c", script, str(w)]) for w in range(4)]
+            for _ in range(LOCK_WAIT_POLLS):  # a bound, not a timing: the writers import, then block
+                if _lock_waiters(path.parent) == 4 or any(p.poll() is not None for p in procs):
+                    break
+                time.sleep(0.05)
+            assert _lock_waiters(path.parent) == 4  # all four wait for the lock this test holds
+            assert not path.exists()  # and none of them wrote past it
+        assert all(p.wait(timeout=120) == 0 for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
     (env,) = read(path).environments.values()
     assert sorted(cell for _, cell in env.cells) == sorted(f"w{w}-{i}" for w in range(4) for i in range(10))
     assert sorted(p.name for p in path.parent.iterdir()) == ["test_x.json"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+import types
 
 import pytest
 import torch
 
+from pytest_trainperf.measure import timing
 from pytest_trainperf.measure.timing import SETTLE_MAX_SHARE, settled_from, time_steps
 
 
@@ -23,22 +25,25 @@ def test_settled_from(samples: list[float], expected: int) -> None:
     assert settled_from(samples) == expected
 
 
-def test_time_steps_moves_unsettled_timed_calls_to_the_warmup_and_keeps_every_call() -> None:
+def test_time_steps_moves_unsettled_timed_calls_to_the_warmup_and_keeps_every_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A step that is slow for its first five calls and asked for two warm-up calls: the timed calls
-    until a window's median is fast count as warm-up, and all 2 + 12 calls happened."""
+    until a window's median is fast count as warm-up, and all 2 + 12 calls happened. The timer reads a
+    clock that each call advances by its duration (20 ms, then 2 ms): no wall-clock time is involved."""
     calls = []
+    now = [0]
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter_ns=lambda: now[0]))
 
     def step() -> int:
         calls.append(len(calls))
-        time.sleep(0.02 if len(calls) <= 5 else 0.002)
+        now[0] += 20_000_000 if len(calls) <= 5 else 2_000_000
         return len(calls)
 
     timed = time_steps(step, 12, torch.device("cpu"), keep=lambda n: n, warmup=2)
 
     assert len(calls) == 14 and timed.kept == list(range(1, 15))
-    assert timed.warmup == 4
-    assert len(timed.samples) == 10
-    assert sorted(timed.samples)[1] < 0.015  # one slow call left, nine fast ones
+    assert timed.warmup == 4  # timed calls 3 and 4 (20 ms) were still warm-up; call 5 is one slow step left
+    assert timed.samples == pytest.approx([0.02] + [0.002] * 9)
 
 
 def test_time_steps_without_warmup_or_settling_keeps_every_sample() -> None:

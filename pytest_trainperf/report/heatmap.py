@@ -95,10 +95,11 @@ _ABSENT = _Absent()
 AxisValue = Scalar | _Absent
 """A value along one axis: one of its declared values, or absent from a cell's params."""
 
-_Key = tuple[bool, object]
+ValueKey = tuple[bool, object]
+"""An axis value as a dict key (:func:`value_key`)."""
 
 
-def _key(value: AxisValue) -> _Key:
+def value_key(value: AxisValue) -> ValueKey:
     """A dict key for an axis value that keeps ``True`` apart from ``1`` (and ``1`` equal to ``1.0``)."""
     return (isinstance(value, bool), value)
 
@@ -108,7 +109,7 @@ def _label(value: AxisValue, glyphs: _Glyphs) -> str:
 
 
 @dataclass(frozen=True)
-class _Axis:
+class GridAxis:
     """One axis of the rendered grid."""
 
     name: str
@@ -117,17 +118,17 @@ class _Axis:
     """Its values: the declared ones in order, then any others the cells carry, in order of appearance."""
 
 
-def _grid(
+def grid_axes(
     axes: Sequence[tuple[str, Sequence[Scalar]]], cells: Sequence[CellVerdict]
-) -> tuple[list[_Axis], dict[tuple[_Key, ...], CellVerdict]]:
+) -> tuple[list[GridAxis], dict[tuple[ValueKey, ...], CellVerdict]]:
     """The axes to render (declared, then extra params of the cells) and the cells by their keys."""
     names: list[str] = []
     values: dict[str, list[AxisValue]] = {}
-    seen: dict[str, set[_Key]] = {}
+    seen: dict[str, set[ValueKey]] = {}
 
     def add(name: str, value: AxisValue) -> None:
-        if _key(value) not in seen[name]:
-            seen[name].add(_key(value))
+        if value_key(value) not in seen[name]:
+            seen[name].add(value_key(value))
             values[name].append(value)
 
     def add_name(name: str) -> None:
@@ -143,14 +144,14 @@ def _grid(
     for cell in cells:
         for name, _ in cell.measurement.params:
             add_name(name)
-    index: dict[tuple[_Key, ...], CellVerdict] = {}
+    index: dict[tuple[ValueKey, ...], CellVerdict] = {}
     for cell in cells:
         params: dict[str, AxisValue] = dict(cell.measurement.params)
         point = [params.get(name, _ABSENT) for name in names]
         for name, at in zip(names, point, strict=True):
             add(name, at)
-        index.setdefault(tuple(_key(v) for v in point), cell)
-    return [_Axis(name, tuple(values[name])) for name in names], index
+        index.setdefault(tuple(value_key(v) for v in point), cell)
+    return [GridAxis(name, tuple(values[name])) for name in names], index
 
 
 def _change(verdict: MetricVerdict) -> tuple[str, str]:
@@ -228,10 +229,10 @@ def plain_table(*, leading: int = 0) -> Table:
 
 def _table(
     metric: str,
-    rows: _Axis | None,
-    columns: _Axis | None,
-    fixed: tuple[_Key, ...],
-    index: dict[tuple[_Key, ...], CellVerdict],
+    rows: GridAxis | None,
+    columns: GridAxis | None,
+    fixed: tuple[ValueKey, ...],
+    index: dict[tuple[ValueKey, ...], CellVerdict],
     *,
     stacked: bool,
     glyphs: _Glyphs,
@@ -255,7 +256,7 @@ def _table(
     for row in row_values:
         cells: list[Text] = [] if row is None else [Text(_label(row, glyphs))]
         for column in column_values:
-            point = [_key(v) for v in (row, column) if v is not None]
+            point = [value_key(v) for v in (row, column) if v is not None]
             cells.append(_cell(index.get((*point, *fixed)), metric, stacked=stacked, glyphs=glyphs,
                                factor=factor))
         table.add_row(*cells)
@@ -327,7 +328,7 @@ def render_heatmaps(
     if not metrics:
         return
     glyphs = _glyphs(console)
-    grid, index = _grid(axes, cells)
+    grid, index = grid_axes(axes, cells)
     rows = grid[0] if len(grid) > 0 else None
     columns = grid[1] if len(grid) > 1 else None
     further = grid[2:]
@@ -340,7 +341,7 @@ def render_heatmaps(
             title = Text(f"{test}{glyphs.sep}{metric}{suffix}", style="bold")
             for axis, value in zip(further, combination, strict=True):
                 title.append(f"{glyphs.sep}{axis.name}={_label(value, glyphs)}")
-            fixed = tuple(_key(v) for v in combination)
+            fixed = tuple(value_key(v) for v in combination)
             table = _table(metric, rows, columns, fixed, index, stacked=False, glyphs=glyphs, factor=factor)
             if not _fits(console, table):
                 table = _table(metric, rows, columns, fixed, index, stacked=True, glyphs=glyphs, factor=factor)

@@ -13,6 +13,7 @@ import itertools
 from collections.abc import Sequence
 
 from pytest_trainperf.records import (
+    CellResult,
     CellVerdict,
     FigureKind,
     FigureVerdict,
@@ -26,15 +27,15 @@ from pytest_trainperf.report.heatmap import (
     MARKERS,
     NOT_MEASURED,
     OUTCOME_MEANINGS,
-    _Axis,
-    _grid,
-    _Key,
-    _key,
+    GridAxis,
+    ValueKey,
     detectable_text,
+    grid_axes,
     interval_text,
+    value_key,
 )
 from pytest_trainperf.report.summary import metrics_to_show
-from pytest_trainperf.results import CellRecord, SessionResults
+from pytest_trainperf.results import SessionResults
 from pytest_trainperf.units import common_scale, format_value, in_scale
 
 TITLE = "pytest-trainperf"
@@ -78,8 +79,8 @@ def _label(value: object) -> str:
     return MISSING if not isinstance(value, (bool, int, float, str)) else _escape(str(value))
 
 
-def _table(metric: str, rows: _Axis | None, columns: _Axis | None, fixed: tuple[_Key, ...],
-           index: dict[tuple[_Key, ...], CellVerdict], factor: float) -> list[str]:
+def _table(metric: str, rows: GridAxis | None, columns: GridAxis | None, fixed: tuple[ValueKey, ...],
+           index: dict[tuple[ValueKey, ...], CellVerdict], factor: float) -> list[str]:
     header: list[str] = []
     if rows is not None:
         header.append(_escape(rows.name if columns is None else f"{rows.name} \\ {columns.name}"))
@@ -90,7 +91,7 @@ def _table(metric: str, rows: _Axis | None, columns: _Axis | None, fixed: tuple[
     for row in rows.values if rows is not None else (None,):
         cells = [] if row is None else [_label(row)]
         for column in column_values:
-            point = [_key(v) for v in (row, column) if v is not None]
+            point = [value_key(v) for v in (row, column) if v is not None]
             cells.append(_escape(_cell(index.get((*point, *fixed)), metric, factor)))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -100,7 +101,7 @@ def heatmap_tables(test: str, axes: Sequence[tuple[str, Sequence[Scalar]]], cell
                    metrics: Sequence[str]) -> list[str]:
     """The Markdown lines of one test's heatmaps: a heading and a table per metric and combination
     of the third and later axes."""
-    grid, index = _grid(axes, cells)
+    grid, index = grid_axes(axes, cells)
     rows = grid[0] if grid else None
     columns = grid[1] if len(grid) > 1 else None
     further = grid[2:]
@@ -113,7 +114,7 @@ def heatmap_tables(test: str, axes: Sequence[tuple[str, Sequence[Scalar]]], cell
             title = f"{_code(test)} · {metric}{suffix}"
             title += "".join(f" · {axis.name}={_label(v)}" for axis, v in zip(further, combination, strict=True))
             out += [f"#### {title}", ""]
-            out += _table(metric, rows, columns, tuple(_key(v) for v in combination), index, factor)
+            out += _table(metric, rows, columns, tuple(value_key(v) for v in combination), index, factor)
             out.append("")
     return out
 
@@ -125,7 +126,7 @@ def _counts(results: SessionResults) -> str:
     return f"**{n} cell{'s' * (n != 1)} measured**" + (": " + ", ".join(parts) if parts else "")
 
 
-def _regressions(cells: Sequence[CellRecord]) -> list[str]:
+def _regressions(cells: Sequence[CellResult]) -> list[str]:
     regressed = [c for c in cells if c.verdict.regressions or c.verdict.outcome is Status.REGRESSED]
     if not regressed:
         return []
@@ -175,6 +176,10 @@ def render_markdown(results: SessionResults, *, show: Sequence[str], hint: str =
     """The whole report as Markdown text: counts, regressions, heatmaps, environments, warnings,
     errors and baseline updates."""
     out = [f"## {title}", "", _counts(results), ""]
+    machine = results.machine
+    if machine is not None and not results.changes:
+        line = machine.describe()
+        out += [line[0].upper() + line[1:] + ".", ""]
     for warning in results.warnings:
         out += [f"> **Warning:** {warning}", ""]
     for error in results.errors:
@@ -183,7 +188,7 @@ def render_markdown(results: SessionResults, *, show: Sequence[str], hint: str =
     improved = results.counts[Status.IMPROVED]
     if improved and hint:
         out += [f"{improved} cell{'s' * (improved != 1)} improved beyond tolerance; to accept: {_code(hint)}", ""]
-    groups: dict[tuple[str, str], list[CellRecord]] = {}
+    groups: dict[tuple[str, str], list[CellResult]] = {}
     for c in results.cells:
         groups.setdefault((c.test_file, c.test), []).append(c)
     ordered = sorted(groups.items(), key=lambda kv: not any(c.verdict.regressions for c in kv[1]))

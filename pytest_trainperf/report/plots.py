@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pytest_trainperf.records import (
+    CellResult,
     CellVerdict,
     FigureKind,
     FigureVerdict,
@@ -49,8 +50,8 @@ from pytest_trainperf.records import (
     format_change,
     relative_change,
 )
-from pytest_trainperf.report.heatmap import MARKERS, AxisValue, _Axis, _grid, _Key, _key
-from pytest_trainperf.results import CellRecord, SessionResults
+from pytest_trainperf.report.heatmap import MARKERS, AxisValue, GridAxis, ValueKey, grid_axes, value_key
+from pytest_trainperf.results import SessionResults
 from pytest_trainperf.units import common_scale, format_value, in_scale
 
 if TYPE_CHECKING:
@@ -154,8 +155,8 @@ class _Names:
 # --------------------------------------------------------------------------- helpers
 
 
-def _by_test(cells: Iterable[CellRecord]) -> dict[tuple[str, str], list[CellRecord]]:
-    groups: dict[tuple[str, str], list[CellRecord]] = {}
+def _by_test(cells: Iterable[CellResult]) -> dict[tuple[str, str], list[CellResult]]:
+    groups: dict[tuple[str, str], list[CellResult]] = {}
     for c in cells:
         groups.setdefault((c.test_file, c.test), []).append(c)
     return groups
@@ -312,7 +313,7 @@ def _log_axis(ax: Axes, which: str, values: Sequence[float]) -> None:
 # --------------------------------------------------------------------------- heatmaps
 
 
-def _heatmap_metrics(cells: Sequence[CellRecord]) -> list[str]:
+def _heatmap_metrics(cells: Sequence[CellResult]) -> list[str]:
     """The heatmap metrics some cell has; ``step_time`` for a grid whose cells all failed to fit."""
     if not cells or not cells[0].axes and len(cells) < 2:
         return []
@@ -370,7 +371,7 @@ def _change(found: MetricVerdict) -> str:
     return format_change(relative_change(found.current, found.baseline))
 
 
-def _heatmap(title: str, cells: Sequence[CellRecord], metric: str) -> list[Canvas]:
+def _heatmap(title: str, cells: Sequence[CellResult], metric: str) -> list[Canvas]:
     """The heatmap figures of one test and metric: one panel per combination of further axes,
     :data:`PANELS_PER_FIGURE` panels per figure, one colour scale across them all."""
     from matplotlib import colormaps
@@ -378,8 +379,8 @@ def _heatmap(title: str, cells: Sequence[CellRecord], metric: str) -> list[Canva
     from matplotlib.patches import Patch, Rectangle
 
     verdicts = [c.verdict for c in cells]
-    grid, index = _grid(cells[0].axes, verdicts)
-    rows = grid[0] if grid else _Axis("", ("",))
+    grid, index = grid_axes(cells[0].axes, verdicts)
+    rows = grid[0] if grid else GridAxis("", ("",))
     columns = grid[1] if len(grid) > 1 else None
     further = grid[2:]
     found = [m for v in verdicts for m in v.metrics if m.name == metric]
@@ -394,9 +395,10 @@ def _heatmap(title: str, cells: Sequence[CellRecord], metric: str) -> list[Canva
         norm = Normalize(low, high if high > low else low + 1.0)
     cmap = colormaps["viridis"].with_extremes(bad="white")
     column_values: tuple[AxisValue, ...] = columns.values if columns is not None else ("",)
-    panels = [(combination, [[_entry(index.get(_point(row, column, rows, columns, tuple(_key(v) for v in combination))),
-                                      metric, factor) for column in column_values] for row in rows.values])
-              for combination in itertools.product(*(axis.values for axis in further))]
+    panels = [(combination, [[_entry(index.get(_point(row, column, rows, columns, fixed)), metric, factor)
+                              for column in column_values] for row in rows.values])
+              for combination in itertools.product(*(axis.values for axis in further))
+              for fixed in [tuple(value_key(v) for v in combination)]]
     texts = [e for _, entries in panels for line in entries for e in line]
     lines = max(len(e.lines) for e in texts)
     chars = max((len(t) for e in texts for t in e.lines if e.status is Status.UNCHANGED or e.outcome is not None),
@@ -466,19 +468,19 @@ def _heatmap(title: str, cells: Sequence[CellRecord], metric: str) -> list[Canva
     return canvases
 
 
-def _point(row: AxisValue, column: AxisValue, rows: _Axis, columns: _Axis | None,
-           fixed: tuple[_Key, ...]) -> tuple[_Key, ...]:
+def _point(row: AxisValue, column: AxisValue, rows: GridAxis, columns: GridAxis | None,
+           fixed: tuple[ValueKey, ...]) -> tuple[ValueKey, ...]:
     """The index key of a heatmap cell (a test without axes has one cell, keyed by nothing)."""
-    point = [] if not rows.name else [_key(row)]
+    point = [] if not rows.name else [value_key(row)]
     if columns is not None:
-        point.append(_key(column))
+        point.append(value_key(column))
     return (*point, *fixed)
 
 
 # --------------------------------------------------------------------------- latency against batch
 
 
-def _numeric_axis(cells: Sequence[CellRecord]) -> str | None:
+def _numeric_axis(cells: Sequence[CellResult]) -> str | None:
     """The first declared axis whose values are all numbers, at least two of them."""
     for name, values in cells[0].axes:
         if len(values) > 1 and all(_number(v) is not None for v in values):
@@ -486,7 +488,7 @@ def _numeric_axis(cells: Sequence[CellRecord]) -> str | None:
     return None
 
 
-def _latency(title: str, cells: Sequence[CellRecord]) -> Canvas | None:
+def _latency(title: str, cells: Sequence[CellResult]) -> Canvas | None:
     """Latency per call of ``run`` cells against the first numeric axis, a line per combination of
     the other axes; None when no line has two points."""
     runs = [c for c in cells if c.verdict.measurement.kind == "run"]
@@ -545,7 +547,7 @@ def _colour(n: int) -> str:
 # --------------------------------------------------------------------------- items processed, by loss
 
 
-def _items(title: str, cells: Sequence[CellRecord]) -> Canvas | None:
+def _items(title: str, cells: Sequence[CellResult]) -> Canvas | None:
     """Items processed (``(step + 1) * items_per_step``) against step, coloured by the loss, a line
     per ``train`` cell with a loss curve and ``items_per_step``; None when no cell has both."""
     curves: list[tuple[Measurement, list[tuple[int, float]]]] = []
@@ -607,10 +609,10 @@ def _items(title: str, cells: Sequence[CellRecord]) -> Canvas | None:
 
 def _varying(params: Sequence[Sequence[tuple[str, Scalar]]]) -> set[str]:
     """The axis names whose values differ between the cells."""
-    values: dict[str, set[_Key]] = {}
+    values: dict[str, set[ValueKey]] = {}
     for p in params:
         for k, v in p:
-            values.setdefault(k, set()).add(_key(v))
+            values.setdefault(k, set()).add(value_key(v))
     return {k for k, seen in values.items() if len(seen) > 1}
 
 
@@ -620,13 +622,13 @@ def _varying(params: Sequence[Sequence[tuple[str, Scalar]]]) -> set[str]:
 def _ordered(values: Iterable[Scalar], declared: Sequence[Scalar]) -> list[Scalar]:
     """Distinct values in declared order, then the others in order of appearance."""
     out: list[Scalar] = []
-    keys: set[_Key] = set()
+    keys: set[ValueKey] = set()
     for v in [*declared, *values]:
-        if _key(v) not in keys:
-            keys.add(_key(v))
+        if value_key(v) not in keys:
+            keys.add(value_key(v))
             out.append(v)
-    present = {_key(v) for v in values}
-    return [v for v in out if _key(v) in present]
+    present = {value_key(v) for v in values}
+    return [v for v in out if value_key(v) in present]
 
 
 def _rest(verdict: FigureVerdict) -> tuple[tuple[str, Scalar], ...]:
@@ -641,14 +643,14 @@ def _rest_order(figures: Sequence[FigureVerdict]) -> list[tuple[tuple[str, Scala
     def rank(rest: tuple[tuple[str, Scalar], ...]) -> tuple[int, ...]:
         out = []
         for k, v in rest:
-            values = [_key(x) for x in declared.get(k, ())]
-            out.append(values.index(_key(v)) if _key(v) in values else len(values))
+            values = [value_key(x) for x in declared.get(k, ())]
+            out.append(values.index(value_key(v)) if value_key(v) in values else len(values))
         return tuple(out)
 
     return sorted(rests, key=rank)
 
 
-def _reference_flops(figures: Sequence[FigureVerdict], cells: Sequence[CellRecord],
+def _reference_flops(figures: Sequence[FigureVerdict], cells: Sequence[CellResult],
                      rests: Sequence[tuple[tuple[str, Scalar], ...]]) -> dict[tuple[tuple[str, Scalar], ...], float]:
     """The FLOPs of the reference cell at each cell of the other axes, when every one counted them."""
     axis, reference = figures[0].figure.axis, figures[0].figure.reference
@@ -663,7 +665,7 @@ def _reference_flops(figures: Sequence[FigureVerdict], cells: Sequence[CellRecor
 
 
 def _relative_bars(test_file: str, test: str, metric: str, figures: Sequence[FigureVerdict],
-                   cells: Sequence[CellRecord]) -> Canvas:
+                   cells: Sequence[CellResult]) -> Canvas:
     """Bars of each variant's value relative to the reference, in %, per cell of the other axes."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -679,11 +681,11 @@ def _relative_bars(test_file: str, test: str, metric: str, figures: Sequence[Fig
     position = {r: i for i, r in enumerate(rests)}
     width = 0.8 / max(len(variants), 1)
     canvas, (ax,) = _canvas()
-    by_variant = {_key(v): n for n, v in enumerate(variants)}
+    by_variant = {value_key(v): n for n, v in enumerate(variants)}
     many = len(figures) > CROWDED
     regressed = baseline_shown = False
     for f in figures:
-        n = by_variant[_key(dict(f.figure.params)[axis])]
+        n = by_variant[value_key(dict(f.figure.params)[axis])]
         x = position[_rest(f)] - 0.4 + width * (n + 0.5)
         value = 100 * f.figure.value
         error = None
@@ -767,16 +769,16 @@ def _relative_heatmaps(test_file: str, test: str, metric: str,
     values = [100 * f.figure.value for f in figures if math.isfinite(f.figure.value)]
     norm = CenteredNorm(0.0, max((abs(v) for v in values), default=1.0) or 1.0)
     cmap = colormaps["coolwarm"].with_extremes(bad="white")
-    rows = {_key(v): i for i, v in enumerate(row_values)}
-    columns = {_key(v): j for j, v in enumerate(column_values)}
+    rows = {value_key(v): i for i, v in enumerate(row_values)}
+    columns = {value_key(v): j for j, v in enumerate(column_values)}
     out = []
     for variant in variants:
-        mine = [f for f in figures if _key(dict(f.figure.params)[axis]) == _key(variant)]
+        mine = [f for f in figures if value_key(dict(f.figure.params)[axis]) == value_key(variant)]
         data = [[math.nan] * len(column_values) for _ in row_values]
         texts: dict[tuple[int, int], FigureVerdict] = {}
         for f in mine:
             (_, r), (_, c) = _rest(f)
-            i, j = rows[_key(r)], columns[_key(c)]
+            i, j = rows[value_key(r)], columns[value_key(c)]
             data[i][j] = 100 * f.figure.value
             texts[(i, j)] = f
         canvas, (ax,) = _canvas()

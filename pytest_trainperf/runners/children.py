@@ -1,73 +1,39 @@
-"""``--trainperf-isolate``: each trainperf cell runs in a fresh child process.
+"""What the runners that start child processes share: the child's command line and environment, how it
+is started and waited for, the outcome file it writes at its end, and how the parent reads it.
 
-A cell that the kernel kills (the OOM killer sends SIGKILL) or that crashes the interpreter (a
-segfault in an extension, an abort) takes only its own process down: the session reports the cell
-as out of memory (:attr:`Outcome.OOM_KILLED`) or crashed (:attr:`Outcome.CRASHED`) and goes on.
-Every isolated cell also reports ``peak_rss``, the peak resident set size of its process (bytes,
-report-only unless a test gives it a tolerance).
-
-How the work is split:
-
-* The **parent** (the pytest session the user started; :class:`TrainPerfIsolation`) collects, sets up
-  and tears down every test as usual, and reports it through pytest's own machinery. For an item that
-  uses the ``trainperf`` fixture, a ``tryfirst`` ``pytest_pyfunc_call`` runs the test function in a
-  child, ``python -m pytest <node id>``, instead of calling it. The item then passes or fails as the
-  child's run says, with the parent's own verdict against the baseline (re-judged here, so the grid
-  correction spans all the cells of the session), or with the child's failure message.
-
-  Why ``pytest_pyfunc_call`` and not a protocol of our own: the reports, ``-x``, xfail, JUnit and the
-  terminal all stay pytest's. The price: the test's fixtures are set up in the parent too (the
-  ``trainperf`` fixture itself is cheap there). Build the model and data inside the test function, as
-  the examples do, so the parent never allocates the workload.
-
-* The **child** (marked by :data:`CHILD_ENV`, the path it writes to; it is never isolated again)
-  measures its one cell as a normal session would, confirmation re-measurements included, adds
-  ``peak_rss`` (``getrusage``) to the cell's measurement, and at the end writes the reports of its
-  test and its results (:mod:`pytest_trainperf.results`) to that file (:class:`TrainPerfChild`).
-
-* A child that leaves no result: exit by SIGKILL is out of memory (killed), any other signal or exit
-  is a crash, with the last lines of its output in the failure. Its ``peak_rss`` comes from the
-  kernel's accounting of the dead child (``os.wait4``), its environment fingerprint from the parent.
-
-Updates: the child writes its cell's baseline itself, as a pytest-xdist worker does, under the lock
-that :func:`store.update` holds, after its own noise rounds (``--trainperf-rounds``: the rounds of one
-cell run back to back in its child, not interleaved with other cells); the parent takes in the cell
-and the baseline changes. A killed cell's outcome is written by the parent (its child wrote nothing);
-a crashed cell is never written. The options of the session reach the child on its command line,
-built from the resolved :class:`Settings` (:func:`child_args`), with the same rootdir and ini file.
+A child is ``python -m pytest <node id>`` with the session's options (:func:`command`). It measures its
+one cell as a normal session would (its in-process runner), and :class:`ChildReporter` writes the
+reports of its test and its results to the file named by :data:`CHILD_ENV`. The parent reads that file
+(:func:`wait_child`), or, when the child left none, tells out of memory (SIGKILL) from a crash
+(:func:`death`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from pytest_trainperf import results
-from pytest_trainperf.outputs import STEP_SUMMARY_ENV
-from pytest_trainperf.records import Measurement, Metric, Outcome
+from pytest_trainperf.records import CellResult, Outcome
 from pytest_trainperf.settings import OPTIONS, Settings
-from pytest_trainperf.units import format_value
 
-if TYPE_CHECKING:
-    from pytest_trainperf.plugin import TrainPerfSession
+STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
+"""The file GitHub Actions renders as the job's summary (the session's Markdown report is appended to it)."""
 
-PLUGIN_NAME = "trainperf-isolate"
-"""The name the parent's or the child's part is registered under."""
+PLUGIN_NAME = "trainperf-child"
+"""The name a child's reporter is registered under."""
 CHILD_ENV = "PYTEST_TRAINPERF_CHILD"
-"""Set in an isolated child's environment to the file it writes its outcome to."""
-FIXTURE = "trainperf"
-"""Tests that request this fixture are isolated."""
+"""Set in a child's environment to the file it writes its outcome to."""
+LOCKSTEP_ENV = "PYTEST_TRAINPERF_LOCKSTEP"
+"""Set in a lockstep child's environment to ``<fd it reads commands from>,<fd it answers on>``."""
 FORMAT = "pytest-trainperf isolated cell"
 """The ``format`` marker of a child's outcome file."""
 OUTPUT_LINES = 20
@@ -104,6 +70,7 @@ def child_args(settings: Settings) -> list[str]:
     if settings.memory_budget is not None:
         args.append(f"--trainperf-memory-budget={settings.memory_budget}")
     args.append(f"--trainperf-cudnn-benchmark={settings.cudnn_benchmark}")
+    args.append("--trainperf-confirm-against=none")  # a child never confirms side by side: its parent does
     return args
 
 
@@ -203,7 +170,7 @@ def load_outcome(source: str, text: str) -> ChildOutcome:
     return ChildOutcome(reports=reports, results=found)
 
 
-def _phase(report: pytest.TestReport | pytest.CollectReport) -> PhaseReport:
+def phase_report(report: pytest.TestReport | pytest.CollectReport) -> PhaseReport:
     text = ""
     if report.failed:
         text = report.longreprtext
@@ -211,43 +178,6 @@ def _phase(report: pytest.TestReport | pytest.CollectReport) -> PhaseReport:
         text = str(report.longrepr[2]).removeprefix("Skipped: ")
     return PhaseReport(nodeid=report.nodeid, when=getattr(report, "when", "collect"), outcome=report.outcome,
                        text=text, xfail=getattr(report, "wasxfail", None))
-
-
-class TrainPerfChild:
-    """An isolated child's part: add ``peak_rss`` to its cell, write its reports and results at the end."""
-
-    def __init__(self, session: TrainPerfSession, path: Path) -> None:
-        self.session = session
-        self.path = path
-        self.reports: list[PhaseReport] = []
-
-    @pytest.hookimpl(wrapper=True, trylast=True)  # inside the session's wrapper, which then reads the cell
-    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
-        result = yield
-        from pytest_trainperf.plugin import FIXTURE_KEY
-
-        fixture = item.stash.get(FIXTURE_KEY, None)
-        if (fixture is not None and self.session.settings.enabled and not fixture.timing_only
-                and fixture.result() is not None):
-            import resource
-
-            peak = rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-            fixture.add_metric(Metric("peak_rss", peak, "B"))
-        return result
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.reports.append(_phase(report))
-
-    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
-        if report.failed:
-            self.reports.append(_phase(report))
-
-    @pytest.hookimpl(trylast=True)  # after the session object wrote the cell's baseline
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        from pytest_trainperf.outputs import session_results
-        from pytest_trainperf.store import write_atomic
-
-        write_atomic(self.path, dump_outcome(ChildOutcome(tuple(self.reports), session_results(self.session))))
 
 
 # --------------------------------------------------------------------------- the parent
@@ -315,7 +245,7 @@ def death(returncode: int) -> tuple[Outcome, str]:
     return Outcome.CRASHED, f"crashed: exited with status {returncode} without a result"
 
 
-def child_record(item: pytest.Function, done: ChildOutcome, run: ChildRun) -> results.CellRecord | None:
+def child_record(item: pytest.Function, done: ChildOutcome, run: ChildRun) -> CellResult | None:
     """The cell a child measured for ``item``; fails, skips or xfails ``item`` (raising pytest's
     outcome exception) as the child's run of it did; None when it passed and measured nothing."""
     reports = [r for r in done.reports if r.nodeid == item.nodeid or r.when == "collect"]
@@ -338,81 +268,40 @@ def child_record(item: pytest.Function, done: ChildOutcome, run: ChildRun) -> re
     return record
 
 
-class TrainPerfIsolation:
-    """The parent's part: runs each trainperf test function in a child and concludes its cell."""
+class ChildReporter:
+    """A child's part: keep the reports of its test, and write them with its results at its end."""
 
-    def __init__(self, session: TrainPerfSession) -> None:
-        self.session = session
+    def __init__(self, ledger: results.Ledger, path: Path) -> None:
+        self.ledger = ledger
+        self.path = path
+        self.reports: list[PhaseReport] = []
 
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_pyfunc_call(self, pyfuncitem: pytest.Function) -> bool | None:
-        if FIXTURE not in pyfuncitem.fixturenames:
-            return None
-        if self.session.round == 1:  # an update's noise rounds of an isolated cell ran in its child
-            self._conclude(pyfuncitem, self._run(pyfuncitem))
-        return True
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.reports.append(phase_report(report))
 
-    def _run(self, item: pytest.Function) -> ChildRun:
-        config = self.session.config
-        workdir = Path(tempfile.mkdtemp(prefix="trainperf-isolate-"))
-        argv = [sys.executable, "-m", "pytest", item.nodeid, "-p", "no:cacheprovider", "-q", "--color=no",
-                "-o", "addopts=", f"--rootdir={config.rootpath}", f"--basetemp={workdir / 'tmp'}"]
-        if config.inipath is not None:
-            argv += ["-c", str(config.inipath)]
-        argv += passed_through(config.invocation_params.args) + ini_overrides() + child_args(self.session.settings)
-        try:
-            return run_child(argv, config.rootpath, child_env(os.environ), workdir)
-        except ChildError as exc:
-            pytest.fail(f"trainperf: {item.nodeid}: the isolated run's {exc}", pytrace=False)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self.reports.append(phase_report(report))
 
-    def _conclude(self, item: pytest.Function, run: ChildRun) -> None:
-        if run.outcome is None:
-            self._dead(item, run)
-            return
-        record = child_record(item, run.outcome, run)
-        if record is None:
-            return
-        if self.session.settings.update:  # the child wrote the cell's baseline: take in what it did
-            from pytest_trainperf.outputs import result_of
+    @pytest.hookimpl(trylast=True)  # after the session object wrote the cell's baseline
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        from pytest_trainperf.store import write_atomic
 
-            self.session.results.append(result_of(record))
-            self.session.changes += run.outcome.results.changes
-            self.session.write_errors += run.outcome.results.errors
-            return
-        from pytest_trainperf.plugin import FIXTURE_KEY
-
-        cell = item.stash[FIXTURE_KEY].cell
-        self.session.accept(item, cell, record.fingerprint, record.verdict.measurement)
-
-    def _dead(self, item: pytest.Function, run: ChildRun) -> None:
-        """Conclude a cell whose child died: out of memory if killed by SIGKILL, else crashed."""
-        outcome, detail = death(run.returncode)
-        message = (f"trainperf: isolated cell {item.nodeid} {detail}; its process's peak RSS was "
-                   f"{format_value(run.peak_rss, 'B')}.\nThe last lines of its output:\n{run.output}")
-        settings = self.session.settings
-        if not settings.enabled:
-            pytest.fail(message, pytrace=False)
-        from pytest_trainperf.plugin import FIXTURE_KEY
-
-        last = next((line.strip() for line in reversed(run.output.splitlines()) if line.strip()), "")
-        if outcome is Outcome.CRASHED and last:
-            detail += f"; last output: {last[:DETAIL_CHARS]}"
-        fixture = item.stash[FIXTURE_KEY]
-        cell, fingerprint = fixture.cell, fixture.fingerprint()
-        measurement = Measurement(test=cell.test, cell=cell.cell, params=cell.params,
-                                  metrics=(Metric("peak_rss", run.peak_rss, "B"),), outcome=outcome, detail=detail)
-        self.session.accept(item, cell, fingerprint, measurement)  # fails it when the outcome regressed
+        write_atomic(self.path, dump_outcome(ChildOutcome(tuple(self.reports), self.ledger.snapshot())))
 
 
-def register(config: pytest.Config, session: TrainPerfSession) -> None:
-    """Register the child's part in an isolated child, the parent's under ``--trainperf-isolate``."""
-    child = os.environ.get(CHILD_ENV)
-    if child:
-        config.pluginmanager.register(TrainPerfChild(session, Path(child)), PLUGIN_NAME)
-    elif session.settings.isolate:
-        if not hasattr(os, "wait4"):
-            raise pytest.UsageError(f"--trainperf-isolate: expected a POSIX system (Linux, macOS) with os.wait4; "
-                                    f"this one ({sys.platform}) has none")
-        config.pluginmanager.register(TrainPerfIsolation(session), PLUGIN_NAME)
+def register_reporter(config: pytest.Config, ledger: results.Ledger) -> None:
+    """In a child process: register the reporter that writes its outcome for its parent."""
+    path = os.environ.get(CHILD_ENV)
+    if path:
+        config.pluginmanager.register(ChildReporter(ledger, Path(path)), PLUGIN_NAME)
+
+
+def command(nodeid: str, rootdir: Path, basetemp: Path, inifile: Path | None, config: pytest.Config,
+            settings: Settings) -> list[str]:
+    """A child's command line: pytest on one node id, with this session's options."""
+    argv = [sys.executable, "-m", "pytest", nodeid, "-p", "no:cacheprovider", "-q", "--color=no",
+            "-o", "addopts=", f"--rootdir={rootdir}", f"--basetemp={basetemp}"]
+    if inifile is not None:
+        argv += ["-c", str(inifile)]
+    return argv + passed_through(config.invocation_params.args) + ini_overrides() + child_args(settings)

@@ -1,0 +1,215 @@
+"""The one decision: a cell's measurement (or a pair of them) and what it is compared with -> a
+verdict and, when it regressed, the message that fails it.
+
+Every way of running a cell ends here: the in-process cell, the isolated child's cell re-judged by its
+parent, the lockstep pair, and the figures of a whole grid. Pure: imports neither pytest nor torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from pytest_trainperf import derived, paired, stats
+from pytest_trainperf.records import (
+    CellVerdict,
+    Figure,
+    FigureKind,
+    FigureVerdict,
+    Measurement,
+    Outcome,
+    RelativeSpec,
+    Scalar,
+    ScalingSpec,
+    Status,
+    format_change,
+    format_scalar,
+)
+
+UPDATE_HINT = "pytest --trainperf-update-baselines"
+"""The command that accepts intended changes."""
+
+
+@dataclass(frozen=True)
+class Against:
+    """What a cell is compared with, as its failure message names it."""
+
+    where: str
+    """The message's second line: ``tests/x.py::t[a] against its baseline in baselines/x.json``."""
+    environment: str
+    """The environment's fingerprint key."""
+    other: str = ""
+    """A git revision measured side by side (``main``); empty: the stored baseline."""
+    shown: str = ""
+    """The baseline file as shown, for the hint to commit it (empty: no baseline file involved)."""
+
+    @property
+    def hint(self) -> str:
+        """The last line: how to accept an intended change (none in a side-by-side comparison)."""
+        return f"If the change is intended, run `{UPDATE_HINT}` and commit {self.shown}." if self.shown else ""
+
+
+@dataclass(frozen=True)
+class Retimed:
+    """How a cell's timings were confirmed before its verdict was given."""
+
+    rounds: int = 0
+    """Re-measurements made."""
+    skipped_for: float | None = None
+    """The ``--trainperf-max-time`` (seconds) that left a due re-measurement undone; None: none was."""
+
+
+def cell(now: Measurement, baseline: Measurement | None, overrides: Mapping[str, float],
+         grid: Mapping[str, Sequence[float]] | None = None, grid_size: int = 1) -> CellVerdict:
+    """The verdict on a cell against its stored baseline, its timings corrected for the other cells
+    of its grid judged so far (``grid``: their p-values per metric)."""
+    verdict = stats.judge(now, baseline, overrides)
+    return stats.correct_for_grid(verdict, grid or {}, grid_size)
+
+
+def side_by_side(now: Measurement, reference: Measurement | None, overrides: Mapping[str, float]) -> CellVerdict:
+    """The verdict on a cell measured in lockstep with ``reference`` (None: nothing to compare with,
+    the cell is new)."""
+    if reference is None:
+        return stats.judge(now, None, overrides)
+    return paired.judge_paired(now, reference, overrides)
+
+
+def confirmed(screen: CellVerdict, pair: CellVerdict, against: str) -> CellVerdict:
+    """The verdict of a cell whose timings regressed against the stored baseline (``screen``) and were
+    measured again side by side with ``against`` (``pair``): the timings as the pair judged them, every
+    other metric (the exact ones: FLOPs, memory, loss) as the stored baseline judged it."""
+    timing = {m.name: m for m in pair.metrics if m.name in stats.TIMING_METRICS}
+    return replace(screen, metrics=tuple(timing.get(m.name, m) for m in screen.metrics),
+                   screen=tuple(m for m in screen.metrics if m.name in timing), confirmed_against=against)
+
+
+def timing_regressed(verdict: CellVerdict) -> bool:
+    """Whether a timing metric is among the verdict's regressions (what confirmation re-times)."""
+    return any(m.name in stats.TIMING_METRICS for m in verdict.regressions)
+
+
+def failure(verdict: CellVerdict, against: Against, retimed: Retimed = Retimed()) -> str:
+    """The failure message of a cell that regressed; empty when it did not."""
+    other = against.other
+    now = verdict.measurement
+    if verdict.outcome is Status.REGRESSED:
+        before = verdict.baseline_outcome
+        if other:
+            head = f"{now.outcome.value} in this tree, {before.value if before is not None else 'nothing'} at {other}"
+        else:
+            head = ("crashed" if now.outcome is Outcome.CRASHED else
+                    f"out of memory ({now.outcome.value}), where the baseline was measured")
+            if before is not None and before is not Outcome.MEASURED and now.outcome is Outcome.CRASHED:
+                head += f" (the baseline: {before.value})"
+        lines = [f"trainperf regression: {head}", against.where]
+        lines += [] if other else [f"environment: {against.environment}"]
+        lines.append(f"  {now.detail}")
+        return "\n".join(lines + ([against.hint] if against.hint else []))
+    if not verdict.regressions:
+        return ""
+    worst = ", ".join(f"{m.name} {format_change(m.change)}" for m in verdict.regressions if m.change is not None)
+    side = verdict.confirmed_against
+    lines = [f"trainperf regression: {worst}" + (f" (confirmed side by side with {side})" if side else ""),
+             against.where + (f", confirmed side by side with {side} on this machine" if side else ""),
+             f"environment: {against.environment}"]
+    screened = {m.name: m for m in verdict.screen}
+    for m in verdict.regressions:
+        line = m.describe()
+        if other:
+            line = line.replace(": baseline ", f": at {other} ", 1)
+        elif m.name in screened:
+            lines.append(f"  stored: {screened[m.name].describe()}")
+            line = f"side by side: {line.replace(': baseline ', f': at {side} ', 1)}"
+        lines.append(f"  {line}")
+    if timing_regressed(verdict):
+        pairs = now.metric("step_time")
+        if (other or side) and pairs is not None:
+            count = len(pairs.samples) if other else None
+            lines.append(f"  (timings side by side: the median of {count or 'the'} per-pair ratios, this tree / "
+                         f"{other or side}, with its 95% sign-test interval)")
+        if retimed.rounds:
+            lines.append(f"  (timings confirmed by {retimed.rounds} re-measurement{'s' * (retimed.rounds > 1)}; "
+                         "figures from the last)")
+        if retimed.skipped_for is not None:
+            lines.append(f"  (not re-measured to confirm: the cell used its --trainperf-max-time of "
+                         f"{retimed.skipped_for:g} s)")
+    return "\n".join(lines + ([against.hint] if against.hint else []))
+
+
+def crashed_in_update(nodeid: str, detail: str) -> str:
+    """The failure of a cell that crashed during an update: no baseline is written for it."""
+    return f"trainperf: {nodeid} crashed: {detail}\nIts baseline was not updated."
+
+
+def missing_baseline(nodeid: str, shown: str, environment: str) -> str:
+    """The failure of a cell without a baseline for its environment under ``--trainperf-strict``."""
+    return (f"trainperf: {nodeid} has no baseline for this environment in {shown} (--trainperf-strict)\n"
+            f"environment: {environment}\nCreate it with `{UPDATE_HINT}`.")
+
+
+# --------------------------------------------------------------------------- figures of a grid
+
+
+@dataclass(frozen=True)
+class FigureSpecs:
+    """The figures one grid test asks for: ``tp.relative`` and any ``tp.scaling`` fits."""
+
+    relative: RelativeSpec | None
+    """The relative view, if any."""
+    scaling: tuple[ScalingSpec, ...]
+    """The scaling fits, in decoration order."""
+
+    def derive(self, cells: Sequence[Measurement]) -> list[Figure]:
+        """Every figure of these cells."""
+        out = derived.relative_figures(self.relative, cells) if self.relative is not None else []
+        for fit in self.scaling:
+            out += derived.scaling_figures(fit, cells)
+        return out
+
+    def tolerance(self, figure: Figure, overrides: Mapping[str, float]) -> float:
+        """The tolerance of one of its figures."""
+        if figure.kind is FigureKind.RELATIVE:
+            given = self.relative.tolerance if self.relative is not None else None
+        else:
+            given = next((f.tolerance for f in self.scaling if f.abscissa == figure.reference), None)
+        return derived.figure_tolerance(figure.kind, figure.metric, given, dict(overrides))
+
+
+def figures(specs: FigureSpecs, now: Sequence[Measurement], before: Sequence[Measurement],
+            overrides: Mapping[str, float], where: tuple[str, str, tuple[tuple[str, tuple[Scalar, ...]], ...]]
+            ) -> list[FigureVerdict]:
+    """The figures of a grid's cells measured now against those of the baseline's same cells;
+    ``where`` is the test file, the test and its axes."""
+    return derived.judge_figures(specs.derive(now), specs.derive(before),
+                                 lambda f: specs.tolerance(f, overrides), where)
+
+
+def feeds(figure: Figure, cell: Measurement) -> bool:
+    """Whether ``cell`` is one of the cells ``figure`` is derived from."""
+    params = dict(cell.params)
+    if figure.kind is FigureKind.RELATIVE:
+        own = dict(figure.params)
+        same_elsewhere = all(params.get(k) == v for k, v in own.items() if k != figure.axis)
+        variant = params.get(figure.axis)
+        return same_elsewhere and variant is not None and format_scalar(variant) in (
+            format_scalar(own[figure.axis]), figure.reference)
+    return all(params.get(k) == v for k, v in figure.params)
+
+
+def figure_failure(regressed: Sequence[FigureVerdict], shown: str, environment: str, confirmed: int = 0) -> str:
+    """The failure message of a grid's regressed figures."""
+    worst = regressed[0]
+    assert worst.baseline is not None
+    more = len(regressed) - 1
+    lines = [f"trainperf regression: {worst.figure.title()} {worst.baseline.shown()} -> {worst.figure.shown()}"
+             + (f" (and {more} more figure{'s' * (more > 1)})" if more else ""),
+             f"{worst.test_file}::{worst.test}: the figures of its grid (judged when its last cell finished) "
+             f"against the baseline's same cells in {shown}",
+             f"environment: {environment}"]
+    lines += [f"  {v.describe()}" for v in regressed]
+    if confirmed:
+        lines.append(f"  (confirmed by {confirmed} re-measurement{'s' * (confirmed > 1)} of the cells they come "
+                     "from, taken in turn; figures from the re-measurements)")
+    lines.append(f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
+    return "\n".join(lines)

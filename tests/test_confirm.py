@@ -1,0 +1,237 @@
+"""Screen, then confirm: a cell whose step time regressed against its stored baseline is measured again
+side by side, in lockstep, with the commit that holds the code the baseline measured; only a confirmed
+regression fails. Through pytester in a temporary git repository (the workers are real processes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401  (loaded before pytester's in-process runs, as conftest.py expects)
+from results_schema import validate_results
+
+from pytest_trainperf import vcs
+from pytest_trainperf.records import Source
+from pytest_trainperf.runners import lockstep
+from pytest_trainperf.store import read
+
+WORKLOAD = """
+import time
+
+import torch
+from torch import nn
+
+SLEEP = {sleep}
+
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Linear(16, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        if SLEEP:
+            time.sleep(SLEEP)
+        return loss
+
+    return step
+"""
+TEST = """
+import pytest_trainperf as tp
+from work import build
+
+
+@tp.tolerance(step_time=0.5)  # tiny steps in a test suite: only a 10x slower step must fail
+def test_w(trainperf):
+    trainperf.train(build(), steps=3, warmup=1)
+"""
+INI = "[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 10\ntrainperf_rounds = 1\n"
+
+
+def git(where: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=where, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(pytester: pytest.Pytester) -> Path:
+    """Two commits: the parent (a fast step) and a 10x slower step (a sleep). Baselines are committed."""
+    where = pytester.path
+    pytester.makeini(INI)
+    pytester.makepyfile(work=WORKLOAD.format(sleep=0), test_w=TEST)
+    (where / ".gitignore").write_text("__pycache__/\nr.json\n")
+    git(where, "init", "-q", "-b", "main")
+    git(where, "config", "user.email", "t@example.com")
+    git(where, "config", "user.name", "t")
+    git(where, "add", "-A")
+    git(where, "commit", "-qm", "parent")
+    return where
+
+
+def slower_commit(pytester: pytest.Pytester, where: Path) -> None:
+    pytester.makepyfile(work=WORKLOAD.format(sleep=0.005))
+    git(where, "commit", "-qam", "slower")
+
+
+def baseline(where: Path) -> dict:  # type: ignore[type-arg]
+    (env,) = json.loads((where / "baselines" / "test_w.json").read_text())["environments"].values()
+    return env["tests"]["test_w"]["default"]  # type: ignore[no-any-return]
+
+
+def make_fast(where: Path, factor: float = 0.2) -> None:
+    """Rewrite the stored step times as if a machine ``1 / factor`` times faster had measured them."""
+    path = where / "baselines" / "test_w.json"
+    doc = json.loads(path.read_text())
+    for env in doc["environments"].values():
+        step = env["tests"]["test_w"]["default"]["metrics"]["step_time"]
+        step["value"] *= factor
+        step["samples"] = [s * factor for s in step["samples"]]
+    path.write_text(json.dumps(doc))
+
+
+def no_worktree_left(where: Path) -> None:
+    assert git(where, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert not any((where / ".git" / "worktrees").glob("*"))
+
+
+def test_an_update_records_the_code_it_measured(pytester: pytest.Pytester, repo: Path) -> None:
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    source = baseline(repo)["source"]
+    head = git(repo, "rev-parse", "HEAD")
+    assert source["commit"] == head
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baselines")  # the usual flow: the baselines committed after the update
+    found = vcs.measured_commit(repo, Source(**source), repo / "baselines")
+    assert found.commit == head and found.reason == ""  # the update measured HEAD's code as it was
+    # uncommitted changes are part of what was measured: no commit holds them until they are committed
+    (repo / "work.py").write_text((repo / "work.py").read_text() + "\n# changed\n")
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    dirty = Source(**baseline(repo)["source"])
+    assert dirty.tree != source["tree"]
+    assert vcs.measured_commit(repo, dirty, repo / "baselines").commit is None
+    git(repo, "commit", "-qam", "the change and its baselines")
+    assert vcs.measured_commit(repo, dirty, repo / "baselines").commit == git(repo, "rev-parse", "HEAD")
+
+
+def test_a_baseline_from_a_faster_machine_is_confirmed_unchanged_and_passes(pytester: pytest.Pytester,
+                                                                           repo: Path) -> None:
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baselines")
+    make_fast(repo)  # the stored step times: 5x faster than this machine runs the code
+    screen = pytester.runpytest("--trainperf", "--trainperf-confirm-against=none")
+    screen.assert_outcomes(failed=1)  # the screen alone fails it
+    result = pytester.runpytest("--trainperf", "--trainperf-json=r.json")
+    result.assert_outcomes(passed=1)
+    measured = git(repo, "rev-parse", "HEAD~1")[:vcs.SHORT_SHA]  # the update's HEAD holds the code it measured
+    result.stdout.fnmatch_lines([f"trainperf: this runner ran 1 cell *% slower than their baselines (median; "
+                                 f"interquartile *); 1 timing cell confirmed side by side against {measured}: "
+                                 "0 regressed"])
+    doc = json.loads((repo / "r.json").read_text())
+    validate_results(doc)
+    (cell,) = doc["cells"]
+    assert cell["status"] == "unchanged" and cell["verdict"]["confirmed_against"] == measured
+    (screened,) = cell["verdict"]["screen"]
+    assert screened["name"] == "step_time" and screened["status"] == "regressed"
+    assert doc["summary"]["machine"]["confirmed"] == [{"against": measured, "cells": 1, "regressed": 0}]
+    no_worktree_left(repo)
+
+
+def test_a_slower_commit_fails_confirmed_side_by_side(pytester: pytest.Pytester, repo: Path) -> None:
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baselines")
+    measured = git(repo, "rev-parse", "HEAD~1")[:vcs.SHORT_SHA]  # the update's HEAD holds the code it measured
+    slower_commit(pytester, repo)
+    result = pytester.runpytest("--trainperf")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        f"*trainperf regression: step_time +* (confirmed side by side with {measured})",
+        f"test_w.py::test_w against its baseline in baselines/test_w.json, confirmed side by side with {measured} "
+        "on this machine",
+        "environment: *",
+        "  stored: step_time: baseline *, now *, change +*",
+        f"  side by side: step_time: at {measured} *, now *, change +*",
+        f"  (timings side by side: the median of the per-pair ratios, this tree / {measured}, *",
+        f"trainperf: this runner ran 1 cell *% slower than their baselines*confirmed side by side against "
+        f"{measured}: 1 regressed",
+    ])
+    no_worktree_left(repo)
+
+
+def test_a_baseline_never_committed_as_measured_keeps_the_screen_verdict(pytester: pytest.Pytester,
+                                                                        repo: Path) -> None:
+    (repo / "work.py").write_text((repo / "work.py").read_text() + "\n# an experiment, never committed\n")
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    git(repo, "checkout", "-q", "--", "work.py")
+    make_fast(repo)
+    result = pytester.runpytest("--trainperf")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*trainperf regression: step_time +*",
+                                 "trainperf note: test_w.py::test_w: not confirmed side by side (no commit holds "
+                                 "the code the baseline measured: it was updated from * with changes never "
+                                 "committed as they were measured*); the stored verdict stands"])
+    assert "confirmed side by side with" not in result.stdout.str()
+    no_worktree_left(repo)
+
+
+def test_a_shallow_clone_keeps_the_screen_verdict_and_names_the_fix(pytester: pytest.Pytester, repo: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    make_fast(repo)
+    (repo / "notes.txt").write_text("a later commit\n")
+    git(repo, "add", "notes.txt", "work.py")
+    git(repo, "commit", "-qm", "later")
+    clone = repo / "clone"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{repo}", str(clone)], check=True)
+    (clone / "baselines").mkdir()
+    (clone / "baselines" / "test_w.json").write_text((repo / "baselines" / "test_w.json").read_text())
+    monkeypatch.chdir(clone)
+    result = pytester.runpytest("--trainperf", f"--rootdir={clone}", "-c", str(clone / "tox.ini"))
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["trainperf note: test_w.py::test_w: not confirmed side by side (this is a shallow "
+                                 "clone without *, the commit the baseline was updated at (fetch the history: "
+                                 "actions/checkout with fetch-depth: 0*); the stored verdict stands"])
+
+
+def test_ctrl_c_during_a_confirmation_ends_the_workers_and_removes_the_worktree(
+        pytester: pytest.Pytester, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baselines")
+    slower_commit(pytester, repo)
+    started: list[lockstep.Worker] = []
+
+    def interrupted(a: lockstep.Worker, b: lockstep.Worker, pairs: int, **_: object) -> None:
+        started.extend((a, b))
+        assert (repo / ".git" / "worktrees").is_dir()  # the baseline's commit is checked out meanwhile
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lockstep, "lockstep", interrupted)
+    result = pytester.runpytest("--trainperf", no_reraise_ctrlc=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert len(started) == 2 and all(w.proc.poll() is not None for w in started)
+    no_worktree_left(repo)
+
+
+def test_the_stored_source_round_trips_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    from pytest_trainperf.records import Fingerprint, Measurement, Metric
+    from pytest_trainperf.store import BaselineError, update
+
+    path = tmp_path / "test_x.json"
+    fp = Fingerprint(device="cpu", device_type="cpu", torch="2", cuda=None, threads=1, cpu="cpu")
+    cell = Measurement(test="test_x", cell="default", params=(), metrics=(Metric("flops", 1.0),),
+                       source=Source(commit="a" * 40, tree="b" * 40))
+    update(path, fp, [cell])
+    assert read(path).lookup(fp.key, "test_x", "default") == cell
+    doc = json.loads(path.read_text())
+    doc["environments"][fp.key]["tests"]["test_x"]["default"]["source"] = {"commit": 5}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BaselineError, match=r"source.*expected an object \{\"commit\""):
+        read(path)
