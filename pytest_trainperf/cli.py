@@ -8,15 +8,17 @@
   id, environment) of ``old`` with the session's statistics (timings on their samples), render it like
   a session and exit 1 when a cell regressed.
 
-Exit status: 0 success, 1 regressions (``diff``), 2 a file that cannot be used or a usage error.
+Exit status: 0 success, 1 regressions (``diff``), 2 a file that cannot be used (read or written) or a
+usage error, with a one-line reason naming the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -62,7 +64,7 @@ def merge(files: Sequence[Path], output: Path) -> int:
         merged = results.merge(parts)
     except results.ResultsError as exc:
         raise _Unusable(str(exc)) from None
-    results.write(output, merged)
+    _write(output, lambda: results.write(output, merged))
     print(f"{output}: {len(merged.cells)} cells from {len(files)} file{'s' * (len(files) != 1)}")
     return EXIT_OK
 
@@ -101,7 +103,7 @@ def show(files: Sequence[Path], metrics: Sequence[str] | None) -> int:
     """Render each stored environment's cells as heatmaps."""
     console = _console()
     for path in files:
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise _Unusable(f"{path}: no such baseline file")
         try:
             baselines = store.read(path)
@@ -179,14 +181,26 @@ def diff(old_path: Path, new_path: Path, metrics: Sequence[str] | None, markdown
     if markdown is not None:
         from pytest_trainperf.report.markdown import render_markdown
 
-        store.write_atomic(markdown, render_markdown(compared, show=metrics or DIFF_SHOW, hint=DIFF_HINT,
-                                                     title=f"pytest-trainperf: {new_path.name} against "
-                                                           f"{old_path.name}"))
+        text = render_markdown(compared, show=metrics or DIFF_SHOW, hint=DIFF_HINT,
+                               title=f"pytest-trainperf: {new_path.name} against {old_path.name}")
+        _write(markdown, lambda: store.write_atomic(markdown, text))
     regressed = any(c.verdict.status is Status.REGRESSED for c in compared.cells)
     return EXIT_REGRESSED if regressed else EXIT_OK
 
 
 # --------------------------------------------------------------------------- main
+
+
+def _write(path: Path, write: Callable[[], None]) -> None:
+    """Run ``write`` (which writes ``path``); a path that cannot be written is unusable, named."""
+    if path.is_dir():
+        raise _Unusable(f"{path}: is a directory; expected the path of a file to write")
+    try:
+        write()
+    except OSError as exc:
+        raise _Unusable(f"{path}: cannot be written ({exc.strerror or exc})") from None
+    except results.ResultsError as exc:
+        raise _Unusable(str(exc)) from None
 
 
 def _read_results(path: Path) -> results.SessionResults:

@@ -178,9 +178,14 @@ class TrainPerf:
                                f"the built-in {', '.join(BUILTIN_METRICS)}, got {name!r}")
         if any(m.name == name for m in self._recorded):
             _usage(self._cell, f"{where}: metric {name!r} recorded twice in one cell")
-        number = self._number(value)
+        if not isinstance(unit, str):
+            _usage(self._cell, f"{where}: expected unit to be a string such as 's' or '', got {unit!r:.80}")
+        try:
+            number = self._number(value)
+        except (OverflowError, TypeError, ValueError, RuntimeError):  # 10**400, a complex tensor
+            number = None
         if number is None or not math.isfinite(number):
-            _usage(self._cell, f"{where}: expected a finite number or 0-d tensor, got {value!r}")
+            _usage(self._cell, f"{where}: expected a finite number or 0-d tensor, got {value!r:.80}")
         if tolerance is not None and (isinstance(tolerance, bool)
                                       or not isinstance(tolerance, numbers.Real)
                                       or math.isnan(tolerance) or tolerance < 0):

@@ -32,6 +32,29 @@ class GridError(ValueError):
     """An invalid ``tp.grid`` or ``tp.tolerance``: says what was expected and what was received."""
 
 
+def test_name(nodeid: str, originalname: str | None = None, param_id: str | None = None) -> str:
+    """The test's name inside its file, ``test_x`` or ``TestA::test_x``, from its node id
+    (``tests/test_x.py::TestA::test_x[batch_size=4-name=a::b]``): without the file and without the
+    parameters, which may hold ``::`` and ``[`` themselves (a grid value ``"a::b"``).
+
+    The file is what comes before the first ``::``. ``param_id`` (the item's ``callspec.id``), when
+    given, is cut from the end exactly; otherwise the parameters are everything from the first ``[``
+    after the file, which no class or function name holds. ``originalname`` (the item's: the
+    function's name without parameters) replaces the last part.
+    """
+    _, sep, inside = nodeid.partition("::")
+    inside = inside if sep else nodeid
+    suffix = f"[{param_id}]" if param_id is not None else None
+    if suffix is not None and inside.endswith(suffix):
+        inside = inside[:-len(suffix)]
+    else:
+        inside = inside.split("[", 1)[0]
+    parts = inside.split("::")
+    if originalname:
+        parts[-1] = originalname
+    return "::".join(parts)
+
+
 def _check_value(axis: str, value: object) -> Scalar:
     if isinstance(value, float) and not math.isfinite(value):
         raise GridError(f"tp.grid axis {axis!r}: expected finite values, got {value!r}")
@@ -142,14 +165,20 @@ def memory_budget(size: str | int) -> Callable[[F], F]:
     """Give one test a memory budget: a cell whose peak memory exceeds it is reported as out of memory
     (emulated), as if it ran on a device of that size, e.g. ``@tp.memory_budget("24GiB")`` to guard
     on a CPU runner that a grid still fits on a 24 GB card. Overrides ``--trainperf-memory-budget``."""
-    from pytest_trainperf.units import parse_size
+    from pytest_trainperf.units import MAX_SIZE, SIZE_EXPECTED, parse_size
 
     if isinstance(size, bool) or not isinstance(size, (str, int)):
-        raise GridError(f"tp.memory_budget: expected a size such as '24GiB' or a number of bytes, got {size!r}")
-    try:
-        budget = parse_size(str(size))
-    except ValueError as exc:
-        raise GridError(f"tp.memory_budget: {exc}") from None
+        raise GridError(f"tp.memory_budget: expected a size such as '24GiB' or a number of bytes, got {size!r:.80}")
+    if isinstance(size, int):  # not through str(): a 5000-digit int has no str() in Python 3.11
+        if not 1 <= size < MAX_SIZE:
+            shown = f"{size}" if size.bit_length() < 256 else f"an integer of {size.bit_length()} bits"
+            raise GridError(f"tp.memory_budget: expected {SIZE_EXPECTED}, got {shown}")
+        budget = size
+    else:
+        try:
+            budget = parse_size(size)
+        except ValueError as exc:
+            raise GridError(f"tp.memory_budget: {exc}") from None
     return _mark(BUDGET_MARK, budget)
 
 

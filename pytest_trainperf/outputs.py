@@ -104,7 +104,7 @@ class TrainPerfOutputs:
                 self.written += [f"figure: {self._shown(path)}" for path in figures]
                 if not figures:
                     self.written.append(f"figures: nothing to draw into {self._shown(settings.plots)}")
-        except OSError as exc:
+        except (OSError, results.ResultsError) as exc:
             self.errors.append(f"results not written: {exc}")
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

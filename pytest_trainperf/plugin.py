@@ -33,6 +33,7 @@ from pytest_trainperf.grid import (
     Grid,
     check_figures,
 )
+from pytest_trainperf.grid import test_name as grid_test_name
 from pytest_trainperf.judge import UPDATE_HINT, FigureSpecs
 from pytest_trainperf.measure.host import SYSTEM, fix_malloc
 from pytest_trainperf.records import (
@@ -48,6 +49,7 @@ from pytest_trainperf.records import (
     Scalar,
     Source,
     Status,
+    check_finite,
 )
 from pytest_trainperf.runners import CellRun, CellRunner, choose
 from pytest_trainperf.runners.children import CHILD_ENV, death
@@ -101,10 +103,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def test_name(item: pytest.Item) -> str:
-    """``test_x`` or ``TestA::test_x``: the node id inside the file, without parameters."""
-    parts = item.nodeid.split("[", 1)[0].split("::")[1:]
-    parts[-1] = getattr(item, "originalname", parts[-1])
-    return "::".join(parts)
+    """``test_x`` or ``TestA::test_x``: the node id inside the file, without parameters (which may hold
+    ``::`` themselves: a grid value ``"a::b"``)."""
+    callspec = getattr(item, "callspec", None)
+    return grid_test_name(item.nodeid, getattr(item, "originalname", None), callspec.id if callspec else None)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -342,6 +344,10 @@ class TrainPerfSession:
         self.ledger.cells.append(result)
         figures = self._grid_figures(state, result, found, overrides)
         crashed = run.measurement.outcome is Outcome.CRASHED
+        unstorable = check_finite(run.measurement) if self.settings.update else []
+        if unstorable:  # written, it would be a file every later run refuses: this cell fails, the others go on
+            pytest.fail(f"trainperf: {cell.nodeid}: not stored in {found.shown}: " + "; ".join(unstorable)
+                        + "\nIts baseline was not updated.", pytrace=False)
         if self.settings.update and not crashed:
             self._pending.setdefault(found.path, []).append((fingerprint, result))
             self._first[cell.nodeid] = run.measurement
@@ -659,10 +665,15 @@ class TrainPerfSession:
         shown = _relative(path, self.config.rootpath)
         for key, cells in by_env.items():
             try:
-                self.ledger.changes += store.update(path, fingerprints[key], [r.verdict.measurement for r in cells],
-                                                    shown, derive=self._deriver(cells))
+                done = store.update_file(path, fingerprints[key], [r.verdict.measurement for r in cells], shown,
+                                         derive=self._deriver(cells))
             except (store.BaselineError, OSError) as exc:
                 self.ledger.errors.append(f"{shown}: not written: {exc}")
+                continue
+            self.ledger.changes += done.changes
+            self.ledger.errors += done.refused  # the other cells were written
+            for note in done.notes:
+                self.ledger.note(note)
 
     def _deriver(self, cells: list[CellResult]) -> store.Derive:
         """What recomputes, from a baseline file's cells after an update, the figures of the tests

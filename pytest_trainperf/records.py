@@ -112,6 +112,9 @@ class Metric:
     def __post_init__(self) -> None:
         if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
             raise TypeError(f"metric {self.name!r}: expected a number, got {self.value!r}")
+        if not isinstance(self.unit, str):
+            raise TypeError(f"metric {self.name!r}: expected the unit to be a string such as 's' or '', "
+                            f"got {type(self.unit).__name__} {self.unit!r}")
 
     @property
     def sampled(self) -> bool:
@@ -587,10 +590,112 @@ def relative_change(current: float, baseline: float) -> float:
 
 
 def format_change(change: float) -> str:
-    """A relative change as a signed percentage: ``+12.3%``, ``-0.4%``, ``+inf%``."""
+    """A relative change as a signed percentage: ``+12.3%``, ``-0.4%``, ``+inf%``; ``nan%`` when
+    there is no change to speak of (a NaN on either side)."""
+    if math.isnan(change):
+        return "nan%"
     if math.isinf(change):
         return "+inf%" if change > 0 else "-inf%"
     pct = round(change * 100, 1)
     if abs(pct) >= 100:
         return f"{pct:+.0f}%"
     return f"{pct:+.1f}%"
+
+
+# --------------------------------------------------------------------------- what may be stored
+
+MAX_INT_BITS = 1024
+"""The largest integer (in bits) a stored parameter may be: far below the digits a JSON reader
+accepts (Python's int-string limit is 4300 digits), far above any grid value."""
+
+
+def finite_number(value: object) -> bool:
+    """A number (not a bool) that is finite, and for an int one a float can hold."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        return value.bit_length() <= MAX_INT_BITS
+    return math.isfinite(value)
+
+
+def _check_numbers(where: str, values: Sequence[object], expected: str, positive: bool = False) -> list[str]:
+    """The first value of ``values`` that is not a finite (positive) number, as a problem."""
+    for i, v in enumerate(values):
+        if not finite_number(v) or (positive and not v > 0):  # type: ignore[operator]
+            return [f"{where}[{i}]: expected {expected}, got {v!r}"]
+    return []
+
+
+def check_params(where: str, params: Sequence[object]) -> list[str]:
+    """Why cell or figure parameters cannot be stored: each a ``(name, value)`` pair whose name is a
+    string and whose value is a scalar (str, bool, int or finite float)."""
+    problems = []
+    for i, pair in enumerate(params):
+        name, value = pair if isinstance(pair, tuple) and len(pair) == 2 else (None, None)
+        if not isinstance(name, str):
+            problems.append(f"{where}[{i}]: expected a (name, value) pair, got {pair!r:.120}")
+        elif isinstance(value, (bool, str)):
+            continue
+        elif not finite_number(value):
+            problems.append(f"{where}[{i}] ({name}): expected a string, a bool or a finite number, "
+                            f"got {value!r:.120}")
+    return problems
+
+
+def check_metric(metric: Metric) -> list[str]:
+    """Why one metric cannot be stored (empty: it can): a value that is not a finite number, samples
+    or round medians that are not finite positive numbers (they are timings and rates), a tolerance
+    that is neither a non-negative number nor infinite, a unit that is not a string."""
+    where = f"metrics.{metric.name}"
+    problems = []
+    if not finite_number(metric.value):
+        problems.append(f"{where}.value: expected a finite number, got {metric.value!r}")
+    if not isinstance(metric.unit, str):
+        problems.append(f"{where}.unit: expected a string, got {metric.unit!r:.120}")
+    problems += _check_numbers(f"{where}.samples", metric.samples, "a finite positive number", positive=True)
+    problems += _check_numbers(f"{where}.rounds", metric.rounds, "a finite positive number", positive=True)
+    tol = metric.tolerance
+    if tol is not None and not (tol == math.inf or (finite_number(tol) and tol >= 0)):
+        problems.append(f"{where}.tolerance: expected a non-negative number, infinity or None, got {tol!r}")
+    return problems
+
+
+def check_finite(measurement: Measurement) -> list[str]:
+    """Why a cell's measurement cannot be written to a baseline file, one line per problem naming
+    the field (``metrics.step_time.samples[3]: expected a finite positive number, got nan``); empty
+    when it can. JSON has no NaN or infinity, and a reader refuses what this refuses, so a baseline
+    the plugin writes always reads back. Checks every number (metric values, samples, round
+    medians, tolerances, the loss curve, items per step, parameters) and the metric units."""
+    problems = check_params("params", measurement.params)
+    for metric in measurement.metrics:
+        problems += check_metric(metric)
+    problems += _check_numbers("loss_curve", measurement.loss_curve, "a finite number")
+    items = measurement.items_per_step
+    if items is not None and not (finite_number(items) and items > 0):
+        problems.append(f"items_per_step: expected a finite positive number or None, got {items!r}")
+    for name in ("steps", "warmup"):
+        value = getattr(measurement, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            problems.append(f"{name}: expected a non-negative integer, got {value!r}")
+    return problems
+
+
+def check_figure(figure: Figure, where: str | None = None) -> list[str]:
+    """Why a derived figure cannot be written to a baseline file (empty: it can), as
+    :func:`check_finite` does for a cell: its value, interval, round values, points and coefficient
+    must be finite. Each problem starts with ``where`` (default: ``figures[<key>]``; empty: the field
+    alone)."""
+    where = f"figures[{figure.key!r}]" if where is None else where
+    at = f"{where}." if where else ""
+    problems = []
+    if not finite_number(figure.value):
+        problems.append(f"{at}value: expected a finite number, got {figure.value!r}")
+    problems += _check_numbers(f"{at}interval", figure.interval or (), "a finite number")
+    problems += _check_numbers(f"{at}rounds", figure.rounds, "a finite number")
+    for i, point in enumerate(figure.points):
+        problems += _check_numbers(f"{at}points[{i}]", point, "a finite number")
+    if figure.coefficient is not None and not finite_number(figure.coefficient):
+        problems.append(f"{at}coefficient: expected a finite number or None, got {figure.coefficient!r}")
+    if not isinstance(figure.unit, str):
+        problems.append(f"{at}unit: expected a string, got {figure.unit!r:.120}")
+    return problems + check_params(f"{at}params", figure.params)

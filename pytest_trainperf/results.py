@@ -25,13 +25,16 @@ travels without an edit here. Enums are written as their values, tuples as lists
 as the strings ``"inf"``, ``"-inf"`` and ``"nan"`` (JSON has none). ``status``, ``environment`` and
 ``summary`` are derived, for readers such as ``jq``; they are ignored when read. A reader ignores
 unknown keys; a change a reader of this schema would misread bumps :data:`SCHEMA_VERSION`.
+
+The reader is total: whatever a file holds (a ``NaN`` literal, an overflowing ``1e400``, a
+5000-digit integer, nesting 100,000 deep) or whatever the path is (a directory, a FIFO, a missing
+file) gives a :class:`ResultsError` naming the file, never another exception and never a wait.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import math
 import types
 import typing
@@ -40,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pytest_trainperf.records import BaselineChange, FigureVerdict, Scalar, Status
+from pytest_trainperf.records import BaselineChange, FigureVerdict, Scalar, Status, finite_number
 from pytest_trainperf.records import CellResult as CellResult  # a result file's cell record, re-exported
-from pytest_trainperf.store import dumps, write_atomic
+from pytest_trainperf.store import UnreadableFile, dumps, load_json, read_text, write_atomic
 
 FORMAT = "pytest-trainperf results"
 """The ``format`` marker that tells our result files from any other JSON."""
@@ -252,8 +255,13 @@ def dump(results: SessionResults) -> str:
 
 
 def write(path: Path, results: SessionResults) -> None:
-    """Write a result file atomically."""
-    write_atomic(path, dump(results))
+    """Write a result file atomically. Raises OSError when the file cannot be written (``path`` is a
+    directory, its folder is not writable) and :class:`ResultsError` when a value has no JSON form."""
+    try:
+        text = dump(results)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ResultsError(str(path), f"not written: a value has no JSON form ({exc})") from None
+    write_atomic(path, text)
 
 
 # --------------------------------------------------------------------------- reading
@@ -264,10 +272,6 @@ class _Mismatch(Exception):
 
     def __init__(self, where: str, expected: str, got: object) -> None:
         super().__init__(f"at {where}: expected {expected}, got {got!r:.120}")
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _convert(hint: Any, value: object, where: str) -> Any:
@@ -300,11 +304,11 @@ def _convert(hint: Any, value: object, where: str) -> Any:
         except ValueError:
             raise _Mismatch(where, f"one of {[e.value for e in hint]}", value) from None
     if hint is float:
-        if _number(value):
+        if finite_number(value):
             return float(value)  # type: ignore[arg-type]
         if isinstance(value, str) and value in NON_FINITE:
             return NON_FINITE[value]
-        raise _Mismatch(where, 'a number, "inf", "-inf" or "nan"', value)
+        raise _Mismatch(where, 'a finite number, "inf", "-inf" or "nan"', value)
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -359,18 +363,24 @@ def from_json(source: str, doc: object) -> SessionResults:
 def loads(source: str, text: str) -> SessionResults:
     """Parse the text of a result file."""
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ResultsError(source, f"not valid JSON ({exc})") from None
-    return from_json(source, doc)
+        doc, literals = load_json(text)
+    except ValueError as exc:
+        raise ResultsError(source, str(exc)) from None
+    parsed = from_json(source, doc)
+    if literals:  # in a place the reader ignores (the others were refused there, by name)
+        raise ResultsError(source, f'holds the literal {literals[0]}, which JSON does not have; result files '
+                                   'write non-finite numbers as the strings "inf", "-inf" and "nan"')
+    return parsed
 
 
 def read(path: Path) -> SessionResults:
-    """Read a result file."""
+    """Read a result file (a symbolic link to one is followed)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ResultsError(str(path), f"cannot be read ({exc})") from None
+        text = read_text(path, follow_symlinks=True)
+    except FileNotFoundError:
+        raise ResultsError(str(path), "cannot be read (no such file)") from None
+    except UnreadableFile as exc:
+        raise ResultsError(str(path), str(exc)) from None
     return loads(str(path), text)
 
 

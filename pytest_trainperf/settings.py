@@ -355,8 +355,32 @@ def _file(config: pytest.Config, dest: str, raw: str | None) -> Path | None:
     return (config.inipath.parent if config.inipath is not None else config.rootpath) / raw
 
 
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether ``path`` is ``directory`` or lies under it (after resolving ``..`` and links)."""
+    resolved, folder = path.resolve(), directory.resolve()
+    return resolved == folder or folder in resolved.parents
+
+
+def check_outputs(settings: Settings) -> None:
+    """Refuse outputs that collide, naming both options: ``--trainperf-json`` or
+    ``--trainperf-markdown`` inside the baselines directory (a report would sit among the baselines,
+    committed with them or taken for one), or both naming the same file (one would overwrite the
+    other). Raises :class:`pytest.UsageError`."""
+    outputs = [(name, path) for name, path in (("--trainperf-json", settings.json),
+                                                ("--trainperf-markdown", settings.markdown)) if path is not None]
+    for name, path in outputs:
+        if _inside(path, settings.baselines):
+            raise pytest.UsageError(
+                f"{name} ({path}) is inside the baselines directory of --trainperf-baselines "
+                f"({settings.baselines}): expected a file outside it (the report would sit among the baselines)")
+    if len(outputs) == 2 and outputs[0][1].resolve() == outputs[1][1].resolve():
+        raise pytest.UsageError(f"--trainperf-json and --trainperf-markdown both name {outputs[0][1]}: expected "
+                                "two different files (one would overwrite the other)")
+
+
 def resolve(config: pytest.Config) -> Settings:
-    """Resolve the command line and the ini file into :class:`Settings` (command line wins)."""
+    """Resolve the command line and the ini file into :class:`Settings` (command line wins); refuse
+    outputs that collide (:func:`check_outputs`)."""
     values = {opt.dest: _value(config, opt) for opt in OPTIONS}
     baselines_raw = values["trainperf_baselines"]
     if baselines_raw is None:
@@ -368,7 +392,7 @@ def resolve(config: pytest.Config) -> Settings:
         baselines = base / baselines_raw
     update = bool(values["trainperf_update_baselines"])
     against = values["trainperf_against"]
-    return Settings(
+    settings = Settings(
         enabled=bool(values["trainperf"]) or update or against is not None,
         update=update,
         baselines=baselines,
@@ -391,3 +415,5 @@ def resolve(config: pytest.Config) -> Settings:
         pairs=values["trainperf_pairs"] or DEFAULT_PAIRS,
         confirm_against=values["trainperf_confirm_against"] or CONFIRM_BASELINE,
     )
+    check_outputs(settings)
+    return settings

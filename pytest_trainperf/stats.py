@@ -118,12 +118,21 @@ def classify(change: float, tolerance: float, direction: Direction, significant_
     return Status.UNCHANGED
 
 
+def classify_nan(current: float, baseline: float) -> Status:
+    """The status of a change that is no number (a NaN on either side): a value that became NaN
+    regressed (a loss that diverged), one that stopped being NaN improved, NaN both times is unchanged."""
+    if math.isnan(current):
+        return Status.UNCHANGED if math.isnan(baseline) else Status.REGRESSED
+    return Status.IMPROVED
+
+
 def compare_exact(metric: Metric, baseline: float, tolerance: float) -> MetricVerdict:
-    """Compare one exact value with its baseline value."""
+    """Compare one exact value with its baseline value (a NaN on either side: :func:`classify_nan`)."""
     change = relative_change(metric.value, baseline)
     return MetricVerdict(
         name=metric.name,
-        status=classify(change, tolerance, metric.direction),
+        status=(classify_nan(metric.value, baseline) if math.isnan(change)
+                else classify(change, tolerance, metric.direction)),
         current=metric.value,
         baseline=baseline,
         tolerance=tolerance,
@@ -227,7 +236,8 @@ def compare_samples(metric: Metric, baseline: Sequence[float], tolerance: float,
     noise = noise_band(rounds)
     applied = effective_tolerance(tolerance, noise, metric.direction)
     configured = tolerance if applied != tolerance else None
-    if too_few or min(*current, *baseline) <= 0:
+    finite = all(math.isfinite(v) for v in (*current, *baseline))
+    if too_few or not finite or min(*current, *baseline) <= 0:  # no statistics on these: the point values
         return replace(compare_exact(metric, float(np.median(baseline)), applied), noise=noise,
                        configured_tolerance=configured)
     ratio, low, high = hodges_lehmann_ratio(current, baseline)
@@ -354,13 +364,17 @@ def compare_curve(now: Sequence[float], before: Sequence[float], tolerance: floa
     """
     n = min(len(now), len(before))
     last = (0.0, 0.0, 0.0)
+
+    def beyond(change: float, a: float, b: float) -> bool:  # a curve that became NaN left its band
+        return classify_nan(a, b) is Status.REGRESSED if math.isnan(change) else abs(change) > tolerance
+
     for start in range(0, n, window):
         a, b = float(np.mean(now[start:start + window])), float(np.mean(before[start:start + window]))
         change = relative_change(a, b)
         last = (a, b, change)
-        if abs(change) > tolerance:
+        if beyond(change, a, b):
             step = next((i for i in range(start, min(start + window, n))
-                         if abs(relative_change(now[i], before[i])) > tolerance), start)
+                         if beyond(relative_change(now[i], before[i]), now[i], before[i])), start)
             return MetricVerdict(name="loss_curve", status=Status.REGRESSED, current=a, baseline=b,
                                  tolerance=tolerance, direction=Direction.EXACT, change=change, step=step)
     return MetricVerdict(name="loss_curve", status=Status.UNCHANGED, current=last[0], baseline=last[1],

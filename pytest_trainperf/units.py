@@ -82,11 +82,22 @@ _SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2
                "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
 
+MAX_SIZE_CHARS = 64
+"""The longest size text read (a size is a handful of characters; this bounds the work on any input)."""
+MAX_SIZE = 2**63
+"""Sizes must be below this many bytes (8 EiB): beyond any device, and within a 64-bit integer."""
+SIZE_EXPECTED = "a size of at least 1 byte (and below 8 EiB) such as 24GiB, 512MiB, 1.5GB or a number of bytes"
+"""What :func:`parse_size` accepts, for messages."""
+
+
 def parse_size(text: str) -> int:
-    """A memory size: ``24GiB``, ``512 MiB``, ``1.5GB``, ``1048576`` (bytes). Raises ValueError with
-    the expected form when ``text`` is none of these or not positive."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    """A memory size: ``24GiB``, ``512 MiB``, ``1.5GB``, ``1048576`` (bytes), at least one byte and
+    below :data:`MAX_SIZE`. Raises ValueError with the expected form and the text received otherwise
+    (``0``, ``0.5``, ``1e400``, ``-1``)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text[:MAX_SIZE_CHARS + 1])
     unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _SIZE_UNITS or not float(match.group(1)) > 0:
-        raise ValueError(f"expected a positive size such as 24GiB, 512MiB, 1.5GB or a number of bytes, got {text!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    size = float(match.group(1)) * _SIZE_UNITS[unit] if match and unit in _SIZE_UNITS else math.nan
+    if len(text) > MAX_SIZE_CHARS or not 1 <= size < MAX_SIZE:
+        raise ValueError(f"expected {SIZE_EXPECTED}, got {text[:MAX_SIZE_CHARS]!r}"
+                         f"{'...' if len(text) > MAX_SIZE_CHARS else ''}")
+    return int(size)

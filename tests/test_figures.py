@@ -224,7 +224,7 @@ def test_a_corrupt_figure_is_reported_and_the_file_kept(tmp_path) -> None:
     doc["environments"][CPU.key]["figures"]["test_x"][key]["value"] = "fast"
     text = json.dumps(doc)
     path.write_text(text)
-    with pytest.raises(store.BaselineError, match=r"figures\.test_x\..*\.value: expected a number, got 'fast'"):
+    with pytest.raises(store.BaselineError, match=r"figures\.test_x\..*\.value: expected a finite number, got 'fast'"):
         store.update(path, CPU, [cell({"n": 8}, flops=8.0)])
     assert path.read_text() == text
 

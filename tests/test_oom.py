@@ -123,8 +123,14 @@ def test_tp_memory_budget_overrides_the_option(pytester: pytest.Pytester) -> Non
 
 
 @pytest.mark.parametrize(("source", "expected"), [
-    ("@tp.memory_budget('lots')", "*tp.memory_budget: expected a positive size such as 24GiB*got 'lots'*"),
+    ("@tp.memory_budget('lots')", "*tp.memory_budget: expected a size of at least 1 byte*such as 24GiB*got 'lots'*"),
     ("@tp.memory_budget(2.5)", "*tp.memory_budget: expected a size such as '24GiB' or a number of bytes, got 2.5*"),
+    # issue 18: a raw OverflowError before
+    ("@tp.memory_budget('1e400')", "*tp.memory_budget: expected a size of at least 1 byte*got '1e400'*"),
+    ("@tp.memory_budget(10**5000)", "*tp.memory_budget: expected a size of at least 1 byte*got an integer of 16610 "
+                                    "bits"),
+    ("@tp.memory_budget('0.5')", "*tp.memory_budget: expected a size of at least 1 byte*got '0.5'*"),
+    ("@tp.memory_budget(0)", "*tp.memory_budget: expected a size of at least 1 byte*got 0"),
 ])
 def test_a_bad_budget_is_refused_at_collection(pytester: pytest.Pytester, source: str, expected: str) -> None:
     pytester.makepyfile(test_work=f"import pytest_trainperf as tp\n\n{source}\ndef test_x(trainperf):\n    pass\n")
@@ -133,10 +139,22 @@ def test_a_bad_budget_is_refused_at_collection(pytester: pytest.Pytester, source
     assert result.ret == pytest.ExitCode.INTERRUPTED
 
 
-def test_a_bad_budget_option_is_refused_at_parse_time(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest("--trainperf-memory-budget=-1GB")
+@pytest.mark.parametrize("value", ["-1GB", "1e400", "0.5", "0"])
+def test_a_bad_budget_option_is_refused_at_parse_time(pytester: pytest.Pytester, value: str) -> None:
+    result = pytester.runpytest(f"--trainperf-memory-budget={value}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--trainperf-memory-budget*expected a positive size such as 24GiB*got '-1GB'*"])
+    result.stderr.fnmatch_lines([f"*argument --trainperf-memory-budget: expected a size of at least 1 byte "
+                                 f"(and below 8 EiB) such as 24GiB*got '{value}'*"])
+
+
+@pytest.mark.parametrize("value", ["1e400", "0.5"])
+def test_a_bad_budget_in_the_ini_file_is_a_usage_error(pytester: pytest.Pytester, value: str) -> None:
+    pytester.makeini(f"[pytest]\ntrainperf_memory_budget = {value}\n")
+    pytester.makepyfile(test_work="def test_x():\n    pass\n")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*ini option trainperf_memory_budget (twin of --trainperf-memory-budget): "
+                                 f"expected a size of at least 1 byte*got '{value}'*"])
 
 
 CUDA_OOM = """

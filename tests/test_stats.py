@@ -25,6 +25,7 @@ from pytest_trainperf.stats import (
     DEFAULT_TOLERANCES,
     NOISE_FACTOR,
     RECORD_TOLERANCE,
+    compare_curve,
     compare_exact,
     compare_samples,
     correct_for_grid,
@@ -698,3 +699,33 @@ def test_judge_compares_the_curve_with_the_loss_tolerance() -> None:
     assert of(judge(now, before), "loss_curve").status is Status.REGRESSED
     assert of(judge(now, before, {"loss": 0.05}), "loss_curve").status is Status.UNCHANGED
     assert judge(now, None).metric("loss_curve") is None
+
+
+# ------------------------------------------------------------------ NaN never turns the gate off (issue 18)
+
+
+@pytest.mark.parametrize(("now", "before", "status"), [
+    (math.nan, 0.5, Status.REGRESSED),   # a loss that diverged
+    (0.5, math.nan, Status.IMPROVED),    # and came back
+    (math.nan, math.nan, Status.UNCHANGED),
+])
+def test_a_nan_value_is_judged_not_waved_through(now: float, before: float, status: Status) -> None:
+    verdict = compare_exact(Metric("loss", now, "", Direction.EXACT), before, 0.002)
+
+    assert verdict.status is status
+
+
+def test_nan_samples_fall_back_to_the_point_values_without_an_interval() -> None:
+    now = Metric("step_time", math.nan, "s", samples=(0.01,) * 5 + (math.nan,) * 5)
+
+    verdict = compare_samples(now, [0.01 + i * 1e-5 for i in range(10)], 0.1)
+
+    assert verdict.status is Status.REGRESSED
+    assert verdict.interval is None and verdict.p_value is None
+
+
+def test_a_loss_curve_that_turns_nan_leaves_its_band_where_it_did() -> None:
+    before = [2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3]
+    verdict = compare_curve([*before[:6], math.nan, math.nan], before, 0.02, window=3)
+
+    assert verdict.status is Status.REGRESSED and verdict.step == 6

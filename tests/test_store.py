@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,16 @@ from typing import Any
 import pytest
 
 from pytest_trainperf import store
-from pytest_trainperf.records import BaselineChange, Direction, Fingerprint, Measurement, Metric
+from pytest_trainperf.records import (
+    BaselineChange,
+    Direction,
+    Figure,
+    FigureKind,
+    Fingerprint,
+    Measurement,
+    Metric,
+    check_finite,
+)
 from pytest_trainperf.store import BaselineError, baseline_path, read, update
 
 CPU = Fingerprint(device="Test CPU 9000", device_type="cpu", torch="2.4.0", cuda=None, threads=4,
@@ -270,7 +281,7 @@ BAD_FILES = {
     "schema-not-int": (json.dumps(_ours(schema="1")), "at schema: expected an integer, got '1'"),
     "string-in-samples": (
         _with_cell({"metrics": {"step_time": {"value": 0.01, "samples": [0.01, "fast"]}}}),
-        "at environments['k'].tests.test_a.default.metrics.step_time.samples: expected a list of numbers, "
+        "at environments['k'].tests.test_a.default.metrics.step_time.samples: expected a list of finite numbers, "
         "got [0.01, 'fast']",
     ),
     "bad-direction": (
@@ -279,7 +290,7 @@ BAD_FILES = {
     ),
     "bool-value": (
         _with_cell({"metrics": {"flops": {"value": True}}}),
-        "at environments['k'].tests.test_a.default.metrics.flops.value: expected a number, got True",
+        "at environments['k'].tests.test_a.default.metrics.flops.value: expected a finite number, got True",
     ),
     "bad-kind": (
         _with_cell({"metrics": {}, "kind": "bench"}),
@@ -287,7 +298,7 @@ BAD_FILES = {
     ),
     "null-in-loss-curve": (
         _with_cell({"metrics": {}, "loss_curve": [1.0, None]}),
-        "at environments['k'].tests.test_a.default.loss_curve: expected a list of numbers",
+        "at environments['k'].tests.test_a.default.loss_curve: expected a list of finite numbers",
     ),
     "bad-outcome": (
         _with_cell({"metrics": {}, "outcome": "exploded"}),
@@ -298,6 +309,90 @@ BAD_FILES = {
         json.dumps(_ours(environments={"k": {"fingerprint": {"device": "d"}, "tests": {}}})),
         "at environments['k'].fingerprint:",
     ),
+    # ---- what no writer of ours writes (issue 18): named by file, environment, cell and field
+    "nan-flops": (
+        _with_cell({"metrics": {"flops": {"value": math.nan}}}),
+        "at environments['k'].tests.test_a.default.metrics.flops.value: expected a finite number, got NaN",
+    ),
+    "infinity-literal": (
+        _with_cell({"metrics": {"flops": {"value": math.inf}}}),
+        "metrics.flops.value: expected a finite number, got Infinity",
+    ),
+    "overflowing-number": (
+        _with_cell({"metrics": {"flops": {"value": 1.0}}}).replace('"value": 1.0', '"value": 1e400'),
+        "metrics.flops.value: expected a finite number, got inf",
+    ),
+    "huge-integer": (
+        _with_cell({"metrics": {"flops": {"value": 10**400}}}),
+        "metrics.flops.value: expected a finite number",
+    ),
+    "nan-sample": (
+        _with_cell({"metrics": {"step_time": {"value": 0.01, "samples": [0.01, math.nan]}}}),
+        "at environments['k'].tests.test_a.default.metrics.step_time.samples: expected a list of finite numbers, "
+        "got [0.01, NaN]",
+    ),
+    "negative-sample": (
+        _with_cell({"metrics": {"step_time": {"value": 0.01, "samples": [0.01, -0.01]}}}),
+        "at environments['k'].tests.test_a.default.metrics.step_time.samples[1]: expected a finite positive "
+        "number, got -0.01",
+    ),
+    "zero-sample": (
+        _with_cell({"metrics": {"step_time": {"value": 0.01, "samples": [0.0, 0.01]}}}),
+        "metrics.step_time.samples[0]: expected a finite positive number, got 0.0",
+    ),
+    "zero-round": (
+        _with_cell({"metrics": {"step_time": {"value": 0.01, "rounds": [0.01, 0.0]}}}),
+        "metrics.step_time.rounds[1]: expected a finite positive number, got 0.0",
+    ),
+    "negative-tolerance": (
+        _with_cell({"metrics": {"acc": {"value": 0.5, "tolerance": -0.1}}}),
+        "metrics.acc.tolerance: expected a non-negative number",
+    ),
+    "nan-in-loss-curve": (
+        _with_cell({"metrics": {}, "loss_curve": [1.0, math.nan]}),
+        "at environments['k'].tests.test_a.default.loss_curve: expected a list of finite numbers",
+    ),
+    "unit-not-a-string": (
+        _with_cell({"metrics": {"acc": {"value": 0.5, "unit": 5}}}),
+        "metrics.acc.unit: expected a string, got 5",
+    ),
+    "list-valued-param": (
+        _with_cell({"metrics": {}, "params": [["shape", [1, 2]]]}),
+        "at environments['k'].tests.test_a.default.params[0] (shape): expected a string, a bool or a finite "
+        "number, got [1, 2]",
+    ),
+    "nan-param": (
+        _with_cell({"metrics": {}, "params": [["lr", math.nan]]}),
+        "params[0] (lr): expected a string, a bool or a finite number, got NaN",
+    ),
+    "order-of-numbers": (
+        _with_cell({"metrics": {"a": {"value": 1.0}}, "order": [1, "a"]}),
+        "at environments['k'].tests.test_a.default.order: expected the metric names",
+    ),
+    "nan-threads": (
+        json.dumps(_ours(environments={"k": {"fingerprint": {"device": "d", "device_type": "cpu", "torch": "t",
+                                                             "cuda": None, "threads": math.nan, "cpu": "c"},
+                                             "tests": {}}})),
+        "at environments['k'].fingerprint.threads: expected a non-negative integer, got NaN",
+    ),
+    "nan-in-an-ignored-key": (json.dumps(_ours(note=math.nan)), "holds the literal NaN"),
+    "nan-figure": (
+        json.dumps(_ours(environments={"k": {
+            "fingerprint": {"device": "d", "device_type": "cpu", "torch": "t", "cuda": None, "threads": 1,
+                            "cpu": "c"},
+            "tests": {},
+            "figures": {"test_a": {"f": {"kind": "scaling", "value": 1.0, "points": [[1, math.nan]]}}}}})),
+        "at environments['k'].figures.test_a.f.points: expected a list of [x, y] pairs",
+    ),
+    "figure-without-its-names": (
+        json.dumps(_ours(environments={"k": {
+            "fingerprint": {"device": "d", "device_type": "cpu", "torch": "t", "cuda": None, "threads": 1,
+                            "cpu": "c"},
+            "tests": {}, "figures": {"test_a": {"f": {"kind": "scaling", "value": 1.0, "coefficient": 1e400}}}}})),
+        "at environments['k'].figures.test_a.f.coefficient: expected a finite number or null, got Infinity",
+    ),
+    "nested-100000-deep": ("[" * 100_000 + "]" * 100_000, "nested deeper than the reader follows"),
+    "a-5000-digit-integer": ('{"schema": ' + "9" * 5000 + "}", "a number too long to read"),
 }
 
 
@@ -534,3 +629,166 @@ def test_a_crashed_cell_is_never_written(tmp_path: Path) -> None:
 
     assert read(path).lookup(CPU.key, "test_train", "default") is None
     assert '"crashed"' not in path.read_text()
+
+
+# --------------------------------------------------------------------------- bad input (issue 18)
+
+
+def _special(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / "test_lm.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        (tmp_path / "elsewhere.json").write_text(store.dumps(store.to_json(store.BaselineFile(path))))
+        path.symlink_to(tmp_path / "elsewhere.json")
+    return path
+
+
+@pytest.mark.parametrize(("kind", "reason"), [("fifo", "is a FIFO (named pipe), not a regular file"),
+                                              ("directory", "is a directory, not a regular file"),
+                                              ("symlink", "is a symbolic link, not a regular file")])
+def test_what_is_no_regular_file_is_refused_by_name_and_never_waited_on(tmp_path: Path, kind: str,
+                                                                        reason: str) -> None:
+    path = _special(tmp_path, kind)
+
+    with pytest.raises(BaselineError, match=f"^{re.escape(f'{path}: {reason}')}"):
+        read(path)  # a FIFO with no writer would block a plain open() forever
+    with pytest.raises(BaselineError, match=re.escape(reason)):
+        update(path, CPU, [run_cell()])
+
+    assert files_in(tmp_path) == sorted(["test_lm.json"] + (["elsewhere.json"] if kind == "symlink" else []))
+
+
+def test_check_finite_names_each_field_that_json_cannot_hold() -> None:
+    bad = dataclasses.replace(
+        train_cell(),
+        params=(("lr", math.inf),),
+        metrics=(Metric("loss", math.nan, "", Direction.EXACT),
+                 Metric("step_time", 0.01, "s", samples=(0.01, math.nan, -1.0), rounds=(0.0,)),
+                 Metric("acc", 0.5, tolerance=math.nan)),
+        loss_curve=(2.0, math.inf),
+        items_per_step=math.nan,
+    )
+
+    assert check_finite(bad) == [
+        "params[0] (lr): expected a string, a bool or a finite number, got inf",
+        "metrics.loss.value: expected a finite number, got nan",
+        "metrics.step_time.samples[1]: expected a finite positive number, got nan",
+        "metrics.step_time.rounds[0]: expected a finite positive number, got 0.0",
+        "metrics.acc.tolerance: expected a non-negative number, infinity or None, got nan",
+        "loss_curve[1]: expected a finite number, got inf",
+        "items_per_step: expected a finite positive number or None, got nan",
+    ]
+    assert check_finite(train_cell()) == []
+    assert check_finite(record_cell()) == []  # an infinite tolerance is stored as "inf"
+    assert check_finite(dataclasses.replace(record_cell(), metrics=(Metric("x", 1.0, tolerance=math.inf),))) == []
+
+
+@pytest.mark.parametrize("unit", [5, None, b"s"])
+def test_a_metric_unit_that_is_not_a_string_is_refused_when_the_metric_is_made(unit: object) -> None:
+    with pytest.raises(TypeError, match=r"metric 'x': expected the unit to be a string such as 's' or '', got"):
+        Metric("x", 1.0, unit)  # type: ignore[arg-type]
+
+
+def test_one_non_finite_cell_costs_no_other_cell_its_baseline(tmp_path: Path) -> None:
+    path = tmp_path / "test_lm.json"
+    diverged = dataclasses.replace(train_cell(cell="lr=1"), metrics=(Metric("loss", math.nan, "", Direction.EXACT),),
+                                   loss_curve=(2.0, math.nan))
+
+    done = store.update_file(path, CPU, [train_cell(), diverged, run_cell()], "baselines/test_lm.json")
+
+    assert done.refused == ("baselines/test_lm.json: TestLM::test_step [lr=1]: not stored: "
+                            "metrics.loss.value: expected a finite number, got nan; "
+                            "loss_curve[1]: expected a finite number, got nan",)
+    assert done.refused_cells == (("TestLM::test_step", "lr=1"),)
+    stored = read(path)
+    assert stored.lookup(CPU.key, "TestLM::test_step", train_cell().cell) == train_cell()
+    assert stored.lookup(CPU.key, "test_infer", "default") == run_cell()
+    assert stored.lookup(CPU.key, "TestLM::test_step", "lr=1") is None
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+
+
+def test_update_raises_a_named_error_after_writing_the_good_cells(tmp_path: Path) -> None:
+    path = tmp_path / "test_lm.json"
+    infinite = dataclasses.replace(run_cell(), cell="big", metrics=(Metric("flops", math.inf, "FLOP"),))
+
+    with pytest.raises(store.CellsRefused, match=r"1 cell not stored \(the other cells were\): .*test_infer \[big\]: "
+                                                 r"not stored: metrics.flops.value: expected a finite number, got inf"
+                       ) as info:
+        update(path, CPU, [train_cell(), infinite])
+
+    assert isinstance(info.value, BaselineError)
+    assert [c.cell for c in info.value.done.changes if c.metric == "flops"] == [train_cell().cell]
+    assert read(path).lookup(CPU.key, "TestLM::test_step", train_cell().cell) == train_cell()
+
+
+def test_a_non_finite_derived_figure_is_not_stored_and_named(tmp_path: Path) -> None:
+    path = tmp_path / "test_lm.json"
+    good = Figure(kind=FigureKind.SCALING, metric="step_time", axis="n", cell="default", reference="n",
+                  value=1.0, points=((1.0, 1.0), (2.0, 2.0)))
+    bad = dataclasses.replace(good, metric="flops", value=math.nan)
+
+    done = store.update_file(path, CPU, [run_cell()], derive=lambda cells: {"test_infer": [good, bad]})
+
+    assert read(path).figures(CPU.key, "test_infer") == (good,)
+    assert len(done.refused) == 1
+    assert "test_infer: figure flops ~ n^b: not stored: value: expected a finite number, got nan" in done.refused[0]
+    assert done.refused_cells == ()
+
+
+def test_a_killed_writer_leaves_a_recognisable_temp_file_that_the_next_update_removes(tmp_path: Path) -> None:
+    path = tmp_path / "test_lm.json"
+    update(path, CPU, [run_cell()])
+    stale = tmp_path / f".test_lm.json{store.TEMP_MARK}abc123"  # what write_atomic names its temp file
+    stale.write_text('{"half": ')
+    old = os.stat(path).st_mtime - 60
+    os.utime(stale, (old, old))
+    other = tmp_path / f".test_other.json{store.TEMP_MARK}abc123"  # another file's: not ours to remove
+    other.write_text("{")
+    os.utime(other, (old, old))
+
+    done = store.update_file(path, CPU, [train_cell()], "baselines/test_lm.json")
+
+    assert done.notes == (f"baselines/test_lm.json: removed 1 temporary file left by an interrupted update "
+                          f"({stale.name})",)
+    assert files_in(tmp_path) == sorted(["test_lm.json", other.name])
+    assert store.update_file(path, CPU, [train_cell()]).notes == ()
+
+
+def test_write_atomic_names_its_temp_file_after_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+
+    def stop(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        seen.append(os.path.basename(src))
+        raise OSError("killed")
+
+    monkeypatch.setattr("pytest_trainperf.store.os.replace", stop)
+    with pytest.raises(OSError):
+        store.write_atomic(tmp_path / "test_lm.json", "{}")
+
+    assert len(seen) == 1 and seen[0].startswith(f".test_lm.json{store.TEMP_MARK}")
+    assert store.temp_files(tmp_path / "test_lm.json") == []
+
+
+@pytest.mark.parametrize(("test_file", "expected"), [
+    ("examples/test_lm.py", "examples/test_lm.json"),
+    ("./a/../test_top.py", "test_top.json"),
+    ("../other/test_o.py", "_outside/_up/other/test_o.json"),
+    ("../../other/test_o.py", "_outside/_up/_up/other/test_o.json"),
+    ("a/../../other/test_o.py", "_outside/_up/other/test_o.json"),
+    ("/srv/suite/test_o.py", "_outside/_root/srv/suite/test_o.json"),
+])
+def test_a_baseline_path_always_stays_inside_the_baselines_directory(tmp_path: Path, test_file: str,
+                                                                     expected: str) -> None:
+    path = baseline_path(tmp_path / "baselines", test_file)
+
+    assert path == tmp_path / "baselines" / expected
+    assert os.path.normpath(path).startswith(str(tmp_path / "baselines") + os.sep)
+
+
+@pytest.mark.parametrize("test_file", ["", ".", "..", "a/.."])
+def test_a_baseline_path_of_no_file_is_refused(tmp_path: Path, test_file: str) -> None:
+    with pytest.raises(ValueError, match="expected the path of a test file"):
+        baseline_path(tmp_path, test_file)

@@ -94,6 +94,7 @@ def test_format_value_rounds_up_into_kibibytes() -> None:
         (10.0, "+1000%"),
         (math.inf, "+inf%"),
         (-math.inf, "-inf%"),
+        (math.nan, "nan%"),  # not "+nan%"
     ],
 )
 def test_format_change(change: float, expected: str) -> None:
@@ -130,7 +131,8 @@ def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "lots", "-1GB", "0", "12 parsecs", "GiB"])
+@pytest.mark.parametrize("text", ["", "lots", "-1GB", "0", "12 parsecs", "GiB", "0.5", "0.9B", "1e400", "1e400GiB",
+                                  "9" * 5000, "8EB" * 100, "16777216TiB"])
 def test_parse_size_refuses_what_is_not_a_positive_size(text: str) -> None:
-    with pytest.raises(ValueError, match="expected a positive size such as 24GiB"):
+    with pytest.raises(ValueError, match=r"expected a size of at least 1 byte \(and below 8 EiB\) such as 24GiB"):
         parse_size(text)
