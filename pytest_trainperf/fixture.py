@@ -128,21 +128,22 @@ class TrainPerf:
 
     @property
     def device(self) -> torch.device:
-        """The device to measure on (``--trainperf-device``; default CUDA if available, else CPU)."""
+        """The device to measure on (``--trainperf-device``, or this xdist worker's one of
+        ``--trainperf-devices``; default CUDA if available, else CPU), checked and made current."""
         if self._device is None:
-            import torch
+            from pytest_trainperf.measure.device import DeviceError, select_device
 
-            wanted = self._settings.device
-            if wanted == "auto":
-                wanted = "cuda" if torch.cuda.is_available() else "cpu"
-            device = torch.device(wanted)
-            backend = getattr(torch, device.type, None) if device.type != "cpu" else None
-            if device.type == "mps":
-                backend = torch.backends.mps
-            if backend is not None and not backend.is_available():
-                _usage(self._cell, f"--trainperf-device={wanted}, but torch.{device.type}.is_available() is "
-                                   f"False (torch {torch.__version__}, CUDA build: {torch.version.cuda})")
-            self._device = device
+            wanted, devices = self._settings.device, self._settings.devices
+            option = (f"--trainperf-devices={','.join(devices)} (this worker's: {wanted})" if devices
+                      else f"--trainperf-device={wanted}")
+            error = ""
+            try:
+                self._device = select_device(wanted, option)
+            except DeviceError as exc:
+                error = str(exc)
+            if error:  # outside the handler: the failure reads as one message, not a chained traceback
+                _usage(self._cell, error)
+        assert self._device is not None
         return self._device
 
     @property
