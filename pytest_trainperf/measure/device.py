@@ -245,7 +245,8 @@ def missing_device(device_type: str, index: int | None, count: int) -> str:
     """Why ``<device_type>:<index>`` cannot be used when torch sees ``count`` such devices ("" if it can)."""
     if index is None or device_type not in INDEXED_BACKENDS or index < count:
         return ""
-    have = f"{device_type}:0 to {device_type}:{count - 1}" if count > 1 else f"{device_type}:0 only" if count else "none"
+    have = (f"{device_type}:0 to {device_type}:{count - 1}" if count > 1
+            else f"{device_type}:0 only" if count else "none")
     return f"{device_type}:{index} does not exist: torch sees {count} {device_type} device(s) ({have})"
 
 
