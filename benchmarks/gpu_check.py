@@ -203,7 +203,6 @@ def stage_environment(device_name: str, quick: bool) -> Outcome:
 
 
 def stage_mfu(device_name: str, quick: bool) -> Outcome:
-    import torch
 
     from pytest_trainperf.fixture import timing_metrics
     from pytest_trainperf.measure.flops import Precision, count_flops
