@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from pytest_trainperf.measure.memory import Preexisting
+    from pytest_trainperf.measure.mfu import DevicePeaks
     from pytest_trainperf.measure.timing import Timed
 
 DEFAULT_WARMUP = 3
@@ -92,7 +93,7 @@ class TrainPerf:
         self._preexisting: Preexisting | None = None
         self._retime: Callable[[], list[Metric]] | None = None
         self._cudnn_benchmark = ""
-        self._peak: tuple[float | None, str] = (None, "")
+        self._peaks: DevicePeaks | None = None
         self._notes: dict[str, None] = {}
         self._peak_precision = ""
         self._timer: Timer | None = None
@@ -110,21 +111,22 @@ class TrainPerf:
 
     @property
     def device(self) -> torch.device:
-        """The device to measure on (``--trainperf-device``; default CUDA if available, else CPU)."""
+        """The device to measure on (``--trainperf-device``, or this xdist worker's one of
+        ``--trainperf-devices``; default CUDA if available, else CPU), checked and made current."""
         if self._device is None:
-            import torch
+            from pytest_trainperf.measure.device import DeviceError, select_device
 
-            wanted = self._settings.device
-            if wanted == "auto":
-                wanted = "cuda" if torch.cuda.is_available() else "cpu"
-            device = torch.device(wanted)
-            backend = getattr(torch, device.type, None) if device.type != "cpu" else None
-            if device.type == "mps":
-                backend = torch.backends.mps
-            if backend is not None and not backend.is_available():
-                _usage(self._cell, f"--trainperf-device={wanted}, but torch.{device.type}.is_available() is "
-                                   f"False (torch {torch.__version__}, CUDA build: {torch.version.cuda})")
-            self._device = device
+            wanted, devices = self._settings.device, self._settings.devices
+            option = (f"--trainperf-devices={','.join(devices)} (this worker's: {wanted})" if devices
+                      else f"--trainperf-device={wanted}")
+            error = ""
+            try:
+                self._device = select_device(wanted, option)
+            except DeviceError as exc:
+                error = str(exc)
+            if error:  # outside the handler: the failure reads as one message, not a chained traceback
+                _usage(self._cell, error)
+        assert self._device is not None
         return self._device
 
     @property
@@ -298,26 +300,29 @@ class TrainPerf:
         return None
 
     def _mfu(self, measured: Measurement) -> list[Metric]:
-        """``mfu`` from the measured FLOPs and step time, against a recorded ``peak_flops`` or the table."""
-        from pytest_trainperf.measure.mfu import PEAK_METRIC, mfu
+        """``mfu`` from the measured FLOPs (each precision's share against its own peak) and step time,
+        or the total FLOPs against a recorded ``peak_flops``."""
+        from pytest_trainperf.measure.mfu import NO_PEAKS, PEAK_METRIC, measured_mfu, mfu
 
         flops, step = measured.metric("flops"), measured.metric("step_time")
         if flops is None or step is None or not step.value > 0:
             return []
         recorded = next((m.value for m in self._recorded if m.name == PEAK_METRIC), None)
-        peak, note = (recorded, "") if recorded is not None else self._peak
         if recorded is not None and not recorded > 0:
-            note = f"no mfu in {self._cell.nodeid}: {PEAK_METRIC} recorded as {recorded}, expected FLOP/s > 0"
-        if peak is None or not peak > 0:
-            if note:
-                self._notes.setdefault(note)
+            self._notes.setdefault(f"no mfu in {self._cell.nodeid}: {PEAK_METRIC} recorded as {recorded}, "
+                                   "expected FLOP/s > 0")
             return []
-        metric = mfu(flops.value, step.value, peak)
-        if metric.value > 100 and recorded is None:
-            self._notes.setdefault(f"mfu of {self._cell.nodeid} is {metric.value:.0f}% of the table's peak for "
-                                   f"{self._peak_precision}: the step runs in a lower precision; record the "
-                                   f"peak that applies: trainperf.record({PEAK_METRIC!r}, <FLOP/s>)")
-        return [metric]
+        if recorded is not None:
+            return [mfu(flops.value, step.value, recorded)]
+        metric, note = measured_mfu(measured, self._peaks or NO_PEAKS, self._peak_precision)
+        if note:
+            self._notes.setdefault(note)
+        if metric is not None and metric.value > 100:
+            self._notes.setdefault(f"mfu of {self._cell.nodeid} is {metric.value:.0f}% of the table's dense peaks: "
+                                   "the step runs faster than the table allows (sparse or lower-precision kernels "
+                                   f"the counter cannot see); record the peak that applies: "
+                                   f"trainperf.record({PEAK_METRIC!r}, <FLOP/s>)")
+        return [metric] if metric is not None else []
 
     def _loss(self, out: object) -> object:
         """Check one step's return value; keep it cheaply (a detached tensor or a float)."""
@@ -346,7 +351,7 @@ class TrainPerf:
         from pytest_trainperf.measure.cudnn import cudnn_benchmark
         from pytest_trainperf.measure.flops import count_flops
         from pytest_trainperf.measure.memory import allocator_pressure, measure_peak
-        from pytest_trainperf.measure.mfu import device_peak, precision_in_use
+        from pytest_trainperf.measure.mfu import device_peaks, precision_in_use
         from pytest_trainperf.measure.timing import default_threads, fixed_threads, time_steps
         from pytest_trainperf.measure.utilization import Probe
 
@@ -375,7 +380,7 @@ class TrainPerf:
                 timed = timer(fn, count, device, keep, warmup, on_timed=probe.start)
         self._notes.update(dict.fromkeys(probe.notes))
         if not self._timing_only:
-            self._peak = device_peak(device)
+            self._peaks = device_peaks(device)
             self._peak_precision = precision_in_use(device)
         curve = (self._check_losses(kept + (timed.kept if timed is not None else []), f"trainperf.{kind}")
                  if keep is not None else [])
@@ -392,7 +397,7 @@ class TrainPerf:
             if peak.reserved_bytes is not None:
                 metrics.append(Metric("reserved_memory", float(peak.reserved_bytes), "B"))
         if flops is not None:
-            metrics.append(Metric("flops", float(flops), "FLOP"))
+            metrics += flops.metrics()  # flops, and flops_bf16, flops_tf32... by the precision they run in
         metrics += probe.metrics
         if curve and not self._timing_only and timed is not None:
             metrics.append(Metric("loss", curve[-1], "", Direction.EXACT))

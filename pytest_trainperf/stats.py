@@ -70,11 +70,14 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
     "cpu_utilization": math.inf,
     "mfu": math.inf,
     "peak_rss": math.inf,
+    **dict.fromkeys(("flops_fp64", "flops_fp32", "flops_tf32", "flops_bf16", "flops_fp16", "flops_fp8", "flops_other"),
+                    math.inf),
 }
 """Relative tolerances of the built-in metrics. ``reserved_memory`` (CUDA), the utilizations (GPU
-through NVML, or the process's CPU), ``mfu`` and ``peak_rss`` (the peak resident set size of an
-isolated cell's process) are reported, not gated, unless a test gives them a tolerance; a recorded
-metric without one gets :data:`RECORD_TOLERANCE`."""
+through NVML, or the process's CPU), ``mfu``, ``peak_rss`` (the peak resident set size of an
+isolated cell's process) and the split of ``flops`` by precision (``flops_bf16``...; ``flops`` itself
+is gated) are reported, not gated, unless a test gives them a tolerance; a recorded metric without one
+gets :data:`RECORD_TOLERANCE`."""
 RECORD_TOLERANCE = 0.01
 """Default relative tolerance of a metric recorded with ``trainperf.record``."""
 NOISE_FACTOR = 3.0

@@ -327,9 +327,10 @@ def test_training_step_peak_is_reproducible_and_exact_across_processes() -> None
     assert first["extra_peak"] - first["peak"] == 16 * MIB
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA: reads the caching allocator's counters"
-)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: reads the caching allocator's counters")
+
+
+@CUDA
 def test_cuda_peak_comes_from_the_caching_allocator() -> None:
     device = torch.device("cuda")
 
@@ -345,3 +346,40 @@ def test_cuda_peak_comes_from_the_caching_allocator() -> None:
     assert peak.peak_bytes - peak.start_bytes == 16 * MIB
     assert peak.reserved_bytes is not None
     assert peak.reserved_bytes >= peak.peak_bytes
+
+
+@CUDA
+def test_cuda_peak_is_max_memory_allocated_less_the_baseline_and_reserved_is_on_the_same_basis() -> None:
+    device = torch.device("cuda")
+    held = torch.zeros(8 * MIB // FLOAT32, device=device)  # alive before the test: left out
+    outside = memory.Preexisting(device)
+    params = torch.zeros(2 * MIB // FLOAT32, device=device)  # the test's own: counted
+
+    def step() -> int:
+        return int(torch.zeros(16 * MIB // FLOAT32, device=device).numel())
+
+    _, peak = measure_peak(step, device, outside)
+    allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+
+    assert peak.baseline_bytes == outside.cuda_bytes  # nothing of it was freed before the step
+    assert peak.peak_bytes == allocated - peak.baseline_bytes == 18 * MIB
+    assert peak.reserved_bytes == reserved - peak.baseline_bytes
+    assert peak.start_bytes == 2 * MIB
+    assert peak.reserved_bytes >= peak.peak_bytes
+    del held, params
+
+
+@CUDA
+def test_memory_freed_before_the_step_does_not_make_the_cuda_peak_read_low() -> None:
+    device = torch.device("cuda")
+    dropped = torch.zeros(8 * MIB // FLOAT32, device=device)  # alive when the test began, freed before its step
+    outside = memory.Preexisting(device)
+    del dropped
+
+    def step() -> int:
+        return int(torch.zeros(16 * MIB // FLOAT32, device=device).numel())
+
+    _, peak = measure_peak(step, device, outside)
+
+    assert peak.baseline_bytes == torch.cuda.memory_allocated(device) < outside.cuda_bytes  # taken right before
+    assert peak.peak_bytes == torch.cuda.max_memory_allocated(device) - peak.baseline_bytes == 16 * MIB

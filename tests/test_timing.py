@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 import types
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -53,3 +55,57 @@ def test_time_steps_without_warmup_or_settling_keeps_every_sample() -> None:
     assert len(time_steps(step, 6, torch.device("cpu"), warmup=0).samples) == 6
     assert len(time_steps(step, 6, torch.device("cpu"), warmup=2, settle=False).samples) == 6
     assert SETTLE_MAX_SHARE == 0.5
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                          reason="needs CUDA: compares the device's events with the host clock")
+STEP_SECONDS = 0.020
+"""The GPU step the event timing is checked on."""
+AGREEMENT = 0.05
+"""How far the events' median may be from the synchronized host clock's on a step that long."""
+
+
+def gpu_step(device: torch.device, seconds: float = STEP_SECONDS) -> Callable[[], torch.Tensor]:
+    """A step of back-to-back matmuls on ``device`` lasting about ``seconds`` (calibrated here)."""
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+
+    def matmuls(n: int) -> torch.Tensor:
+        out = a
+        for _ in range(n):
+            out = a @ b
+        return out
+
+    matmuls(3)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    matmuls(50)
+    torch.cuda.synchronize(device)
+    n = max(1, round(50 * seconds / (time.perf_counter() - start)))
+    return lambda: matmuls(n)
+
+
+def host_times(step: Callable[[], object], device: torch.device, count: int) -> list[float]:
+    out = []
+    for _ in range(count):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+@CUDA
+@pytest.mark.parametrize("index", sorted({0, torch.cuda.device_count() - 1}) if torch.cuda.is_available() else [0])
+def test_cuda_events_agree_with_a_synchronized_host_clock(index: int) -> None:
+    """On the last GPU too, while another is current: the events must be on the step's device and stream."""
+    device = torch.device("cuda", index)
+    with torch.cuda.device(device):
+        step = gpu_step(device)
+    torch.cuda.set_device(0)  # the current device is not the measured one (where there are two)
+    events = statistics.median(time_steps(step, 15, device, warmup=3).samples)
+    with torch.cuda.device(device):
+        host = statistics.median(host_times(step, device, 15))
+    assert events == pytest.approx(host, rel=AGREEMENT)
+    assert events == pytest.approx(STEP_SECONDS, rel=0.5)  # a real device time, not the launch time

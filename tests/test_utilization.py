@@ -29,6 +29,7 @@ from pytest_trainperf.measure.utilization import (
     attribute,
     in_window,
     load_nvml,
+    mig_enabled,
     nvml_id,
 )
 from pytest_trainperf.records import CellVerdict, Direction, Fingerprint, Measurement, Metric, MetricVerdict, Status
@@ -58,6 +59,14 @@ class NVMLError_NotFound(NVMLError):
         super().__init__(6)
 
 
+class NVMLError_NoPermission(NVMLError):
+    def __init__(self) -> None:
+        super().__init__(4)
+
+    def __str__(self) -> str:
+        return "Insufficient Permissions"
+
+
 class FakeNvml:
     """The ``pynvml`` calls the sampler makes, over a timeline the test writes with :meth:`emit`.
 
@@ -70,6 +79,8 @@ class FakeNvml:
     NVMLError = NVMLError
     NVMLError_NotSupported = NVMLError_NotSupported
     NVMLError_NotFound = NVMLError_NotFound
+    NVMLError_NoPermission = NVMLError_NoPermission
+    NVML_DEVICE_MIG_ENABLE = 1
 
     def __init__(self, samples: bool = True, processes: bool = True, capacity: int = 1000,
                  inclusive: bool = False) -> None:
@@ -83,6 +94,8 @@ class FakeNvml:
         self.calls = 0
         self.called = threading.Event()
         self.fail_with: Exception | None = None
+        self.process_error: Exception | None = None
+        self.mig: int | Exception = 0
         self.shutdowns = 0
 
     def emit(self, stamp: int, sm: int, memory: int, pids: dict[int, tuple[int, int]] | None = None) -> None:
@@ -112,6 +125,8 @@ class FakeNvml:
     def nvmlDeviceGetProcessUtilization(self, handle: object, last: int) -> list[Any]:
         if not self.supports_processes:
             raise NVMLError_NotSupported()
+        if self.process_error is not None:
+            raise self.process_error
         got = [SimpleNamespace(pid=p, timeStamp=t, smUtil=s, memUtil=m, encUtil=0, decUtil=0)
                for p, t, s, m in self.process_buffer if self._after(t, last)]
         if not got:
@@ -120,6 +135,11 @@ class FakeNvml:
 
     def nvmlDeviceGetUtilizationRates(self, handle: object) -> Any:
         return SimpleNamespace(gpu=self.rates[0], memory=self.rates[1])
+
+    def nvmlDeviceGetMigMode(self, handle: object) -> tuple[int, int]:
+        if isinstance(self.mig, Exception):
+            raise self.mig
+        return self.mig, self.mig
 
     def nvmlShutdown(self) -> None:
         self.shutdowns += 1
@@ -251,6 +271,56 @@ def test_an_nvml_error_while_sampling_is_a_note_not_a_failure() -> None:
     assert result.metrics() == [] and result.note.startswith("NVML sampling failed")
 
 
+def test_a_device_that_does_not_attribute_to_processes_says_so_by_name() -> None:
+    nvml = FakeNvml(processes=False)
+    s = sampler(nvml)
+    s.start()
+    nvml.emit(300, 40, 10)
+    result = s.stop()
+    assert result.scope == "device"
+    assert result.note == ("GPU utilization is device-wide: NVML does not attribute utilization to processes on "
+                           "this device (NVMLError_NotSupported)")
+
+
+@pytest.mark.parametrize(("error", "named_as"), [
+    (NVMLError_NoPermission(), "NVMLError_NoPermission: Insufficient Permissions"),
+    (NVMLError(999), "NVMLError: 999"),  # NVML_ERROR_UNKNOWN, say
+])
+def test_a_failing_per_process_call_is_named_not_called_unsupported(error: Exception, named_as: str) -> None:
+    nvml = FakeNvml()
+    nvml.process_error = error
+    s = sampler(nvml)
+    s.start()
+    nvml.emit(300, 40, 10)
+    result = s.stop()
+    assert result.scope == "device" and result.sm == (40.0,)
+    assert result.note == f"GPU utilization is device-wide: nvmlDeviceGetProcessUtilization failed ({named_as})"
+    assert "does not attribute" not in result.note
+
+
+def test_a_per_process_call_failing_mid_window_is_named_too() -> None:
+    nvml = FakeNvml()
+    s = sampler(nvml)
+    s.start()
+    nvml.emit(300, 40, 10, {PID: (30, 5)})
+    nvml.process_error = NVMLError_NoPermission()
+    result = s.stop()
+    assert "nvmlDeviceGetProcessUtilization failed (NVMLError_NoPermission" in result.note
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    (1, (True, "")),
+    (0, (False, "")),
+    (NVMLError_NotSupported(), (False, "")),  # a GPU without MIG (pre-Ampere, consumer)
+    (NVMLError_NoPermission(), (None, "MIG mode unknown: nvmlDeviceGetMigMode failed (NVMLError_NoPermission: "
+                                      "Insufficient Permissions)")),
+])
+def test_mig_mode_from_nvml(mode: int | Exception, expected: tuple[bool | None, str]) -> None:
+    nvml = FakeNvml()
+    nvml.mig = mode
+    assert mig_enabled(nvml, "gpu0") == expected
+
+
 def test_window_and_attribution_are_pure() -> None:
     assert in_window([(5, 1.0), (3, 9.0), (5, 2.0), (7, 3.0)], after=3) == [1.0, 3.0]
     samples = [ProcessSample(1, 10, 5.0, 1.0), ProcessSample(2, 11, 50.0, 9.0), ProcessSample(1, 12, 7.0, 3.0),
@@ -266,7 +336,19 @@ def test_window_and_attribution_are_pure() -> None:
     (2, "1,0", 2),  # beyond the list: torch would not see it; NVML's own number
 ])
 def test_torch_device_index_to_nvml(index: int, visible: str | None, expected: int | str) -> None:
-    assert nvml_id(index, visible) == expected
+    assert nvml_id(index, visible, "PCI_BUS_ID", host_gpus=4) == expected
+
+
+@pytest.mark.parametrize(("index", "visible", "order", "host_gpus", "expected"), [
+    (1, None, None, 4, None),  # CUDA's default order is fastest first: an index is not NVML's
+    (1, "3,2", "FASTEST_FIRST", 4, None),
+    (0, "GPU-8f2c", None, 4, "GPU-8f2c"),  # a UUID names one GPU whatever the order
+    (0, None, None, 1, 0),  # one GPU on the host: only one it can be
+    (1, None, "pci_bus_id", 4, 1),
+])
+def test_an_index_is_nvml_s_only_under_pci_bus_order(index: int, visible: str | None, order: str | None,
+                                                      host_gpus: int, expected: int | str | None) -> None:
+    assert nvml_id(index, visible, order, host_gpus) == expected
 
 
 def test_no_pynvml_is_a_note_not_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -354,7 +436,55 @@ def test_unknown_device_or_precision_gives_no_peak_and_a_note() -> None:
     assert peak is None and "not in the peak FLOP/s table" in note and "peak_flops" in note
     peak, note = mfu_module.peak_flops("Tesla V100-SXM2-16GB", "bfloat16")
     assert peak is None and "no bfloat16 peak" in note
-    assert mfu_module.device_peak(torch.device("cpu")) == (None, "")
+    assert mfu_module.device_peaks(torch.device("cpu")) == mfu_module.NO_PEAKS
+
+
+def split_cell(step_time: float, **flops: float) -> Measurement:
+    total = sum(flops.values())
+    return cell_of(Metric("step_time", step_time, "s"), Metric("flops", total, "FLOP"),
+                   *(Metric(f"flops_{p}", v, "FLOP") for p, v in flops.items()))
+
+
+def test_each_precision_s_flops_are_judged_against_its_own_peak() -> None:
+    peaks = mfu_module.peaks_for("NVIDIA H200", mig=False, slice_sms=132)
+    assert peaks.product == "H200 SXM" and peaks.peak("float8") == pytest.approx(1979e12)
+    # 989.5e12 bf16 FLOPs take 1 s at peak, 67e12 fp32 FLOPs 1 s more: 2 s of peak work in a 4 s step
+    metric, note = mfu_module.measured_mfu(split_cell(4.0, bf16=989.5e12, fp32=67e12), peaks, "float32")
+    assert metric is not None and note == ""
+    assert metric.value == pytest.approx(50.0)
+    # the same bf16 FLOPs judged against the fp32 peak would read 14.8 times higher
+    metric, _ = mfu_module.measured_mfu(split_cell(4.0, fp32=989.5e12 + 67e12), peaks, "float32")
+    assert metric is not None and metric.value > 350
+
+
+def test_without_a_split_every_flop_counts_at_the_fallback_precision() -> None:
+    peaks = mfu_module.peaks_for("NVIDIA A100-SXM4-80GB", mig=False, slice_sms=108)
+    metric, _ = mfu_module.measured_mfu(split_cell(1.0), peaks, "tf32")
+    assert metric is not None and metric.value == 0.0  # no matmul/conv/attention work at all
+    cell = cell_of(Metric("step_time", 1.0, "s"), Metric("flops", 156e12, "FLOP"))
+    metric, _ = mfu_module.measured_mfu(cell, peaks, "tf32")
+    assert metric is not None and metric.value == pytest.approx(100.0)
+
+
+def test_a_precision_without_a_peak_gives_no_mfu_and_says_which() -> None:
+    peaks = mfu_module.peaks_for("Tesla V100-SXM2-16GB", mig=False, slice_sms=80)
+    metric, note = mfu_module.measured_mfu(split_cell(1.0, bf16=1e12, fp16=1e12), peaks, "float32")
+    assert metric is None and "FLOPs run in bfloat16, which has no peak" in note and "V100 SXM2" in note
+
+
+def test_a_mig_slice_gets_its_share_of_the_peak_and_a_note() -> None:
+    peaks = mfu_module.peaks_for("NVIDIA H100 80GB HBM3 MIG 3g.40gb", mig=True, slice_sms=60)
+    assert peaks.peak("bfloat16") == pytest.approx(989.5e12 * 60 / 132)
+    assert "60/132 of the H100 SXM peaks" in peaks.note
+    metric, note = mfu_module.measured_mfu(split_cell(1.0, bf16=989.5e12 * 60 / 132), peaks, "float32")
+    assert metric is not None and metric.value == pytest.approx(100.0) and note == peaks.note
+
+
+def test_a_mig_slice_of_a_gpu_whose_sm_count_is_unknown_gets_no_mfu() -> None:
+    peaks = mfu_module.peaks_for("NVIDIA L4 MIG", mig=True, slice_sms=20)
+    assert peaks.flops == () and "no SM count for L4" in peaks.note
+    metric, note = mfu_module.measured_mfu(split_cell(1.0, bf16=1e12), peaks, "float32")
+    assert metric is None and note == peaks.note
 
 
 def test_mfu_is_flops_per_second_over_the_peak() -> None:
@@ -516,20 +646,43 @@ def test_a_recorded_peak_gives_mfu_on_the_cpu(pytester: pytest.Pytester) -> None
     assert metrics["peak_flops"] == pytest.approx(1e9)
 
 
+CUDA_WORKLOAD = """
+import torch
+
+
+def test_matmuls(trainperf):
+    device = trainperf.device
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    w = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        w.grad = None
+        loss = sum((a @ w).float().square().mean() for _ in range(8))
+        loss.backward()
+        return loss
+
+    trainperf.train(step, steps=60, warmup=3)  # well over NVML's sample period of timed steps
+"""
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA device: measures GPU utilization (NVML) and MFU for real")
-def test_a_cuda_cell_reports_utilization_and_mfu_or_says_why_not(pytester: pytest.Pytester) -> None:
+def test_a_cuda_cell_reports_utilization_mfu_and_its_bf16_flops(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("pynvml", reason="needs nvidia-ml-py (the nvml extra) for GPU utilization")
+    if mfu_module.find_peak(torch.cuda.get_device_name()) is None:
+        pytest.skip(f"{torch.cuda.get_device_name()} is not in the peak table: no mfu to check")
     before = torch.backends.cudnn.benchmark
-    result, cell = measured(pytester, "--trainperf-device=cuda", "--trainperf-cudnn-benchmark=on")
+    pytester.makeini("[pytest]\ntrainperf_threads = 1\n")
+    pytester.makepyfile(test_work=CUDA_WORKLOAD)
+    result = pytester.runpytest("--trainperf", "--trainperf-json=out.json", "--trainperf-device=cuda",
+                                "--trainperf-cudnn-benchmark=on")
+    result.assert_outcomes(passed=1)
+    (cell,) = json.loads((pytester.path / "out.json").read_text())["cells"]
     assert torch.backends.cudnn.benchmark is before  # restored after the measurement
     metrics = {m["name"]: m["value"] for m in cell["verdict"]["measurement"]["metrics"]}
-    out = result.stdout.str()
-    if "sm_utilization" in metrics:
-        assert 0 <= metrics["sm_utilization"] <= metrics["sm_utilization_max"] <= 100
-    else:  # no NVML, or a window shorter than NVML's sample period: said in a note
-        assert "trainperf note:" in out
-    assert metrics["flops"] > 0
-    assert "mfu" in metrics or "trainperf note: no mfu" in out
+    assert 0 < metrics["sm_utilization"] <= metrics["sm_utilization_max"] <= 100
+    assert metrics["flops_bf16"] == metrics["flops"] > 0  # every matmul, forward and backward, in bf16
+    assert 1 < metrics["mfu"] <= 100  # against the bf16 peak: a bf16 matmul loop is far above 1%
     fp = cell["fingerprint"]
     major, minor = torch.cuda.get_device_capability()
     assert fp["compute_capability"] == f"{major}.{minor}" and fp["cudnn_benchmark"] == "on"

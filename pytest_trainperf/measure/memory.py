@@ -3,7 +3,12 @@
 :func:`measure_peak` runs the step once and returns its result with a :class:`MemoryPeak`.
 
 CUDA devices use the caching allocator's own counters (``max_memory_allocated``), which see every
-allocation made through the allocator on that device, kernel workspaces included.
+allocation made through the allocator on that device, kernel workspaces included. Right before the
+step (after collecting garbage, synchronizing and emptying the allocator's cache) the bytes still
+allocated by what was alive before the test began are the *baseline*: the smaller of the bytes
+allocated when the test began (after a garbage collection) and the bytes allocated now (what was
+freed since cannot still be counted). ``peak_memory`` is ``max_memory_allocated - baseline`` and
+``reserved_memory`` is ``max_memory_reserved - baseline``: one basis, so ``reserved >= peak``.
 
 Every other device (CPU above all) has no such counters, so the step runs under a
 :class:`~torch.utils._python_dispatch.TorchDispatchMode` that follows tensor *storages*:
@@ -86,6 +91,9 @@ class MemoryPeak:
     """Live bytes on the device when the call started (parameters, optimizer state, inputs...)."""
     method: str
     """How the bytes were counted: :data:`METHOD_STORAGE_TRACKER` or :data:`METHOD_CUDA_ALLOCATOR`."""
+    baseline_bytes: int = 0
+    """CUDA: bytes allocated right before the call by what was alive before the test began, subtracted
+    from the allocator's peaks (0 elsewhere: those storages are left out one by one)."""
 
 
 class Preexisting:
@@ -94,17 +102,18 @@ class Preexisting:
     A test's peak should not depend on which other tests ran before it in the same process (module
     globals, tensors still held by an earlier test): storages alive when this snapshot is taken are
     not counted (weak references: a later storage at a reused address is counted). On CUDA the
-    allocated bytes at snapshot time are subtracted instead.
+    allocated bytes at snapshot time (after a garbage collection, so that an earlier test's garbage is
+    not taken for live memory) bound what is subtracted instead.
     """
 
     def __init__(self, device: torch.device) -> None:
         self._refs: dict[int, weakref.ref[torch.UntypedStorage]] = {}
         self.cuda_bytes = 0
         """Bytes allocated on the CUDA device at snapshot time (0 elsewhere)."""
+        gc.collect()
         if device.type == _CUDA:
             self.cuda_bytes = torch.cuda.memory_allocated(device)
             return
-        gc.collect()
         for storage in _live_storages(device):
             self._refs[storage._cdata] = weakref.ref(storage)
 
@@ -170,19 +179,22 @@ def measure_peak(fn: Callable[[], T], device: torch.device,
 
 def _measure_cuda(fn: Callable[[], T], device: torch.device, outside: int) -> tuple[T, MemoryPeak]:
     """Read the caching allocator's peak counters around one synchronized call (after collecting
-    garbage and emptying the allocator's cache, so that the reserved peak is this call's)."""
+    garbage and emptying the allocator's cache, so that the reserved peak is this call's), both less
+    the baseline taken right before the call."""
     gc.collect()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     start = torch.cuda.memory_allocated(device)
+    baseline = min(outside, start)
     result = fn()
     torch.cuda.synchronize(device)
     peak = MemoryPeak(
-        peak_bytes=torch.cuda.max_memory_allocated(device) - outside,
-        reserved_bytes=torch.cuda.max_memory_reserved(device),
-        start_bytes=start - outside,
+        peak_bytes=torch.cuda.max_memory_allocated(device) - baseline,
+        reserved_bytes=torch.cuda.max_memory_reserved(device) - baseline,
+        start_bytes=start - baseline,
         method=METHOD_CUDA_ALLOCATOR,
+        baseline_bytes=baseline,
     )
     return result, peak
 

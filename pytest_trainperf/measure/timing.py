@@ -1,11 +1,13 @@
 """Per-step wall-clock timing, with the measurement hygiene of ``torch.utils.benchmark.Timer``.
 
-Each step is timed on its own with ``time.perf_counter_ns``. On CUDA each step is bracketed by a pair
-of CUDA events and the device is synchronized at the end of every step (so the host clock is right
-too, and nothing of one step runs into the next); the sample is the events' elapsed time, the
-device's own clock from the step's start to its last kernel's end. The garbage collector is collected
-before and disabled during the timed steps; the intra-op thread count is fixed for the whole
-measurement and restored afterwards.
+Each step is timed on its own with ``time.perf_counter_ns``. On an accelerator the device is
+synchronized at the end of every step (so the host clock is right too, and nothing of one step runs
+into the next), and the steps run under the device's context (:func:`.device.on_device`). On CUDA and
+XPU each step is also bracketed by a pair of timing events recorded on the device's current stream;
+the sample is the events' elapsed time, the device's own clock from the step's start to its last
+kernel's end. :mod:`.device` chooses per backend (:func:`.device.choose_timing`) and refuses a device
+it cannot synchronize. The garbage collector is collected before and disabled during the timed
+steps; the intra-op thread count is fixed for the whole measurement and restored afterwards.
 """
 
 from __future__ import annotations
@@ -75,12 +77,11 @@ def no_gc() -> Iterator[None]:
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
-    """A function that waits for the device's queued work (a no-op on the CPU)."""
-    import torch
+    """A function that waits for the device's queued work (a no-op on the CPU); raises
+    :class:`.device.DeviceError` for a device that cannot be synchronized."""
+    from pytest_trainperf.measure.device import synchronizer as device_synchronizer
 
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+    return device_synchronizer(device)
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,6 @@ class Timed:
     """What ``keep`` kept of every call, warm-up included, in order."""
     warmup: int
     """Calls that count as warm-up: the ones asked for, and leading timed calls before the step time settled."""
-
-
-def _cuda_events(device: torch.device, count: int) -> list[tuple[torch.cuda.Event, torch.cuda.Event]]:
-    """A pair of timing events per step on CUDA (created before the loop); none elsewhere."""
-    if device.type != "cuda":
-        return []
-    import torch
-
-    make = torch.cuda.Event
-    return [(make(enable_timing=True), make(enable_timing=True)) for _ in range(count)]  # type: ignore[no-untyped-call]
 
 
 def settled_from(samples: Sequence[float], window: int = SETTLE_WINDOW, tolerance: float = SETTLE_TOLERANCE,
@@ -144,23 +135,27 @@ def time_steps(fn: Callable[[], T], count: int, device: torch.device,
     called once, after the warm-up (and its synchronization), before the first timed call's clock
     starts: where utilization samplers start.
     """
+    from pytest_trainperf.measure.device import current_stream, on_device, timing_events, timing_plan
+
+    plan = timing_plan(device)
     sync = synchronizer(device)
     clock = time.perf_counter_ns
     samples: list[int] = []
     kept: list[object] = []
-    with no_gc():
+    with on_device(device, plan), no_gc():
         warm_up(fn, warmup, keep, kept)
         sync()
-        events = _cuda_events(device, count)
+        events = timing_events(device, plan, count)
+        stream = current_stream(device, plan)  # the stream the step's kernels are queued on
         if on_timed is not None:
             on_timed()
         for i in range(count):
             start = clock()
             if events:
-                events[i][0].record()
+                events[i][0].record(stream)
             result = fn()
             if events:
-                events[i][1].record()
+                events[i][1].record(stream)
             sync()
             samples.append(clock() - start)
             if keep is not None:

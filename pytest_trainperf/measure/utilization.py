@@ -11,12 +11,13 @@ newest timestamp already buffered, and only later samples count (de-duplicated b
 sample stamped at the end of its period may reach up to one period back before the window).
 
 Where the device supports it, ``nvmlDeviceGetProcessUtilization`` attributes the utilization to this
-process (samples whose pid is ``os.getpid()``); otherwise (``NVMLError_NotSupported``, or no samples
-for our pid, as in a container's own PID namespace) the figures are device-wide and the note says
-so. A device without utilization samples falls back to polling ``nvmlDeviceGetUtilizationRates``
-every :data:`RATES_SECONDS` (each value covers NVML's last sample period: approximate at the window's
-edges). No ``pynvml`` module (the ``nvml`` extra), no NVML library or no access to the device: no
-utilization metric and a one-line note, never a failure.
+process (samples whose pid is ``os.getpid()``); otherwise the figures are device-wide and the note says
+why, naming NVML's error as it is (``NVMLError_NotSupported``: the device does not attribute;
+``NVMLError_NoPermission``, ``NVMLError_Unknown``... : the call failed), or no samples for our pid (as
+in a container's own PID namespace). A device without utilization samples falls back to polling
+``nvmlDeviceGetUtilizationRates`` every :data:`RATES_SECONDS` (each value covers NVML's last sample
+period: approximate at the window's edges). No ``pynvml`` module (the ``nvml`` extra), no NVML library
+or no access to the device: no utilization metric and a one-line note, never a failure.
 
 Metrics (percent, higher is better, reported and not gated unless a test gives a tolerance):
 ``sm_utilization`` and ``memory_utilization`` are the means over the samples in the window,
@@ -26,6 +27,11 @@ Metrics (percent, higher is better, reported and not gated unless a test gives a
 and after the last timed step: ``cpu_utilization`` = CPU time / wall time / the fixed intra-op
 thread count, in percent (100% = every thread busy throughout). Threads other than torch's
 intra-op pool (inter-op, data loading) can take it above 100%.
+
+**Finding the GPU.** torch's CUDA device is found in NVML by its PCI bus id, else by its UUID, else by
+index, and by index only where the numbering is NVML's (``CUDA_DEVICE_ORDER=PCI_BUS_ID``, or one GPU
+on the host): CUDA numbers the fastest GPU first by default, NVML by PCI bus. :func:`mig_mode` says
+whether that GPU is in MIG mode (for :mod:`.mfu`).
 
 The NVML surface used here is a handful of ``pynvml`` calls on one module object, so tests pass a
 fake of those calls; torch is only imported to find the device.
@@ -51,6 +57,8 @@ POLL_SECONDS = 1.0
 """How often the sampler thread drains NVML's sample buffers (which hold several seconds of samples)."""
 RATES_SECONDS = 1 / 6
 """Polling period of the ``nvmlDeviceGetUtilizationRates`` fallback: NVML's shortest sample period."""
+PCI_BUS_ORDER = "PCI_BUS_ID"
+"""The ``CUDA_DEVICE_ORDER`` under which CUDA numbers GPUs as NVML does."""
 PERCENT = "%"
 """The unit of every utilization metric."""
 VALUE_FIELDS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
@@ -110,14 +118,29 @@ def attribute(samples: Iterable[ProcessSample], pid: int, after: int) -> tuple[l
     return [s.sm for s in ordered], [s.memory for s in ordered]
 
 
+def nvml_error(exc: BaseException) -> str:
+    """An NVML error as what it is: ``NVMLError_NoPermission: Insufficient Permissions``."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def unattributed(exc: BaseException, nvml: Any) -> str:
+    """Why the per-process call gave nothing: the device does not attribute (``NotSupported``), or the
+    call failed, named."""
+    cls = getattr(nvml, "NVMLError_NotSupported", None)
+    if isinstance(cls, type) and isinstance(exc, cls):
+        return f"NVML does not attribute utilization to processes on this device ({type(exc).__name__})"
+    return f"nvmlDeviceGetProcessUtilization failed ({nvml_error(exc)})"
+
+
 def summarize(sm: Sequence[float], memory: Sequence[float], process: tuple[list[float], list[float]] | None,
-              pid: int, seconds: float, source: str = "samples") -> Utilization:
-    """Choose between the process's samples (``process``; None: NVML cannot attribute on this device)
-    and the device's, and say which was used and why."""
+              pid: int, seconds: float, source: str = "samples", why_not: str = "") -> Utilization:
+    """Choose between the process's samples (``process``; None: the per-process call gave nothing,
+    ``why_not`` says why) and the device's, and say which was used and why."""
     if process is not None and process[0]:
         return Utilization(sm=tuple(process[0]), memory=tuple(process[1]), scope="process")
     if process is None:
-        why = "NVML does not attribute utilization to processes on this device"
+        why = why_not or "NVML does not attribute utilization to processes on this device"
     else:
         why = f"NVML reported no samples for this process (pid {pid}; another PID namespace?)"
     note = f"GPU utilization is device-wide: {why}"
@@ -153,7 +176,8 @@ class NvmlSampler:
         self._samples: dict[str, list[tuple[int, float]]] = {"sm": [], "memory": []}
         self._last: dict[str, int] = {"sm": 0, "memory": 0, "process": 0}
         self._after: dict[str, int] = {"sm": 0, "memory": 0, "process": 0}
-        self._processes: list[ProcessSample] | None = []  # None: not supported
+        self._processes: list[ProcessSample] | None = []  # None: not supported, or the call failed
+        self._process_error = ""
         self._rates = False  # polling nvmlDeviceGetUtilizationRates instead of reading samples
         self._rate_samples: list[tuple[int, float, float]] = []
         self._started = 0.0
@@ -204,8 +228,8 @@ class NvmlSampler:
         if self._processes is not None:
             try:
                 self._processes.extend(self._drain_processes())
-            except nvml.NVMLError:
-                self._processes = None
+            except nvml.NVMLError as exc:
+                self._processes, self._process_error = None, unattributed(exc, nvml)
 
     # ------------------------------------------------------------------ the window
 
@@ -221,8 +245,8 @@ class NvmlSampler:
             self._rates = True
         try:
             self._drain_processes()
-        except nvml.NVMLError:
-            self._processes = None
+        except nvml.NVMLError as exc:
+            self._processes, self._process_error = None, unattributed(exc, nvml)
         self._after = dict(self._last)
         self._started = time.perf_counter()
         period = self._rates_period if self._rates else self._poll
@@ -254,9 +278,10 @@ class NvmlSampler:
         if self._rates:
             sm = [g for _, g, _ in self._rate_samples]
             memory = [m for _, _, m in self._rate_samples]
-            return summarize(sm, memory, process, self._pid, seconds, source="rates")
+            return summarize(sm, memory, process, self._pid, seconds, source="rates", why_not=self._process_error)
         return summarize(in_window(self._samples["sm"], self._after["sm"]),
-                         in_window(self._samples["memory"], self._after["memory"]), process, self._pid, seconds)
+                         in_window(self._samples["memory"], self._after["memory"]), process, self._pid, seconds,
+                         why_not=self._process_error)
 
     def close(self) -> None:
         """Shut NVML down (the thread must have stopped)."""
@@ -266,17 +291,25 @@ class NvmlSampler:
 # ------------------------------------------------------------------ finding the device
 
 
-def nvml_id(index: int, visible: str | None) -> int | str:
-    """NVML's index (int) or UUID (str) of torch's CUDA device ``index`` under ``CUDA_VISIBLE_DEVICES``.
+def nvml_id(index: int, visible: str | None, order: str | None = PCI_BUS_ORDER, host_gpus: int = 1) -> int | str | None:
+    """NVML's index (int) or UUID (str) of torch's CUDA device ``index`` under ``CUDA_VISIBLE_DEVICES``
+    (``visible``) and ``CUDA_DEVICE_ORDER`` (``order``), with ``host_gpus`` GPUs on the host; None where
+    it cannot be told.
 
-    Used when torch does not give the device's PCI bus id. NVML numbers every GPU of the host and
-    ignores ``CUDA_VISIBLE_DEVICES``; an entry of the list is an index or a ``GPU-...`` UUID.
+    Used when torch does not give the device's PCI bus id or UUID. NVML numbers every GPU of the host
+    by PCI bus and ignores ``CUDA_VISIBLE_DEVICES``; an entry of the list is an index (in CUDA's order)
+    or a ``GPU-...`` UUID. CUDA's default order (``FASTEST_FIRST``) is not NVML's: an index means the
+    same GPU to both only under ``PCI_BUS_ID`` or with one GPU on the host.
     """
-    if visible is None or not visible.strip():
-        return index
-    entries = [e.strip() for e in visible.split(",")]
-    entry = entries[index] if index < len(entries) else str(index)
-    return int(entry) if entry.isdigit() else entry
+    entry = str(index)
+    if visible is not None and visible.strip():
+        entries = [e.strip() for e in visible.split(",")]
+        entry = entries[index] if index < len(entries) else str(index)
+    if not entry.isdigit():
+        return entry
+    if (order or "").strip().upper() != PCI_BUS_ORDER and host_gpus > 1:
+        return None
+    return int(entry)
 
 
 def pci_bus_id(device: torch.device) -> str | None:
@@ -300,36 +333,95 @@ def load_nvml() -> tuple[Any, str]:
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
-        return None, f"no GPU utilization: NVML is not available ({exc})"
+        return None, f"no GPU utilization: NVML is not available ({nvml_error(exc)})"
     return pynvml, ""
 
 
-def open_sampler(device: torch.device, nvml: Any = None) -> tuple[NvmlSampler | None, str]:
-    """A sampler of the CUDA ``device`` (NVML initialized; :func:`close_sampler` shuts it down), or
-    None and a one-line note saying why there is none."""
+def torch_uuid(device: torch.device) -> str | None:
+    """The device's UUID as NVML writes it (``GPU-8f2c...``, ``MIG-...``), if torch knows it."""
     import torch
 
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    if uuid is None:
+        return None
+    text = str(uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+def find_handle(nvml: Any, device: torch.device) -> tuple[object | None, str]:
+    """NVML's handle of the CUDA ``device`` (by PCI bus id, UUID, then index where the numbering is
+    NVML's), or None and why not."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cuda = torch.device("cuda", index)
+    bus = pci_bus_id(cuda)
+    if bus is not None:  # the PCI bus id names the same GPU for CUDA and NVML, whatever the ordering
+        try:
+            return nvml.nvmlDeviceGetHandleByPciBusId(bus), ""
+        except nvml.NVMLError:
+            pass
+    uuid = torch_uuid(cuda)
+    if uuid is not None:
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(uuid), ""
+        except nvml.NVMLError:
+            pass
+    try:
+        host_gpus = int(nvml.nvmlDeviceGetCount())
+    except nvml.NVMLError:
+        host_gpus = 2  # unknown: do not trust an index
+    ident = nvml_id(index, os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("CUDA_DEVICE_ORDER"), host_gpus)
+    if ident is None:
+        return None, (f"NVML cannot find {device}: no PCI bus id or UUID from torch, and CUDA numbers GPUs "
+                      f"fastest first (CUDA_DEVICE_ORDER is not {PCI_BUS_ORDER}) while NVML numbers them by bus")
+    try:
+        return (nvml.nvmlDeviceGetHandleByIndex(ident) if isinstance(ident, int)
+                else nvml.nvmlDeviceGetHandleByUUID(ident)), ""
+    except nvml.NVMLError as exc:
+        return None, f"NVML cannot find {device} (bus id {bus}, NVML id {ident!r}: {nvml_error(exc)})"
+
+
+def open_sampler(device: torch.device, nvml: Any = None) -> tuple[NvmlSampler | None, str]:
+    """A sampler of the CUDA ``device`` (NVML initialized; :meth:`NvmlSampler.close` shuts it down), or
+    None and a one-line note saying why there is none."""
     if nvml is None:
         nvml, note = load_nvml()
         if nvml is None:
             return None, note
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    bus = pci_bus_id(torch.device("cuda", index))
-    handle = None
-    if bus is not None:  # the PCI bus id names the same GPU for CUDA and NVML, whatever the ordering
-        try:
-            handle = nvml.nvmlDeviceGetHandleByPciBusId(bus)
-        except nvml.NVMLError:
-            handle = None
+    handle, why = find_handle(nvml, device)
     if handle is None:
-        ident = nvml_id(index, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        try:
-            handle = (nvml.nvmlDeviceGetHandleByIndex(ident) if isinstance(ident, int)
-                      else nvml.nvmlDeviceGetHandleByUUID(ident))
-        except nvml.NVMLError as exc:
-            nvml.nvmlShutdown()
-            return None, f"no GPU utilization: NVML cannot find {device} (bus id {bus}, NVML id {ident!r}: {exc})"
+        nvml.nvmlShutdown()
+        return None, f"no GPU utilization: {why}"
     return NvmlSampler(nvml, handle), ""
+
+
+def mig_enabled(nvml: Any, handle: object) -> tuple[bool | None, str]:
+    """Whether the GPU of ``handle`` is in MIG mode (None and why where NVML cannot say); a GPU
+    without MIG (``NVMLError_NotSupported``) is not."""
+    try:
+        current, _pending = nvml.nvmlDeviceGetMigMode(handle)
+    except nvml.NVMLError as exc:
+        cls = getattr(nvml, "NVMLError_NotSupported", None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return False, ""
+        return None, f"MIG mode unknown: nvmlDeviceGetMigMode failed ({nvml_error(exc)})"
+    return int(current) == int(getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1)), ""
+
+
+def mig_mode(device: torch.device, nvml: Any = None) -> tuple[bool | None, str]:
+    """Whether the CUDA ``device`` is a MIG slice, as NVML says (None and why where it cannot)."""
+    own = nvml is None
+    if own:
+        nvml, note = load_nvml()
+        if nvml is None:
+            return None, note
+    try:
+        handle, why = find_handle(nvml, device)
+        return mig_enabled(nvml, handle) if handle is not None else (None, why)
+    finally:
+        if own:
+            nvml.nvmlShutdown()
 
 
 @functools.lru_cache(maxsize=1)
