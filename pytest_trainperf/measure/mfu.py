@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 PEAK_METRIC = "peak_flops"
 """The recorded metric (FLOP/s) that overrides the table's peak."""
-T = 1e12
-"""teraFLOP/s."""
+TERA = 1e12
+"""One teraFLOP/s, the unit of the table below (named apart from the type variables called T elsewhere)."""
 
 
 @dataclass(frozen=True)
@@ -56,45 +56,48 @@ PEAKS: tuple[Peak, ...] = (
     # H100 PCIe: FP32 51, TF32 756*, BF16/FP16 1,513*. H100 NVL: FP32 60, TF32 835*, BF16/FP16 1,671*.
     # FP8 is twice BF16 (SXM 3,958*, PCIe 3,026*, NVL 3,341*). SMs (whole GPU, for MIG shares): SXM and NVL
     # 132, PCIe 114. torch names the SXM "NVIDIA H100 80GB HBM3".
-    Peak("H100 PCIe", r"\bH100\b.*\bPCIe\b", {"float32": 51 * T, "tf32": 378 * T, "bfloat16": 756.5 * T,
-                                                "float16": 756.5 * T, "float8": 1513 * T}, sms=114),
-    Peak("H100 NVL", r"\bH100\b.*\bNVL\b", {"float32": 60 * T, "tf32": 417.5 * T, "bfloat16": 835.5 * T,
-                                              "float16": 835.5 * T, "float8": 1670.5 * T}, sms=132),
-    Peak("H100 SXM", r"\bH100\b", {"float32": 67 * T, "tf32": 494.5 * T, "bfloat16": 989.5 * T,
-                                    "float16": 989.5 * T, "float8": 1979 * T}, sms=132),
+    Peak("H100 PCIe", r"\bH100\b.*\bPCIe\b", {"float32": 51 * TERA, "tf32": 378 * TERA, "bfloat16": 756.5 * TERA,
+                                                "float16": 756.5 * TERA, "float8": 1513 * TERA}, sms=114),
+    Peak("H100 NVL", r"\bH100\b.*\bNVL\b", {"float32": 60 * TERA, "tf32": 417.5 * TERA, "bfloat16": 835.5 * TERA,
+                                              "float16": 835.5 * TERA, "float8": 1670.5 * TERA}, sms=132),
+    Peak("H100 SXM", r"\bH100\b", {"float32": 67 * TERA, "tf32": 494.5 * TERA, "bfloat16": 989.5 * TERA,
+                                    "float16": 989.5 * TERA, "float8": 1979 * TERA}, sms=132),
     # NVIDIA H200 Tensor Core GPU datasheet, H200 NVL: FP32 60, TF32 835*, BF16/FP16 1,671*;
     # H200 SXM: FP32 67, TF32 989*, BF16/FP16 1,979*, FP8 3,958*. GH200 (Grace Hopper datasheet): the H100 SXM
     # figures. 132 SMs.
-    Peak("H200 NVL", r"\bH200\b.*\bNVL\b", {"float32": 60 * T, "tf32": 417.5 * T, "bfloat16": 835.5 * T,
-                                              "float16": 835.5 * T, "float8": 1670.5 * T}, sms=132),
-    Peak("H200 SXM", r"\b(G?H200)\b", {"float32": 67 * T, "tf32": 494.5 * T, "bfloat16": 989.5 * T,
-                                        "float16": 989.5 * T, "float8": 1979 * T}, sms=132),
+    Peak("H200 NVL", r"\bH200\b.*\bNVL\b", {"float32": 60 * TERA, "tf32": 417.5 * TERA, "bfloat16": 835.5 * TERA,
+                                              "float16": 835.5 * TERA, "float8": 1670.5 * TERA}, sms=132),
+    Peak("H200 SXM", r"\b(G?H200)\b", {"float32": 67 * TERA, "tf32": 494.5 * TERA, "bfloat16": 989.5 * TERA,
+                                        "float16": 989.5 * TERA, "float8": 1979 * TERA}, sms=132),
     # NVIDIA A100 Tensor Core GPU datasheet (40 GB and 80 GB, PCIe and SXM): FP32 19.5, TF32 156 (312*),
     # BF16/FP16 312 (624*). 108 SMs.
-    Peak("A100", r"\bA100\b", {"float32": 19.5 * T, "tf32": 156 * T, "bfloat16": 312 * T, "float16": 312 * T},
+    Peak("A100", r"\bA100\b", {"float32": 19.5 * TERA, "tf32": 156 * TERA, "bfloat16": 312 * TERA,
+                               "float16": 312 * TERA},
          sms=108),
     # NVIDIA A10 datasheet: FP32 31.2, TF32 62.5 (125*), BF16/FP16 125 (250*). (A10G is not an NVIDIA
     # datasheet product: not matched.)
-    Peak("A10", r"\bA10\b", {"float32": 31.2 * T, "tf32": 62.5 * T, "bfloat16": 125 * T, "float16": 125 * T}),
+    Peak("A10", r"\bA10\b", {"float32": 31.2 * TERA, "tf32": 62.5 * TERA, "bfloat16": 125 * TERA,
+                             "float16": 125 * TERA}),
     # NVIDIA L40S datasheet: FP32 91.6, TF32 366*, BF16/FP16 733*.
-    Peak("L40S", r"\bL40S\b", {"float32": 91.6 * T, "tf32": 183 * T, "bfloat16": 366.5 * T, "float16": 366.5 * T}),
+    Peak("L40S", r"\bL40S\b", {"float32": 91.6 * TERA, "tf32": 183 * TERA, "bfloat16": 366.5 * TERA,
+                               "float16": 366.5 * TERA}),
     # NVIDIA L4 datasheet: FP32 30.3, TF32 120*, BF16/FP16 242*.
-    Peak("L4", r"\bL4\b", {"float32": 30.3 * T, "tf32": 60 * T, "bfloat16": 121 * T, "float16": 121 * T}),
+    Peak("L4", r"\bL4\b", {"float32": 30.3 * TERA, "tf32": 60 * TERA, "bfloat16": 121 * TERA, "float16": 121 * TERA}),
     # NVIDIA Ada GPU architecture whitepaper, GeForce RTX 4090: FP32 82.6, TF32 82.6 (165.2*), BF16/FP16
     # with FP32 accumulate 165.2 (330.4*).
-    Peak("GeForce RTX 4090", r"\bRTX 4090\b", {"float32": 82.6 * T, "tf32": 82.6 * T, "bfloat16": 165.2 * T,
-                                                "float16": 165.2 * T}),
+    Peak("GeForce RTX 4090", r"\bRTX 4090\b", {"float32": 82.6 * TERA, "tf32": 82.6 * TERA, "bfloat16": 165.2 * TERA,
+                                                "float16": 165.2 * TERA}),
     # NVIDIA Ampere GA102 GPU architecture whitepaper, GeForce RTX 3090: FP32 35.6, TF32 35.6 (71*),
     # BF16/FP16 with FP32 accumulate 71 (142*).
-    Peak("GeForce RTX 3090", r"\bRTX 3090\b", {"float32": 35.6 * T, "tf32": 35.6 * T, "bfloat16": 71 * T,
-                                                "float16": 71 * T}),
+    Peak("GeForce RTX 3090", r"\bRTX 3090\b", {"float32": 35.6 * TERA, "tf32": 35.6 * TERA, "bfloat16": 71 * TERA,
+                                                "float16": 71 * TERA}),
     # NVIDIA V100 Tensor Core GPU datasheet: V100 SXM2 FP32 15.7, Tensor (FP16) 125; V100 PCIe 14, 112;
     # V100S PCIe 16.4, 130. No TF32, no BF16 fast path.
-    Peak("V100S PCIe", r"\bV100S\b", {"float32": 16.4 * T, "float16": 130 * T}),
-    Peak("V100 PCIe", r"\bV100\b.*\bPCIe\b", {"float32": 14 * T, "float16": 112 * T}),
-    Peak("V100 SXM2", r"\bV100\b", {"float32": 15.7 * T, "float16": 125 * T}),
+    Peak("V100S PCIe", r"\bV100S\b", {"float32": 16.4 * TERA, "float16": 130 * TERA}),
+    Peak("V100 PCIe", r"\bV100\b.*\bPCIe\b", {"float32": 14 * TERA, "float16": 112 * TERA}),
+    Peak("V100 SXM2", r"\bV100\b", {"float32": 15.7 * TERA, "float16": 125 * TERA}),
     # NVIDIA T4 datasheet: FP32 8.1, mixed precision (FP16/FP32) 65.
-    Peak("T4", r"\bT4\b", {"float32": 8.1 * T, "float16": 65 * T}),
+    Peak("T4", r"\bT4\b", {"float32": 8.1 * TERA, "float16": 65 * TERA}),
 )
 """Dense peak FLOP/s of the devices MFU knows, matched against the device name in order."""
 
