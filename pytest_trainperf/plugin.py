@@ -571,7 +571,7 @@ class TrainPerfSession:
         workdir = Path(tempfile.mkdtemp(prefix="trainperf-round-"))
         settings = replace(self.settings, update=False, enabled=True, rounds=1, confirm=0,
                            baselines=workdir / "no-baselines")
-        argv = command(nodeids[0], config.rootpath, workdir / "tmp", config.inipath, config, settings) + nodeids[1:]
+        argv = command(nodeids, config.rootpath, workdir / "tmp", config.inipath, config, settings)
         started = time.perf_counter()
         try:
             ran = run_child(argv, config.rootpath, child_env(os.environ), workdir)

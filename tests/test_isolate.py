@@ -234,3 +234,53 @@ def test_crash_and_failure_in_children_fail_their_items(pytester: pytest.Pyteste
     assert "test_assert" not in by_test  # a failing test measured nothing
     assert metric(by_test["test_ok"], "answer") == 42.0
     assert math.isfinite(metric(by_test["test_ok"], "peak_rss"))
+
+
+def test_a_child_dies_with_its_session_even_when_the_session_is_killed(tmp_path: Path) -> None:
+    """A session SIGKILLed while its child runs takes the child with it (Linux: PR_SET_PDEATHSIG), so
+    no child measures on or writes a baseline after its session is gone."""
+    import subprocess
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+
+    def alive(pid: int) -> bool:  # a zombie waiting for a reaper that never comes counts as gone
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    pidfile = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys, time
+        from pathlib import Path
+        from pytest_trainperf.runners.children import start_child
+        child = start_child([sys.executable, "-c", "import time; time.sleep(600)"], Path("."), dict(os.environ),
+                            Path({str(tmp_path)!r}))
+        Path({str(pidfile)!r}).write_text(str(child.pid))
+        time.sleep(600)
+    """)])
+    for _ in range(600):  # a bound for a slow start, not a timing
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(200):
+        if not alive(child):
+            break
+        time.sleep(0.05)
+    assert not alive(child)
+
+
+def test_a_node_id_that_looks_like_an_option_reaches_the_child_as_a_path(pytester: pytest.Pytester) -> None:
+    pytester.mkdir("-x")
+    (pytester.path / "-x" / "test_a.py").write_text("def test_a(trainperf):\n    trainperf.record('acc', 0.5)\n")
+
+    result = pytester.runpytest("--trainperf", "--trainperf-isolate", "./-x/test_a.py")
+
+    result.assert_outcomes(passed=1)
+    assert "CRASH" not in result.stdout.str()

@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -204,7 +204,29 @@ def start_child(argv: Sequence[str], cwd: Path, env: Mapping[str, str], workdir:
     with open(workdir / "output.txt", "wb") as out:
         return subprocess.Popen(list(argv), cwd=cwd, env={**env, CHILD_ENV: str(workdir / "outcome.json")},
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                pass_fds=tuple(pass_fds))
+                                pass_fds=tuple(pass_fds), preexec_fn=die_with_parent(os.getpid()))
+
+
+PR_SET_PDEATHSIG = 1
+"""``prctl``'s option that asks the kernel to send the calling process a signal when its parent dies."""
+
+
+def die_with_parent(parent: int) -> Callable[[], None] | None:
+    """What a child runs before it starts (Linux): the kernel kills it when the session that started it
+    dies, SIGKILL included, so that no child measures on, or writes a baseline, after its session is
+    gone. None elsewhere (the pipes of a lockstep worker still end it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the request took hold
+            os._exit(1)
+
+    return arm
 
 
 def wait_child(proc: subprocess.Popen[bytes], workdir: Path) -> ChildRun:
@@ -297,10 +319,12 @@ def register_reporter(config: pytest.Config, ledger: results.Ledger) -> None:
         config.pluginmanager.register(ChildReporter(ledger, Path(path)), PLUGIN_NAME)
 
 
-def command(nodeid: str, rootdir: Path, basetemp: Path, inifile: Path | None, config: pytest.Config,
+def command(nodeids: Sequence[str], rootdir: Path, basetemp: Path, inifile: Path | None, config: pytest.Config,
             settings: Settings) -> list[str]:
-    """A child's command line: pytest on one node id, with this session's options."""
-    argv = [sys.executable, "-m", "pytest", nodeid, "-p", "no:cacheprovider", "-q", "--color=no",
+    """A child's command line: pytest on these node ids (or files), with this session's options. A node
+    id that starts with ``-`` (a directory named ``-x``) goes as ``./-x/...``: never read as an option."""
+    targets = [f"./{n}" if n.startswith("-") else n for n in nodeids]
+    argv = [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider", "-q", "--color=no",
             "-o", "addopts=", f"--rootdir={rootdir}", f"--basetemp={basetemp}"]
     if inifile is not None:
         argv += ["-c", str(inifile)]

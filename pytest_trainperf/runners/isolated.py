@@ -108,7 +108,7 @@ class Isolated:
     def _run(self, item: pytest.Function) -> ChildRun:
         config = self.config
         workdir = Path(tempfile.mkdtemp(prefix="trainperf-isolate-"))
-        argv = command(item.nodeid, config.rootpath, workdir / "tmp", config.inipath, config, self.settings)
+        argv = command([item.nodeid], config.rootpath, workdir / "tmp", config.inipath, config, self.settings)
         try:
             return run_child(argv, config.rootpath, child_env(os.environ), workdir)
         except ChildError as exc:

@@ -456,7 +456,7 @@ class Pairing:
                         if FIXTURE_NAME in getattr(i, "fixturenames", ())
                         and Path(i.path).is_relative_to(self.config.rootpath)})
         files = [f for f in files if (root / f).is_file()] or [str(Path(item.path).relative_to(self.config.rootpath))]
-        argv = command(files[0], root, workdir / "tmp", ini, self.config, self.settings) + files[1:]
+        argv = command(files, root, workdir / "tmp", ini, self.config, self.settings)
         # no baseline file is read (a directory that does not exist) and none written; no re-timing
         argv += [f"--trainperf-baselines={workdir / 'no-baselines'}", "--trainperf-confirm=0", "--trainperf-rounds=1",
                  "--continue-on-collection-errors"]
