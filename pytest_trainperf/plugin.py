@@ -61,6 +61,10 @@ __all__ = ["FIXTURE_KEY", "PLUGIN_NAME", "SESSION_KEY", "UPDATE_HINT", "TrainPer
 IN_PROCESS_ROUNDS = 2
 """An update's measurement rounds that run in the session's process; each later one runs in a fresh
 child process, so that the noise band holds what a new process does."""
+SIDE_BY_SIDE_PAIRINGS = 2
+"""Side-by-side comparisons a confirmed regression must survive, each with fresh workers: two processes of
+the same code differ by an offset of their own (where their tensors landed), which a second pair of
+processes draws anew."""
 PLUGIN_NAME = "trainperf-session"
 """The name the session object is registered under."""
 FIXTURE_KEY = pytest.StashKey[TrainPerf]()
@@ -386,9 +390,6 @@ class TrainPerfSession:
         side by side on this machine, in lockstep with the commit the baseline measured (or
         ``--trainperf-confirm-against``'s revision). Where that cannot be had, the stored verdict stands,
         with a note that says why when it fails the cell."""
-        from pytest_trainperf.runners.children import child_record
-        from pytest_trainperf.runners.lockstep import step_tolerance, undecided
-
         commit, name, problem = self._reference(baseline)
         if commit is None:
             if judge.timing_regressed(screen):
@@ -398,6 +399,28 @@ class TrainPerfSession:
             top = vcs.toplevel(self.config.rootpath)
             assert top is not None  # a commit was found in it
             self._pairing = Pairing(self.settings, self.config, top)
+        pair: CellVerdict | str = ""
+        for pairing in range(SIDE_BY_SIDE_PAIRINGS):
+            if pairing:  # a regression must hold with other processes too: their own offset is no slowdown
+                self._pairing.retire(commit)
+            pair = self._pair(item, commit, name, overrides)
+            if isinstance(pair, str) or not judge.timing_regressed(pair):
+                break
+        if isinstance(pair, str):
+            if judge.timing_regressed(screen):
+                self.ledger.note(f"{item.nodeid}: not confirmed side by side with {name} ({pair}); the stored "
+                                 "verdict stands")
+            return screen
+        return judge.confirmed(screen, pair, name)
+
+    def _pair(self, item: pytest.Function, commit: str, name: str,
+              overrides: Mapping[str, float]) -> CellVerdict | str:
+        """One side-by-side comparison of ``item``'s cell with ``commit``: the pair's verdict, or why
+        there is none."""
+        from pytest_trainperf.runners.children import child_record
+        from pytest_trainperf.runners.lockstep import step_tolerance, undecided
+
+        assert self._pairing is not None
         compared = self._pairing.compare(item, commit, name, undecided(self.settings, step_tolerance(item)))
         problem = compared.other.problem
         this = None
@@ -409,12 +432,8 @@ class TrainPerfSession:
         elif compared.this.outcome is None:
             problem = f"its run in this tree {death(compared.this.returncode)[1]}"
         if this is None or compared.other.record is None:
-            if judge.timing_regressed(screen):
-                self.ledger.note(f"{item.nodeid}: not confirmed side by side with {name} ({problem}); the stored "
-                                 "verdict stands")
-            return screen
-        pair = judge.side_by_side(this.verdict.measurement, compared.other.record.verdict.measurement, overrides)
-        return judge.confirmed(screen, pair, name)
+            return problem or "no measurement"
+        return judge.side_by_side(this.verdict.measurement, compared.other.record.verdict.measurement, overrides)
 
     def _reference(self, baseline: Measurement) -> tuple[str | None, str, str]:
         """The commit to confirm against, its name in messages, and why there is none (cached)."""

@@ -393,6 +393,13 @@ class Pairing:
         ran = [self._ran(worker) for worker in (other, this)]
         return Compared(this=ran[1], other=self._other_side(item, ran[0], name))
 
+    def retire(self, sha: str) -> None:
+        """End the workers of this tree and of ``sha``: the next comparison starts fresh ones."""
+        for side in (sha, THIS):
+            worker = self._workers.pop(side, None)
+            if worker is not None:
+                worker.quit()
+
     def close(self) -> None:
         """End every worker and remove every worktree; never raises (it runs as a session ends)."""
         for worker in self._workers.values():
