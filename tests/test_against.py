@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch  # noqa: F401  (loaded before pytester's in-process runs, as conftest.py expects)
+from gitrepo import WORKLOAD, git
 from results_schema import validate_results
 from scipy import stats as sps
 
@@ -151,32 +151,6 @@ def test_revisions_and_pairs_are_checked_at_parse_time() -> None:
 
 # ------------------------------------------------------------------ through pytester, in a git repository
 
-WORKLOAD = """
-import time
-
-import torch
-from torch import nn
-
-SLEEP = {sleep}
-
-
-def build():
-    torch.manual_seed(0)
-    model = nn.Linear(16, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = model(x).square().mean()
-        loss.backward()
-        opt.step()
-        if SLEEP:
-            time.sleep(SLEEP)  # slower, not more FLOPs: only the timings change
-        return loss
-
-    return step
-"""
 TEST = """
 import pytest_trainperf as tp
 from work import build
@@ -197,10 +171,6 @@ def test_new(trainperf, variant):
     trainperf.train(build(), steps=3, warmup=1)
 """
 INI = "[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 10\n"
-
-
-def git(where: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=where, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch  # noqa: F401  (loaded before pytester's in-process runs, as conftest.py expects)
+from gitrepo import WORKLOAD, git
 from results_schema import validate_results
 
 from pytest_trainperf import vcs
@@ -17,32 +18,6 @@ from pytest_trainperf.records import Source
 from pytest_trainperf.runners import lockstep
 from pytest_trainperf.store import read
 
-WORKLOAD = """
-import time
-
-import torch
-from torch import nn
-
-SLEEP = {sleep}
-
-
-def build():
-    torch.manual_seed(0)
-    model = nn.Linear(16, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = model(x).square().mean()
-        loss.backward()
-        opt.step()
-        if SLEEP:
-            time.sleep(SLEEP)
-        return loss
-
-    return step
-"""
 TEST = """
 import pytest_trainperf as tp
 from work import build
@@ -53,10 +28,6 @@ def test_w(trainperf):
     trainperf.train(build(), steps=3, warmup=1)
 """
 INI = "[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 10\ntrainperf_rounds = 1\n"
-
-
-def git(where: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=where, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture
