@@ -166,7 +166,11 @@ def section(found: dict[str, object]) -> str:
                      f" | {confirmed} | {statistics.median(v[0] for v in values):.1f} s |")
     lines += ["", "*cells failed* is a false alarm for unchanged code and a catch for a slowdown. *stored only*: "
               "`--trainperf-confirm-against=none`, the stored verdict alone (the plugin before this feature).", "",
-              END]
+              "**Caveat: the +5% and +10% rows measure nothing about timing.** Their extra layers change the "
+              "exact metrics (FLOPs, peak memory), which fail the cell at once, never screened away: they are "
+              "caught whatever the timings say. A FLOP-neutral slowdown (calibrated busy work the counters do "
+              "not see) is what these rows need; until then only the unchanged rows speak to the screen and "
+              "its confirmation.", "", END]
     return "\n".join(lines)
 
 
