@@ -13,11 +13,10 @@ registered under :data:`PLUGIN_NAME`. torch is never imported here.
 from __future__ import annotations
 
 import io
-import math
 import os
 import time
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -50,6 +49,7 @@ from pytest_trainperf.records import (
     Source,
     Status,
     check_finite,
+    grid_key,
 )
 from pytest_trainperf.runners import CellRun, CellRunner, choose
 from pytest_trainperf.runners.children import CHILD_ENV, death
@@ -183,9 +183,9 @@ class GridState:
 
     size: int = 0
     """Its cells in this session's collection."""
-    done: list[CellResult] | None = None
+    done: list[CellResult] = field(default_factory=list)
     """Its concluded cells, in order."""
-    p_values: dict[str, list[float]] | None = None
+    p_values: dict[str, list[float]] = field(default_factory=dict)
     """The timing p-values of its cells judged so far, per metric (the grid's multiple-comparison correction)."""
     specs: FigureSpecs | None = None
     """The figures it asks for."""
@@ -247,7 +247,7 @@ class TrainPerfSession:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self._grids.clear()
         for item in session.items:
-            state = self._grids.setdefault(item.nodeid.split("[", 1)[0], GridState(done=[], p_values={}))
+            state = self._grids.setdefault(grid_key(item.nodeid), GridState())
             state.size += 1
             state.specs = figure_specs(item)
 
@@ -259,7 +259,7 @@ class TrainPerfSession:
             return
         for item in items:
             if figure_specs(item) is not None:
-                item.add_marker(pytest.mark.xdist_group(name=item.nodeid.split("[", 1)[0]))
+                item.add_marker(pytest.mark.xdist_group(name=grid_key(item.nodeid)))
 
     def pytest_report_header(self) -> str | None:
         return self.runner.header() if self.runner is not None else None
@@ -299,8 +299,8 @@ class TrainPerfSession:
         if run.compared:
             self._conclude_side_by_side(item, run)
             return
-        if math.isfinite(run.deadline):  # measured here: what its noise rounds may still take
-            self._cell_seconds[item.nodeid] = time.perf_counter() - run.deadline + self.settings.max_time
+        if run.elapsed is not None:  # measured here: what its noise rounds may still take
+            self._cell_seconds[item.nodeid] = run.elapsed
         self._conclude_stored(item, run)
 
     def _conclude_side_by_side(self, item: pytest.Function, run: CellRun) -> None:
@@ -326,8 +326,7 @@ class TrainPerfSession:
         found = self.baseline_file(cell)
         baseline = found.file.lookup(fingerprint.key, cell.test, cell.cell)
         overrides = _overrides(item)
-        state = self._grids.setdefault(cell.grid, GridState(size=1, done=[], p_values={}))
-        assert state.p_values is not None and state.done is not None
+        state = self._grids.setdefault(cell.grid, GridState(size=1))
 
         def decide(now: Measurement) -> CellVerdict:
             return judge.cell(now, baseline, overrides, state.p_values, state.size)
@@ -489,7 +488,6 @@ class TrainPerfSession:
         baseline's same cells, keep the verdicts, and return the failure message of those that
         regressed (empty when none did, or the grid is not done). Timing figures that regressed are
         confirmed after the run loop instead (:meth:`_confirm_figures`)."""
-        assert state.done is not None
         if state.specs is None:
             return []
         state.done.append(result)
@@ -618,7 +616,7 @@ class TrainPerfSession:
         """Re-time the cells of a grid's regressed timing figures ``--trainperf-confirm`` times, in turn
         (reference and variant one after the other, order alternating), and judge the figures again on
         the re-measurements; those that still regress fail the session."""
-        assert state.done is not None and state.specs is not None and state.baselines is not None
+        assert state.specs is not None and state.baselines is not None
         pending = state.unconfirmed
         state.unconfirmed = ()
         involved = [r.nodeid for r in state.done if any(judge.feeds(v.figure, r.verdict.measurement) for v in pending)]
@@ -650,7 +648,7 @@ class TrainPerfSession:
             self._write(path, entries)
         self._pending.clear()
         for grid, state in self._grids.items():
-            if state.specs is not None and state.done is not None and 0 < len(state.done) < state.size:
+            if state.specs is not None and 0 < len(state.done) < state.size:
                 self.ledger.warn(
                     f"the figures of {grid} (tp.relative/tp.scaling) were not judged: not all of its {state.size} "
                     "cells concluded in one process (the run stopped early, or pytest-xdist spread the grid over "
@@ -698,7 +696,7 @@ class TrainPerfSession:
         """What recomputes, from a baseline file's cells after an update, the figures of the tests
         among ``cells`` that ask for figures."""
         specs = {r.test: state.specs for r in cells
-                 if (state := self._grids.get(r.nodeid.split("[", 1)[0])) is not None and state.specs is not None}
+                 if (state := self._grids.get(grid_key(r.nodeid))) is not None and state.specs is not None}
 
         def derive(stored: Mapping[tuple[str, str], Measurement]) -> dict[str, list[Figure]]:
             return {test: spec.derive([m for (t, _), m in stored.items() if t == test]) for test, spec in specs.items()}

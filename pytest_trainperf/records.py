@@ -26,6 +26,11 @@ def format_scalar(value: Scalar) -> str:
     return str(value)
 
 
+def grid_key(nodeid: str) -> str:
+    """The node id without the parameters: what the cells of one grid share."""
+    return nodeid.split("[", 1)[0]
+
+
 def cell_id(names: Sequence[str], values: Sequence[Scalar]) -> str:
     """``batch_size=4-seq_len=16``; ``default`` for no axes."""
     if not names:
@@ -511,7 +516,7 @@ class Cell:
     @property
     def grid(self) -> str:
         """The node id without the parameters: what the cells of one grid share."""
-        return self.nodeid.split("[", 1)[0]
+        return grid_key(self.nodeid)
 
 
 @dataclass(frozen=True)
@@ -541,12 +546,6 @@ class CellResult:
         """What identifies the cell across sessions: test file, test, cell id, environment key."""
         return (self.test_file, self.test, self.cell, self.fingerprint.key)
 
-
-    @property
-    def cell_of(self) -> Cell:
-        """Which cell, as a :class:`Cell` (its parameters from the measurement)."""
-        return Cell(nodeid=self.nodeid, test_file=self.test_file, test=self.test, cell=self.cell,
-                    params=self.verdict.measurement.params, axes=self.axes)
 
     @classmethod
     def of(cls, cell: Cell, verdict: CellVerdict, fingerprint: Fingerprint,

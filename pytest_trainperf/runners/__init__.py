@@ -57,6 +57,8 @@ class CellRun:
     None when it cannot be re-timed here."""
     deadline: float = math.inf
     """The ``time.perf_counter()`` past which the cell may not be re-timed (``--trainperf-max-time``)."""
+    elapsed: float | None = None
+    """Seconds the cell's measurement took in this process (None: measured elsewhere)."""
     notes: tuple[str, ...] = ()
     """One-line notes for the session summary."""
     timing_only: bool = False

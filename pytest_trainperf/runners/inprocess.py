@@ -80,5 +80,6 @@ class InProcess:
         if measurement is None:
             return None
         return CellRun(cell=fixture.cell, fingerprint=fixture.fingerprint(), measurement=measurement,
-                       retime=fixture.retime, deadline=fixture.deadline, notes=fixture.notes,
+                       retime=fixture.retime, deadline=fixture.deadline, elapsed=fixture.elapsed,
+                       notes=fixture.notes,
                        timing_only=fixture.timing_only)
