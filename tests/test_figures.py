@@ -363,7 +363,7 @@ ONLY_FIRST = {only_first}
 RUNS = {{}}
 
 @tp.grid(batch=[2, 4], variant=["plain", "heavy"])
-@tp.relative(variant="plain", metrics=["step_time"])
+@tp.relative(variant="plain", metrics=["step_time"], tolerance=0.5)  # tiny steps on a busy runner
 @tp.tolerance(step_time=math.inf)
 def test_timed(trainperf, batch, variant):
     RUNS[(batch, variant)] = RUNS.get((batch, variant), 0) + 1
@@ -385,7 +385,7 @@ def test_timed(trainperf, batch, variant):
 def test_a_timing_figure_regression_is_confirmed_by_re_measuring_its_cells(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_work=TIMED.format(sleep=0.0, only_first=False))
     pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
-    pytester.makepyfile(test_work=TIMED.format(sleep=0.003, only_first=False))
+    pytester.makepyfile(test_work=TIMED.format(sleep=0.02, only_first=False))
     result = pytester.runpytest("--trainperf")
     result.assert_outcomes(passed=4)  # no cell regressed on its own: the figures fail the session
     assert result.ret == 1
@@ -399,7 +399,7 @@ def test_a_timing_figure_regression_is_confirmed_by_re_measuring_its_cells(pytes
 def test_a_slow_spell_in_one_cell_is_not_confirmed(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_work=TIMED.format(sleep=0.0, only_first=False))
     pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
-    pytester.makepyfile(test_work=TIMED.format(sleep=0.003, only_first=True))
+    pytester.makepyfile(test_work=TIMED.format(sleep=0.02, only_first=True))
     result = pytester.runpytest("--trainperf", "--trainperf-json=out.json")
     result.assert_outcomes(passed=4)
     assert result.ret == 0
