@@ -97,6 +97,10 @@ def pytest_configure(config: pytest.Config) -> None:
         malloc = fix_malloc() if settings.malloc == "fixed" else SYSTEM
     ledger = results.Ledger()
     session = TrainPerfSession(settings, config, ledger, malloc)
+    if settings.enabled and not children.in_child() and not hasattr(config, "workerinput"):
+        from pytest_trainperf import scratch
+
+        session.swept = scratch.sweep().line()  # what a killed session left in the temp directory
     session.runner = choose(settings, config, session.call_test, ledger)
     ledger.against = getattr(session.runner, "label", "")
     config.stash[SESSION_KEY] = session
@@ -210,6 +214,8 @@ class TrainPerfSession:
         self.remeasuring = False
         """True while cells are re-run for their timings only: an update's noise rounds, a figure's
         confirmation. Their measurements are kept in :attr:`_retimed`."""
+        self.swept = ""
+        """The note on what a killed session had left in the temp directory, removed at configure."""
         self.figure_failures: list[str] = []
         """Failure messages of figures whose timing regression was confirmed after the run loop (no
         test item is left to fail: they fail the session)."""
@@ -261,8 +267,10 @@ class TrainPerfSession:
             if figure_specs(item) is not None:
                 item.add_marker(pytest.mark.xdist_group(name=grid_key(item.nodeid)))
 
-    def pytest_report_header(self) -> str | None:
-        return self.runner.header() if self.runner is not None else None
+    def pytest_report_header(self) -> list[str]:
+        lines = [self.runner.header() if self.runner is not None else None,
+                 f"trainperf: {self.swept}" if self.swept else None]
+        return [line for line in lines if line]
 
     # ------------------------------------------------------------------ running a cell
 
@@ -580,12 +588,12 @@ class TrainPerfSession:
         baseline would measure them); their timings join their rounds. A child that fails to give a
         cell costs that cell this round, with a note."""
         import shutil
-        import tempfile
 
+        from pytest_trainperf import scratch
         from pytest_trainperf.runners.children import ChildError, child_env, command, run_child
 
         config = self.config
-        workdir = Path(tempfile.mkdtemp(prefix="trainperf-round-"))
+        workdir = scratch.directory("round")
         settings = replace(self.settings, update=False, enabled=True, rounds=1, confirm=0,
                            baselines=workdir / "no-baselines")
         argv = command(nodeids, config.rootpath, workdir / "tmp", config.inipath, config, settings)

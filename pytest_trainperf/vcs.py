@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_trainperf import scratch
 from pytest_trainperf.records import Source
 
 SHORT_SHA = 12
@@ -85,7 +86,7 @@ def resolve_trees(rootpath: Path, ref: str) -> Trees:
 
 def add_worktree(toplevel: Path, sha: str) -> Path:
     """Check ``sha`` out, detached, into a new temporary directory; returns the worktree's path."""
-    holder = Path(tempfile.mkdtemp(prefix="trainperf-against-"))
+    holder = scratch.directory("against")
     tree = holder / "tree"
     try:
         git(["worktree", "add", "--detach", "--quiet", str(tree), sha], toplevel)
@@ -116,8 +117,8 @@ def toplevel(path: Path) -> Path | None:
 
 def _tree(top: Path, fill: Sequence[str], exclude: Path | None, env: Mapping[str, str]) -> str:
     """The id of the tree that a scratch index holds after ``fill`` (a git command), less ``exclude``."""
-    with tempfile.TemporaryDirectory(prefix="trainperf-index-") as scratch:
-        index = {**env, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
+    with tempfile.TemporaryDirectory(prefix=f"{scratch.PREFIX}index-{os.getpid()}-") as index_dir:
+        index = {**env, "GIT_INDEX_FILE": str(Path(index_dir) / "index")}
         git(fill, top, index)
         if exclude is not None:
             git(["rm", "-r", "-q", "-f", "--cached", "--ignore-unmatch", "--", str(exclude)], top, index)
@@ -145,8 +146,8 @@ def _working_tree(top: Path, exclude: Path | None) -> str:
     count; only changed files are hashed again) with the changes of every tracked file, less ``exclude``.
     Untracked files do not count: scratch files and outputs left in the checkout must not make the
     measured tree one that no commit can hold."""
-    with tempfile.TemporaryDirectory(prefix="trainperf-index-") as scratch:
-        env = {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
+    with tempfile.TemporaryDirectory(prefix=f"{scratch.PREFIX}index-{os.getpid()}-") as index_dir:
+        env = {"GIT_INDEX_FILE": str(Path(index_dir) / "index")}
         real = Path(git(["rev-parse", "--git-path", "index"], top))
         real = real if real.is_absolute() else top / real
         if real.exists():

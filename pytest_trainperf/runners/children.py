@@ -34,6 +34,13 @@ CHILD_ENV = "PYTEST_TRAINPERF_CHILD"
 """Set in a child's environment to the file it writes its outcome to."""
 LOCKSTEP_ENV = "PYTEST_TRAINPERF_LOCKSTEP"
 """Set in a lockstep child's environment to ``<fd it reads commands from>,<fd it answers on>``."""
+
+
+def in_child() -> bool:
+    """Whether this process is a child the plugin started (an isolated cell, a noise round, a worker)."""
+    return bool(os.environ.get(CHILD_ENV) or os.environ.get(LOCKSTEP_ENV))
+
+
 FORMAT = "pytest-trainperf isolated cell"
 """The ``format`` marker of a child's outcome file."""
 OUTPUT_LINES = 20

@@ -46,12 +46,11 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from pytest_trainperf import scratch
 from pytest_trainperf.records import Measurement, Metric, Outcome
 from pytest_trainperf.runners import CellRun
 from pytest_trainperf.runners.children import (
@@ -107,7 +106,7 @@ class Isolated:
 
     def _run(self, item: pytest.Function) -> ChildRun:
         config = self.config
-        workdir = Path(tempfile.mkdtemp(prefix="trainperf-isolate-"))
+        workdir = scratch.directory("isolate")
         argv = command([item.nodeid], config.rootpath, workdir / "tmp", config.inipath, config, self.settings)
         try:
             return run_child(argv, config.rootpath, child_env(os.environ), workdir)

@@ -48,7 +48,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_trainperf import paired
+from pytest_trainperf import paired, scratch
 from pytest_trainperf.records import CellResult
 from pytest_trainperf.results import Ledger
 from pytest_trainperf.runners import CellRun
@@ -437,7 +437,7 @@ class Pairing:
         if worker is not None and worker.proc.poll() is None:
             return worker
         if self.workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix="trainperf-lockstep-"))
+            self.workdir = scratch.directory("lockstep")
             shim = self.workdir / "plugin"  # this pytest-trainperf, ahead of any copy in a tree under test
             shim.mkdir()
             (shim / "pytest_trainperf").symlink_to(Path(__file__).resolve().parent.parent, target_is_directory=True)
