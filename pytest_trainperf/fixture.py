@@ -98,13 +98,14 @@ class TrainPerf:
         self._peak_precision = ""
         self._timer: Timer | None = None
 
-    def begin(self) -> None:
+    def begin(self, records_only: bool = False) -> None:
         """Called by the fixture before the test body under ``--trainperf``: resolve the device and
-        note the tensors already alive, which this cell's peak memory leaves out."""
+        note the tensors already alive, which this cell's peak memory leaves out; not for a test that
+        can only ``record`` (:func:`records_only`): that snapshot scans every object of the process."""
         from pytest_trainperf.measure.memory import Preexisting
 
         self._started = time.perf_counter()
-        if not self._timing_only:  # a noise round measures no memory
+        if not self._timing_only and not records_only:  # a noise round measures no memory
             self._preexisting = Preexisting(self.device)
 
     # ------------------------------------------------------------------ what the test sees
@@ -370,6 +371,10 @@ class TrainPerf:
                 if keep is not None:
                     kept.append(keep(out))
                 del out
+                if self._preexisting is None:  # not taken at the start (no --trainperf then): take it now
+                    from pytest_trainperf.measure.memory import Preexisting
+
+                    self._preexisting = Preexisting(device)
                 out, peak = measure_peak(fn, device, self._preexisting)
                 if keep is not None:
                     kept.append(keep(out))
@@ -420,6 +425,35 @@ class TrainPerf:
         if over:  # as on a device of the budget's size: the test stops here, as a real OOM would stop it
             raise EmulatedOutOfMemory(detail)
         return self.result()  # type: ignore[return-value]
+
+
+RECORD_ONLY_ATTRIBUTES = frozenset({"record"})
+"""The fixture's attributes that measure nothing: a test using only these takes no memory snapshot."""
+INTROSPECTION = frozenset({"locals", "vars", "eval", "exec", "globals", "_getframe", "currentframe", "stack"})
+"""Names through which a function could reach its own arguments without naming them."""
+
+
+def records_only(function: object, name: str) -> bool:
+    """Whether the test ``function`` can only ``record`` with its fixture argument ``name``: every use
+    of the argument in its bytecode is ``name.record``, no closure captures it, and the function does
+    not reach its own frame. False whenever unsure (a wrapper, another use, a Python whose bytecode
+    reads otherwise): the cell then takes its memory snapshot as every cell did."""
+    import dis
+
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    if code is None or name not in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+        return False
+    if name in code.co_cellvars or INTROSPECTION & set(code.co_names):
+        return False
+    instructions = list(dis.get_instructions(code))
+    for ins, following in zip(instructions, [*instructions[1:], None], strict=True):
+        if not (ins.argval == name or (isinstance(ins.argval, tuple) and name in ins.argval)):
+            continue  # an instruction that does not touch the argument (nor a string equal to its name)
+        if (ins.opname != "LOAD_FAST" or ins.argval != name or following is None
+                or following.opname not in ("LOAD_ATTR", "LOAD_METHOD")
+                or following.argval not in RECORD_ONLY_ATTRIBUTES):
+            return False
+    return True
 
 
 class EmulatedOutOfMemory(MemoryError):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from pytest_trainperf import judge, results, stats, store, vcs
-from pytest_trainperf.fixture import TrainPerf
+from pytest_trainperf.fixture import TrainPerf, records_only
 from pytest_trainperf.grid import (
     BUDGET_MARK,
     GRID_MARK,
@@ -53,7 +53,7 @@ from pytest_trainperf.records import (
 )
 from pytest_trainperf.runners import CellRun, CellRunner, choose
 from pytest_trainperf.runners.children import CHILD_ENV, death
-from pytest_trainperf.runners.lockstep import Pairing
+from pytest_trainperf.runners.lockstep import FIXTURE_NAME, Pairing
 from pytest_trainperf.settings import CONFIRM_BASELINE, CONFIRM_NONE, Settings, add_options, resolve
 
 __all__ = ["FIXTURE_KEY", "PLUGIN_NAME", "SESSION_KEY", "UPDATE_HINT", "TrainPerfSession", "cell_of", "trainperf"]
@@ -165,7 +165,7 @@ def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
     if session.settings.enabled:
         if not session.ledger.against:  # a lockstep comparison (--trainperf-against) reads no baseline file
             session.baseline_file(fixture.cell)  # an unusable file fails the cell now, before it trains
-        fixture.begin()
+        fixture.begin(records_only=records_only(getattr(request.node, "obj", None), FIXTURE_NAME))
     return fixture
 
 
@@ -556,8 +556,9 @@ class TrainPerfSession:
         each a separate warm start of the test, timing only. Rounds up to :data:`IN_PROCESS_ROUNDS` run
         in this process; each later one in a fresh child process (what a new process does to the step
         time, its memory layout and the host's state then, belongs in the noise band)."""
-        measured = [r.nodeid for entries in self._pending.values() for _, r in entries
-                    if r.verdict.measurement.outcome is Outcome.MEASURED]
+        measured = [r.nodeid for entries in self._pending.values() for _, r in entries  # timed cells only
+                    if r.verdict.measurement.outcome is Outcome.MEASURED
+                    and any(m.name in stats.TIMING_METRICS for m in r.verdict.measurement.metrics)]
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         fresh_allowed = not os.environ.get(CHILD_ENV)  # an isolated child's rounds stay in it
         for number in range(2, self.settings.rounds + 1):
