@@ -5,10 +5,12 @@ torch is imported inside the methods, never at import of this module.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import statistics
 import time
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -438,10 +440,16 @@ def records_only(function: object, name: str) -> bool:
     of the argument in its bytecode is ``name.record``, no closure captures it, and the function does
     not reach its own frame. False whenever unsure (a wrapper, another use, a Python whose bytecode
     reads otherwise): the cell then takes its memory snapshot as every cell did."""
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    return code is not None and _records_only(code, name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _records_only(code: types.CodeType, name: str) -> bool:
+    """:func:`records_only` of a code object, read once per test function (not once per cell)."""
     import dis
 
-    code = getattr(getattr(function, "__func__", function), "__code__", None)
-    if code is None or name not in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+    if name not in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
         return False
     if name in code.co_cellvars or INTROSPECTION & set(code.co_names):
         return False
