@@ -348,7 +348,7 @@ class TrainPerf:
 
     def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
                  items: float | None) -> Measurement:
-        from pytest_trainperf.measure.compiled import CompileWatch, eager_instrumented
+        from pytest_trainperf.measure.compiled import EAGER_NOTE, CompileWatch, eager_instrumented
         from pytest_trainperf.measure.cudnn import cudnn_benchmark
         from pytest_trainperf.measure.flops import count_flops
         from pytest_trainperf.measure.memory import allocator_pressure, measure_peak
@@ -411,8 +411,10 @@ class TrainPerf:
         if flops is not None:
             metrics += flops.metrics()  # flops, and flops_bf16, flops_tf32... by the precision they run in
         metrics += probe.metrics
-        if not self._timing_only:
-            metrics += watch.metrics  # graph_breaks, recompiles, unique_graphs, compile_time: compiled cells only
+        compiled = watch.metrics if not self._timing_only else []  # graph_breaks, recompiles...: compiled cells only
+        if compiled:
+            metrics += compiled
+            self._notes.setdefault(EAGER_NOTE)
         if curve and not self._timing_only and timed is not None:
             metrics.append(Metric("loss", curve[-1], "", Direction.EXACT))
         retries, ooms = (after - before for after, before in zip(allocator_pressure(device), pressure, strict=True))

@@ -46,6 +46,10 @@ GLOBAL_HOOKS_WARNING = r"Using `torch\.compile\(module\)` when there are global 
 """Start of the warning an ``OptimizedModule`` gives when called under global module hooks (the FLOP
 counter's module tracker): under the eager stance the hooks firing an extra time for the wrapper only
 adds a level to the tracker's module tree, not a FLOP, so the warning is silenced there."""
+EAGER_NOTE = ("the flops and peak_memory of compiled cells are those of their step run eager (torch.compile off "
+              "for the FLOP and memory steps, so that they leave the compiled code compiled): the FLOPs are the "
+              "same math, the compiled step's own peak memory differs (docs/user-guide.md, Compiled models)")
+"""The session's note for a cell whose steps compiled."""
 COMPILE_METRICS = ("graph_breaks", "recompiles", "unique_graphs", "compile_time")
 """The metrics of a compiled cell."""
 REASON_CHARS = 300
