@@ -194,10 +194,17 @@ def test_a_compile_regression_in_a_baselined_cell_is_caught_and_named(
                                  f"*  {metric}: baseline 0, now 1, change +inf% (tolerance 0.0%)"])
 
 
-def test_a_recompile_during_the_timed_steps_fails_the_cell_naming_the_guard(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize(("shapes", "warmup", "expected"), [
     # one warm-up step compiles for the first shape; the first timed step meets the second
-    pytester.makepyfile(test_net=compiled(shapes=(8, 12), warmup=1))
+    ((8, 12), 1, "*test_net: recompiled during timed steps (reason: 0/0: tensor 'x' size mismatch at index 0. "
+                 "expected 8, actual 12; frame forward, compile 0/1; 1 recompile(s) in the timed steps)*"),
+    # no warm-up: the first timed step compiles
+    ((8,), 0, "*test_net: compiled during timed steps (forward, compile 0/0, * s): the timings include "
+              "compilation; give the step warm-up (warmup >= 1)"),
+])
+def test_a_compile_during_the_timed_steps_fails_the_cell_naming_the_guard(
+        pytester: pytest.Pytester, shapes: tuple[int, ...], warmup: int, expected: str) -> None:
+    pytester.makepyfile(test_net=compiled(shapes=shapes, warmup=warmup))
     result = pytester.runpytest("--trainperf")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*test_net: recompiled during timed steps (reason: 0/0: tensor 'x' size mismatch "
-                                 "at index 0. expected 8, actual 12; frame forward*"])
+    result.stdout.fnmatch_lines([expected])
