@@ -348,7 +348,7 @@ class TrainPerf:
 
     def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
                  items: float | None) -> Measurement:
-        from pytest_trainperf.measure.compiled import EAGER_NOTE, CompileWatch, eager_instrumented
+        from pytest_trainperf.measure.compiled import EAGER_NOTE, CompileWatch, eager_step
         from pytest_trainperf.measure.cudnn import cudnn_benchmark
         from pytest_trainperf.measure.flops import count_flops
         from pytest_trainperf.measure.memory import allocator_pressure, measure_peak
@@ -365,24 +365,23 @@ class TrainPerf:
         policy = self._settings.cudnn_benchmark
         probe = Probe(device, threads, enabled=not self._timing_only)  # utilization over the timed steps
         watch = CompileWatch()  # torch.compile: dynamo reset, its counters read around the cell
+        eager = eager_step(fn)  # what the instrumented steps run: torch.compile off, dynamo never sees their modes
 
         def on_timed() -> None:
             watch.mark_timed()
             probe.start()
 
         with fixed_threads(threads), cudnn_benchmark(policy) as self._cudnn_benchmark, probe:
-            # instrumented steps first, so that the warm-up runs right before the timed steps;
-            # eager (torch.compile off for them): dynamo must not see the counting modes
+            # instrumented steps first, so that the warm-up runs right before the timed steps
             if not self._timing_only:
-                with eager_instrumented():
-                    out, flops = count_flops(fn)
-                    if keep is not None:
-                        kept.append(keep(out))
-                    del out
-                    out, peak = measure_peak(fn, device, self._preexisting)
-                    if keep is not None:
-                        kept.append(keep(out))
-                    del out
+                out, flops = count_flops(eager)
+                if keep is not None:
+                    kept.append(keep(out))
+                del out
+                out, peak = measure_peak(eager, device, self._preexisting)
+                if keep is not None:
+                    kept.append(keep(out))
+                del out
             over = peak is not None and self._budget is not None and peak.peak_bytes > self._budget
             if not over:  # a cell over its budget would not have run: no timing
                 timer = self._timer or time_steps

@@ -6,7 +6,7 @@ non-infra dispatch mode is on the stack, and its refusal (``ConvertFrameReturn``
 ``apply_to_code``) marks the frame's code object as *skipped* for the rest of the process: the warm-up
 and timed steps, and every later cell running that code, would then run eager. ``config.disable``
 returns the same skip and marks the code alike. :func:`eager_instrumented` instead sets the documented
-stance ``torch.compiler.set_stance("force_eager")`` around the instrumented steps: dynamo's frame
+stance ``torch.compiler.set_stance("force_eager")`` around each instrumented step (:func:`eager_step`): dynamo's frame
 callback is then ``None``, so it is never called, sees no mode and marks nothing; the step runs the
 model's eager code, and the counters count eager work. After the block the stance is restored, and
 the first warm-up step compiles.
@@ -36,9 +36,11 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pytest_trainperf.records import Metric
+
+T = TypeVar("T")
 
 EAGER_STANCE = "force_eager"
 """The ``torch.compiler.set_stance`` of the instrumented steps: every ``torch.compile`` directive ignored."""
@@ -68,6 +70,16 @@ def eager_instrumented() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=GLOBAL_HOOKS_WARNING, category=UserWarning)
         with set_stance(EAGER_STANCE) if set_stance is not None else contextlib.nullcontext():
             yield
+
+
+def eager_step(fn: Callable[[], T]) -> Callable[[], T]:
+    """``fn`` called under :func:`eager_instrumented`: what the FLOP and memory steps run."""
+
+    def step() -> T:
+        with eager_instrumented():
+            return fn()
+
+    return step
 
 
 @dataclass(frozen=True)
