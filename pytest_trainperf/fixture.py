@@ -351,6 +351,7 @@ class TrainPerf:
 
     def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
                  items: float | None) -> Measurement:
+        from pytest_trainperf.measure.compiled import EAGER_NOTE, CompileWatch, eager_step
         from pytest_trainperf.measure.cudnn import cudnn_benchmark
         from pytest_trainperf.measure.flops import count_flops
         from pytest_trainperf.measure.memory import allocator_pressure, measure_peak
@@ -366,10 +367,17 @@ class TrainPerf:
         pressure = allocator_pressure(device)
         policy = self._settings.cudnn_benchmark
         probe = Probe(device, threads, enabled=not self._timing_only)  # utilization over the timed steps
+        watch = CompileWatch()  # torch.compile: dynamo reset, its counters read around the cell
+        eager = eager_step(fn)  # what the instrumented steps run: torch.compile off, dynamo never sees their modes
+
+        def on_timed() -> None:
+            watch.mark_timed()
+            probe.start()
+
         with fixed_threads(threads), cudnn_benchmark(policy) as self._cudnn_benchmark, probe:
             # instrumented steps first, so that the warm-up runs right before the timed steps
             if not self._timing_only:
-                out, flops = count_flops(fn)
+                out, flops = count_flops(eager)
                 if keep is not None:
                     kept.append(keep(out))
                 del out
@@ -377,14 +385,17 @@ class TrainPerf:
                     from pytest_trainperf.measure.memory import Preexisting
 
                     self._preexisting = Preexisting(device)
-                out, peak = measure_peak(fn, device, self._preexisting)
+                out, peak = measure_peak(eager, device, self._preexisting)
                 if keep is not None:
                     kept.append(keep(out))
                 del out
             over = peak is not None and self._budget is not None and peak.peak_bytes > self._budget
             if not over:  # a cell over its budget would not have run: no timing
                 timer = self._timer or time_steps
-                timed = timer(fn, count, device, keep, warmup, on_timed=probe.start)
+                timed = timer(fn, count, device, keep, warmup, on_timed=on_timed)
+        watch.finish()
+        if watch.timed_failure:
+            _usage(self._cell, watch.timed_failure)
         self._notes.update(dict.fromkeys(probe.notes))
         if not self._timing_only:
             self._peaks = device_peaks(device)
@@ -406,6 +417,10 @@ class TrainPerf:
         if flops is not None:
             metrics += flops.metrics()  # flops, and flops_bf16, flops_tf32... by the precision they run in
         metrics += probe.metrics
+        compiled = watch.metrics if not self._timing_only else []  # graph_breaks, recompiles...: compiled cells only
+        if compiled:
+            metrics += compiled
+            self._notes.setdefault(EAGER_NOTE)
         if curve and not self._timing_only and timed is not None:
             metrics.append(Metric("loss", curve[-1], "", Direction.EXACT))
         retries, ooms = (after - before for after, before in zip(allocator_pressure(device), pressure, strict=True))

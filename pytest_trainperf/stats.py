@@ -56,6 +56,11 @@ MIN_SAMPLES = 3
 (3 against 3 cannot: the smallest one-sided p is 1/C(6,3) = 0.05): timings fall back to the exact
 rule on medians."""
 
+COMPILE_TIME_TOLERANCE = 1.0
+"""``compile_time`` (one figure a cell, dynamo's own clock) regresses beyond twice its baseline: a
+compile depends on the process's history (the first compile of a process also loads the compiler's
+modules) and on disk caches (Inductor's), so only a gross change is gated by default."""
+
 DEFAULT_TOLERANCES: Mapping[str, float] = {
     "step_time": 0.10,
     "throughput": 0.10 / 1.10,  # follows step_time: see tolerance_for
@@ -70,6 +75,10 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
     "cpu_utilization": math.inf,
     "mfu": math.inf,
     "peak_rss": math.inf,
+    "graph_breaks": 0.0,
+    "recompiles": 0.0,
+    "unique_graphs": 0.0,
+    "compile_time": COMPILE_TIME_TOLERANCE,
     **dict.fromkeys(("flops_fp64", "flops_fp32", "flops_tf32", "flops_bf16", "flops_fp16", "flops_fp8", "flops_other"),
                     math.inf),
 }
@@ -77,7 +86,8 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
 through NVML, or the process's CPU), ``mfu``, ``peak_rss`` (the peak resident set size of an
 isolated cell's process) and the split of ``flops`` by precision (``flops_bf16``...; ``flops`` itself
 is gated) are reported, not gated, unless a test gives them a tolerance; a recorded metric without one
-gets :data:`RECORD_TOLERANCE`."""
+gets :data:`RECORD_TOLERANCE`. A compiled cell's ``graph_breaks``, ``recompiles`` and ``unique_graphs``
+are counts judged exactly (any rise regresses); its ``compile_time`` by :data:`COMPILE_TIME_TOLERANCE`."""
 RECORD_TOLERANCE = 0.01
 """Default relative tolerance of a metric recorded with ``trainperf.record``."""
 NOISE_FACTOR = 3.0
