@@ -428,14 +428,19 @@ class Pairing:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 code = worker.proc.returncode
+        ran = ChildRun(returncode=code, peak_rss=0.0, output=worker.output(), outcome=outcome)
+        if outcome is None:
             self._workers = {k: w for k, w in self._workers.items() if w is not worker}
-        return ChildRun(returncode=code, peak_rss=0.0, output=worker.output(), outcome=outcome)
+            worker.quit()  # its pipes closed now, not left to the garbage collector (a ResourceWarning)
+        return ran
 
     def _worker(self, item: pytest.Function, side: str) -> Worker:
         """The worker of this tree (``side`` is :data:`THIS`) or of a commit, started if need be."""
         worker = self._workers.get(side)
         if worker is not None and worker.proc.poll() is None:
             return worker
+        if worker is not None:  # it ended between cells: close its pipes before a new one starts
+            worker.quit()
         if self.workdir is None:
             self.workdir = scratch.directory("lockstep")
             shim = self.workdir / "plugin"  # this pytest-trainperf, ahead of any copy in a tree under test
