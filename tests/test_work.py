@@ -228,8 +228,8 @@ def test_unchanged_code_counts_the_same_in_separate_processes(pytester: pytest.P
     pytester.makepyfile(test_model=model())
     path = pytester.path / "baselines" / "test_model.json"
     counts = []
-    for _ in range(2):
-        pytester.runpytest_subprocess("--trainperf-update-baselines").assert_outcomes(passed=1)
+    for run in (pytester.runpytest, pytester.runpytest_subprocess):  # this process, then a fresh one
+        run("--trainperf-update-baselines").assert_outcomes(passed=1)
         (env,) = json.loads(path.read_text())["environments"].values()
         cell = env["tests"]["test_mlp"]["default"]
         counts.append(({n: cell["metrics"][n]["value"] for n in ("host_syncs", "ops", "memory_traffic",
@@ -238,7 +238,7 @@ def test_unchanged_code_counts_the_same_in_separate_processes(pytester: pytest.P
     assert counts[0] == counts[1]
     assert counts[0][0]["ops"] > 0 and counts[0][0]["memory_traffic"] > 0 and counts[0][0]["host_syncs"] == 0
     assert counts[0][0]["low_precision_share"] == 100
-    result = pytester.runpytest_subprocess("--trainperf")
+    result = pytester.runpytest("--trainperf")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*1 cell measured: 1 unchanged*"])
 
