@@ -723,7 +723,7 @@ def check_breakdowns(measurement: Measurement) -> list[str]:
         names: set[str] = set()
         for i, part in enumerate(b.parts):
             name, amount = part if isinstance(part, tuple) and len(part) == 2 else (None, None)
-            if not isinstance(name, str) or name in names or not finite_number(amount) or amount < 0:  # type: ignore[operator]
+            if not isinstance(name, str) or name in names or not finite_number(amount) or amount < 0:
                 problems.append(f"{where}.parts[{i}]: expected a (name, non-negative number) pair with a new "
                                 f"name, got {part!r:.120}")
                 break

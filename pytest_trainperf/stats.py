@@ -386,10 +386,11 @@ def _amount(value: float, unit: str) -> str:
     return str(int(value)) if not unit and value == int(value) else format_value(value, unit)
 
 
-def with_growth(verdict: MetricVerdict, current: Measurement, baseline: Measurement) -> MetricVerdict:
+def with_growth(verdict: MetricVerdict, current: Measurement, baseline: Measurement | None) -> MetricVerdict:
     """``verdict`` with the parts of its metric's breakdown that appeared or grew since the baseline,
     when both sides have a breakdown and the metric changed."""
-    now, before = current.breakdown(verdict.name), baseline.breakdown(verdict.name)
+    now = current.breakdown(verdict.name)
+    before = baseline.breakdown(verdict.name) if baseline is not None else None
     if now is None or before is None or verdict.status is Status.UNCHANGED and not verdict.change:
         return verdict
     return replace(verdict, grown=grown_parts(now, before), grown_label=now.label)

@@ -198,7 +198,7 @@ def count_work() -> Iterator[WorkCount]:
 
     counting = _Counting()
 
-    class WorkMode(TorchDispatchMode):
+    class WorkMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # untyped __init_subclass__
         def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                                kwargs: dict[str, Any] | None = None) -> Any:
             kwargs = kwargs or {}
@@ -206,5 +206,5 @@ def count_work() -> Iterator[WorkCount]:
             counting.op(func, args, kwargs, out)
             return out
 
-    with WorkMode():
+    with WorkMode():  # type: ignore[no-untyped-call]
         yield counting.count
