@@ -63,6 +63,16 @@ def test_what_does_not_wait_for_the_device_is_not_a_sync(name: str, fn: object) 
     assert not work.syncs
 
 
+def test_on_an_accelerator_a_sync_op_on_a_cpu_tensor_is_not_counted() -> None:
+    step = torch.tensor(3.0)  # as an optimizer keeps its step counter, on the CPU beside CUDA parameters
+    with count_work("cuda") as accelerator:
+        step.item()
+    with count_work("cpu") as cpu:
+        step.item()
+    assert not accelerator.syncs and sum(cpu.syncs.values()) == 1
+    assert accelerator.ops == cpu.ops == {"aten._local_scalar_dense": 1}
+
+
 def test_traffic_counts_inputs_and_outputs_views_nothing_and_an_in_place_op_read_and_written() -> None:
     a, b = torch.ones(256), torch.ones(256)  # 1 KiB each
     with count_work() as work:

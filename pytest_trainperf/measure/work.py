@@ -10,7 +10,10 @@ machine, however busy: these are the gate to trust on a shared runner, where tim
   ``bool(t)``, ``float(t)``, ``int(t)``, ``if t:``), ``aten.equal``, ``aten.nonzero`` (also
   ``torch.where(mask)``), ``aten.masked_select``, the unique ops, ``aten.repeat_interleave`` without
   ``output_size``, and indexing with a boolean (or uint8) mask (``x[mask]``, ``x[mask] = v``: the
-  kernel runs nonzero). Each is attributed to the user's source line that issued it: the innermost
+  kernel runs nonzero). On an accelerator, an op on a CPU tensor is no sync and is not counted; on
+  the CPU every one is, so a CPU count includes what an accelerator run would not: an optimizer that
+  reads its CPU step counters back (AdamW, not fused or capturable: one ``.item()`` per parameter in
+  ``opt.step()``). The gate is the change, not the level. Each is attributed to the user's source line that issued it: the innermost
   frame of the Python stack at dispatch outside torch and outside pytest_trainperf.
   **Not seen:** what dispatches nothing on the CPU: ``.cpu()``, ``.tolist()``, ``.numpy()`` of a CPU
   tensor (on CUDA, ``.cpu()`` is an ``aten._to_copy`` the mode sees but does not count: a copy the
@@ -150,8 +153,9 @@ def _syncs(name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 class _Counting:
     """The per-op bookkeeping, shared by the dispatch mode (kept out of it so that it is typed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device_type: str) -> None:
         self.count = WorkCount()
+        self.device_type = device_type
         self._known: dict[Any, tuple[str, str, bool]] = {}
 
     def _describe(self, func: Any) -> tuple[str, str, bool]:
@@ -162,6 +166,15 @@ class _Counting:
             known = self._known[func] = (name, name.rsplit(".", 1)[-1], bool(getattr(func, "is_view", False)))
         return known
 
+    def _on_device(self, args: tuple[Any, ...]) -> bool:
+        """Whether a sync op runs on the step's device: on the CPU every one counts; on an accelerator
+        not one on a CPU tensor (an optimizer's step counter read back with ``.item()``), which waits
+        for nothing."""
+        if self.device_type == "cpu":
+            return True
+        first = args[0] if args else None
+        return getattr(getattr(first, "device", None), "type", self.device_type) != "cpu"
+
     def op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: object) -> None:
         import torch
         from torch.utils._pytree import tree_leaves
@@ -169,7 +182,7 @@ class _Counting:
         name, bare, view = self._describe(func)
         count = self.count
         count.ops[name] += 1
-        if _syncs(bare, func, args, kwargs):
+        if _syncs(bare, func, args, kwargs) and self._on_device(args):
             count.syncs[f"{_user_site(sys._getframe(1))} ({name})"] += 1
         if view:
             return
@@ -191,12 +204,12 @@ class _Counting:
 
 
 @contextmanager
-def count_work() -> Iterator[WorkCount]:
-    """Count the work of what runs inside (one step, stacked with the FLOP counter); the count is
-    complete when the block exits."""
+def count_work(device_type: str = "cpu") -> Iterator[WorkCount]:
+    """Count the work of what runs inside (one step, stacked with the FLOP counter) on a device of
+    ``device_type``; the count is complete when the block exits."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    counting = _Counting()
+    counting = _Counting(device_type)
 
     class WorkMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # untyped __init_subclass__
         def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
