@@ -150,7 +150,8 @@ def cost() -> dict[str, tuple[float, float, float]]:
             step()
             times: list[list[float]] = [[], [], []]
             for _ in range(ROUNDS):
-                for i, run in enumerate((step, lambda: count_flops(step), lambda: counted(step))):
+                runs = (step, lambda s=step: count_flops(s), lambda s=step: counted(s))
+                for i, run in enumerate(runs):
                     start = time.perf_counter()
                     run()
                     times[i].append(time.perf_counter() - start)

@@ -367,7 +367,7 @@ class TrainPerf:
         with fixed_threads(threads), cudnn_benchmark(policy) as self._cudnn_benchmark, probe:
             # instrumented steps first, so that the warm-up runs right before the timed steps
             if not self._timing_only:
-                with count_work(device.type) as work:  # host syncs, ops, memory traffic: on the FLOP step, not a timed one
+                with count_work(device.type) as work:  # syncs, ops, memory traffic: on the FLOP step
                     out, flops = count_flops(fn)
                 if keep is not None:
                     kept.append(keep(out))

@@ -10,11 +10,12 @@ machine, however busy: these are the gate to trust on a shared runner, where tim
   ``bool(t)``, ``float(t)``, ``int(t)``, ``if t:``), ``aten.equal``, ``aten.nonzero`` (also
   ``torch.where(mask)``), ``aten.masked_select``, the unique ops, ``aten.repeat_interleave`` without
   ``output_size``, and indexing with a boolean (or uint8) mask (``x[mask]``, ``x[mask] = v``: the
-  kernel runs nonzero). On an accelerator, an op on a CPU tensor is no sync and is not counted; on
-  the CPU every one is, so a CPU count includes what an accelerator run would not: an optimizer that
-  reads its CPU step counters back (AdamW, not fused or capturable: one ``.item()`` per parameter in
-  ``opt.step()``). The gate is the change, not the level. Each is attributed to the user's source line that issued it: the innermost
-  frame of the Python stack at dispatch outside torch and outside pytest_trainperf.
+  kernel runs nonzero). On an accelerator, an op on a CPU tensor is no sync and is not counted;
+  on the CPU every one is, so a CPU count includes what an accelerator run would not: an optimizer
+  that reads its CPU step counters back (AdamW, neither fused nor capturable: one ``.item()`` per
+  parameter in ``opt.step()``). The gate is the change, not the level. Each is attributed to the
+  user's source line that issued it: the innermost frame of the Python stack at dispatch outside
+  torch and outside pytest_trainperf.
   **Not seen:** what dispatches nothing on the CPU: ``.cpu()``, ``.tolist()``, ``.numpy()`` of a CPU
   tensor (on CUDA, ``.cpu()`` is an ``aten._to_copy`` the mode sees but does not count: a copy the
   code asks for), ``torch.cuda.synchronize()``, stream and event waits, and syncs inside a kernel
