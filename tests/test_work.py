@@ -148,6 +148,20 @@ def test_breakdowns_round_trip_through_a_baseline_file_and_old_files_still_read(
         test="test_x", cell="default", params=(), metrics=cell.metrics)
 
 
+def test_breakdowns_and_growth_round_trip_through_a_result_file() -> None:
+    from pytest_trainperf import results
+    from pytest_trainperf.records import CellResult
+
+    before = _cell(0, ())
+    now = _cell(1, (("model.py:42 `if loss.item() > 10:` (aten._local_scalar_dense)", 1.0),))
+    fp = Fingerprint(device="cpu", device_type="cpu", torch="2", cuda=None, threads=1, cpu="cpu")
+    verdict = judge.cell(now, before, {})
+    assert verdict.metrics[0].grown == ("+1 model.py:42 `if loss.item() > 10:` (aten._local_scalar_dense)",)
+    session = results.SessionResults(cells=(CellResult("t.py::test_x", "t.py", "test_x", "default", (), verdict,
+                                                       fp),))
+    assert results.loads("r.json", results.dump(session)) == session
+
+
 @pytest.mark.parametrize(("breakdowns", "expected"), [
     ({"ops": {"parts": [["aten.mm", 1]]}}, "breakdowns.ops: expected the breakdown of a metric of the cell"),
     ({"host_syncs": {"parts": [["a", 1], ["a", 2]]}}, "breakdowns.host_syncs.parts[1]"),
