@@ -30,6 +30,7 @@ cell's **noise band**. At compare time:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
@@ -371,14 +372,31 @@ GROWN_SHOWN = 8
 
 def grown_parts(now: Breakdown, before: Breakdown, limit: int = GROWN_SHOWN) -> tuple[str, ...]:
     """The parts of ``now`` that are new or larger than in ``before``, largest growth first, as
-    ``+48 aten.copy_`` (amounts in the breakdown's unit); ``and N more`` past ``limit``."""
-    old = dict(before.parts)
-    growth = [(amount - old.get(part, 0.0), part) for part, amount in now.parts if amount > old.get(part, 0.0)]
+    ``+48 aten.copy_`` (amounts in the breakdown's unit); ``and N more`` past ``limit``. Parts named by
+    a source line (``model.py:42 `x.item()` (aten._local_scalar_dense)``) are matched without their line
+    number, so that a sync moved by an edit above it is not new."""
+    old: dict[str, float] = {}
+    for part, amount in before.parts:
+        old[_unplaced(part)] = old.get(_unplaced(part), 0.0) + amount
+    growth = []
+    for part, amount in now.parts:
+        key = _unplaced(part)
+        if amount > old.get(key, 0.0):
+            growth.append((amount - old.get(key, 0.0), part))
+        old[key] = max(old.get(key, 0.0) - amount, 0.0)  # the same source text at two lines: each counted once
     growth.sort(key=lambda g: (-g[0], g[1]))
     shown = [f"+{_amount(delta, now.unit)} {part}" for delta, part in growth[:limit]]
     if len(growth) > limit:
         shown.append(f"and {len(growth) - limit} more")
     return tuple(shown)
+
+
+_LINE = re.compile(r"^([^\s`]+):\d+ ")
+
+
+def _unplaced(part: str) -> str:
+    """A breakdown's part without the line number of its source site (``model.py `x.item()` ...``)."""
+    return _LINE.sub(r"\1 ", part, count=1)
 
 
 def _amount(value: float, unit: str) -> str:

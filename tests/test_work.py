@@ -135,6 +135,16 @@ def test_growth_lists_the_largest_first_and_ignores_parts_that_shrank() -> None:
     assert stats.grown_parts(traffic, Breakdown("memory_traffic", ())) == ("+2.00 KiB aten.clone",)
 
 
+def test_a_sync_site_moved_by_an_edit_above_it_is_not_new() -> None:
+    before = Breakdown("host_syncs", (("m.py:10 `x.item()` (aten._local_scalar_dense)", 1.0),))
+    moved = Breakdown("host_syncs", (("m.py:12 `x.item()` (aten._local_scalar_dense)", 1.0),
+                                     ("m.py:20 `y.item()` (aten._local_scalar_dense)", 1.0)))
+    assert stats.grown_parts(moved, before) == ("+1 m.py:20 `y.item()` (aten._local_scalar_dense)",)
+    twice = Breakdown("host_syncs", (("m.py:12 `x.item()` (aten._local_scalar_dense)", 1.0),
+                                     ("m.py:30 `x.item()` (aten._local_scalar_dense)", 1.0)))
+    assert stats.grown_parts(twice, before) == ("+1 m.py:30 `x.item()` (aten._local_scalar_dense)",)
+
+
 def test_breakdowns_round_trip_through_a_baseline_file_and_old_files_still_read(tmp_path: Path) -> None:
     fp = Fingerprint(device="cpu", device_type="cpu", torch="2", cuda=None, threads=1, cpu="cpu")
     cell = _cell(1, (("model.py:42 `if loss.item() > 10:` (aten._local_scalar_dense)", 1.0),))
