@@ -57,6 +57,8 @@ ALWAYS_SYNC = ("_local_scalar_dense", "equal", "nonzero", "masked_select", "_uni
 on the host."""
 MASK_INDEX = ("index", "index_put", "index_put_", "_index_put_impl_")
 """Indexing ops that run nonzero inside the kernel when an index is a boolean (or uint8) mask."""
+MAY_SYNC = frozenset((*ALWAYS_SYNC, *MASK_INDEX, "repeat_interleave"))
+"""Every op name :func:`_syncs` looks at further."""
 LOW_PRECISION = (Precision.BF16, Precision.FP16, Precision.FP8)
 """The precisions whose share of the floating-point traffic is ``low_precision_share``."""
 NO_TF32 = Tf32(matmul=False, conv=False)
@@ -158,6 +160,7 @@ class _Counting:
         self.count = WorkCount()
         self.device_type = device_type
         self._known: dict[Any, tuple[str, str, bool]] = {}
+        self._precisions: dict[Any, Precision] = {}
 
     def _describe(self, func: Any) -> tuple[str, str, bool]:
         """The op's name (``aten.mm``), its bare name (``mm``) and whether it is a view."""
@@ -176,32 +179,53 @@ class _Counting:
         first = args[0] if args else None
         return getattr(getattr(first, "device", None), "type", self.device_type) != "cpu"
 
-    def op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: object) -> None:
-        import torch
-        from torch.utils._pytree import tree_leaves
+    def _precision(self, dtype: Any) -> Precision:
+        precision = self._precisions.get(dtype)
+        if precision is None:
+            name = str(dtype).removeprefix("torch.")
+            precision = self._precisions[dtype] = (precision_of(name, OpKind.MATMUL, NO_TF32, "cpu", None)
+                                                   if dtype.is_floating_point else Precision.OTHER)
+        return precision
 
+    def op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: object) -> None:
         name, bare, view = self._describe(func)
         count = self.count
         count.ops[name] += 1
-        if _syncs(bare, func, args, kwargs) and self._on_device(args):
+        if bare in MAY_SYNC and _syncs(bare, func, args, kwargs) and self._on_device(args):
             count.syncs[f"{_user_site(sys._getframe(1))} ({name})"] += 1
         if view:
             return
-        # read: every tensor argument but an out= tensor (an in-place op's self is read, then written)
-        reads = [t for t in tree_leaves((args, {k: v for k, v in kwargs.items() if k != "out"}))
-                 if isinstance(t, torch.Tensor)]
-        writes = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        # read: every tensor argument but an out= tensor (an in-place op's self is read, then written);
+        # written: every tensor returned. Aten arguments nest one level at most (a list of tensors).
         total = 0
-        for tensor in (*reads, *writes):
+        by_precision = count.by_precision
+        fp32 = 0
+        for tensor in _tensors(args, kwargs.values() if "out" not in kwargs else
+                               [v for k, v in kwargs.items() if k != "out"], (out,)):
             size = tensor.numel() * tensor.element_size()
             total += size
-            dtype = str(tensor.dtype).removeprefix("torch.")
-            precision = (precision_of(dtype, OpKind.MATMUL, NO_TF32, "cpu", None) if tensor.is_floating_point()
-                         else Precision.OTHER)
-            count.by_precision[precision] += size
+            precision = self._precision(tensor.dtype)
+            by_precision[precision] += size
             if precision is Precision.FP32:
-                count.fp32_by_op[name] += size
+                fp32 += size
+        if fp32:
+            count.fp32_by_op[name] += fp32
         count.traffic[name] += total
+
+
+def _tensors(*groups: Any) -> Iterator[Any]:
+    """The tensors among the values of ``groups`` and inside their lists and tuples (one level)."""
+    import torch
+
+    tensor = torch.Tensor
+    for group in groups:
+        for value in group:
+            if isinstance(value, tensor):
+                yield value
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    if isinstance(item, tensor):
+                        yield item
 
 
 @contextmanager
