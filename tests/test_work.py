@@ -232,7 +232,8 @@ def line_of(source: str, text: str) -> int:
     ("if loss.item() > 1e9: print('diverged')",
      ["*trainperf regression: host_syncs +inf%*", "  host_syncs: baseline 0, now 1, *",
       "    new sync sites: +1 test_model.py:{line} `if loss.item() > 1e9: print('diverged')` "
-      "(aten._local_scalar_dense)"]),
+      "(aten._local_scalar_dense)",
+      "test_model.py::test_mlp · host_syncs", "*1.00*", "+inf% REGR"]),  # its heatmap
     ("out = out[out > -1e9].view_as(out)",
      ["  host_syncs: baseline 0, now 1, *",
       "    new sync sites: +1 test_model.py:{line} `out = out[out > -1e9].view_as(out)` (aten.index)"]),
