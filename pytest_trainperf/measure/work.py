@@ -68,10 +68,8 @@ SOURCE_CHARS = 80
 TRAFFIC_METRICS = tuple(f"memory_traffic_{SHORT[p]}" for p in Precision if p is not Precision.TF32)
 """Every per-dtype traffic metric: ``memory_traffic_fp64`` ... ``memory_traffic_other``."""
 
-_SKIPPED_DIRS = tuple(
-    os.path.dirname(os.path.abspath(p)) + os.sep for p in (
-        os.path.dirname(__file__),  # pytest_trainperf/measure -> pytest_trainperf/
-    ))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+"""pytest_trainperf/: its frames are never a sync's site."""
 
 
 @dataclass
@@ -126,7 +124,7 @@ def _user_site(frame: FrameType | None) -> str:
     torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
     while frame is not None:
         filename = os.path.abspath(frame.f_code.co_filename)
-        if not filename.startswith((torch_dir, *_SKIPPED_DIRS)) and not filename.endswith("contextlib.py"):
+        if not filename.startswith((torch_dir, _PACKAGE_DIR)) and not filename.endswith("contextlib.py"):
             source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
             text = f" `{source[:SOURCE_CHARS]}`" if source else ""
             return f"{os.path.basename(filename)}:{frame.f_lineno}{text}"
