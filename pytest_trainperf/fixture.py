@@ -358,11 +358,12 @@ class TrainPerf:
         from pytest_trainperf.measure.mfu import device_peaks, precision_in_use
         from pytest_trainperf.measure.timing import default_threads, fixed_threads, time_steps
         from pytest_trainperf.measure.utilization import Probe
+        from pytest_trainperf.measure.work import count_work
 
         device = self.device
         keep: Callable[[object], object] | None = self._loss if kind == "train" else None
         kept: list[object] = []
-        flops = peak = timed = None
+        flops = peak = timed = work = None
         threads = self._threads = self._settings.threads or default_threads()
         pressure = allocator_pressure(device)
         policy = self._settings.cudnn_benchmark
@@ -377,7 +378,8 @@ class TrainPerf:
         with fixed_threads(threads), cudnn_benchmark(policy) as self._cudnn_benchmark, probe:
             # instrumented steps first, so that the warm-up runs right before the timed steps
             if not self._timing_only:
-                out, flops = count_flops(eager)
+                with count_work(device.type) as work:  # syncs, ops, memory traffic: on the FLOP step
+                    out, flops = count_flops(eager)
                 if keep is not None:
                     kept.append(keep(out))
                 del out
@@ -416,6 +418,8 @@ class TrainPerf:
                 metrics.append(Metric("reserved_memory", float(peak.reserved_bytes), "B"))
         if flops is not None:
             metrics += flops.metrics()  # flops, and flops_bf16, flops_tf32... by the precision they run in
+        if work is not None:
+            metrics += work.metrics(float(flops.total) if flops is not None else None)
         metrics += probe.metrics
         compiled = watch.metrics if not self._timing_only else []  # graph_breaks, recompiles...: compiled cells only
         if compiled:
@@ -438,7 +442,8 @@ class TrainPerf:
         self._measured = Measurement(
             test=self._cell.test, cell=self._cell.cell, params=self._cell.params,
             metrics=tuple(metrics), loss_curve=tuple(curve), kind=kind, steps=count, warmup=warmup,
-            outcome=outcome, detail=detail, notes=notes, items_per_step=items)
+            outcome=outcome, detail=detail, notes=notes, items_per_step=items,
+            breakdowns=work.breakdowns() if work is not None else ())
         if over:  # as on a device of the budget's size: the test stops here, as a real OOM would stop it
             raise EmulatedOutOfMemory(detail)
         return self.result()  # type: ignore[return-value]

@@ -134,6 +134,8 @@ def failure(verdict: CellVerdict, against: Against, retimed: Retimed = Retimed()
             lines.append(f"  stored: {screened[m.name].describe()}")
             line = f"side by side: {line.replace(': baseline ', f': at {side} ', 1)}"
         lines.append(f"  {line}")
+        if m.grown:
+            lines.append(f"    {m.grown_label or 'grew'}: {', '.join(m.grown)}")
     if timing_regressed(verdict):
         pairs = now.metric("step_time")
         if (other or side) and pairs is not None:

@@ -187,6 +187,22 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Breakdown:
+    """What one exact count of a cell is made of: ``host_syncs`` by the source line that issued each
+    synchronisation, ``ops`` by op name, ``memory_traffic`` by op. Stored with the baseline, so that a
+    failure can say which parts are new or grew."""
+
+    metric: str
+    """The metric it breaks down."""
+    parts: tuple[tuple[str, float], ...]
+    """``(part, amount)``, each part once, in the order measured (``("aten.mm", 12)``)."""
+    unit: str = ""
+    """The parts' unit (``B`` for bytes; empty for counts)."""
+    label: str = ""
+    """What a failure message calls the parts that appeared or grew (``new sync sites``)."""
+
+
+@dataclass(frozen=True)
 class Measurement:
     """Everything measured for one cell of one test."""
 
@@ -218,6 +234,13 @@ class Measurement:
     not given. With the loss curve it gives the curve against items processed."""
     source: Source | None = None
     """In a baseline: the code it measured (None: written outside git, or by an older version)."""
+    breakdowns: tuple[Breakdown, ...] = ()
+    """What some exact counts are made of (sync sites, ops by name), one per metric at most; empty in
+    baselines written before they were measured."""
+
+    def breakdown(self, metric: str) -> Breakdown | None:
+        """The breakdown of ``metric``, or None."""
+        return next((b for b in self.breakdowns if b.metric == metric), None)
 
     def metric(self, name: str) -> Metric | None:
         """The metric called ``name``, or None."""
@@ -266,6 +289,11 @@ class MetricVerdict:
     the one applied)."""
     step: int | None = None
     """For ``loss_curve``: the step (0-based, over the whole curve) at which the curve left its band."""
+    grown: tuple[str, ...] = ()
+    """For a metric with a breakdown in both the measurement and its baseline: the parts that appeared
+    or grew, largest growth first (``+48 aten.copy_``); the failure message lists them."""
+    grown_label: str = ""
+    """What :attr:`grown` lists (``new sync sites``, ``ops that appeared or grew``)."""
 
     def describe(self) -> str:
         """One line for a failure message: metric, baseline, now, change, tolerance, interval, and for
@@ -672,10 +700,34 @@ def check_finite(measurement: Measurement) -> list[str]:
     items = measurement.items_per_step
     if items is not None and not (finite_number(items) and items > 0):
         problems.append(f"items_per_step: expected a finite positive number or None, got {items!r}")
+    problems += check_breakdowns(measurement)
     for name in ("steps", "warmup"):
         value = getattr(measurement, name)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
             problems.append(f"{name}: expected a non-negative integer, got {value!r}")
+    return problems
+
+
+def check_breakdowns(measurement: Measurement) -> list[str]:
+    """Why a measurement's breakdowns cannot be stored: each of a metric the measurement has, once;
+    parts named by strings, once each, with finite non-negative amounts; unit and label strings."""
+    problems = []
+    seen: set[str] = set()
+    for b in measurement.breakdowns:
+        where = f"breakdowns.{b.metric}"
+        if not isinstance(b.metric, str) or measurement.metric(b.metric) is None or b.metric in seen:
+            problems.append(f"{where}: expected the breakdown of a metric of the cell, once; got {b.metric!r:.120}")
+        seen.add(str(b.metric))
+        if not isinstance(b.unit, str) or not isinstance(b.label, str):
+            problems.append(f"{where}: expected unit and label to be strings, got {b.unit!r:.60}, {b.label!r:.60}")
+        names: set[str] = set()
+        for i, part in enumerate(b.parts):
+            name, amount = part if isinstance(part, tuple) and len(part) == 2 else (None, None)
+            if not isinstance(name, str) or name in names or not finite_number(amount) or amount < 0:
+                problems.append(f"{where}.parts[{i}]: expected a (name, non-negative number) pair with a new "
+                                f"name, got {part!r:.120}")
+                break
+            names.add(name)
     return problems
 
 

@@ -30,6 +30,7 @@ cell's **noise band**. At compare time:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
@@ -37,6 +38,7 @@ import numpy as np
 from scipy import stats as sps
 
 from pytest_trainperf.records import (
+    Breakdown,
     CellVerdict,
     Direction,
     Measurement,
@@ -46,6 +48,7 @@ from pytest_trainperf.records import (
     Status,
     relative_change,
 )
+from pytest_trainperf.units import format_value
 
 ALPHA = 0.05
 """Significance level of the one-sided timing test."""
@@ -81,13 +84,24 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
     "compile_time": COMPILE_TIME_TOLERANCE,
     **dict.fromkeys(("flops_fp64", "flops_fp32", "flops_tf32", "flops_bf16", "flops_fp16", "flops_fp8", "flops_other"),
                     math.inf),
+    "host_syncs": 0.0,
+    "ops": 0.0,
+    "memory_traffic": 0.0,
+    "low_precision_share": 0.0,
+    "arithmetic_intensity": math.inf,
+    **dict.fromkeys(("memory_traffic_fp64", "memory_traffic_fp32", "memory_traffic_bf16", "memory_traffic_fp16",
+                     "memory_traffic_fp8", "memory_traffic_other"), math.inf),
 }
 """Relative tolerances of the built-in metrics. ``reserved_memory`` (CUDA), the utilizations (GPU
 through NVML, or the process's CPU), ``mfu``, ``peak_rss`` (the peak resident set size of an
 isolated cell's process) and the split of ``flops`` by precision (``flops_bf16``...; ``flops`` itself
 is gated) are reported, not gated, unless a test gives them a tolerance; a recorded metric without one
 gets :data:`RECORD_TOLERANCE`. A compiled cell's ``graph_breaks``, ``recompiles`` and ``unique_graphs``
-are counts judged exactly (any rise regresses); its ``compile_time`` by :data:`COMPILE_TIME_TOLERANCE`."""
+are counts judged exactly (any rise regresses); its ``compile_time`` by :data:`COMPILE_TIME_TOLERANCE`.
+
+The exact work counts of the instrumented step (``host_syncs``, ``ops``, ``memory_traffic`` and
+``low_precision_share``, :mod:`pytest_trainperf.measure.work`) are judged exactly: any change is a change
+of the code that runs, never noise. Their split by dtype and ``arithmetic_intensity`` are reported."""
 RECORD_TOLERANCE = 0.01
 """Default relative tolerance of a metric recorded with ``trainperf.record``."""
 NOISE_FACTOR = 3.0
@@ -351,7 +365,7 @@ def judge(current: Measurement, baseline: Measurement | None,
         elif metric.sampled and base.sampled:
             verdicts.append(compare_samples(metric, base.samples, tolerance, rounds=base.rounds))
         else:
-            verdicts.append(compare_exact(metric, base.value, tolerance))
+            verdicts.append(with_growth(compare_exact(metric, base.value, tolerance), current, baseline))
     if baseline is not None and current.loss_curve and baseline.loss_curve:
         loss = current.metric("loss")  # the curve follows the final loss's tolerance
         tolerance = (tolerance_for(loss, overrides) if loss is not None
@@ -360,6 +374,54 @@ def judge(current: Measurement, baseline: Measurement | None,
     missing = () if baseline is None else tuple(n for n in baseline.names if current.metric(n) is None)
     return CellVerdict(measurement=current, metrics=tuple(verdicts), missing=missing,
                        baseline_outcome=baseline.outcome if baseline is not None else None)
+
+
+GROWN_SHOWN = 8
+"""The most parts of a breakdown a verdict lists as grown (the largest growths)."""
+
+
+def grown_parts(now: Breakdown, before: Breakdown, limit: int = GROWN_SHOWN) -> tuple[str, ...]:
+    """The parts of ``now`` that are new or larger than in ``before``, largest growth first, as
+    ``+48 aten.copy_`` (amounts in the breakdown's unit); ``and N more`` past ``limit``. Parts named by
+    a source line (``model.py:42 `x.item()` (aten._local_scalar_dense)``) are matched without their line
+    number, so that a sync moved by an edit above it is not new."""
+    old: dict[str, float] = {}
+    for part, amount in before.parts:
+        old[_unplaced(part)] = old.get(_unplaced(part), 0.0) + amount
+    growth = []
+    for part, amount in now.parts:
+        key = _unplaced(part)
+        if amount > old.get(key, 0.0):
+            growth.append((amount - old.get(key, 0.0), part))
+        old[key] = max(old.get(key, 0.0) - amount, 0.0)  # the same source text at two lines: each counted once
+    growth.sort(key=lambda g: (-g[0], g[1]))
+    shown = [f"+{_amount(delta, now.unit)} {part}" for delta, part in growth[:limit]]
+    if len(growth) > limit:
+        shown.append(f"and {len(growth) - limit} more")
+    return tuple(shown)
+
+
+_LINE = re.compile(r"^([^\s`]+):\d+ ")
+
+
+def _unplaced(part: str) -> str:
+    """A breakdown's part without the line number of its source site (``model.py `x.item()` ...``)."""
+    return _LINE.sub(r"\1 ", part, count=1)
+
+
+def _amount(value: float, unit: str) -> str:
+    """A breakdown's amount: a count as an integer, anything else with its unit."""
+    return str(int(value)) if not unit and value == int(value) else format_value(value, unit)
+
+
+def with_growth(verdict: MetricVerdict, current: Measurement, baseline: Measurement | None) -> MetricVerdict:
+    """``verdict`` with the parts of its metric's breakdown that appeared or grew since the baseline,
+    when both sides have a breakdown and the metric changed."""
+    now = current.breakdown(verdict.name)
+    before = baseline.breakdown(verdict.name) if baseline is not None else None
+    if now is None or before is None or verdict.status is Status.UNCHANGED and not verdict.change:
+        return verdict
+    return replace(verdict, grown=grown_parts(now, before), grown_label=now.label)
 
 
 CURVE_WINDOW = 5

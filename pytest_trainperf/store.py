@@ -52,6 +52,7 @@ from typing import Any
 
 from pytest_trainperf.records import (
     BaselineChange,
+    Breakdown,
     Direction,
     Figure,
     FigureKind,
@@ -330,13 +331,36 @@ def _parse_cell(path: Path, where: str, test: str, cell: str, raw: object) -> Me
     _expect(source is None or (isinstance(source, dict) and all(isinstance(source.get(k), str) and source[k]
                                                                for k in ("commit", "tree"))),
             path, f"{where}.source", 'an object {"commit": "<sha>", "tree": "<sha>"}', source)
+    breakdowns = _parse_breakdowns(path, f"{where}.breakdowns", raw.get("breakdowns", {}))
     measurement = Measurement(test=test, cell=cell, params=tuple((p[0], p[1]) for p in params_raw),
                               metrics=metrics, loss_curve=tuple(float(v) for v in curve), kind=kind,
                               steps=steps, warmup=warmup, outcome=Outcome(outcome), detail=detail,
                               items_per_step=None if items is None else float(items),
-                              source=None if source is None else Source(commit=source["commit"], tree=source["tree"]))
+                              source=None if source is None else Source(commit=source["commit"], tree=source["tree"]),
+                              breakdowns=breakdowns)
     _checked(path, where, check_finite(measurement))
     return measurement
+
+
+def _parse_breakdowns(path: Path, where: str, raw: object) -> tuple[Breakdown, ...]:
+    """A cell's ``breakdowns``: ``{metric: {"unit": str, "label": str, "parts": [[name, amount], ...]}}``
+    (absent in files written before they were measured). Amounts and duplicates are checked with the
+    rest of the cell (:func:`check_finite`)."""
+    _expect(isinstance(raw, dict), path, where, "an object", raw)
+    assert isinstance(raw, dict)
+    out = []
+    for metric, body in raw.items():
+        at = f"{where}.{metric}"
+        _expect(isinstance(body, dict) and set(body) <= {"unit", "label", "parts"}, path, at,
+                'an object {"unit": ..., "label": ..., "parts": [...]}', body)
+        parts = body.get("parts", [])
+        _expect(isinstance(parts, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                                and _number(p[1]) for p in parts),
+                path, f"{at}.parts", "a list of [name, number] pairs", parts)
+        unit, label = body.get("unit", ""), body.get("label", "")
+        _expect(isinstance(unit, str) and isinstance(label, str), path, at, "string unit and label", (unit, label))
+        out.append(Breakdown(metric=metric, parts=tuple((p[0], float(p[1])) for p in parts), unit=unit, label=label))
+    return tuple(out)
 
 
 def _numbers(path: Path, where: str, raw: object) -> tuple[float, ...]:
@@ -497,6 +521,9 @@ def _cell_json(m: Measurement) -> dict[str, Any]:
     if m.outcome is not Outcome.MEASURED:
         out["outcome"] = m.outcome.value
         out["detail"] = m.detail
+    if m.breakdowns:
+        out["breakdowns"] = {b.metric: {"unit": b.unit, "label": b.label, "parts": [[k, v] for k, v in b.parts]}
+                             for b in m.breakdowns}
     return out
 
 
