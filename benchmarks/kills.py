@@ -103,7 +103,14 @@ def git(where: Path, *args: str) -> str:
 def pytest(where: Path, args: Sequence[str], tmp: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "TMPDIR": str(tmp)}
     return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=where,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=ctrl_c)
+
+
+def ctrl_c() -> None:
+    """In the child: SIGINT raises KeyboardInterrupt, as at a terminal. A process started in the
+    background by a shell without job control (``nohup ... &``) inherits SIGINT ignored, and Python
+    then installs no handler: a Ctrl-C trial would measure nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cells_in(baselines: Path) -> set[tuple[str, str, str]] | str:
