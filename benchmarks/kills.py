@@ -3,7 +3,8 @@ process, isolated, spread over xdist workers) and of a lockstep comparison, then
 children and the temporary directories are checked.
 
 A temporary git repository holds a suite of two test files (a grid of 6 small training cells, and a
-test of 4 record-only cells), its baselines made by one complete update and committed. Each trial
+test of 4 record-only cells; 3 rounds an update, the third in a fresh process), its baselines made by
+one complete update and committed. Each trial
 starts one pytest process with its own ``TMPDIR``, waits a random time drawn uniformly over the
 duration of an uninterrupted run of that kind, and sends the signal (SIGINT: a second SIGINT 2 s later
 if it still runs, as an impatient user would). Then:
@@ -182,7 +183,7 @@ def main() -> None:
     try:
         (where / "test_train.py").write_text(TRAIN)
         (where / "test_record.py").write_text(RECORD)
-        (where / "pytest.ini").write_text("[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 10\n")
+        (where / "pytest.ini").write_text("[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 10\ntrainperf_rounds = 3\n")
         (where / ".gitignore").write_text("__pycache__/\n.*.trainperf-tmp-*\n")
         git(where, "init", "-q", "-b", "main")
         git(where, "config", "user.email", "bench@example.com")

@@ -43,7 +43,7 @@ def test_each_kind_of_host_sync_is_counted_once_at_its_source_line(name: str, fn
         fn()  # type: ignore[operator]
     ((site, n),) = work.syncs.items()
     assert n == 1
-    assert site.startswith("test_work.py:") and site.endswith(f"({expected})"), site
+    assert site.startswith(f"{Path(__file__).name}:") and site.endswith(f"({expected})"), site
     line = int(site.split(":")[1].split()[0])
     source = Path(__file__).read_text().splitlines()[line - 1].strip()
     assert f"`{source[:80]}`" in site  # the test's own line, not a frame inside torch
