@@ -534,7 +534,7 @@ def test_a_metric_to_show_that_nothing_measured_is_pointed_out(pytester: pytest.
     result = pytester.runpytest("--trainperf", "--trainperf-show=step_tme,flops")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["test_work.py::test_mlp · flops (kFLOP)",
-                                 "--trainperf-show: no cell measured step_tme (measured: cpu_utilization, flops, *"])
+                                 "--trainperf-show: no cell measured step_tme (measured: arithmetic_intensity, *"])
 
 
 def test_a_metric_that_is_no_longer_measured_is_pointed_out(pytester: pytest.Pytester) -> None:
