@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
-from pytest_trainperf.records import Cell, Direction, Fingerprint, Measurement, Metric, Outcome, Scalar
+from pytest_trainperf.records import Cell, Direction, Fingerprint, Measurement, Metric, Outcome, RankInfo, Scalar
 from pytest_trainperf.settings import METRIC_RE, Settings
 from pytest_trainperf.stats import BUILTIN_METRICS
 
@@ -80,8 +80,9 @@ class TrainPerf:
     """
 
     def __init__(self, cell: Cell, settings: Settings, malloc: str = "", timing_only: bool = False,
-                 memory_budget: int | None = None) -> None:
+                 memory_budget: int | None = None, rank: RankInfo | None = None) -> None:
         self._cell = cell
+        self._rank = rank
         self._timing_only = timing_only
         self._budget = memory_budget
         self._started = time.perf_counter()
@@ -124,13 +125,33 @@ class TrainPerf:
                       else f"--trainperf-device={wanted}")
             error = ""
             try:
-                self._device = select_device(wanted, option)
+                self._device = select_device(self._rank_device(wanted), option)
             except DeviceError as exc:
                 error = str(exc)
             if error:  # outside the handler: the failure reads as one message, not a chained traceback
                 _usage(self._cell, error)
         assert self._device is not None
         return self._device
+
+    def _rank_device(self, wanted: str) -> str:
+        """A rank's device: on an accelerator without an index, the one of its local rank."""
+        if self._rank is None or ":" in wanted or wanted == "cpu":
+            return wanted
+        if wanted == "auto":
+            import torch
+
+            wanted = "cuda" if torch.cuda.is_available() else "cpu"
+        return wanted if wanted == "cpu" else f"{wanted}:{self._rank.local_rank}"
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in a distributed cell (``tp.ranks``); 0 in any other cell."""
+        return self._rank.rank if self._rank is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        """The ranks of a distributed cell (``tp.ranks``); 1 in any other cell."""
+        return self._rank.world_size if self._rank is not None else 1
 
     @property
     def params(self) -> Mapping[str, Scalar]:
@@ -351,6 +372,7 @@ class TrainPerf:
 
     def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
                  items: float | None) -> Measurement:
+        from pytest_trainperf.measure.comm import distributed_now
         from pytest_trainperf.measure.compiled import EAGER_NOTE, CompileWatch, eager_step
         from pytest_trainperf.measure.cudnn import cudnn_benchmark
         from pytest_trainperf.measure.flops import count_flops
@@ -393,7 +415,7 @@ class TrainPerf:
                 del out
             over = peak is not None and self._budget is not None and peak.peak_bytes > self._budget
             if not over:  # a cell over its budget would not have run: no timing
-                timer = self._timer or time_steps
+                timer = self._timer or (ranks_in_step if self._rank is not None else time_steps)
                 timed = timer(fn, count, device, keep, warmup, on_timed=on_timed)
         watch.finish()
         if watch.timed_failure:
@@ -420,6 +442,8 @@ class TrainPerf:
             metrics += flops.metrics()  # flops, and flops_bf16, flops_tf32... by the precision they run in
         if work is not None:
             metrics += work.metrics(float(flops.total) if flops is not None else None)
+            if distributed_now():
+                metrics += work.comm.metrics()
         metrics += probe.metrics
         compiled = watch.metrics if not self._timing_only else []  # graph_breaks, recompiles...: compiled cells only
         if compiled:
@@ -443,7 +467,8 @@ class TrainPerf:
             test=self._cell.test, cell=self._cell.cell, params=self._cell.params,
             metrics=tuple(metrics), loss_curve=tuple(curve), kind=kind, steps=count, warmup=warmup,
             outcome=outcome, detail=detail, notes=notes, items_per_step=items,
-            breakdowns=work.breakdowns() if work is not None else ())
+            breakdowns=(work.breakdowns() + (work.comm.breakdowns() if distributed_now() else ())
+                        if work is not None else ()))
         if over:  # as on a device of the budget's size: the test stops here, as a real OOM would stop it
             raise EmulatedOutOfMemory(detail)
         return self.result()  # type: ignore[return-value]
@@ -488,6 +513,20 @@ class EmulatedOutOfMemory(MemoryError):
     """Raised by ``train``/``run`` when the cell's peak memory exceeds its memory budget: the rest of
     the test does not run (a model that never trained records nothing), and the plugin reports the
     cell as ``oom-emulated`` with what was measured."""
+
+
+def ranks_in_step(fn: Callable[[], Any], count: int, device: torch.device,
+                  keep: Callable[[Any], object] | None = None, warmup: int = 0, settle: bool = True,
+                  on_timed: Callable[[], None] | None = None) -> Timed:
+    """The timer of a rank of a distributed cell: every timed step starts after a barrier of all ranks
+    (outside its clock), so that step ``i`` of every rank is the same step of the job, and the time
+    a rank's step takes is its own work since the ranks last met; no leading step is dropped as
+    unsettled (the ranks would drop different ones)."""
+    import torch.distributed as dist
+
+    from pytest_trainperf.measure.timing import time_steps
+
+    return time_steps(fn, count, device, keep, warmup, settle=False, on_timed=on_timed, between=dist.barrier)
 
 
 def timing_metrics(samples: list[float], items: float | None) -> list[Metric]:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pytest_trainperf.records import RelativeSpec, Scalar, ScalingSpec, cell_id, format_scalar
+from pytest_trainperf.records import DistributedSpec, RelativeSpec, Scalar, ScalingSpec, cell_id, format_scalar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -293,4 +293,56 @@ def check_figures(grid: Grid | None, relative: RelativeSpec | None, fits: Sequen
         if len(values) < MIN_SCALING_POINTS:
             return (f"tp.scaling(x={fit.x!r}): expected at least {MIN_SCALING_POINTS} values on the axis "
                     f"to fit an exponent, got {list(values)!r}")
+    return None
+
+
+RANKS_MARK = "trainperf_ranks"
+"""The marker ``tp.ranks`` applies (its one argument is the :class:`DistributedSpec`)."""
+WORLD_SIZE_AXIS = "world_size"
+"""The grid axis that gives a distributed cell its ranks when ``tp.ranks`` names none."""
+DEFAULT_RANKS_TIMEOUT = 300.0
+"""Seconds a distributed cell's ranks may run before the cell is stopped as ``timeout``."""
+
+
+def make_ranks(world_size: object = None, timeout: object = DEFAULT_RANKS_TIMEOUT) -> DistributedSpec:
+    """Check the arguments of ``tp.ranks`` and build its :class:`DistributedSpec`."""
+    if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
+        raise GridError(f"tp.ranks: expected world_size=None (the grid axis {WORLD_SIZE_AXIS!r}) or an "
+                        f"integer >= 1, got {world_size!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise GridError(f"tp.ranks: expected timeout= a positive finite number of seconds, got {timeout!r}")
+    return DistributedSpec(world_size=world_size, timeout=float(timeout))
+
+
+def ranks(world_size: int | None = None, *, timeout: float = DEFAULT_RANKS_TIMEOUT) -> Callable[[F], F]:
+    """Run each cell of the test as a distributed job of ``world_size`` ranks, launched by torch's
+    elastic launcher (the engine of ``torchrun``), one process per rank, each running the test body
+    with the default process group initialised (gloo on the CPU, NCCL on CUDA, one device per rank)::
+
+        @tp.ranks(world_size=2)
+        def test_ddp(trainperf):
+            model = DDP(Net().to(trainperf.device))
+            ...
+            trainperf.train(step, steps=10)
+
+    Without ``world_size``, the grid axis ``world_size`` gives each cell its ranks
+    (``@tp.grid(world_size=[1, 2])``). ``timeout``: seconds the ranks may run before the cell is
+    stopped and reported as ``timeout`` (a hung collective)."""
+    return _once(RANKS_MARK, make_ranks(world_size, timeout), "tp.ranks", "expected one tp.ranks per test")
+
+
+def check_ranks(spec: DistributedSpec, grid: Grid | None) -> str | None:
+    """Why ``tp.ranks`` does not fit the test's grid (None when it does); checked at collection."""
+    axes = dict(grid.axes) if grid is not None else {}
+    values = axes.get(WORLD_SIZE_AXIS)
+    if spec.world_size is not None and values is not None:
+        return (f"tp.ranks(world_size={spec.world_size}) and the grid axis {WORLD_SIZE_AXIS!r} both give the "
+                f"ranks; expected one of them")
+    if spec.world_size is None and values is None:
+        return (f"tp.ranks: expected world_size=N or a grid axis {WORLD_SIZE_AXIS!r}, got neither "
+                f"(the grid's axes: {', '.join(axes) or 'none'})")
+    if values is not None:
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            return f"tp.grid axis {WORLD_SIZE_AXIS!r} of a tp.ranks test: expected integers >= 1, got {bad[0]!r}"
     return None

@@ -110,9 +110,9 @@ def failure(verdict: CellVerdict, against: Against, retimed: Retimed = Retimed()
         if other:
             head = f"{now.outcome.value} in this tree, {before.value if before is not None else 'nothing'} at {other}"
         else:
-            head = ("crashed" if now.outcome is Outcome.CRASHED else
+            head = (now.outcome.value if now.outcome.died else
                     f"out of memory ({now.outcome.value}), where the baseline was measured")
-            if before is not None and before is not Outcome.MEASURED and now.outcome is Outcome.CRASHED:
+            if before is not None and before is not Outcome.MEASURED and now.outcome.died:
                 head += f" (the baseline: {before.value})"
         lines = [f"trainperf regression: {head}", against.where]
         lines += [] if other else [f"environment: {against.environment}"]

@@ -26,11 +26,13 @@ from pytest_trainperf.fixture import TrainPerf, records_only
 from pytest_trainperf.grid import (
     BUDGET_MARK,
     GRID_MARK,
+    RANKS_MARK,
     RELATIVE_MARK,
     SCALING_MARK,
     TOLERANCE_MARK,
     Grid,
     check_figures,
+    check_ranks,
 )
 from pytest_trainperf.grid import test_name as grid_test_name
 from pytest_trainperf.judge import UPDATE_HINT, FigureSpecs
@@ -54,6 +56,7 @@ from pytest_trainperf.records import (
 from pytest_trainperf.runners import CellRun, CellRunner, choose
 from pytest_trainperf.runners.children import CHILD_ENV, death
 from pytest_trainperf.runners.lockstep import FIXTURE_NAME, Pairing
+from pytest_trainperf.runners.ranks import rank_from_env
 from pytest_trainperf.settings import CONFIRM_BASELINE, CONFIRM_NONE, Settings, add_options, resolve
 
 __all__ = ["FIXTURE_KEY", "PLUGIN_NAME", "SESSION_KEY", "UPDATE_HINT", "TrainPerfSession", "cell_of", "trainperf"]
@@ -77,6 +80,7 @@ MARKERS = {
     BUDGET_MARK: "(bytes): applied by tp.memory_budget: cells over it count as out of memory",
     RELATIVE_MARK: "(spec): applied by tp.relative: variants viewed relative to a reference",
     SCALING_MARK: "(spec): applied by tp.scaling: a power-law exponent fitted along an axis",
+    RANKS_MARK: "(spec): applied by tp.ranks: each cell runs as a job of ranks (elastic launch)",
 }
 """The markers the decorators apply, and what ``pytest --markers`` says of them."""
 
@@ -158,9 +162,11 @@ def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
     """Measure this cell: ``trainperf.train(step, steps=...)``, ``.run(fn, iters=...)``, ``.record(...)``."""
     session = request.config.stash[SESSION_KEY]
     budget = request.node.get_closest_marker(BUDGET_MARK)
+    rank = rank_from_env() if request.node.get_closest_marker(RANKS_MARK) is not None else None
     fixture = TrainPerf(cell_of(request.node, request.config.rootpath), session.settings, session.malloc,
                         timing_only=session.remeasuring,
-                        memory_budget=budget.args[0] if budget is not None else session.settings.memory_budget)
+                        memory_budget=budget.args[0] if budget is not None else session.settings.memory_budget,
+                        rank=rank)
     request.node.stash[FIXTURE_KEY] = fixture
     if session.settings.enabled:
         if not session.ledger.against:  # a lockstep comparison (--trainperf-against) reads no baseline file
@@ -240,6 +246,14 @@ class TrainPerfSession:
             if problem is not None:
                 pytest.fail(f"{metafunc.definition.nodeid}: {problem}", pytrace=False)
         grid: Grid | None = mark.args[0] if mark is not None else None
+        ranks = metafunc.definition.get_closest_marker(RANKS_MARK)
+        if ranks is not None:
+            problem = check_ranks(ranks.args[0], grid)
+            if problem is None and FIXTURE_NAME not in metafunc.fixturenames:
+                problem = (f"tp.ranks: expected the test to take the {FIXTURE_NAME!r} fixture (its ranks "
+                           f"measure with it), got the arguments ({', '.join(metafunc.fixturenames) or 'none'})")
+            if problem is not None:
+                pytest.fail(f"{metafunc.definition.nodeid}: {problem}", pytrace=False)
         if grid is None or not grid.axes:
             return
         missing = [n for n in grid.names if n not in metafunc.fixturenames]
@@ -347,6 +361,7 @@ class TrainPerfSession:
             if m.name in stats.TIMING_METRICS and m.p_value is not None:
                 state.p_values.setdefault(m.name, []).append(m.p_value)
         if (not self.settings.update and self.settings.confirm_against != CONFIRM_NONE and baseline is not None
+                and run.side_by_side
                 and (judge.timing_regressed(verdict) or judge.suspect(verdict.measurement, baseline, overrides))):
             verdict = self._side_by_side(item, baseline, verdict, overrides)
         elsewhere = () if baseline is not None else tuple(
@@ -354,7 +369,7 @@ class TrainPerfSession:
         result = CellResult.of(cell, verdict, fingerprint, elsewhere)
         self.ledger.cells.append(result)
         figures = self._grid_figures(state, result, found, overrides)
-        crashed = run.measurement.outcome is Outcome.CRASHED
+        crashed = run.measurement.outcome.died
         unstorable = check_finite(run.measurement) if self.settings.update else []
         if unstorable:  # written, it would be a file every later run refuses: this cell fails, the others go on
             pytest.fail(f"trainperf: {cell.nodeid}: not stored in {found.shown}: " + "; ".join(unstorable)

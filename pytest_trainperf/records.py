@@ -81,6 +81,8 @@ class Outcome(enum.Enum):
     """An isolated cell's process was killed by the kernel (SIGKILL: the OOM killer)."""
     CRASHED = "crashed"
     """An isolated cell's interpreter died another way (a signal, or an exit without a result)."""
+    TIMEOUT = "timeout"
+    """A distributed cell's ranks ran past its timeout (a hung collective) and were stopped."""
 
     @property
     def out_of_memory(self) -> bool:
@@ -88,10 +90,16 @@ class Outcome(enum.Enum):
         return self in (Outcome.OOM, Outcome.OOM_EMULATED, Outcome.OOM_KILLED)
 
     @property
+    def died(self) -> bool:
+        """True for the outcomes of a run that ended without a result: never a baseline."""
+        return self in (Outcome.CRASHED, Outcome.TIMEOUT)
+
+    @property
     def label(self) -> str:
         """What a heatmap cell shows for it."""
         return {"measured": "", "oom": "OOM", "oom-emulated": "OOM*", "oom-killed": "KILLED",
-                "crashed": "CRASH"}[self.value]
+                "crashed": "CRASH",
+                "timeout": "TIMEOUT"}[self.value]
 
 
 @dataclass(frozen=True)
@@ -380,6 +388,29 @@ class FigureKind(enum.Enum):
     (``tp.relative``): ``value`` is ``variant / reference - 1`` (0.42: +42%, e.g. a recompute cost)."""
     SCALING = "scaling"
     """The exponent ``b`` of ``metric = a * x^b`` fitted across one axis (``tp.scaling``)."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where a rank of a distributed cell stands in its job (from the launcher's environment)."""
+
+    rank: int
+    """This process's rank, 0 to ``world_size - 1``."""
+    world_size: int
+    """Ranks in the job."""
+    local_rank: int
+    """This process's rank on its node: the index of its device."""
+
+
+@dataclass(frozen=True)
+class DistributedSpec:
+    """What ``tp.ranks(world_size=2)`` asks for: the cell runs as a job of ranks."""
+
+    world_size: int | None
+    """Ranks per cell; None: each cell's value of the grid axis ``world_size``."""
+    timeout: float
+    """Seconds the ranks may run, launch included, before the cell is stopped as ``timeout``; also the
+    process group's timeout (a collective that waits longer raises)."""
 
 
 @dataclass(frozen=True)

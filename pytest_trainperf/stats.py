@@ -89,6 +89,9 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
     "memory_traffic": 0.0,
     "low_precision_share": 0.0,
     "arithmetic_intensity": math.inf,
+    "comm_calls": 0.0,
+    "comm_bytes": 0.0,
+    "straggler": math.inf,
     **dict.fromkeys(("memory_traffic_fp64", "memory_traffic_fp32", "memory_traffic_bf16", "memory_traffic_fp16",
                      "memory_traffic_fp8", "memory_traffic_other"), math.inf),
 }
@@ -101,7 +104,11 @@ are counts judged exactly (any rise regresses); its ``compile_time`` by :data:`C
 
 The exact work counts of the instrumented step (``host_syncs``, ``ops``, ``memory_traffic`` and
 ``low_precision_share``, :mod:`pytest_trainperf.measure.work`) are judged exactly: any change is a change
-of the code that runs, never noise. Their split by dtype and ``arithmetic_intensity`` are reported."""
+of the code that runs, never noise. Their split by dtype and ``arithmetic_intensity`` are reported.
+
+A distributed cell's (``tp.ranks``) communication per step, ``comm_calls`` and ``comm_bytes``
+(:mod:`pytest_trainperf.measure.comm`), is exact too; its ``straggler`` (the spread between its
+slowest and fastest rank) is reported."""
 RECORD_TOLERANCE = 0.01
 """Default relative tolerance of a metric recorded with ``trainperf.record``."""
 NOISE_FACTOR = 3.0
@@ -324,7 +331,7 @@ def judge_outcome(now: Outcome, before: Outcome | None) -> Status | None:
     baseline was measured regressed; a cell measured now whose baseline ran out of memory improved;
     without a baseline it is new. A crash always regresses.
     """
-    if now is Outcome.CRASHED:
+    if now.died:
         return Status.REGRESSED
     if before is None:
         return Status.NEW if now is not Outcome.MEASURED else None

@@ -320,7 +320,7 @@ def _parse_cell(path: Path, where: str, test: str, cell: str, raw: object) -> Me
     _expect(all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**63 for n in (steps, warmup)),
             path, f"{where}.steps", "non-negative integers steps and warmup", (steps, warmup))
     outcome = raw.get("outcome", Outcome.MEASURED.value)
-    stored = [o.value for o in Outcome if o is not Outcome.CRASHED]
+    stored = [o.value for o in Outcome if not o.died]
     _expect(outcome in stored, path, f"{where}.outcome", f"one of {stored}", outcome)
     detail = raw.get("detail", "")
     _expect(isinstance(detail, str), path, f"{where}.detail", "a string", detail)
@@ -751,7 +751,7 @@ def _update(path: Path, fingerprint: Fingerprint, measurements: Iterable[Measure
     refused: list[str] = []
     refused_cells: list[tuple[str, str]] = []
     for m in measurements:
-        if m.outcome is Outcome.CRASHED:  # a crash is no baseline (and no reader would accept it)
+        if m.outcome.died:  # a crash or a timeout is no baseline (and no reader would accept it)
             continue
         problems = check_finite(m)
         if problems:

@@ -123,7 +123,7 @@ def warm_up(fn: Callable[[], T], warmup: int, keep: Callable[[T], object] | None
 
 def time_steps(fn: Callable[[], T], count: int, device: torch.device,
                keep: Callable[[T], object] | None = None, warmup: int = 0, settle: bool = True,
-               on_timed: Callable[[], None] | None = None) -> Timed:
+               on_timed: Callable[[], None] | None = None, between: Callable[[], None] | None = None) -> Timed:
     """Call ``fn`` ``warmup`` times untimed, then ``count`` times timing each call.
 
     With ``settle`` (and ``warmup`` >= 1), leading timed calls whose time had not settled yet
@@ -133,7 +133,8 @@ def time_steps(fn: Callable[[], T], count: int, device: torch.device,
     and is off until the last timed call. ``keep`` turns each result into what is kept (e.g. a
     detached loss); None keeps nothing, so results die before the next call starts. ``on_timed`` is
     called once, after the warm-up (and its synchronization), before the first timed call's clock
-    starts: where utilization samplers start.
+    starts: where utilization samplers start. ``between`` is called before each timed call, outside its
+    clock (a distributed cell's barrier: every rank starts each step together).
     """
     from pytest_trainperf.measure.device import current_stream, on_device, timing_events, timing_plan
 
@@ -150,6 +151,8 @@ def time_steps(fn: Callable[[], T], count: int, device: torch.device,
         if on_timed is not None:
             on_timed()
         for i in range(count):
+            if between is not None:
+                between()
             start = clock()
             if events:
                 events[i][0].record(stream)

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from pytest_trainperf.measure.comm import CommCount
 from pytest_trainperf.measure.flops import SHORT, OpKind, Precision, Tf32, precision_of
 from pytest_trainperf.records import Breakdown, Direction, Metric
 
@@ -86,6 +87,8 @@ class WorkCount:
     """Precision of the tensors -> bytes read and written."""
     fp32_by_op: Counter[str] = field(default_factory=Counter)
     """Op name -> float32 bytes read and written."""
+    comm: CommCount = field(default_factory=CommCount)
+    """The collectives issued (:mod:`.comm`): reported in a distributed cell."""
 
     def metrics(self, flops: float | None = None) -> list[Metric]:
         """``host_syncs``, ``ops``, ``memory_traffic`` and its split by dtype, ``low_precision_share``
@@ -189,6 +192,8 @@ class _Counting:
         name, bare, view = self._describe(func)
         count = self.count
         count.ops[name] += 1
+        if not name.startswith("aten."):
+            count.comm.add(name.split(".", 1)[0], bare, args, kwargs)
         if bare in MAY_SYNC and _syncs(bare, func, args, kwargs) and self._on_device(args):
             count.syncs[f"{_user_site(sys._getframe(1))} ({name})"] += 1
         if view:

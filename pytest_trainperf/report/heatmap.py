@@ -277,6 +277,7 @@ OUTCOME_MEANINGS = {
     Outcome.OOM_EMULATED: "over the memory budget (emulated)",
     Outcome.OOM_KILLED: "killed by the kernel",
     Outcome.CRASHED: "crashed",
+    Outcome.TIMEOUT: "timed out",
 }
 
 

@@ -102,7 +102,7 @@ def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, 
                            style="yellow"))
     if update:
         outcomes = [(test_file, test, v) for test_file, test, _, v in results
-                    if v.measurement.outcome is not Outcome.CRASHED
+                    if not v.measurement.outcome.died
                     and (v.measurement.outcome is not Outcome.MEASURED
                          or v.baseline_outcome not in (None, Outcome.MEASURED))
                     and v.measurement.outcome is not v.baseline_outcome]

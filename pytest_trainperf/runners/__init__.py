@@ -4,7 +4,9 @@
   every child process below runs inside itself);
 * :mod:`~pytest_trainperf.runners.isolated`: in a fresh child process per cell (``--trainperf-isolate``);
 * :mod:`~pytest_trainperf.runners.lockstep`: in two child processes, this tree and a git revision,
-  taking turns step by step (``--trainperf-against``).
+  taking turns step by step (``--trainperf-against``);
+* :mod:`~pytest_trainperf.runners.ranks`: a distributed cell (``tp.ranks``) as a job of ranks,
+  launched by torch's elastic launcher; it wraps the runner of the other cells.
 
 The session picks one runner from the settings (:func:`choose`), asks it for each cell's
 :class:`CellRun`, and hands that to the judge, the store and the report. A runner returns records: it
@@ -63,6 +65,9 @@ class CellRun:
     """One-line notes for the session summary."""
     timing_only: bool = False
     """A noise round of an update: only the timed steps ran."""
+    side_by_side: bool = True
+    """Whether a regression of the cell may be confirmed side by side (False: a distributed cell,
+    whose ranks cannot take turns with another revision's; its stored verdict stands)."""
 
 
 class CellRunner(Protocol):
@@ -88,7 +93,10 @@ def choose(settings: Settings, config: pytest.Config, call: Callable[[pytest.Fun
     parent (a lockstep worker also registers its serving loop); else the one the settings ask for.
     ``call`` runs a test function in this process."""
     from pytest_trainperf.runners import children, inprocess
+    from pytest_trainperf.runners.ranks import Rank, Ranks
 
+    if os.environ.get(children.RANKS_ENV):  # a rank of a distributed cell
+        return Rank(inprocess.InProcess(call, peak_rss=True))
     channel = os.environ.get(children.LOCKSTEP_ENV)
     if channel:
         from pytest_trainperf.runners.lockstep import Channel, lockstep_timer, serve
@@ -96,6 +104,13 @@ def choose(settings: Settings, config: pytest.Config, call: Callable[[pytest.Fun
         pipes = Channel.from_env(channel)
         serve(config, ledger, pipes)
         return inprocess.InProcess(call, timer=lockstep_timer(pipes))
+    return Ranks(_single(settings, config, call), settings, config)  # distributed cells launch their ranks
+
+
+def _single(settings: Settings, config: pytest.Config, call: Callable[[pytest.Function], object]) -> CellRunner:
+    """The runner of the cells that are not distributed."""
+    from pytest_trainperf.runners import children, inprocess
+
     if os.environ.get(children.CHILD_ENV):
         return inprocess.InProcess(call, peak_rss=True)
     if settings.against is not None:

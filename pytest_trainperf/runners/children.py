@@ -34,11 +34,26 @@ CHILD_ENV = "PYTEST_TRAINPERF_CHILD"
 """Set in a child's environment to the file it writes its outcome to."""
 LOCKSTEP_ENV = "PYTEST_TRAINPERF_LOCKSTEP"
 """Set in a lockstep child's environment to ``<fd it reads commands from>,<fd it answers on>``."""
+RANKS_ENV = "PYTEST_TRAINPERF_RANKS"
+"""Set in the environment of a distributed cell's ranks to the directory each writes its outcome to
+(``rank-<RANK>.json``)."""
 
 
 def in_child() -> bool:
-    """Whether this process is a child the plugin started (an isolated cell, a noise round, a worker)."""
-    return bool(os.environ.get(CHILD_ENV) or os.environ.get(LOCKSTEP_ENV))
+    """Whether this process is a child the plugin started (an isolated cell, a noise round, a worker,
+    a rank of a distributed cell)."""
+    return bool(os.environ.get(CHILD_ENV) or os.environ.get(LOCKSTEP_ENV) or os.environ.get(RANKS_ENV))
+
+
+def outcome_path() -> Path | None:
+    """Where this child writes its outcome for its parent; None in a process that is no child."""
+    path = os.environ.get(CHILD_ENV)
+    if path:
+        return Path(path)
+    ranks = os.environ.get(RANKS_ENV)
+    if ranks:
+        return Path(ranks) / f"rank-{os.environ.get('RANK', '0')}.json"
+    return None
 
 
 FORMAT = "pytest-trainperf isolated cell"
@@ -321,9 +336,9 @@ class ChildReporter:
 
 def register_reporter(config: pytest.Config, ledger: results.Ledger) -> None:
     """In a child process: register the reporter that writes its outcome for its parent."""
-    path = os.environ.get(CHILD_ENV)
-    if path:
-        config.pluginmanager.register(ChildReporter(ledger, Path(path)), PLUGIN_NAME)
+    path = outcome_path()
+    if path is not None:
+        config.pluginmanager.register(ChildReporter(ledger, path), PLUGIN_NAME)
 
 
 def command(nodeids: Sequence[str], rootdir: Path, basetemp: Path, inifile: Path | None, config: pytest.Config,
