@@ -31,6 +31,7 @@ confirm a timing regression, nor confirmed side by side, nor compared with ``--t
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -40,6 +41,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -325,12 +327,15 @@ def launch(args: Sequence[str], world: int, workdir: Path, timeout: float) -> La
     errors: list[str] = []
 
     def run() -> None:  # in a thread: the launcher installs no signal handler there, and the wait can time out
-        try:
-            elastic_launch(config, sys.executable)(*args)
-        except ChildFailedError as exc:
-            exitcodes.update({rank: failure.exitcode for rank, failure in exc.failures.items()})
-        except Exception as exc:  # the launcher's own failure (rendezvous): reported, never raised in a thread
-            errors.append(f"{type(exc).__name__}: {exc}")
+        with warnings.catch_warnings():  # the launcher leaves its ranks' log files to the garbage collector
+            warnings.simplefilter("ignore", ResourceWarning)
+            try:
+                elastic_launch(config, sys.executable)(*args)
+            except ChildFailedError as exc:
+                exitcodes.update({rank: failure.exitcode for rank, failure in exc.failures.items()})
+            except Exception as exc:  # the launcher's own failure (rendezvous): reported, never raised in a thread
+                errors.append(f"{type(exc).__name__}: {exc}")
+            gc.collect()
 
     quiet = _Quiet()
     loggers = _launcher_loggers()
@@ -351,6 +356,9 @@ def launch(args: Sequence[str], world: int, workdir: Path, timeout: float) -> La
                 thread.join(POLL_S)
         for logger in loggers:
             logger.removeFilter(quiet)
+        with warnings.catch_warnings():  # and a failed rank's, which its exception held: closed here, quietly
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
     return Launched(timed_out=timed_out, exitcodes=exitcodes, error="; ".join(errors),
                     seconds=time.perf_counter() - started)
 
