@@ -151,9 +151,9 @@ def failure(verdict: CellVerdict, against: Against, retimed: Retimed = Retimed()
     return "\n".join(lines + ([against.hint] if against.hint else []))
 
 
-def crashed_in_update(nodeid: str, detail: str) -> str:
-    """The failure of a cell that crashed during an update: no baseline is written for it."""
-    return f"trainperf: {nodeid} crashed: {detail}\nIts baseline was not updated."
+def crashed_in_update(nodeid: str, detail: str, outcome: str = "crashed") -> str:
+    """The failure of a cell that crashed (or timed out) during an update: no baseline is written for it."""
+    return f"trainperf: {nodeid} {outcome}: {detail}\nIts baseline was not updated."
 
 
 def missing_baseline(nodeid: str, shown: str, environment: str) -> str:

@@ -379,7 +379,8 @@ class TrainPerfSession:
             self._first[cell.nodeid] = run.measurement
             return
         if self.settings.update:  # a crash is no baseline: it fails the cell, and the file keeps the old one
-            pytest.fail("\n\n".join([judge.crashed_in_update(cell.nodeid, run.measurement.detail), *figures]),
+            pytest.fail("\n\n".join([judge.crashed_in_update(cell.nodeid, run.measurement.detail,
+                                                            run.measurement.outcome.value), *figures]),
                         pytrace=False)
         against = judge.Against(where=f"{cell.nodeid} against its baseline in {found.shown}",
                                 environment=fingerprint.key, shown=found.shown)

@@ -252,6 +252,13 @@ class Ranks:
         if launched.error:
             pytest.fail(f"{where}: the launcher failed: {launched.error}", pytrace=False)
         outcomes = {r: _outcome(workdir, r) for r in range(world)}
+        oom = next(((r, c) for r in range(world) if (c := _record(outcomes[r], item.nodeid)) is not None
+                    and c.verdict.measurement.outcome.out_of_memory), None)
+        if oom is not None:  # the others then failed in their collectives: the cell is out of memory
+            rank, short = oom
+            measured = short.verdict.measurement
+            return CellRun(cell=fixture.cell, fingerprint=short.fingerprint, side_by_side=False,
+                           measurement=replace(measured, detail=f"rank {rank} of {world}: {measured.detail}"))
         culprit = _culprit(outcomes, launched.exitcodes, workdir)
         if culprit is not None and outcomes[culprit] is None:  # died without a result
             outcome, detail = death(launched.exitcodes.get(culprit, 0))
