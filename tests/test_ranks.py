@@ -141,7 +141,7 @@ def ranks_alive(where: Path) -> list[psutil.Process]:
     alive = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "pytest_trainperf.runners.ranks" in cmdline and str(where) in cmdline:
+        if "PYTEST_TRAINPERF_RANKS" in cmdline and str(where) in cmdline:
             alive.append(proc)
     return alive
 

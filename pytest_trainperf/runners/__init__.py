@@ -96,6 +96,9 @@ def choose(settings: Settings, config: pytest.Config, call: Callable[[pytest.Fun
     from pytest_trainperf.runners.ranks import Rank, Ranks
 
     if os.environ.get(children.RANKS_ENV):  # a rank of a distributed cell
+        from pytest_trainperf.runners.ranks import enter
+
+        enter()
         return Rank(inprocess.InProcess(call, peak_rss=True))
     channel = os.environ.get(children.LOCKSTEP_ENV)
     if channel:

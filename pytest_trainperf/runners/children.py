@@ -47,13 +47,11 @@ def in_child() -> bool:
 
 def outcome_path() -> Path | None:
     """Where this child writes its outcome for its parent; None in a process that is no child."""
-    path = os.environ.get(CHILD_ENV)
-    if path:
-        return Path(path)
     ranks = os.environ.get(RANKS_ENV)
     if ranks:
         return Path(ranks) / f"rank-{os.environ.get('RANK', '0')}.json"
-    return None
+    path = os.environ.get(CHILD_ENV)
+    return Path(path) if path else None
 
 
 FORMAT = "pytest-trainperf isolated cell"

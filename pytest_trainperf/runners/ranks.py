@@ -8,15 +8,15 @@ How the work is split:
   ``torch.distributed.launcher.api.elastic_launch``, the engine under ``torchrun``, with one node of
   ``world_size`` processes and the c10d rendezvous on ``localhost:0``: the kernel gives its store a
   free port, so cells and pytest-xdist workers never share one. Each rank is
-  ``python -m pytest_trainperf.runners.ranks <directory> <node id> <the session's options>``
-  (:func:`main`), pytest on that one test, measuring against no baseline. The launcher runs in a
+  ``python -c BOOT <directory> <node id> <the session's options>`` (:data:`BOOT`): pytest on that one
+  test, measuring against no baseline. The launcher runs in a
   thread of the parent; the parent waits at most the cell's ``timeout``, then kills every rank's
   process group (a hung collective): the cell is :attr:`Outcome.TIMEOUT`. The ranks' output goes to
   files (the launcher's log directory); the parent reads each rank's outcome file, merges the ranks'
   measurements (:func:`merge`) and judges the cell against its baseline like any other.
 
 * A **rank** (marked by :data:`~pytest_trainperf.runners.children.RANKS_ENV`) is killed by the kernel
-  when its launcher thread ends (``PR_SET_PDEATHSIG``); its :class:`Rank` runner initialises the
+  when its launcher thread ends (``PR_SET_PDEATHSIG``, :func:`enter`); its :class:`Rank` runner initialises the
   default process group (gloo on the CPU, NCCL on CUDA) around the test, whose ``trainperf`` fixture
   has the rank, the world size and the rank's device; its timed steps start on a barrier of all ranks
   (:func:`pytest_trainperf.fixture.ranks_in_step`). It writes its reports and results to
@@ -99,6 +99,14 @@ NOT_INHERITED = (CHILD_ENV, LOCKSTEP_ENV, "PYTEST_ADDOPTS", STEP_SUMMARY_ENV, "P
                  "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
 """Variables of the parent's environment a rank drops: it is neither an isolated child nor a worker,
 its options are on its command line, and it writes no job summary."""
+BOOT = ("import os, sys; "
+        f"[os.environ.pop(name, None) for name in {NOT_INHERITED!r}]; "
+        f"os.environ[{RANKS_ENV!r}] = sys.argv.pop(1); "
+        "import pytest; sys.exit(pytest.console_main())")
+"""What a rank runs (``python -c BOOT <cell directory> <pytest arguments>``): pytest, as ``python -m
+pytest`` would run it (nothing of the plugin imported before pytest loads it), in an environment
+without the variables of :data:`NOT_INHERITED`, marked as a rank by
+:data:`~pytest_trainperf.runners.children.RANKS_ENV`."""
 AGREE = ("flops", "comm_calls", "comm_bytes")
 """Per-rank metrics the ranks of a symmetric job agree on; a note says when they do not (rank 0's
 is the cell's)."""
@@ -292,13 +300,11 @@ class Ranks:
         """A rank's arguments after ``python``: this module, the cell's directory, pytest's arguments.
         The ranks measure against no baseline (the parent judges the merged cell) and share the
         machine's cores (``--trainperf-threads``, unless the session gives it)."""
-        from pytest_trainperf.measure.timing import default_threads
-
         config = self.config
         settings = replace(self.settings, update=False, rounds=1, confirm=0, baselines=workdir / "no-baselines",
-                           threads=self.settings.threads or max(1, default_threads() // world))
+                           threads=self._threads(world))
         argv = command([item.nodeid], config.rootpath, workdir / "tmp", config.inipath, config, settings)
-        return ["-m", __name__, str(workdir), *argv[3:]]  # argv: python -m pytest ...
+        return ["-c", BOOT, str(workdir), *argv[3:]]  # argv: python -m pytest ...
 
     def _died(self, item: pytest.Function, fixture: TrainPerf, where: str, outcome: Outcome, detail: str,
               workdir: Path, world: int, rank: int | None = None) -> CellRun:
@@ -310,7 +316,14 @@ class Ranks:
         cell = fixture.cell
         measurement = Measurement(test=cell.test, cell=cell.cell, params=cell.params, metrics=(), outcome=outcome,
                                   detail=detail)
-        return CellRun(cell=cell, fingerprint=fixture.fingerprint(), measurement=measurement, side_by_side=False)
+        fingerprint = replace(fixture.fingerprint(), threads=self._threads(world))  # as the ranks' would say
+        return CellRun(cell=cell, fingerprint=fingerprint, measurement=measurement, side_by_side=False)
+
+    def _threads(self, world: int) -> int:
+        """The threads of each rank: the session's ``--trainperf-threads``, or the machine's shared out."""
+        from pytest_trainperf.measure.timing import default_threads
+
+        return self.settings.threads or max(1, default_threads() // world)
 
 
 def _record(done: ChildOutcome | None, nodeid: str) -> CellResult | None:
@@ -359,7 +372,7 @@ def launch(args: Sequence[str], world: int, workdir: Path, timeout: float) -> La
         if thread.is_alive():  # timed out, or interrupted (Ctrl-C): no rank outlives its cell
             give_up = time.perf_counter() + KILL_WAIT_S
             while thread.is_alive() and time.perf_counter() < give_up:
-                kill_ranks(workdir, world)
+                kill_ranks(workdir)
                 thread.join(POLL_S)
         for logger in loggers:
             logger.removeFilter(quiet)
@@ -392,14 +405,17 @@ def _launcher_loggers() -> list[logging.Logger]:
     return [logging.getLogger(n) for n in sorted(names)]
 
 
-def kill_ranks(workdir: Path, world: int) -> None:
-    """SIGKILL the process group of every rank that wrote its pid (the launcher starts each rank in
-    a session of its own: its group holds what it started, data loader workers included)."""
-    for r in range(world):
+def kill_ranks(workdir: Path) -> None:
+    """SIGKILL the process group of every rank of the cell whose directory is ``workdir`` (the launcher
+    starts each rank, a child of this process, in a session of its own: its group holds what it
+    started, data loader workers included)."""
+    import psutil  # type: ignore[import-untyped]
+
+    for child in psutil.Process().children():
         try:
-            pid = int((workdir / f"rank-{r}.pid").read_text())
-            os.killpg(pid, signal.SIGKILL)
-        except (OSError, ValueError):  # not started yet, or gone
+            if str(workdir) in child.cmdline():
+                os.killpg(child.pid, signal.SIGKILL)
+        except (psutil.Error, OSError):  # gone already
             continue
 
 
@@ -477,18 +493,9 @@ class Rank:
             dist.destroy_process_group()
 
 
-def main(argv: Sequence[str]) -> int:
-    """A rank: ``python -m pytest_trainperf.runners.ranks <cell directory> <pytest arguments>``."""
-    workdir, args = argv[0], list(argv[1:])
-    arm = die_with_parent(os.getppid())  # the launcher's thread in the parent: the rank dies with it
+def enter() -> None:
+    """In a rank, at configure: die with the launcher's thread in the parent (``PR_SET_PDEATHSIG``: a
+    session killed by SIGKILL leaves no rank behind)."""
+    arm = die_with_parent(os.getppid())
     if arm is not None:
         arm()
-    for name in NOT_INHERITED:
-        os.environ.pop(name, None)
-    os.environ[RANKS_ENV] = workdir
-    (Path(workdir) / f"rank-{os.environ.get('RANK', '0')}.pid").write_text(str(os.getpid()))
-    return int(pytest.main(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
