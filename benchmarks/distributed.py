@@ -1,0 +1,176 @@
+"""Distributed cells (``tp.ranks``): what launching the ranks costs, and whether the exact communication
+metrics ever raise a false alarm.
+
+A temporary suite holds three cells of the same small MLP training step (20 timed steps): ``single``,
+an ordinary cell in the session's process; ``ddp`` and ``fsdp``, the same step on 2 gloo ranks under
+DistributedDataParallel and FSDP2 (``fully_shard``).
+
+* **Launch overhead**: ``--runs`` sessions measure the three cells (``--trainperf``, no baseline); each
+  cell's wall time comes from the session's JUnit report (pytest's own clock: setup, call and
+  teardown of the test). The overhead of a distributed cell is its wall time minus the single cell's.
+* **False alarms**: the baselines of ``ddp`` and ``fsdp`` are written once (one update, 1 round), then
+  ``--sessions`` fresh pytest sessions compare both against them; every verdict on ``comm_calls`` and
+  ``comm_bytes`` (tolerance 0) that is not ``unchanged`` is a false alarm (goal: 0), and so is one on
+  ``flops``, ``ops`` or ``memory_traffic``.
+
+Writes a section of ``docs/performance.md``.
+
+    python benchmarks/distributed.py --runs 3 --sessions 10     # about 10 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import verdicts  # noqa: E402  (write_doc: one section of a document between markers)
+
+BEGIN, END = "<!-- distributed:begin -->", "<!-- distributed:end -->"
+OUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+EXACT = ("comm_calls", "comm_bytes", "flops", "ops", "memory_traffic")
+"""The metrics whose every change is a false alarm here (the code does not change between sessions)."""
+SUITE = '''
+import torch
+from torch import nn
+
+import pytest_trainperf as tp
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+
+
+def train(trainperf, model):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(32, 256, generator=torch.Generator().manual_seed(trainperf.rank))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    trainperf.train(step, steps=20, warmup=2)
+
+
+@tp.tolerance(step_time=100)
+def test_single(trainperf):
+    train(trainperf, mlp())
+
+
+@tp.ranks(world_size=2)
+@tp.tolerance(step_time=100)
+def test_ddp(trainperf):
+    from torch.nn.parallel import DistributedDataParallel
+
+    train(trainperf, DistributedDataParallel(mlp()))
+
+
+@tp.ranks(world_size=2)
+@tp.tolerance(step_time=100)
+def test_fsdp(trainperf):
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    train(trainperf, model)
+'''
+
+
+def pytest(where: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_dist.py", *args],
+                          cwd=where, capture_output=True, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+
+
+def cell_seconds(report: Path) -> dict[str, float]:
+    """Each test's wall time from a JUnit report."""
+    return {case.get("name", ""): float(case.get("time", "nan")) for case in ET.parse(report).iter("testcase")}
+
+
+def verdicts_of(results: Path) -> list[tuple[str, str, str]]:
+    """``(test, metric, status)`` of every metric verdict in a results file."""
+    doc = json.loads(results.read_text())
+    return [(c["test"], m["name"], m["status"]) for c in doc["cells"] for m in c["verdict"]["metrics"]]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="sessions timing the three cells (default %(default)s)")
+    parser.add_argument("--sessions", type=int, default=10,
+                        help="sessions comparing ddp and fsdp against their baselines (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=OUT, help="document to write the section to")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
+        where = Path(tmp)
+        (where / "test_dist.py").write_text(SUITE)
+        (where / "pytest.ini").write_text("[pytest]\ntrainperf_rounds = 1\n")
+        seconds: dict[str, list[float]] = {"test_single": [], "test_ddp": [], "test_fsdp": []}
+        for run in range(args.runs):
+            done = pytest(where, "--trainperf", f"--trainperf-baselines={where / 'none'}", f"--junitxml={where / 'j.xml'}")
+            if done.returncode != 0:
+                raise SystemExit(f"timing run {run} failed:\n{done.stdout[-3000:]}")
+            for name, value in cell_seconds(where / "j.xml").items():
+                seconds[name].append(value)
+            print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in seconds.items()), flush=True)
+        done = pytest(where, "--trainperf-update-baselines", "-k", "ddp or fsdp")
+        if done.returncode != 0:
+            raise SystemExit(f"update failed:\n{done.stdout[-3000:]}")
+        alarms: dict[str, int] = {}
+        judged = 0
+        started = time.perf_counter()
+        for session in range(args.sessions):
+            done = pytest(where, "--trainperf", "-k", "ddp or fsdp", f"--trainperf-json={where / 'r.json'}")
+            found = verdicts_of(where / "r.json")
+            judged += len({test for test, _, _ in found})
+            for test, metric, status in found:
+                if metric in EXACT and status != "unchanged":
+                    alarms[f"{test} {metric} {status}"] = alarms.get(f"{test} {metric} {status}", 0) + 1
+            print(f"session {session}: exit {done.returncode}, alarms so far {sum(alarms.values())}", flush=True)
+        spent = time.perf_counter() - started
+    load = os.getloadavg()[0]
+    single = statistics.median(seconds["test_single"])
+    rows = [f"| `{name.removeprefix('test_')}` | {statistics.median(v):.1f} | {min(v):.1f}-{max(v):.1f} | "
+            f"{statistics.median(v) - single:+.1f} |" for name, v in seconds.items()]
+    shown = ", ".join(f"{k}: {v}" for k, v in sorted(alarms.items())) or "none"
+    section = "\n".join([
+        BEGIN,
+        "## Distributed cells (`benchmarks/distributed.py`)",
+        "",
+        f"The same MLP step (256-512-256, batch 32, 20 timed steps) as an ordinary cell (`single`) and on 2 gloo "
+        f"ranks under DDP and FSDP2 (`tp.ranks(world_size=2)`), {args.runs} sessions; wall time per cell from "
+        f"pytest's JUnit report (2 cores shared with other work, load average {load:.1f} at the end). The overhead "
+        "is the distributed cell's wall time minus the single cell's: 2 processes started by torch's elastic "
+        "launcher, each importing torch and collecting the test file, the rendezvous, the process group, and "
+        "the barrier before each timed step.",
+        "",
+        "| cell | wall time (s), median | range (s) | over `single` (s) |",
+        "| --- | ---: | ---: | ---: |",
+        *rows,
+        "",
+        f"**False alarms of the exact metrics**: {args.sessions} fresh sessions compared `ddp` and `fsdp` with "
+        f"baselines written by one update ({judged} distributed cells judged, {2 * judged} rank processes, "
+        f"{spent / 60:.0f} min): verdicts other than `unchanged` on {', '.join(f'`{m}`' for m in EXACT)}: "
+        f"**{sum(alarms.values())}** ({shown}).",
+        END,
+    ])
+    print(section)
+    verdicts.write_doc(args.out, section, BEGIN, END)
+
+
+if __name__ == "__main__":
+    main()
