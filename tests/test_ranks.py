@@ -163,11 +163,12 @@ def test_ddp_and_fsdp_cells_measured_and_judged(pytester: pytest.Pytester, monke
     monkeypatch.setenv("DOUBLE", "1")
     monkeypatch.setenv("SLOW", "1")
     monkeypatch.setenv("STEP_TOLERANCE", "1.0")
-    compare = pytester.runpytest("--trainperf", "--trainperf-json=r.json")
+    compare = pytester.runpytest("--trainperf", "--trainperf-json=r.json", "--trainperf-confirm=1")
     compare.assert_outcomes(passed=1, failed=1)
     compare.stdout.fnmatch_lines(["*_ test_ddp _*", "*step_time: baseline*",
                                   "*comm_bytes: baseline 16.4 KiB, now 32.8 KiB, change +100% (tolerance 0.0%)",
-                                  "*collectives whose bytes appeared or grew: +16.4 KiB all_reduce"])
+                                  "*collectives whose bytes appeared or grew: +16.4 KiB all_reduce",
+                                  "*(timings confirmed by 1 re-measurement*"])  # the ranks launched again
     found = cells(pytester)
     ddp_cell, fsdp_cell = found["test_ddp"], found["test_fsdp"]
     assert {c["verdict"]["baseline_outcome"] for c in found.values()} == {"measured"}

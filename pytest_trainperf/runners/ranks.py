@@ -24,9 +24,9 @@ How the work is split:
 
 Failures: a rank that raises fails the cell with that rank's failure, named (``rank 1 of 2: ...``); a
 rank that dies (a signal, an exit without a result) makes the cell ``crashed`` (or ``oom-killed`` by
-SIGKILL), naming the rank; the launcher stops the other ranks. Distributed cells are not re-timed to
-confirm a timing regression, nor confirmed side by side, nor compared with ``--trainperf-against``
-(skipped there, with the reason).
+SIGKILL), naming the rank; the launcher stops the other ranks. A timing regression is confirmed by
+launching the ranks again (``--trainperf-confirm``); distributed cells are not confirmed side by side,
+nor compared with ``--trainperf-against`` (skipped there, with the reason).
 """
 
 from __future__ import annotations
@@ -293,8 +293,27 @@ class Ranks:
                 return None
             by_rank[r] = record
         merged = merge([by_rank[r].verdict.measurement for r in range(world)])
+
+        def retime() -> Measurement | None:  # a timing regression's confirmation: the ranks launched again
+            return self._again(item, spec, world)
+
         return CellRun(cell=fixture.cell, fingerprint=by_rank[0].fingerprint, measurement=merged,
-                       timing_only=fixture.timing_only, side_by_side=False)
+                       timing_only=fixture.timing_only, side_by_side=False, retime=retime, deadline=fixture.deadline)
+
+    def _again(self, item: pytest.Function, spec: DistributedSpec, world: int) -> Measurement | None:
+        """The cell measured once more by a fresh job of ranks; None when it did not measure."""
+        workdir = scratch.directory("ranks")
+        try:
+            launched = launch(self._argv(item, world, workdir), world, workdir, spec.timeout)
+            records = [_record(_outcome(workdir, r), item.nodeid) for r in range(world)]
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if launched.timed_out or launched.error or any(r is None for r in records):
+            return None
+        measured = [r.verdict.measurement for r in records if r is not None]
+        if any(m.outcome is not Outcome.MEASURED for m in measured):
+            return None
+        return merge(measured)
 
     def _argv(self, item: pytest.Function, world: int, workdir: Path) -> list[str]:
         """A rank's arguments after ``python``: this module, the cell's directory, pytest's arguments.
