@@ -131,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if done.returncode != 0:
             raise SystemExit(f"update failed:\n{done.stdout[-3000:]}")
         alarms: dict[str, int] = {}
-        judged = 0
+        others: dict[str, int] = {}
+        failed = judged = 0
         started = time.perf_counter()
         for session in range(args.sessions):
             done = pytest(where, "--trainperf", "-k", "ddp or fsdp", f"--trainperf-json={where / 'r.json'}")
@@ -140,7 +141,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             for test, metric, status in found:
                 if metric in EXACT and status != "unchanged":
                     alarms[f"{test} {metric} {status}"] = alarms.get(f"{test} {metric} {status}", 0) + 1
-            print(f"session {session}: exit {done.returncode}, alarms so far {sum(alarms.values())}", flush=True)
+                elif status == "regressed":
+                    others[f"{test} {metric}"] = others.get(f"{test} {metric}", 0) + 1
+            failed += done.returncode != 0
+            print(f"session {session}: exit {done.returncode}, alarms so far {sum(alarms.values())}, "
+                  f"other regressions so far {others}", flush=True)
         spent = time.perf_counter() - started
     load = os.getloadavg()[0]
     single = statistics.median(seconds["test_single"])
@@ -165,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"**False alarms of the exact metrics**: {args.sessions} fresh sessions compared `ddp` and `fsdp` with "
         f"baselines written by one update ({judged} distributed cells judged, {2 * judged} rank processes, "
         f"{spent / 60:.0f} min): verdicts other than `unchanged` on {', '.join(f'`{m}`' for m in EXACT)}: "
-        f"**{sum(alarms.values())}** ({shown}).",
+        f"**{sum(alarms.values())}** ({shown}). Sessions that failed: {failed} of {args.sessions}; regressions "
+        f"of other metrics: {', '.join(f'{k}: {v}' for k, v in sorted(others.items())) or 'none'}.",
         END,
     ])
     print(section)

@@ -162,7 +162,8 @@ def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
     """Measure this cell: ``trainperf.train(step, steps=...)``, ``.run(fn, iters=...)``, ``.record(...)``."""
     session = request.config.stash[SESSION_KEY]
     budget = request.node.get_closest_marker(BUDGET_MARK)
-    rank = rank_from_env() if request.node.get_closest_marker(RANKS_MARK) is not None else None
+    distributed = request.node.get_closest_marker(RANKS_MARK) is not None
+    rank = rank_from_env() if distributed else None
     fixture = TrainPerf(cell_of(request.node, request.config.rootpath), session.settings, session.malloc,
                         timing_only=session.remeasuring,
                         memory_budget=budget.args[0] if budget is not None else session.settings.memory_budget,
@@ -171,7 +172,8 @@ def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
     if session.settings.enabled:
         if not session.ledger.against:  # a lockstep comparison (--trainperf-against) reads no baseline file
             session.baseline_file(fixture.cell)  # an unusable file fails the cell now, before it trains
-        fixture.begin(records_only=records_only(getattr(request.node, "obj", None), FIXTURE_NAME))
+        if not distributed or rank is not None:  # the parent of a distributed cell's ranks measures nothing itself
+            fixture.begin(records_only=records_only(getattr(request.node, "obj", None), FIXTURE_NAME))
     return fixture
 
 
