@@ -107,6 +107,9 @@ BOOT = ("import os, sys; "
 pytest`` would run it (nothing of the plugin imported before pytest loads it), in an environment
 without the variables of :data:`NOT_INHERITED`, marked as a rank by
 :data:`~pytest_trainperf.runners.children.RANKS_ENV`."""
+NOT_LOADED = ("hypothesispytest",)
+"""Plugins a rank does without: hypothesis's takes seconds to import, in every rank of every cell, and a
+rank runs one test that does not need its reporting."""
 AGREE = ("flops", "comm_calls", "comm_bytes")
 """Per-rank metrics the ranks of a symmetric job agree on; a note says when they do not (rank 0's
 is the cell's)."""
@@ -323,7 +326,8 @@ class Ranks:
         settings = replace(self.settings, update=False, rounds=1, confirm=0, baselines=workdir / "no-baselines",
                            threads=self._threads(world))
         argv = command([item.nodeid], config.rootpath, workdir / "tmp", config.inipath, config, settings)
-        return ["-c", BOOT, str(workdir), *argv[3:]]  # argv: python -m pytest ...
+        skipped = [arg for name in NOT_LOADED if config.pluginmanager.has_plugin(name) for arg in ("-p", f"no:{name}")]
+        return ["-c", BOOT, str(workdir), *argv[3:], *skipped]  # argv: python -m pytest ...
 
     def _died(self, item: pytest.Function, fixture: TrainPerf, where: str, outcome: Outcome, detail: str,
               workdir: Path, world: int, rank: int | None = None) -> CellRun:
