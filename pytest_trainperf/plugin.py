@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from pytest_trainperf import judge, results, stats, store, vcs
-from pytest_trainperf.fixture import TrainPerf, records_only
+from pytest_trainperf.fixture import Forecasting, TrainPerf, records_only
 from pytest_trainperf.grid import (
     BUDGET_MARK,
+    FORECAST_MARK,
     GRID_MARK,
     RELATIVE_MARK,
     SCALING_MARK,
@@ -75,6 +76,7 @@ MARKERS = {
     GRID_MARK: "(grid): applied by tp.grid: spread the test over a parameter grid",
     TOLERANCE_MARK: "(tolerances): applied by tp.tolerance: per-test relative tolerances",
     BUDGET_MARK: "(bytes): applied by tp.memory_budget: cells over it count as out of memory",
+    FORECAST_MARK: "(spec): applied by tp.forecast: the CUDA memory forecast on the meta device, OOM maps per device",
     RELATIVE_MARK: "(spec): applied by tp.relative: variants viewed relative to a reference",
     SCALING_MARK: "(spec): applied by tp.scaling: a power-law exponent fitted along an axis",
 }
@@ -158,9 +160,17 @@ def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
     """Measure this cell: ``trainperf.train(step, steps=...)``, ``.run(fn, iters=...)``, ``.record(...)``."""
     session = request.config.stash[SESSION_KEY]
     budget = request.node.get_closest_marker(BUDGET_MARK)
-    fixture = TrainPerf(cell_of(request.node, request.config.rootpath), session.settings, session.malloc,
-                        timing_only=session.remeasuring,
-                        memory_budget=budget.args[0] if budget is not None else session.settings.memory_budget)
+    memory = budget.args[0] if budget is not None else session.settings.memory_budget
+    cell = cell_of(request.node, request.config.rootpath)
+    forecast = request.node.get_closest_marker(FORECAST_MARK)
+    forecasting = None
+    if forecast is not None:
+        spec = forecast.args[0]
+        given = spec.memory_of(dict(cell.params))
+        forecasting = Forecasting(given if given is not None or spec.memory_axis else memory, spec.memory_axis,
+                                  session.forecasts)
+    fixture = TrainPerf(cell, session.settings, session.malloc, timing_only=session.remeasuring,
+                        memory_budget=memory, forecast=forecasting)
     request.node.stash[FIXTURE_KEY] = fixture
     if session.settings.enabled:
         if not session.ledger.against:  # a lockstep comparison (--trainperf-against) reads no baseline file
@@ -229,6 +239,8 @@ class TrainPerfSession:
         self._references: dict[str, tuple[str | None, str, str]] = {}
         self._source: tuple[Source | None] | None = None
         self._first: dict[str, Measurement] = {}
+        self.forecasts: dict[tuple[object, ...], object] = {}
+        """The forecasts of ``tp.forecast`` cells so far: cells differing only in the device's memory share one."""
 
     # ------------------------------------------------------------------ collection
 
@@ -240,6 +252,11 @@ class TrainPerfSession:
             if problem is not None:
                 pytest.fail(f"{metafunc.definition.nodeid}: {problem}", pytrace=False)
         grid: Grid | None = mark.args[0] if mark is not None else None
+        forecast = metafunc.definition.get_closest_marker(FORECAST_MARK)
+        if forecast is not None:
+            problem = forecast.args[0].check(grid)
+            if problem is not None:
+                pytest.fail(f"{metafunc.definition.nodeid}: {problem}", pytrace=False)
         if grid is None or not grid.axes:
             return
         missing = [n for n in grid.names if n not in metafunc.fixturenames]

@@ -79,19 +79,21 @@ class Outcome(enum.Enum):
     not fit on the device the budget stands for."""
     OOM_KILLED = "oom-killed"
     """An isolated cell's process was killed by the kernel (SIGKILL: the OOM killer)."""
+    OOM_FORECAST = "oom-forecast"
+    """A ``tp.forecast`` cell whose forecast peak exceeds the device's memory: it would not fit."""
     CRASHED = "crashed"
     """An isolated cell's interpreter died another way (a signal, or an exit without a result)."""
 
     @property
     def out_of_memory(self) -> bool:
         """True for the outcomes that mean the cell does not fit."""
-        return self in (Outcome.OOM, Outcome.OOM_EMULATED, Outcome.OOM_KILLED)
+        return self in (Outcome.OOM, Outcome.OOM_EMULATED, Outcome.OOM_KILLED, Outcome.OOM_FORECAST)
 
     @property
     def label(self) -> str:
         """What a heatmap cell shows for it."""
         return {"measured": "", "oom": "OOM", "oom-emulated": "OOM*", "oom-killed": "KILLED",
-                "crashed": "CRASH"}[self.value]
+                "oom-forecast": "OOM (forecast)", "crashed": "CRASH"}[self.value]
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ class Fingerprint:
         if self.cudnn_benchmark:
             parts.append(f"cudnn.benchmark {self.cudnn_benchmark}")
         parts.append(f"threads {self.threads}")
-        if self.device_type != "cpu":
+        if self.device_type not in ("cpu", "meta"):  # a forecast (meta) depends on torch alone
             parts.append(f"cpu {self.cpu}")
         if self.malloc:
             parts.append(f"malloc {self.malloc}")
