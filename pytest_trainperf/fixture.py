@@ -376,24 +376,12 @@ class TrainPerf:
         return curve
 
     def _forecast_run(self, kind: str, fn: Callable[[], object], calls: int) -> Measurement | None:
-        """Forecast the CUDA memory of ``calls`` calls of ``fn`` on ``meta`` (a plain run: one call, to
-        check that the step runs there)."""
+        """Forecast the CUDA memory of ``calls`` calls of ``fn`` on ``meta``; a plain run forecasts too (the
+        check that the step runs there, with the forecast's memo of meta kernels: many of them are slow
+        Python functions), and measures nothing."""
         from pytest_trainperf.measure.forecast import NeedsData, forecast_peak
 
         assert self._forecast is not None
-        if not self._settings.enabled:
-            try:
-                out = fn()
-            except Exception as exc:
-                from pytest_trainperf.measure.forecast import needs_data, user_line
-
-                if not needs_data(exc):
-                    raise
-                where = user_line(exc.__traceback__)
-                _usage(self._cell, f"{FORECAST_REFUSED}: {where}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-            if kind == "train":
-                self._loss_shape(out)
-            return None
         key = self._forecast.key(self._cell, kind)
         found = self._forecast.memo.get(key)
         if found is None:
@@ -409,6 +397,8 @@ class TrainPerf:
                 self._loss_shape(out)
             del out
             self._forecast.memo[key] = found
+        if not self._settings.enabled:  # a plain run: the step ran on meta (the memo makes that quick)
+            return None
         return self._forecasted(kind, calls, found)
 
     def _forecasted(self, kind: str, calls: int, found: Any) -> Measurement:

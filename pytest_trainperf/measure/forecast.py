@@ -13,6 +13,10 @@ storage as the CUDA caching allocator would allocate it:
   the same following of storages as the CPU's exact peak (:mod:`~pytest_trainperf.measure.memory`),
   so on the same step the unrounded forecast equals the CPU tracker's peak wherever both run the
   same kernels.
+- **The optimizer kernels CUDA would pick.** On CUDA, ``torch.optim`` defaults to its *foreach*
+  kernels (one op over all parameters, with temporaries the size of all of them at once); on
+  ``meta`` it would run one tensor at a time. An optimizer left at ``foreach=None`` runs foreach in a
+  forecast, as on CUDA.
 - **The attention kernel CUDA would pick.** The meta device's
   ``scaled_dot_product_attention`` picks the math kernel, which materializes the L x L score
   matrix. On CUDA, flash attention (fp16/bf16, no explicit mask, head dim a multiple of 8 up to
@@ -149,6 +153,9 @@ def attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return "math"
 
 
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
 class CudaAttention(TorchFunctionMode):
     """Runs each ``scaled_dot_product_attention`` with the kernel CUDA would pick (see the module)."""
 
@@ -158,9 +165,9 @@ class CudaAttention(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Sequence[type], args: Sequence[Any] = (),
                            kwargs: Mapping[str, Any] | None = None) -> Any:
+        if func is not _SDPA:
+            return func(*args, **(kwargs or {}))
         kwargs = dict(kwargs or {})
-        if func is not torch.nn.functional.scaled_dot_product_attention:
-            return func(*args, **kwargs)
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         bound = dict(zip(names, args, strict=False)) | kwargs
         q, k, v = bound["query"], bound["key"], bound["value"]
@@ -183,8 +190,7 @@ class CudaAttention(TorchFunctionMode):
 
 MEMO_SIZE = 65536
 """Output layouts kept by :func:`_dispatch` (op and input layouts -> output layouts)."""
-_MEMO: dict[tuple[Any, ...], tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype], ...] | None] = {}
-_UNCACHED = object()
+_MEMO: dict[tuple[object, ...], tuple[tuple[torch.Size, tuple[int, ...], torch.dtype], ...] | None] = {}
 
 
 @functools.cache
@@ -199,53 +205,71 @@ def _cacheable(func: Any) -> bool:
     return all(r.alias_info is None and str(r.type) == "Tensor" for r in schema.returns)
 
 
-def _key_of(value: object) -> object:
-    """A hashable stand-in for an argument: a meta tensor by its layout; _UNCACHED for anything else
-    that could change an op's result (a tensor elsewhere, whose value may matter)."""
-    if isinstance(value, torch.Tensor):
-        if value.device.type != "meta":
-            return _UNCACHED
-        return (tuple(value.shape), value.stride(), value.dtype, value.storage_offset())
-    if isinstance(value, (list, tuple)):
-        keys = tuple(_key_of(v) for v in value)
-        return _UNCACHED if any(k is _UNCACHED for k in keys) else keys
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, torch.layout,
-                                           torch.memory_format)):
-        return value
-    return _UNCACHED
+_SCALARS = (str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+_NUMBERS = (bool, int, float)
 
 
-def _dispatch(func: Any, args: Sequence[object], kwargs: Mapping[str, object]) -> Any:
-    """Run ``func`` on meta tensors; an op already seen with inputs of the same layouts gets fresh
-    outputs of the layouts it gave then (``empty_strided``), without its meta kernel.
+def _flatten(values: Sequence[object], key: list[object], tensors: list[torch.Tensor]) -> bool:
+    """Append each value's stand-in to ``key`` (a meta tensor by its layout, a number with its type)
+    and its tensors to ``tensors``; False when a value could change an op's result beyond its layout
+    (a tensor elsewhere, whose value may matter, or an object of another kind)."""
+    ok = True
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            if value.is_meta:
+                key.append((value.shape, value.stride(), value.dtype, value.storage_offset()))
+            else:
+                ok = False
+        elif isinstance(value, _NUMBERS):
+            key.append(type(value))  # 1, 1.0 and True are equal keys, and give other dtypes
+            key.append(value)
+        elif isinstance(value, _SCALARS):
+            key.append(value)
+        elif isinstance(value, (list, tuple)):
+            key.append(len(value))
+            ok = _flatten(value, key, tensors) and ok
+        else:
+            ok = False
+    return ok
+
+
+def _dispatch(func: Any, args: Sequence[object], kwargs: Mapping[str, object],
+              tensors: list[torch.Tensor]) -> tuple[Any, bool]:
+    """Run ``func`` on meta tensors, putting the tensors of its arguments in ``tensors``; an op already
+    seen with inputs of the same layouts gets fresh outputs of the layouts it gave then
+    (``empty_strided``), without its meta kernel. Returns the output and whether it was remembered.
 
     The meta kernels of most elementwise ops are Python functions (``torch._refs``) that take 0.2 to
     0.6 ms a call; a transformer repeats the same ops on the same shapes in every block, so a 7B
-    forecast runs about 30 times faster. Only ops that write and alias nothing and return fresh
+    forecast runs several times faster. Only ops that write and alias nothing and return fresh
     tensors are remembered, and only when their outputs' storages are exactly what ``empty_strided``
     makes, so the storages the tracker follows are the same either way. FakeTensorMode keeps a dispatch
     cache on the same principle."""
-    key: tuple[Any, ...] | None = None
-    if _cacheable(func):
-        parts = (_key_of(args), _key_of(tuple(sorted(kwargs.items()))))
-        if all(p is not _UNCACHED for p in parts):
-            key = (func, *parts)
-            if key in _MEMO:
-                layouts = _MEMO[key]
-                if layouts is not None:
-                    outs = tuple(torch.empty_strided(shape, stride, dtype=dtype, device=META)
-                                 for shape, stride, dtype in layouts)
-                    return outs[0] if len(outs) == 1 else outs
+    parts: list[object] = [func]
+    ok = _flatten(args, parts, tensors)
+    for name in sorted(kwargs):
+        parts.append(name)
+        ok = _flatten((kwargs[name],), parts, tensors) and ok
+    key = tuple(parts) if ok and _cacheable(func) else None
+    if key is not None:
+        if key in _MEMO:
+            layouts = _MEMO[key]
+            if layouts is None:
                 key = None
+            else:
+                outs = tuple(torch.empty_strided(shape, stride, dtype=dtype, device=META)
+                             for shape, stride, dtype in layouts)
+                return (outs[0] if len(outs) == 1 else outs), True
     out = func(*args, **kwargs)
     if key is not None:
         outs = out if isinstance(out, tuple) else (out,)
-        fresh = all(isinstance(o, torch.Tensor) and o.device.type == "meta" and o.storage_offset() == 0
+        fresh = all(isinstance(o, torch.Tensor) and o.is_meta and o.storage_offset() == 0
                     and o.untyped_storage().nbytes() == _fresh_bytes(o) for o in outs)
         if len(_MEMO) >= MEMO_SIZE:
             _MEMO.clear()
-        _MEMO[key] = tuple((tuple(o.shape), o.stride(), o.dtype) for o in outs) if fresh else None
-    return out
+        _MEMO[key] = tuple((o.shape, o.stride(), o.dtype) for o in outs) if fresh else None
+    return out, False
 
 
 def _fresh_bytes(t: torch.Tensor) -> int:
@@ -345,14 +369,28 @@ class _ForecastTracker(_StorageTracker):  # type: ignore[no-untyped-call]  # unt
 
     def __torch_dispatch__(self, func: Any, types: Sequence[type], args: Sequence[object] = (),
                            kwargs: Mapping[str, object] | None = None) -> Any:
-        out = _dispatch(func, args, kwargs or {})
+        inputs: list[torch.Tensor] = []
+        out, remembered = _dispatch(func, args, kwargs or {}, inputs)
         with self._lock, torch._C.DisableTorchFunctionSubclass():
-            for leaf in _tensors((out, args, tuple((kwargs or {}).values()))):
-                if leaf.device.type == "meta":
-                    self._follow_storage(leaf.untyped_storage())
+            follow = self._follow_storage
+            for leaf in _tensors(out):
+                if leaf.is_meta:
+                    follow(leaf.untyped_storage())
+            # the arguments: a storage that is new here (made outside the step's reach) or, after an op that
+            # may write its arguments, resized; an op answered from the memo wrote nothing
+            followed = self._followed
+            for leaf in inputs:
+                if leaf.is_meta:
+                    storage = leaf.untyped_storage()
+                    if not remembered or storage._cdata not in followed:
+                        follow(storage)
             if self._live > self._peak:
                 self._peak = self._live
-        self._note_peak()
+            if self._live >= self._peak_seen:
+                self._peak_seen = self._live
+                self._peak_parts = dict(self._parts)
+            if self._exact > self._exact_peak:
+                self._exact_peak = self._exact
         return out
 
     def _note_peak(self) -> None:
@@ -393,16 +431,21 @@ class _ForecastTracker(_StorageTracker):  # type: ignore[no-untyped-call]  # unt
                         self.classify(param.grad.untyped_storage(), "gradients")
 
 
-def _tensors(tree: object) -> Iterator[torch.Tensor]:
+def _tensors(tree: object) -> list[torch.Tensor]:
     """The tensors in nested tuples and lists (an op's outputs and arguments)."""
     if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, (tuple, list)):
-        for item in tree:
-            if isinstance(item, torch.Tensor):
-                yield item
-            elif isinstance(item, (tuple, list)):
-                yield from _tensors(item)
+        return [tree]
+    found: list[torch.Tensor] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (tuple, list)):
+            for item in node:
+                if isinstance(item, torch.Tensor):
+                    found.append(item)
+                elif isinstance(item, (tuple, list)):
+                    stack.append(item)
+    return found
 
 
 @dataclass
@@ -418,6 +461,8 @@ _LEAVES = (type, types.ModuleType, types.CodeType, types.FrameType, str, bytes, 
            bool, type(None), torch.dtype, torch.device)
 _OURS = ("pytest_trainperf", "_pytest", "pytest", "pluggy")
 """Packages whose objects a step may hold (the fixture) but whose tensors are not the step's."""
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+"""What every ``nn.Module`` holds (its hooks, its parameter, buffer and submodule dicts, read directly)."""
 REACH_LIMIT = 2_000_000
 """The most objects :func:`reachable` walks."""
 
@@ -473,7 +518,13 @@ def reachable(fn: object) -> Reach:
             continue
         if isinstance(obj, torch.nn.Module):
             reach.modules.append(obj)
-        elif isinstance(obj, torch.optim.Optimizer):
+            held = vars(obj)
+            stack.extend(held.get("_parameters", {}).values())
+            stack.extend(held.get("_buffers", {}).values())
+            stack.extend(held.get("_modules", {}).values())
+            stack.extend(value for name, value in held.items() if name not in _MODULE_INTERNALS)
+            continue
+        if isinstance(obj, torch.optim.Optimizer):
             reach.optimizers.append(obj)
         stack.extend(gc.get_referents(obj))
     return reach
@@ -499,11 +550,19 @@ def _hooks(tracker: _ForecastTracker, modules: list[torch.nn.Module]) -> Iterato
         if param.grad is not None:
             tracker.classify(param.grad.untyped_storage(), "gradients")
 
+    defaulted: list[dict[str, Any]] = []
+
     def before_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
         tracker.in_optimizer = True
+        for group in optimizer.param_groups:  # CUDA's default: the foreach kernels (meta's is one tensor at a time)
+            if group.get("foreach", False) is None and not group.get("fused") and not group.get("differentiable"):
+                group["foreach"] = True
+                defaulted.append(group)
 
     def after_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
         tracker.in_optimizer = False
+        while defaulted:
+            defaulted.pop()["foreach"] = None
         for state in optimizer.state.values():
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.device.type == "meta":
