@@ -157,33 +157,73 @@ _SDPA = torch.nn.functional.scaled_dot_product_attention
 
 
 class CudaAttention(TorchFunctionMode):
-    """Runs each ``scaled_dot_product_attention`` with the kernel CUDA would pick (see the module)."""
+    """While entered, ``scaled_dot_product_attention`` on ``meta`` runs the kernel CUDA would pick.
 
-    def __init__(self) -> None:
+    The op is a composite: on ``meta`` it decomposes into the math kernel before any dispatch mode
+    could see it. Two hooks catch it before that:
+
+    - this function mode, for calls from the test's code (``F.scaled_dot_product_attention``);
+    - a kernel registered on the ``AutogradMeta`` dispatch key (``torch.library``, removed on exit), for
+      calls a function mode does not see: those from inside another torch function, such as
+      ``nn.MultiheadAttention``'s. Under ``torch.inference_mode`` the autograd keys are skipped, so
+      those nested calls keep ``meta``'s math kernel there (``Meta`` itself may not be given a kernel
+      for a composite op).
+
+    Each call is routed to ``_scaled_dot_product_flash_attention``,
+    ``_scaled_dot_product_efficient_attention`` or the math kernel, each with its own autograd formula.
+    Tensors on other devices are not affected.
+    """
+
+    def __init__(self, target: str = "cuda") -> None:
         super().__init__()
         self.calls: dict[str, int] = {}
+        self._library: Any = None
+        self._target = target
+        """``cuda``; ``cpu``: the kernel a CPU picks (its flash kernel), to check the tracker against the CPU."""
+
+    def __enter__(self) -> CudaAttention:
+        library = torch.library.Library("aten", "IMPL")  # type: ignore[no-untyped-call]
+        library.impl("scaled_dot_product_attention", self._route, "AutogradMeta")  # type: ignore[no-untyped-call]
+        self._library = library
+        return super().__enter__()  # type: ignore[no-any-return, no-untyped-call]
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)  # type: ignore[no-untyped-call]
+        if self._library is not None:
+            self._library._destroy()
+            self._library = None
 
     def __torch_function__(self, func: Any, types: Sequence[type], args: Sequence[Any] = (),
                            kwargs: Mapping[str, Any] | None = None) -> Any:
         if func is not _SDPA:
             return func(*args, **(kwargs or {}))
-        kwargs = dict(kwargs or {})
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        bound = dict(zip(names, args, strict=False)) | kwargs
-        q, k, v = bound["query"], bound["key"], bound["value"]
-        mask, dropout = bound.get("attn_mask"), float(bound.get("dropout_p", 0.0))
-        causal, scale = bool(bound.get("is_causal", False)), bound.get("scale")
-        gqa = bool(bound.get("enable_gqa", False))
-        kernel = attention_kernel(q, k, v, mask, dropout, gqa) if q.device.type == "meta" else "math"
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+        bound = dict(zip(names, args, strict=False)) | dict(kwargs or {})
+        if not isinstance(bound.get("query"), torch.Tensor) or not bound["query"].is_meta:
+            return func(*args, **(kwargs or {}))
+        return self._route(**bound)
+
+    def _route(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False, *,
+               scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+        if self._target == "cpu" and query.dim() == 4 and not enable_gqa:
+            self.calls["cpu-flash"] = self.calls.get("cpu-flash", 0) + 1
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(  # type: ignore[no-any-return]
+                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+        kernel = attention_kernel(query, key, value, attn_mask, dropout_p, enable_gqa)
         self.calls[kernel] = self.calls.get(kernel, 0) + 1
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if kernel == "flash":
-            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout, causal, False,
-                                                                       scale=scale)[0]
+            return torch.ops.aten._scaled_dot_product_flash_attention(  # type: ignore[no-any-return]
+                query, key, value, dropout_p, is_causal, False, scale=scale)[0]
         if kernel == "efficient":
-            return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, mask, grad, dropout, causal,
-                                                                           scale=scale)[0]
-        return func(*args, **kwargs)
+            if attn_mask is not None and attn_mask.dtype == torch.bool:  # as CUDA's SDPA: an additive bias
+                attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                    attn_mask.logical_not(), float("-inf"))
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+            return torch.ops.aten._scaled_dot_product_efficient_attention(  # type: ignore[no-any-return]
+                query, key, value, attn_mask, grad, dropout_p, is_causal, scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_attention_math(  # type: ignore[no-any-return]
+            query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
 
 
 # ---------------------------------------------------------------------------------------- the memo
@@ -539,7 +579,7 @@ def _filled(cell: types.CellType) -> bool:
 
 
 @contextmanager
-def _hooks(tracker: _ForecastTracker, modules: list[torch.nn.Module]) -> Iterator[None]:
+def _hooks(tracker: _ForecastTracker, modules: list[torch.nn.Module], foreach: bool = True) -> Iterator[None]:
     """Gradients and optimizer state classified as they are made."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -555,7 +595,8 @@ def _hooks(tracker: _ForecastTracker, modules: list[torch.nn.Module]) -> Iterato
     def before_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
         tracker.in_optimizer = True
         for group in optimizer.param_groups:  # CUDA's default: the foreach kernels (meta's is one tensor at a time)
-            if group.get("foreach", False) is None and not group.get("fused") and not group.get("differentiable"):
+            if (foreach and group.get("foreach", False) is None and not group.get("fused")
+                    and not group.get("differentiable")):
                 group["foreach"] = True
                 defaulted.append(group)
 
@@ -576,18 +617,24 @@ def _hooks(tracker: _ForecastTracker, modules: list[torch.nn.Module]) -> Iterato
         yield
 
 
-def forecast_peak(fn: Callable[[], T], calls: int = 1) -> tuple[T, Forecast]:
+def forecast_peak(fn: Callable[[], T], calls: int = 1, kernels: str = "cuda") -> tuple[T, Forecast]:
     """Call ``fn()`` ``calls`` times on ``meta`` and forecast the peak CUDA memory over those calls.
 
+    ``kernels="cpu"`` runs the attention and optimizer kernels a CPU would pick instead (its flash
+    attention, one tensor at a time): ``benchmarks/forecast.py`` checks the tracker against the CPU's
+    exact peak so.
     Raises :class:`NeedsData` when the step asks for a tensor's value, naming the line.
     """
     tracker = _ForecastTracker()
-    attention = CudaAttention()
+    attention = CudaAttention(kernels)
     try:
         reach = reachable(fn)
         start = tracker.start(reach)
         try:
-            with _hooks(tracker, reach.modules), attention, tracker:
+            with ExitStack() as stack:
+                stack.enter_context(_hooks(tracker, reach.modules, foreach=kernels == "cuda"))
+                stack.enter_context(attention)
+                stack.enter_context(tracker)
                 for _ in range(calls):
                     result = fn()
         except (RuntimeError, NotImplementedError) as exc:
@@ -604,8 +651,4 @@ def forecast_peak(fn: Callable[[], T], calls: int = 1) -> tuple[T, Forecast]:
         tracker.disarm()
     return result, forecast
 
-
-def fits(forecast: Forecast, memory: int) -> bool:
-    """Whether the forecast peak fits a device of ``memory`` bytes."""
-    return forecast.peak_bytes <= memory
 
