@@ -40,9 +40,10 @@ FORECAST_RUN_CALLS = 1
 """Calls of an inference function a forecast runs."""
 FORECAST_METRIC = "peak_memory_forecast"
 """The metric of a forecast: the peak CUDA memory of the step, in bytes."""
-FORECAST_REFUSED = ("tp.forecast: the step needs tensor values, which the meta device does not have "
-                    "(forecast a step without .item(), bool(tensor), nonzero or boolean-mask indexing, "
-                    "or measure it on a real device)")
+FORECAST_REFUSED = ("tp.forecast: the step cannot run on the meta device: it needs tensor values, which meta "
+                    "tensors do not have, or an op has no meta kernel (forecast a step without .item(), "
+                    ".tolist(), bool(tensor), nonzero, boolean-mask indexing or unique, or measure it on a real "
+                    "device)")
 """The start of the failure of a forecast whose step needs data."""
 
 

@@ -110,6 +110,19 @@ def test_a_step_that_needs_data_is_refused_naming_its_line():
         forecast_peak(step)
     assert "test_meta_forecast.py:" in caught.value.where
     assert "`if loss.item() > 10:  # the line a forecast cannot run`" in caught.value.where
+    assert caught.value.error == "RuntimeError: Tensor.item() cannot be called on meta tensors"
+
+
+@pytest.mark.parametrize("op", ["x.tolist()", "x[x > 0]", "torch.unique(x)", "x.masked_select(x > 0)"])
+def test_ops_meta_cannot_run_are_refused_naming_the_line(op):
+    with torch.device("meta"):
+        x = torch.empty(8)
+    code = compile(f"def step():\n    return {op}\n", "model_code.py", "exec")
+    scope = {"x": x, "torch": torch}
+    exec(code, scope)
+    with pytest.raises(NeedsData) as caught:
+        forecast_peak(scope["step"])
+    assert caught.value.where.startswith("model_code.py:2")
 
 
 def test_the_forecast_fingerprint_names_torch_and_not_the_host():
@@ -213,7 +226,8 @@ def test_a_data_dependent_step_fails_its_cell_with_the_line(pytester):
     """)
     result = pytester.runpytest("--trainperf")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*tp.forecast: the step needs tensor values*test_suite.py:10 `if loss.item() > 10:`*"])
+    result.stdout.fnmatch_lines(["*tp.forecast: the step cannot run on the meta device: it needs tensor values*"
+                                 "test_suite.py:10 `if loss.item() > 10:`*"])
     assert "oom-forecast" not in result.stdout.str()
 
 

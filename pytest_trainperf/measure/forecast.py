@@ -72,9 +72,9 @@ FLASH_MAX_HEAD_DIM = 256
 """The largest head dimension flash attention takes."""
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
-_NEEDS_DATA = ("meta tensors", "data-dependent", "data dependent", "Boolean value of Tensor",
-               "unimplemented by default")
-"""What the errors of an op that needs tensor values say on ``meta``."""
+_NEEDS_DATA = ("meta", "Meta", "data-dependent", "data dependent", "Boolean value of Tensor", "no data")
+"""What the errors of an op that needs tensor values (``.item()``, ``.tolist()``, ``nonzero``) or has no meta
+kernel (``unique``, ``masked_select``) say on ``meta``."""
 
 
 def cuda_block_bytes(nbytes: int) -> int:
@@ -110,8 +110,8 @@ class NeedsData(Exception):
 
 
 def needs_data(exc: BaseException) -> bool:
-    """Whether ``exc`` is an op refusing to run without data on ``meta``."""
-    return isinstance(exc, (RuntimeError, NotImplementedError)) and any(s in str(exc) for s in _NEEDS_DATA)
+    """Whether ``exc`` is an op refusing to run on ``meta``: it needs tensor values, or has no meta kernel."""
+    return isinstance(exc, (RuntimeError, NotImplementedError, TypeError)) and any(s in str(exc) for s in _NEEDS_DATA)
 
 
 def user_line(tb: Any) -> str:
@@ -637,7 +637,7 @@ def forecast_peak(fn: Callable[[], T], calls: int = 1, kernels: str = "cuda") ->
                 stack.enter_context(tracker)
                 for _ in range(calls):
                     result = fn()
-        except (RuntimeError, NotImplementedError) as exc:
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
             if not needs_data(exc):
                 raise
             where = user_line(exc.__traceback__)
