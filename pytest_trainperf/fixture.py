@@ -352,13 +352,12 @@ class TrainPerf:
     def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
                  items: float | None) -> Measurement:
         from pytest_trainperf.measure.compiled import EAGER_NOTE, CompileWatch, eager_step
+        from pytest_trainperf.measure.counting import count_step
         from pytest_trainperf.measure.cudnn import cudnn_benchmark
-        from pytest_trainperf.measure.flops import count_flops
         from pytest_trainperf.measure.memory import allocator_pressure, measure_peak
         from pytest_trainperf.measure.mfu import device_peaks, precision_in_use
         from pytest_trainperf.measure.timing import default_threads, fixed_threads, time_steps
         from pytest_trainperf.measure.utilization import Probe
-        from pytest_trainperf.measure.work import count_work
 
         device = self.device
         keep: Callable[[object], object] | None = self._loss if kind == "train" else None
@@ -378,8 +377,8 @@ class TrainPerf:
         with fixed_threads(threads), cudnn_benchmark(policy) as self._cudnn_benchmark, probe:
             # instrumented steps first, so that the warm-up runs right before the timed steps
             if not self._timing_only:
-                with count_work(device.type) as work:  # syncs, ops, memory traffic: on the FLOP step
-                    out, flops = count_flops(eager)
+                # one counting pass: FLOPs, syncs, ops, memory traffic (torch.compile off)
+                out, flops, work = count_step(eager, device.type)
                 if keep is not None:
                     kept.append(keep(out))
                 del out
