@@ -135,6 +135,17 @@ def by_op(syncs: Counter[str]) -> Counter[str]:
     return out
 
 
+def conditional(counted_before: bool) -> Callable[[], object]:
+    """A ``torch.cond`` with matmuls in both branches, after a matmul or first in the step."""
+    x = torch.randn(4, 4)
+
+    def step() -> object:
+        y = x @ x if counted_before else x
+        return torch.cond(y.sum() > 0, lambda a: a @ a @ a, lambda a: a @ a + 1, (y,))
+
+    return step
+
+
 @pytest.mark.parametrize("make", [
     pytest.param(lambda: transformer(checkpointed=False), id="attention-blocks"),
     pytest.param(lambda: transformer(checkpointed=True), id="checkpointed-blocks"),
@@ -142,6 +153,8 @@ def by_op(syncs: Counter[str]) -> Counter[str]:
     pytest.param(convnet, id="conv"),
     pytest.param(attention_kinds, id="sdpa-causal-masked-bf16"),
     pytest.param(autocast, id="bf16-autocast"),
+    pytest.param(lambda: conditional(counted_before=True), id="cond-after-flops"),
+    pytest.param(lambda: conditional(counted_before=False), id="cond-first"),
 ])
 def test_one_pass_counts_what_the_flop_counter_and_the_stacked_work_mode_counted(make: Callable[[], Any]) -> None:
     before_flops, before_work = reference(make())

@@ -17,8 +17,9 @@ It counts what ``torch.utils.flop_counter.FlopCounterMode`` counts, with the sam
 
 The work counts (:class:`.work.WorkCount`) are taken on the same op calls the FLOP formulas see: the
 ops that run after any decomposition, which is what a work mode stacked under ``FlopCounterMode``
-counted. Higher-order ops (``torch.cond`` and the like, rare in an eager step) are handed back to
-torch (``NotImplemented``), as ``FlopCounterMode`` hands back every one but ``cond`` and Triton kernels.
+counted. A ``torch.cond`` runs both branches, their FLOPs merged as ``FlopCounterMode`` merges them;
+other higher-order ops are handed back to torch (``NotImplemented``), as that counter hands back every
+one but ``cond`` and user Triton kernels.
 """
 
 from __future__ import annotations
@@ -41,8 +42,54 @@ METADATA_OPS = ("sym_is_contiguous.default", "is_contiguous.default", "is_contig
 policy (nested tensors): handed back uncounted, as ``FlopCounterMode`` does (with ``prim.layout``)."""
 
 
-_PASS, _DECOMPOSE, _RUN = 0, 1, 2
-"""What the mode does with an op: hand it back, run its decomposition (counting its parts), or run it."""
+_PASS, _DECOMPOSE, _RUN, _COND = 0, 1, 2, 3
+"""What the mode does with an op: hand it back, run its decomposition (counting its parts), run it, or
+run the branches of a ``torch.cond``."""
+
+
+class _Sums:
+    """The step's FLOPs by op packet, kept as ``FlopCounterMode`` keeps its ``Global`` counts, so that
+    a ``torch.cond`` adds up as it does there."""
+
+    def __init__(self) -> None:
+        self.by_op: dict[object, int] | None = None
+        """Op packet -> FLOPs; None until the first FLOP (the counter's ``Global`` entry, made on first use)."""
+
+    def add(self, op: object, flops: int) -> None:
+        if self.by_op is None:
+            self.by_op = {}
+        self.by_op[op] = self.by_op.get(op, 0) + flops
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_op.values()) if self.by_op is not None else 0
+
+    def cond(self, mode: Any, pred: object, true_fn: Callable[..., Any], false_fn: Callable[..., Any],
+             operands: Any) -> Any:
+        """Run both branches of a ``torch.cond`` under ``mode`` (their ops counted) and merge their FLOPs
+        as ``FlopCounterMode`` does: the larger of the two branches' count of each op, written over the
+        count kept. The counter's checkpoint copies its counts shallowly, so where FLOPs were counted
+        before the cond, both branches add to the same counts and the merge keeps their sum; where none
+        were, it keeps the larger branch. Kept the same, to the FLOP."""
+        before = self.by_op
+        with mode:
+            out = true_fn(*operands)
+        if out is NotImplemented:
+            return out
+        true_counts = self.by_op
+        self.by_op = before
+        with mode:
+            other = false_fn(*operands)
+        if other is NotImplemented:
+            return other
+        false_counts = self.by_op
+        if true_counts is not None or false_counts is not None:
+            first, second = true_counts or {}, false_counts or {}
+            merged = {op: max(first.get(op, 0), second.get(op, 0)) for op in {**first, **second}}
+            if self.by_op is None:
+                self.by_op = {}
+            self.by_op.update(merged)
+        return out
 
 
 def _metadata_ops() -> frozenset[object]:
@@ -92,10 +139,13 @@ def counting(device_type: str = "cpu", work: bool = True) -> Iterator[StepCounts
     composite_key = DispatchKey.CompositeImplicitAutograd
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
     known: dict[Any, tuple[int, Callable[..., int] | None]] = {}
-    flops = [0]
+    cond = getattr(getattr(torch.ops, "higher_order", None), "cond", None)
+    sums = _Sums()
 
     def describe(func: Any) -> tuple[int, Callable[..., int] | None]:
         """What to do with ``func`` (:data:`_PASS`, :data:`_DECOMPOSE` or :data:`_RUN`) and its FLOP formula."""
+        if func is cond and cond is not None:
+            return _COND, None
         if func in metadata or isinstance(func, higher_order):
             return _PASS, None
         decomposes = func is not device_op and (composite_key in func.py_kernels
@@ -103,6 +153,8 @@ def counting(device_type: str = "cpu", work: bool = True) -> Iterator[StepCounts
         return (_DECOMPOSE if decomposes else _RUN), formulas.get(func._overloadpacket)
 
     class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # untyped __init_subclass__
+        supports_higher_order_operators = True  # torch.cond: see _Sums.cond
+
         @classmethod
         def _should_skip_dynamo(cls) -> bool:
             return False  # the body runs under the eager stance: dynamo never steps in (see above)
@@ -114,13 +166,15 @@ def counting(device_type: str = "cpu", work: bool = True) -> Iterator[StepCounts
             if action != _RUN:
                 if action == _PASS:
                     return NotImplemented
+                if action == _COND:
+                    return sums.cond(self, *args)
                 with self:
                     parts = func.decompose(*args, **kwargs)
                 if parts is not NotImplemented:
                     return parts
             out = func(*args, **kwargs)
             if formula is not None:
-                flops[0] += formula(*args, **kwargs, out_val=out)
+                sums.add(func._overloadpacket, formula(*args, **kwargs, out_val=out))
             if ops is not None:
                 ops.op(func, args, kwargs, out)
             return out
@@ -132,7 +186,7 @@ def counting(device_type: str = "cpu", work: bool = True) -> Iterator[StepCounts
     finally:
         if ops is not None:
             ops.finish()
-        counts.flops = FlopCount(total=int(flops[0]), by_precision=tuple(
+        counts.flops = FlopCount(total=int(sums.total), by_precision=tuple(
             (p, tally.flops[p]) for p in Precision if tally.flops.get(p)))
 
 
