@@ -10,8 +10,15 @@
    extra ``.clone()``; each judged against the first run's unchanged step. Caught: the cell regresses
    and the failure names the defect (the sync's op at the right source line, ``aten._to_copy`` among the
    ops now in float32, ``aten.clone`` among the ops that grew). Goal: N of N each.
-3. Cost: the counting step (FLOP counter + work mode, as the fixture runs it) against a plain step and
-   against a FLOP-counted step alone, per cell, medians of alternating rounds in this process.
+3. Compiled: in each process a compiled model (aot_eager) is measured as the fixture measures it
+   (dynamo reset, the counting step under the eager stance, warm-up, timed steps) unchanged, with
+   ``torch._dynamo.graph_break()`` in its forward, and with a shape-dependent recompile (its batch
+   goes from 8 to 12 rows in the warm-up); ``graph_breaks``, ``recompiles`` and ``unique_graphs`` are
+   judged against the first run's unchanged cell. False alarms (or a compile in the timed steps) on
+   the unchanged cell: goal 0 of N-1; each defect caught, naming its metric: goal N of N.
+4. Cost: the one counting pass (as the fixture runs it) against a plain step, against the counting
+   step as it was before (``FlopCounterMode`` with the work mode stacked under it) and against a
+   dispatch mode that counts nothing (the floor), per cell, medians of alternating rounds in this process.
 """
 
 from __future__ import annotations
