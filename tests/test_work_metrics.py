@@ -333,6 +333,9 @@ def test_a_baseline_from_another_cpu_judges_the_exact_work_metrics_and_not_the_t
     result.stdout.fnmatch_lines([f"*judged across hosts: same device type, torch and threads; another CPU: cells "
                                  f"with no baseline here had their exact work metrics judged against {other}*"])
     assert "nothing was compared" not in result.stdout.str()
+    strict = pytester.runpytest(*quick, "--trainperf-strict")  # its timings are not gated: strict still fails it
+    strict.assert_outcomes(failed=1)
+    strict.stdout.fnmatch_lines(["*test_mlp* has no baseline for this environment in *(--trainperf-strict)"])
     pytester.makepyfile(test_model=model("loss = loss.clone()"))
     result = pytester.runpytest(*quick)
     result.assert_outcomes(failed=1)
