@@ -32,6 +32,8 @@ DEFAULT_WARMUP = 3
 """Warm-up steps before the timed ones when the test does not say."""
 CONFIRM_WARMUP = 1
 """Untimed steps before a re-measurement (after its garbage collection)."""
+RETIMED = "re-timed to confirm a timing regression, and the re-timing is invalid (neither confirmed nor cleared)"
+"""How the failure of a cell whose confirmation re-timing compiled begins (the reason follows)."""
 RATE_DIGITS = 9
 """Significant digits kept of a throughput sample (step times are exact nanoseconds)."""
 FORECAST_TRAIN_STEPS = 2
@@ -439,14 +441,20 @@ class TrainPerf:
 
     def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
                  items: float | None) -> Measurement:
-        from pytest_trainperf.measure.compiled import EAGER_NOTE, CompileWatch, eager_step
+        from pytest_trainperf.measure.compiled import (
+            EAGER_NOTE,
+            CompileWatch,
+            Snapshot,
+            eager_step,
+            snapshot,
+            timed_failure,
+        )
+        from pytest_trainperf.measure.counting import count_step
         from pytest_trainperf.measure.cudnn import cudnn_benchmark
-        from pytest_trainperf.measure.flops import count_flops
         from pytest_trainperf.measure.memory import allocator_pressure, measure_peak
         from pytest_trainperf.measure.mfu import device_peaks, precision_in_use
         from pytest_trainperf.measure.timing import default_threads, fixed_threads, time_steps
         from pytest_trainperf.measure.utilization import Probe
-        from pytest_trainperf.measure.work import count_work
 
         device = self.device
         keep: Callable[[object], object] | None = self._loss if kind == "train" else None
@@ -466,8 +474,8 @@ class TrainPerf:
         with fixed_threads(threads), cudnn_benchmark(policy) as self._cudnn_benchmark, probe:
             # instrumented steps first, so that the warm-up runs right before the timed steps
             if not self._timing_only:
-                with count_work(device.type) as work:  # syncs, ops, memory traffic: on the FLOP step
-                    out, flops = count_flops(eager)
+                # one counting pass: FLOPs, syncs, ops, memory traffic (torch.compile off)
+                out, flops, work = count_step(eager, device.type)
                 if keep is not None:
                     kept.append(keep(out))
                 del out
@@ -495,8 +503,13 @@ class TrainPerf:
         metrics = timing_metrics(timed.samples, items) if timed is not None else []
 
         def retime() -> list[Metric]:
+            marks: list[Snapshot] = []  # dynamo's counters when the re-timed steps start
             with fixed_threads(threads), cudnn_benchmark(policy):
-                again = time_steps(fn, count, device, warmup=CONFIRM_WARMUP)
+                again = time_steps(fn, count, device, warmup=CONFIRM_WARMUP,
+                                   on_timed=lambda: marks.append(snapshot()))
+            invalid = timed_failure(marks[0], snapshot()) if marks else ""
+            if invalid:  # timings mixing compiled and compiling steps confirm nothing, and clear nothing
+                _usage(self._cell, f"{RETIMED}: {invalid}")
             return timing_metrics(again.samples, items)
 
         self._retime = retime if timed is not None else None

@@ -350,6 +350,15 @@ class TrainPerfSession:
         cell, fingerprint = run.cell, run.fingerprint
         found = self.baseline_file(cell)
         baseline = found.file.lookup(fingerprint.key, cell.test, cell.cell)
+        environment = fingerprint.key
+        other = (found.file.across_hosts(fingerprint, cell.test, cell.cell)
+                 if baseline is None and not self.settings.update else None)
+        if other is not None:  # only the CPU differs: its exact work metrics judge this cell's
+            baseline = judge.from_another_host(other[1])
+            environment = judge.across_hosts_environment(fingerprint.key, other[0].key)
+            self.ledger.note(f"judged across hosts: same device type, torch and threads; another CPU: cells with no "
+                             f"baseline here had their exact work metrics judged against {other[0].key} (timings, "
+                             "memory and loss not judged)")
         overrides = _overrides(item)
         state = self._grids.setdefault(cell.grid, GridState(size=1))
 
@@ -364,6 +373,7 @@ class TrainPerfSession:
             if m.name in stats.TIMING_METRICS and m.p_value is not None:
                 state.p_values.setdefault(m.name, []).append(m.p_value)
         if (not self.settings.update and self.settings.confirm_against != CONFIRM_NONE and baseline is not None
+                and other is None
                 and (judge.timing_regressed(verdict) or judge.suspect(verdict.measurement, baseline, overrides))):
             verdict = self._side_by_side(item, baseline, verdict, overrides)
         elsewhere = () if baseline is not None else tuple(
@@ -384,11 +394,11 @@ class TrainPerfSession:
             pytest.fail("\n\n".join([judge.crashed_in_update(cell.nodeid, run.measurement.detail), *figures]),
                         pytrace=False)
         against = judge.Against(where=f"{cell.nodeid} against its baseline in {found.shown}",
-                                environment=fingerprint.key, shown=found.shown)
+                                environment=environment, shown=found.shown)
         failure = judge.failure(verdict, against, retimed)
         if failure or figures:
             pytest.fail("\n\n".join(([failure] if failure else []) + figures), pytrace=False)
-        if baseline is None and self.settings.strict:
+        if (baseline is None or other is not None) and self.settings.strict:
             pytest.fail(judge.missing_baseline(cell.nodeid, found.shown, fingerprint.key), pytrace=False)
 
     def _confirm(self, run: CellRun, verdict: CellVerdict,

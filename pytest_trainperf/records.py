@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pytest_trainperf.units import format_value
 
@@ -129,6 +129,10 @@ class Metric:
         return len(self.samples) > 1
 
 
+ANOTHER_CPU = "any cpu"
+"""What stands for the CPU model in :attr:`Fingerprint.across_hosts_key`."""
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     """The environment a measurement was taken in; baselines are keyed by :attr:`key`."""
@@ -175,6 +179,14 @@ class Fingerprint:
         if self.malloc:
             parts.append(f"malloc {self.malloc}")
         return " | ".join(parts)
+
+    @property
+    def across_hosts_key(self) -> str:
+        """The key with the host's CPU model left out (the device name on a CPU, the ``cpu`` field on
+        an accelerator): two environments that share it differ only in their CPU, and the exact work
+        metrics of one (counts of what the code dispatches, not how fast) judge the other."""
+        host = ANOTHER_CPU
+        return replace(self, cpu=host, device=host if self.device_type == "cpu" else self.device).key
 
 
 @dataclass(frozen=True)
