@@ -7,7 +7,7 @@ LayerNorm, GELU, a sigmoid gate and a residual; batch 512; SGD):
 - ``eager``: the model as is;
 - ``compiled``: ``torch.compile(model)``, no instrumentation;
 - ``compiled, instrumented (old)``: the FLOP step then the memory step, as ``_measure`` ran them before
-  issue 14 (``count_flops``, ``measure_peak`` on the step), then the timed steps;
+  issue 14 (``FlopCounterMode``, ``measure_peak`` on the step), then the timed steps;
 - ``compiled, instrumented (eager stance)``: the same two steps under ``measure.compiled.eager_instrumented``.
 
 Printed per condition: the median of 30 timed steps after 5 warm-up steps (the timings are not
@@ -55,8 +55,10 @@ def child(condition: str, backend: str) -> dict[str, object]:
     from torch._dynamo.utils import counters
 
     sys.path.insert(0, str(ROOT))
+    from torch.utils.flop_counter import FlopCounterMode
+
     from pytest_trainperf.measure.compiled import eager_instrumented
-    from pytest_trainperf.measure.flops import count_flops
+    from pytest_trainperf.measure.flops import count_flops, flop_formulas, new_tally
     from pytest_trainperf.measure.memory import measure_peak
 
     torch.set_num_threads(1)
@@ -81,7 +83,13 @@ def child(condition: str, backend: str) -> dict[str, object]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with eager_instrumented() if "stance" in condition else contextlib.nullcontext():
-                flops = count_flops(step)[1].total
+                if "stance" in condition:
+                    flops = count_flops(step)[1].total
+                else:  # as before issue 14: torch's FLOP counter on the step itself (count_flops sets the stance now)
+                    counter = FlopCounterMode(display=False, custom_mapping=flop_formulas(new_tally()))
+                    with counter:
+                        step()
+                    flops = counter.get_total_flops()
                 measure_peak(step, torch.device("cpu"), None)
     for _ in range(WARMUP):
         step()

@@ -78,6 +78,7 @@ STAGES = (
     Stage("environment", "device, driver, torch, CUDA, cuDNN and NVML versions", 60),
     Stage("mfu", "MFU of a bf16 matmul-heavy step against the table's peak", 60),
     Stage("memory", "peak_memory against torch.cuda.max_memory_allocated read directly", 45),
+    Stage("forecast", "tp.forecast's meta forecast against max_memory_allocated: MLP, example cells, 1B model", 90),
     Stage("overhead", "timing overhead against a bare loop timed with CUDA events", 60),
     Stage("xdist", "two pytest-xdist workers, each on its own device", 75),
     Stage("cuda-tests", "the CUDA tests of tests/, for real", 120),
@@ -277,6 +278,122 @@ def stage_memory(device_name: str, quick: bool) -> Outcome:
           and peak.reserved_bytes >= peak.peak_bytes)
     return Outcome(status="ok" if ok else "failed", figures=figures,
                    detail="" if ok else "peak_memory + baseline differs from max_memory_allocated, or reserved < peak")
+
+
+FORECAST_WITHIN = 0.10
+"""The forecast's goal against the real peak: within 10% per cell..."""
+FORECAST_UNDER = 0.05
+"""...and never under it by more than 5% (a forecast that says "fits" must fit)."""
+
+
+def forecast_cases(quick: bool) -> dict[str, Callable[[Any], Callable[[], Any]]]:
+    """Builders of the steps the forecast stage compares: each takes a device, builds its model and data
+    there, and returns the step."""
+    import torch
+    from torch import nn
+
+    sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+    from _llama import KVCache, Llama, LlamaConfig
+    from _models import TinyLM, lm_train_step
+
+    def mlp(device: Any) -> Callable[[], Any]:
+        with torch.device(device):
+            model = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096))
+            x = torch.randn(64, 4096)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step() -> Any:
+            opt.zero_grad(set_to_none=True)
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return step
+
+    def tiny(spec: dict[str, int]) -> Callable[[Any], Callable[[], Any]]:
+        def build(device: Any) -> Callable[[], Any]:
+            torch.manual_seed(0)
+            model = TinyLM(d_model=spec["d_model"], heads=spec.get("heads", 4), layers=spec["layers"],
+                           checkpointed=range(spec["layers"]) if spec.get("checkpointed") else ()).to(device)
+            return lm_train_step(model, spec["batch_size"], spec["seq_len"], device)
+        return build
+
+    small = LlamaConfig(width=2048, layers=4 if quick else 22, heads=32, ffn=5632)  # TinyLlama's 1.1B shape
+
+    def llama_train(device: Any) -> Callable[[], Any]:
+        with torch.device(device):
+            model = Llama(small, max_len=1024).to(torch.bfloat16)
+            tokens = torch.zeros(4, 512, dtype=torch.long)
+            targets = torch.zeros(4, dtype=torch.long)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step() -> Any:
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(tokens)[:, -1].float(), targets)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return step
+
+    def llama_prefill(device: Any) -> Callable[[], Any]:
+        with torch.device(device):
+            model = Llama(small, max_len=2048).to(torch.bfloat16).eval()
+
+        @torch.inference_mode()
+        def prefill() -> Any:
+            cache = KVCache(small, 16, 1024 + 128, torch.bfloat16, torch.device(device))
+            tokens = torch.zeros(16, 1024, dtype=torch.long, device=device)
+            return model(tokens, cache)
+        return prefill
+
+    cases: dict[str, Callable[[Any], Callable[[], Any]]] = {"MLP 4096 (AdamW)": mlp}
+    cases["TinyLM d64 x4, batch 16 x 256, checkpointed"] = tiny({"d_model": 64, "layers": 4, "batch_size": 16,
+                                                                 "seq_len": 256, "checkpointed": 1})
+    cases["TinyLM d384 x2, batch 8 x 64"] = tiny({"d_model": 384, "heads": 4, "layers": 2, "batch_size": 8,
+                                                  "seq_len": 64})
+    cases[f"Llama {small.layers} x 2048 bf16, AdamW, 4 x 512"] = llama_train
+    cases[f"Llama {small.layers} x 2048 bf16, prefill 16 x 1024"] = llama_prefill
+    return cases
+
+
+def stage_forecast(device_name: str, quick: bool) -> Outcome:
+    import gc
+
+    import torch
+
+    from pytest_trainperf.measure.forecast import forecast_peak
+
+    device = device_of(device_name)
+    figures: dict[str, Any] = {}
+    failures = []
+    for name, build in forecast_cases(quick).items():
+        calls = 1 if "prefill" in name else 2
+        _, forecast = forecast_peak(build(torch.device("meta")), calls=calls)
+        if device.type != "cuda":
+            figures[name] = f"forecast {forecast.peak_bytes} B (rehearsal: no allocator counters on the CPU)"
+            continue
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step = build(device)
+        for _ in range(calls):
+            out = step()
+        torch.cuda.synchronize(device)
+        real = torch.cuda.max_memory_allocated(device) - before
+        del step, out
+        gc.collect()
+        error = forecast.peak_bytes / real - 1 if real else float("nan")
+        figures[name] = (f"forecast {forecast.peak_bytes / 2**20:.1f} MiB, max_memory_allocated "
+                         f"{real / 2**20:.1f} MiB, {error * 100:+.1f}% ({dict(forecast.attention)})")
+        if not (abs(error) <= FORECAST_WITHIN and error >= -FORECAST_UNDER):
+            failures.append(f"{name}: {error * 100:+.1f}%")
+    if device.type != "cuda":
+        return Outcome(figures=figures, detail="rehearsal: the CPU has no allocator counters to compare with")
+    return Outcome(status="failed" if failures else "ok", figures=figures,
+                   detail="outside +-10% or under by more than 5%: " + "; ".join(failures) if failures else
+                   "goal: within 10% of max_memory_allocated per case, never under it by more than 5%")
 
 
 def stage_overhead(device_name: str, quick: bool) -> Outcome:
@@ -479,7 +596,8 @@ def stage_examples(device_name: str, quick: bool, timeout: float) -> Outcome:
 
 
 RUNNERS: dict[str, Callable[..., Outcome]] = {
-    "environment": stage_environment, "mfu": stage_mfu, "memory": stage_memory, "overhead": stage_overhead,
+    "environment": stage_environment, "mfu": stage_mfu, "memory": stage_memory, "forecast": stage_forecast,
+    "overhead": stage_overhead,
     "xdist": stage_xdist, "cuda-tests": stage_cuda_tests, "examples": stage_examples,
 }
 TIMED_INSIDE = ("cuda-tests", "examples")

@@ -64,3 +64,16 @@ def fingerprint(device: torch.device, threads: int, malloc: str = "", cudnn_benc
         cudnn=cudnn,
         cudnn_benchmark=benchmark,
     )
+
+
+FORECAST_DEVICE = "cuda (forecast)"
+"""The device a ``tp.forecast`` cell's fingerprint names."""
+
+
+def forecast_fingerprint() -> Fingerprint:
+    """The fingerprint of a forecast on ``meta``: torch's version alone decides it (not the host, its
+    threads or its allocator), so a baseline forecast on one runner is judged on any other."""
+    import torch
+
+    return Fingerprint(device=FORECAST_DEVICE, device_type="meta", torch=torch.__version__, cuda=None, threads=1,
+                       cpu="", python=platform.python_version(), platform=f"{sys.platform}-{platform.machine()}")

@@ -12,7 +12,7 @@ import statistics
 import time
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
@@ -32,8 +32,21 @@ DEFAULT_WARMUP = 3
 """Warm-up steps before the timed ones when the test does not say."""
 CONFIRM_WARMUP = 1
 """Untimed steps before a re-measurement (after its garbage collection)."""
+RETIMED = "re-timed to confirm a timing regression, and the re-timing is invalid (neither confirmed nor cleared)"
+"""How the failure of a cell whose confirmation re-timing compiled begins (the reason follows)."""
 RATE_DIGITS = 9
 """Significant digits kept of a throughput sample (step times are exact nanoseconds)."""
+FORECAST_TRAIN_STEPS = 2
+"""Training steps a forecast runs: the second holds the optimizer state the first created."""
+FORECAST_RUN_CALLS = 1
+"""Calls of an inference function a forecast runs."""
+FORECAST_METRIC = "peak_memory_forecast"
+"""The metric of a forecast: the peak CUDA memory of the step, in bytes."""
+FORECAST_REFUSED = ("tp.forecast: the step cannot run on the meta device: it needs tensor values, which meta "
+                    "tensors do not have, or an op has no meta kernel (forecast a step without .item(), "
+                    ".tolist(), bool(tensor), nonzero, boolean-mask indexing or unique, or measure it on a real "
+                    "device)")
+"""The start of the failure of a forecast whose step needs data."""
 
 
 class Timer(Protocol):
@@ -80,8 +93,10 @@ class TrainPerf:
     """
 
     def __init__(self, cell: Cell, settings: Settings, malloc: str = "", timing_only: bool = False,
-                 memory_budget: int | None = None, rank: RankInfo | None = None) -> None:
+                 memory_budget: int | None = None, forecast: Forecasting | None = None,
+                 rank: RankInfo | None = None) -> None:
         self._cell = cell
+        self._forecast = forecast
         self._rank = rank
         self._timing_only = timing_only
         self._budget = memory_budget
@@ -108,6 +123,8 @@ class TrainPerf:
         from pytest_trainperf.measure.memory import Preexisting
 
         self._started = time.perf_counter()
+        if self._forecast is not None:  # a forecast counts what its step reaches on meta, nothing else
+            return
         if not self._timing_only and not records_only:  # a noise round measures no memory
             self._preexisting = Preexisting(self.device)
 
@@ -117,6 +134,10 @@ class TrainPerf:
     def device(self) -> torch.device:
         """The device to measure on (``--trainperf-device``, or this xdist worker's one of
         ``--trainperf-devices``; default CUDA if available, else CPU), checked and made current."""
+        if self._device is None and self._forecast is not None:
+            import torch
+
+            self._device = torch.device("meta")
         if self._device is None:
             from pytest_trainperf.measure.device import DeviceError, select_device
 
@@ -177,6 +198,8 @@ class TrainPerf:
         warmup = _check_count(self._cell, call, "warmup", warmup, 0)
         items = _check_items(self._cell, call, "items_per_step", items_per_step)
         self._claim(call)
+        if self._forecast is not None:
+            return self._forecast_run("train", step, FORECAST_TRAIN_STEPS)
         if not self._settings.enabled:
             self._check_losses([self._loss(step())], call)
             return None
@@ -190,6 +213,8 @@ class TrainPerf:
         warmup = _check_count(self._cell, call, "warmup", warmup, 0)
         items = _check_items(self._cell, call, "items_per_call", items_per_call)
         self._claim(call)
+        if self._forecast is not None:
+            return self._forecast_run("run", fn, FORECAST_RUN_CALLS)
         if not self._settings.enabled:
             fn()
             return None
@@ -295,6 +320,11 @@ class TrainPerf:
         """The environment of this cell's measurement (device, torch, CUDA, threads, CPU)."""
         import torch
 
+        if self._forecast is not None:
+            from pytest_trainperf.env import forecast_fingerprint
+
+            return forecast_fingerprint()
+
         from pytest_trainperf.env import fingerprint
         from pytest_trainperf.measure.timing import default_threads
 
@@ -370,17 +400,84 @@ class TrainPerf:
                 _usage(self._cell, f"loss diverged: {call} step {i} returned {value}")
         return curve
 
+    def _forecast_run(self, kind: str, fn: Callable[[], object], calls: int) -> Measurement | None:
+        """Forecast the CUDA memory of ``calls`` calls of ``fn`` on ``meta``; a plain run forecasts too (the
+        check that the step runs there, with the forecast's memo of meta kernels: many of them are slow
+        Python functions), and measures nothing."""
+        from pytest_trainperf.measure.forecast import NeedsData, forecast_peak
+
+        assert self._forecast is not None
+        key = self._forecast.key(self._cell, kind)
+        found = self._forecast.memo.get(key)
+        if found is None:
+            error = ""
+            try:
+                out, found = forecast_peak(fn, calls)
+            except NeedsData as exc:
+                error = f"{FORECAST_REFUSED}: {exc}"
+            if error:
+                _usage(self._cell, error)
+            assert found is not None
+            if kind == "train":
+                self._loss_shape(out)
+            del out
+            self._forecast.memo[key] = found
+        if not self._settings.enabled:  # a plain run: the step ran on meta (the memo makes that quick)
+            return None
+        return self._forecasted(kind, calls, found)
+
+    def _forecasted(self, kind: str, calls: int, found: Any) -> Measurement:
+        from pytest_trainperf.measure.forecast import CATEGORIES
+        from pytest_trainperf.records import Breakdown
+        from pytest_trainperf.units import format_value
+
+        assert self._forecast is not None
+        memory = self._forecast.memory
+        parts = tuple((name, float(amount)) for name, amount in found.parts)
+        shown = ", ".join(f"{name.replace('_', ' ')} {format_value(amount, 'B')}" for name, amount in parts
+                          if amount > 0 and name in CATEGORIES)
+        outcome, detail = Outcome.MEASURED, ""
+        over = memory is not None and found.peak_bytes > memory
+        if over:
+            assert memory is not None
+            outcome = Outcome.OOM_FORECAST
+            detail = (f"forecast peak {format_value(float(found.peak_bytes), 'B')} exceeds the device's "
+                      f"{format_value(float(memory), 'B')} ({shown})")
+        notes = tuple(f"{self._cell.nodeid}: scaled_dot_product_attention forecast with the {kernel} kernel "
+                      f"({count} call(s))" for kernel, count in found.attention if kernel == "math")
+        self._measured = Measurement(
+            test=self._cell.test, cell=self._cell.cell, params=self._cell.params,
+            metrics=(Metric(FORECAST_METRIC, float(found.peak_bytes), "B"),), kind=kind, steps=calls,
+            outcome=outcome, detail=detail, notes=notes,
+            breakdowns=(Breakdown(FORECAST_METRIC, parts, "B", "parts of the forecast peak that grew"),))
+        if over:  # as on that device: the test stops here, as a real out-of-memory error would stop it
+            raise ForecastOutOfMemory(detail)
+        return self.result()  # type: ignore[return-value]
+
+    def _loss_shape(self, out: object) -> None:
+        """A forecast step's loss: a 0-d tensor or a number, whose value meta cannot give."""
+        numel = getattr(out, "numel", None)
+        if not (isinstance(out, numbers.Real) or (callable(numel) and numel() == 1)):
+            _usage(self._cell, "the step passed to trainperf.train must return the loss as a 0-d tensor "
+                               f"or a float; got {type(out).__name__} {out!r:.80}")
+
     def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
                  items: float | None) -> Measurement:
         from pytest_trainperf.measure.comm import distributed_now
-        from pytest_trainperf.measure.compiled import EAGER_NOTE, CompileWatch, eager_step
+        from pytest_trainperf.measure.compiled import (
+            EAGER_NOTE,
+            CompileWatch,
+            Snapshot,
+            eager_step,
+            snapshot,
+            timed_failure,
+        )
+        from pytest_trainperf.measure.counting import count_step
         from pytest_trainperf.measure.cudnn import cudnn_benchmark
-        from pytest_trainperf.measure.flops import count_flops
         from pytest_trainperf.measure.memory import allocator_pressure, measure_peak
         from pytest_trainperf.measure.mfu import device_peaks, precision_in_use
         from pytest_trainperf.measure.timing import default_threads, fixed_threads, time_steps
         from pytest_trainperf.measure.utilization import Probe
-        from pytest_trainperf.measure.work import count_work
 
         device = self.device
         keep: Callable[[object], object] | None = self._loss if kind == "train" else None
@@ -400,8 +497,8 @@ class TrainPerf:
         with fixed_threads(threads), cudnn_benchmark(policy) as self._cudnn_benchmark, probe:
             # instrumented steps first, so that the warm-up runs right before the timed steps
             if not self._timing_only:
-                with count_work(device.type) as work:  # syncs, ops, memory traffic: on the FLOP step
-                    out, flops = count_flops(eager)
+                # one counting pass: FLOPs, syncs, ops, memory traffic (torch.compile off)
+                out, flops, work = count_step(eager, device.type)
                 if keep is not None:
                     kept.append(keep(out))
                 del out
@@ -429,8 +526,13 @@ class TrainPerf:
         metrics = timing_metrics(timed.samples, items) if timed is not None else []
 
         def retime() -> list[Metric]:
+            marks: list[Snapshot] = []  # dynamo's counters when the re-timed steps start
             with fixed_threads(threads), cudnn_benchmark(policy):
-                again = time_steps(fn, count, device, warmup=CONFIRM_WARMUP)
+                again = time_steps(fn, count, device, warmup=CONFIRM_WARMUP,
+                                   on_timed=lambda: marks.append(snapshot()))
+            invalid = timed_failure(marks[0], snapshot()) if marks else ""
+            if invalid:  # timings mixing compiled and compiling steps confirm nothing, and clear nothing
+                _usage(self._cell, f"{RETIMED}: {invalid}")
             return timing_metrics(again.samples, items)
 
         self._retime = retime if timed is not None else None
@@ -513,6 +615,27 @@ class EmulatedOutOfMemory(MemoryError):
     """Raised by ``train``/``run`` when the cell's peak memory exceeds its memory budget: the rest of
     the test does not run (a model that never trained records nothing), and the plugin reports the
     cell as ``oom-emulated`` with what was measured."""
+
+
+class ForecastOutOfMemory(EmulatedOutOfMemory):
+    """Raised by ``train``/``run`` of a ``tp.forecast`` cell whose forecast peak exceeds the device's
+    memory; the plugin reports the cell as ``oom-forecast``."""
+
+
+@dataclass
+class Forecasting:
+    """A ``tp.forecast`` cell: its device's memory and the session's forecasts so far."""
+
+    memory: int | None
+    """The device's memory in bytes (None: no device given, only the forecast)."""
+    memory_axis: str | None
+    """The grid axis of device sizes: cells differing only in it share one forecast."""
+    memo: dict[tuple[object, ...], Any] = field(default_factory=dict)
+    """The session's forecasts by :meth:`key`."""
+
+    def key(self, cell: Cell, kind: str) -> tuple[object, ...]:
+        """What a forecast depends on: the test and its cell's parameters but the device's memory."""
+        return (cell.test_file, cell.test, kind, tuple(p for p in cell.params if p[0] != self.memory_axis))
 
 
 def ranks_in_step(fn: Callable[[], Any], count: int, device: torch.device,

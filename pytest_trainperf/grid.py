@@ -161,25 +161,79 @@ def tolerance(**tolerances: float) -> Callable[[F], F]:
     return _mark(TOLERANCE_MARK, spec)
 
 
+def _size(call: str, size: object) -> int:
+    """A device memory size given to a decorator: ``"24GiB"`` or a number of bytes."""
+    from pytest_trainperf.units import MAX_SIZE, SIZE_EXPECTED, parse_size
+
+    if isinstance(size, bool) or not isinstance(size, (str, int)):
+        raise GridError(f"{call}: expected a size such as '24GiB' or a number of bytes, got {size!r:.80}")
+    if isinstance(size, int):  # not through str(): a 5000-digit int has no str() in Python 3.11
+        if not 1 <= size < MAX_SIZE:
+            shown = f"{size}" if size.bit_length() < 256 else f"an integer of {size.bit_length()} bits"
+            raise GridError(f"{call}: expected {SIZE_EXPECTED}, got {shown}")
+        return size
+    try:
+        return parse_size(size)
+    except ValueError as exc:
+        raise GridError(f"{call}: {exc}") from None
+
+
 def memory_budget(size: str | int) -> Callable[[F], F]:
     """Give one test a memory budget: a cell whose peak memory exceeds it is reported as out of memory
     (emulated), as if it ran on a device of that size, e.g. ``@tp.memory_budget("24GiB")`` to guard
     on a CPU runner that a grid still fits on a 24 GB card. Overrides ``--trainperf-memory-budget``."""
-    from pytest_trainperf.units import MAX_SIZE, SIZE_EXPECTED, parse_size
+    return _mark(BUDGET_MARK, _size("tp.memory_budget", size))
 
-    if isinstance(size, bool) or not isinstance(size, (str, int)):
-        raise GridError(f"tp.memory_budget: expected a size such as '24GiB' or a number of bytes, got {size!r:.80}")
-    if isinstance(size, int):  # not through str(): a 5000-digit int has no str() in Python 3.11
-        if not 1 <= size < MAX_SIZE:
-            shown = f"{size}" if size.bit_length() < 256 else f"an integer of {size.bit_length()} bits"
-            raise GridError(f"tp.memory_budget: expected {SIZE_EXPECTED}, got {shown}")
-        budget = size
-    else:
-        try:
-            budget = parse_size(size)
-        except ValueError as exc:
-            raise GridError(f"tp.memory_budget: {exc}") from None
-    return _mark(BUDGET_MARK, budget)
+
+FORECAST_MARK = "trainperf_forecast"
+"""The marker ``tp.forecast`` applies (its one argument is the :class:`ForecastSpec`)."""
+
+
+@dataclass(frozen=True)
+class ForecastSpec:
+    """What ``tp.forecast`` asks for."""
+
+    memory: int | None = None
+    """The device's memory in bytes: a cell whose forecast peak exceeds it is ``oom-forecast``."""
+    memory_axis: str | None = None
+    """A grid axis whose values are device memory sizes (``"24GiB"``), one OOM map per value."""
+
+    def memory_of(self, params: Mapping[str, Scalar]) -> int | None:
+        """The device memory of the cell with these parameters (checked at collection)."""
+        if self.memory_axis is None:
+            return self.memory
+        return _size(f"tp.forecast(memory_axis={self.memory_axis!r})", params[self.memory_axis])
+
+    def check(self, grid: Grid | None) -> str | None:
+        """Why this spec does not fit the test's grid, or None."""
+        if self.memory_axis is None:
+            return None
+        names = grid.names if grid is not None else ()
+        if self.memory_axis not in names:
+            return (f"tp.forecast(memory_axis={self.memory_axis!r}): expected the name of a tp.grid axis "
+                    f"({', '.join(map(repr, names)) or 'the test has no grid'})")
+        for value in dict(grid.axes)[self.memory_axis] if grid is not None else ():
+            try:
+                _size(f"tp.forecast(memory_axis={self.memory_axis!r})", value)
+            except GridError as exc:
+                return str(exc)
+        return None
+
+
+def forecast(memory: str | int | None = None, *, memory_axis: str | None = None) -> Callable[[F], F]:
+    """Forecast the test's CUDA memory on the ``meta`` device instead of running it: ``trainperf.device``
+    is ``meta``, and ``train``/``run`` run the step once or twice without data, counting each storage
+    as the CUDA caching allocator would (``peak_memory_forecast``, broken down into parameters,
+    gradients, optimizer state, activations and temporaries). With ``memory="24GiB"``, a cell over
+    it is ``OOM (forecast)``; with ``memory_axis="gpu"``, each value of the grid axis ``gpu`` is a
+    device size, and the grid becomes one OOM map per device."""
+    if memory is not None and memory_axis is not None:
+        raise GridError(f"tp.forecast: expected memory= or memory_axis=, not both; got memory={memory!r:.40}, "
+                        f"memory_axis={memory_axis!r:.40}")
+    if memory_axis is not None and (not isinstance(memory_axis, str) or not memory_axis.isidentifier()):
+        raise GridError(f"tp.forecast: expected memory_axis to name a tp.grid axis, got {memory_axis!r:.80}")
+    size = _size("tp.forecast(memory=...)", memory) if memory is not None else None
+    return _mark(FORECAST_MARK, ForecastSpec(memory=size, memory_axis=memory_axis))
 
 
 RELATIVE_MARK = "trainperf_relative"

@@ -60,6 +60,34 @@ class Retimed:
     """The ``--trainperf-max-time`` (seconds) that left a due re-measurement undone; None: none was."""
 
 
+ACROSS_HOSTS = ("flops", "host_syncs", "ops", "memory_traffic", "low_precision_share", "arithmetic_intensity",
+                "graph_breaks", "recompiles", "unique_graphs")
+"""The metrics judged against a baseline from another host (same device type, torch, threads; another
+CPU): counts of what the code dispatches and compiles, the same on any CPU; and their splits by dtype
+(:data:`ACROSS_HOSTS_FAMILIES`). Timings, memory and the loss (CPU kernels round differently) are not."""
+ACROSS_HOSTS_FAMILIES = ("flops_", "memory_traffic_")
+"""Prefixes of the by-dtype splits of :data:`ACROSS_HOSTS` metrics (``flops_bf16``, ``memory_traffic_fp32``)."""
+
+
+def across_hosts(metric: str) -> bool:
+    """Whether ``metric`` is judged against a baseline measured on another host's CPU."""
+    return metric in ACROSS_HOSTS or metric.startswith(ACROSS_HOSTS_FAMILIES)
+
+
+def from_another_host(baseline: Measurement) -> Measurement:
+    """A baseline measured on another host, cut to what judges this one: its :func:`across_hosts`
+    metrics and their breakdowns, no loss curve. The cell's other metrics then have no baseline value
+    and are not judged (``new``)."""
+    return replace(baseline, metrics=tuple(m for m in baseline.metrics if across_hosts(m.name)),
+                   breakdowns=tuple(b for b in baseline.breakdowns if across_hosts(b.metric)), loss_curve=())
+
+
+def across_hosts_environment(here: str, there: str) -> str:
+    """The ``environment:`` line of a cell judged against a baseline from another host."""
+    return (f"{here} (judged across hosts: same device type, torch and threads; another CPU; against the "
+            f"baseline of {there}: the exact work metrics only, timings not judged)")
+
+
 def cell(now: Measurement, baseline: Measurement | None, overrides: Mapping[str, float],
          grid: Mapping[str, Sequence[float]] | None = None, grid_size: int = 1) -> CellVerdict:
     """The verdict on a cell against its stored baseline, its timings corrected for the other cells

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from pytest_trainperf import judge, results, stats, store, vcs
-from pytest_trainperf.fixture import TrainPerf, records_only
+from pytest_trainperf.fixture import Forecasting, TrainPerf, records_only
 from pytest_trainperf.grid import (
     BUDGET_MARK,
+    FORECAST_MARK,
     GRID_MARK,
     RANKS_MARK,
     RELATIVE_MARK,
@@ -78,6 +79,7 @@ MARKERS = {
     GRID_MARK: "(grid): applied by tp.grid: spread the test over a parameter grid",
     TOLERANCE_MARK: "(tolerances): applied by tp.tolerance: per-test relative tolerances",
     BUDGET_MARK: "(bytes): applied by tp.memory_budget: cells over it count as out of memory",
+    FORECAST_MARK: "(spec): applied by tp.forecast: the CUDA memory forecast on the meta device, OOM maps per device",
     RELATIVE_MARK: "(spec): applied by tp.relative: variants viewed relative to a reference",
     SCALING_MARK: "(spec): applied by tp.scaling: a power-law exponent fitted along an axis",
     RANKS_MARK: "(spec): applied by tp.ranks: each cell runs as a job of ranks (elastic launch)",
@@ -162,12 +164,19 @@ def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
     """Measure this cell: ``trainperf.train(step, steps=...)``, ``.run(fn, iters=...)``, ``.record(...)``."""
     session = request.config.stash[SESSION_KEY]
     budget = request.node.get_closest_marker(BUDGET_MARK)
+    memory = budget.args[0] if budget is not None else session.settings.memory_budget
+    cell = cell_of(request.node, request.config.rootpath)
+    forecast = request.node.get_closest_marker(FORECAST_MARK)
+    forecasting = None
+    if forecast is not None:
+        spec = forecast.args[0]
+        given = spec.memory_of(dict(cell.params))
+        forecasting = Forecasting(given if given is not None or spec.memory_axis else memory, spec.memory_axis,
+                                  session.forecasts)
     distributed = request.node.get_closest_marker(RANKS_MARK) is not None
     rank = rank_from_env() if distributed else None
-    fixture = TrainPerf(cell_of(request.node, request.config.rootpath), session.settings, session.malloc,
-                        timing_only=session.remeasuring,
-                        memory_budget=budget.args[0] if budget is not None else session.settings.memory_budget,
-                        rank=rank)
+    fixture = TrainPerf(cell, session.settings, session.malloc, timing_only=session.remeasuring,
+                        memory_budget=memory, forecast=forecasting, rank=rank)
     request.node.stash[FIXTURE_KEY] = fixture
     if session.settings.enabled:
         if not session.ledger.against:  # a lockstep comparison (--trainperf-against) reads no baseline file
@@ -237,6 +246,8 @@ class TrainPerfSession:
         self._references: dict[str, tuple[str | None, str, str]] = {}
         self._source: tuple[Source | None] | None = None
         self._first: dict[str, Measurement] = {}
+        self.forecasts: dict[tuple[object, ...], object] = {}
+        """The forecasts of ``tp.forecast`` cells so far: cells differing only in the device's memory share one."""
 
     # ------------------------------------------------------------------ collection
 
@@ -254,6 +265,11 @@ class TrainPerfSession:
             if problem is None and FIXTURE_NAME not in metafunc.fixturenames:
                 problem = (f"tp.ranks: expected the test to take the {FIXTURE_NAME!r} fixture (its ranks "
                            f"measure with it), got the arguments ({', '.join(metafunc.fixturenames) or 'none'})")
+            if problem is not None:
+                pytest.fail(f"{metafunc.definition.nodeid}: {problem}", pytrace=False)
+        forecast = metafunc.definition.get_closest_marker(FORECAST_MARK)
+        if forecast is not None:
+            problem = forecast.args[0].check(grid)
             if problem is not None:
                 pytest.fail(f"{metafunc.definition.nodeid}: {problem}", pytrace=False)
         if grid is None or not grid.axes:
@@ -349,6 +365,15 @@ class TrainPerfSession:
         cell, fingerprint = run.cell, run.fingerprint
         found = self.baseline_file(cell)
         baseline = found.file.lookup(fingerprint.key, cell.test, cell.cell)
+        environment = fingerprint.key
+        other = (found.file.across_hosts(fingerprint, cell.test, cell.cell)
+                 if baseline is None and not self.settings.update else None)
+        if other is not None:  # only the CPU differs: its exact work metrics judge this cell's
+            baseline = judge.from_another_host(other[1])
+            environment = judge.across_hosts_environment(fingerprint.key, other[0].key)
+            self.ledger.note(f"judged across hosts: same device type, torch and threads; another CPU: cells with no "
+                             f"baseline here had their exact work metrics judged against {other[0].key} (timings, "
+                             "memory and loss not judged)")
         overrides = _overrides(item)
         state = self._grids.setdefault(cell.grid, GridState(size=1))
 
@@ -363,7 +388,7 @@ class TrainPerfSession:
             if m.name in stats.TIMING_METRICS and m.p_value is not None:
                 state.p_values.setdefault(m.name, []).append(m.p_value)
         if (not self.settings.update and self.settings.confirm_against != CONFIRM_NONE and baseline is not None
-                and run.side_by_side
+                and other is None and run.side_by_side
                 and (judge.timing_regressed(verdict) or judge.suspect(verdict.measurement, baseline, overrides))):
             verdict = self._side_by_side(item, baseline, verdict, overrides)
         elsewhere = () if baseline is not None else tuple(
@@ -385,11 +410,11 @@ class TrainPerfSession:
                                                             run.measurement.outcome.value), *figures]),
                         pytrace=False)
         against = judge.Against(where=f"{cell.nodeid} against its baseline in {found.shown}",
-                                environment=fingerprint.key, shown=found.shown)
+                                environment=environment, shown=found.shown)
         failure = judge.failure(verdict, against, retimed)
         if failure or figures:
             pytest.fail("\n\n".join(([failure] if failure else []) + figures), pytrace=False)
-        if baseline is None and self.settings.strict:
+        if (baseline is None or other is not None) and self.settings.strict:
             pytest.fail(judge.missing_baseline(cell.nodeid, found.shown, fingerprint.key), pytrace=False)
 
     def _confirm(self, run: CellRun, verdict: CellVerdict,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pytest_trainperf.units import format_value
 
@@ -79,6 +79,8 @@ class Outcome(enum.Enum):
     not fit on the device the budget stands for."""
     OOM_KILLED = "oom-killed"
     """An isolated cell's process was killed by the kernel (SIGKILL: the OOM killer)."""
+    OOM_FORECAST = "oom-forecast"
+    """A ``tp.forecast`` cell whose forecast peak exceeds the device's memory: it would not fit."""
     CRASHED = "crashed"
     """An isolated cell's interpreter died another way (a signal, or an exit without a result)."""
     TIMEOUT = "timeout"
@@ -87,7 +89,7 @@ class Outcome(enum.Enum):
     @property
     def out_of_memory(self) -> bool:
         """True for the outcomes that mean the cell does not fit."""
-        return self in (Outcome.OOM, Outcome.OOM_EMULATED, Outcome.OOM_KILLED)
+        return self in (Outcome.OOM, Outcome.OOM_EMULATED, Outcome.OOM_KILLED, Outcome.OOM_FORECAST)
 
     @property
     def died(self) -> bool:
@@ -98,8 +100,7 @@ class Outcome(enum.Enum):
     def label(self) -> str:
         """What a heatmap cell shows for it."""
         return {"measured": "", "oom": "OOM", "oom-emulated": "OOM*", "oom-killed": "KILLED",
-                "crashed": "CRASH",
-                "timeout": "TIMEOUT"}[self.value]
+                "oom-forecast": "OOM (forecast)", "crashed": "CRASH", "timeout": "TIMEOUT"}[self.value]
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,10 @@ class Metric:
     def sampled(self) -> bool:
         """True when the metric is decided on samples rather than one exact value."""
         return len(self.samples) > 1
+
+
+ANOTHER_CPU = "any cpu"
+"""What stands for the CPU model in :attr:`Fingerprint.across_hosts_key`."""
 
 
 @dataclass(frozen=True)
@@ -176,11 +181,19 @@ class Fingerprint:
         if self.cudnn_benchmark:
             parts.append(f"cudnn.benchmark {self.cudnn_benchmark}")
         parts.append(f"threads {self.threads}")
-        if self.device_type != "cpu":
+        if self.device_type not in ("cpu", "meta"):  # a forecast (meta) depends on torch alone
             parts.append(f"cpu {self.cpu}")
         if self.malloc:
             parts.append(f"malloc {self.malloc}")
         return " | ".join(parts)
+
+    @property
+    def across_hosts_key(self) -> str:
+        """The key with the host's CPU model left out (the device name on a CPU, the ``cpu`` field on
+        an accelerator): two environments that share it differ only in their CPU, and the exact work
+        metrics of one (counts of what the code dispatches, not how fast) judge the other."""
+        host = ANOTHER_CPU
+        return replace(self, cpu=host, device=host if self.device_type == "cpu" else self.device).key
 
 
 @dataclass(frozen=True)

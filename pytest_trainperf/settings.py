@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-DEFAULT_SHOW = ("step_time", "peak_memory")
-"""The metrics the report renders as heatmaps unless ``--trainperf-show`` says otherwise."""
+DEFAULT_SHOW = ("step_time", "peak_memory", "peak_memory_forecast")
+"""The metrics the report renders as heatmaps unless ``--trainperf-show`` says otherwise (each where a
+test measured it: ``peak_memory_forecast`` is a ``tp.forecast`` test's)."""
 MALLOC_MODES = ("fixed", "system")
 """What ``--trainperf-malloc`` accepts."""
 CUDNN_BENCHMARK = ("keep", "on", "off")

@@ -68,6 +68,7 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
     "step_time": 0.10,
     "throughput": 0.10 / 1.10,  # follows step_time: see tolerance_for
     "peak_memory": 0.005,
+    "peak_memory_forecast": 0.005,
     "flops": 0.001,
     "loss": 0.002,
     "reserved_memory": math.inf,

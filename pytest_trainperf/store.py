@@ -127,6 +127,17 @@ class BaselineFile:
         env = self.environments.get(env_key)
         return None if env is None else env.cells.get((test, cell))
 
+    def across_hosts(self, fingerprint: Fingerprint, test: str, cell: str) -> tuple[Fingerprint, Measurement] | None:
+        """The stored measurement of one cell in an environment that differs from ``fingerprint`` only in
+        the host's CPU model (:attr:`Fingerprint.across_hosts_key`), with that environment; the first by
+        key when several do; None when none does."""
+        wanted = fingerprint.across_hosts_key
+        for key in sorted(self.environments):
+            env = self.environments[key]
+            if key != fingerprint.key and env.fingerprint.across_hosts_key == wanted and (test, cell) in env.cells:
+                return env.fingerprint, env.cells[(test, cell)]
+        return None
+
     def figures(self, env_key: str, test: str) -> tuple[Figure, ...]:
         """The stored figures of one test in one environment (empty when none)."""
         env = self.environments.get(env_key)

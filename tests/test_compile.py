@@ -208,3 +208,59 @@ def test_a_compile_during_the_timed_steps_fails_the_cell_naming_the_guard(
     result = pytester.runpytest("--trainperf")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([expected])
+
+
+# A compiled step that sleeps on its first SLOW calls (a transient slowdown of the first timed steps: 1
+# counting + 1 memory + 2 warm-up + 4 timed = 8 calls) and whose batch grows from 8 to 12 rows at call
+# CHANGE: the confirmation's re-timing (1 warm-up, then 4 timed: calls 8 to 12) meets the new shape.
+RETIMED = """
+import time
+import torch
+from torch import nn
+import pytest_trainperf as tp
+
+SLOW = {slow}
+CHANGE = {change}
+
+@tp.tolerance(step_time=5.0)  # a sleep of 50 ms is 30 times the step; the runner's noise is not
+def test_net(trainperf):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    small, large = torch.randn(8, 16), torch.randn(12, 16)
+    calls = [0]
+
+    def step():
+        n = calls[0]
+        calls[0] += 1
+        if n < SLOW:
+            time.sleep(0.05)
+        opt.zero_grad(set_to_none=True)
+        loss = compiled(large if n >= CHANGE else small).pow(2).mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    trainperf.train(step, steps=4, warmup=2)
+"""
+NEVER = 10**9
+
+
+def test_a_recompile_in_the_confirmation_re_timing_neither_confirms_nor_clears_the_regression(
+        pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_net=RETIMED.format(slow=0, change=NEVER))
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    # the transient slowdown alone: the re-timing does not regress and clears it
+    pytester.makepyfile(test_net=RETIMED.format(slow=8, change=NEVER))
+    args = ("--trainperf", "--trainperf-confirm=1", "--trainperf-confirm-against=none")
+    pytester.runpytest(*args).assert_outcomes(passed=1)
+    # a recompile in the re-timed steps: its timings, compile included, would confirm the regression;
+    # invalid, they neither confirm nor clear it, and the cell fails naming the guard
+    pytester.makepyfile(test_net=RETIMED.format(slow=8, change=9))
+    result = pytester.runpytest(*args)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*test_net: re-timed to confirm a timing regression, and the re-timing is invalid (neither confirmed nor "
+        "cleared): recompiled during timed steps (reason: 0/0: tensor '*' size mismatch at index 0. "
+        "expected 8, actual 12; frame *; 1 recompile(s) in the timed steps)*"])

@@ -303,7 +303,7 @@ BAD_FILES = {
     "bad-outcome": (
         _with_cell({"metrics": {}, "outcome": "exploded"}),
         "at environments['k'].tests.test_a.default.outcome: expected one of ['measured', 'oom', 'oom-emulated', "
-        "'oom-killed'], got 'exploded'",
+        "'oom-killed', 'oom-forecast'], got 'exploded'",
     ),
     "bad-fingerprint": (
         json.dumps(_ours(environments={"k": {"fingerprint": {"device": "d"}, "tests": {}}})),

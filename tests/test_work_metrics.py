@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -198,7 +199,7 @@ from torch import nn
 import pytest_trainperf as tp
 
 
-@tp.tolerance(step_time=100.0)  # this file judges the exact counts; a loaded runner may not move it
+@tp.tolerance(step_time={step_tolerance})  # this file judges the exact counts; a loaded runner may not move it
 def test_mlp(trainperf):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1)).to(torch.bfloat16)
@@ -220,8 +221,8 @@ def test_mlp(trainperf):
 INI = "[pytest]\ntrainperf_threads = 1\ntrainperf_rounds = 1\n"
 
 
-def model(inject: str = "pass") -> str:
-    return MODEL.replace("{inject}", inject)
+def model(inject: str = "pass", step_tolerance: float = 100.0) -> str:
+    return MODEL.replace("{inject}", inject).replace("{step_tolerance}", repr(step_tolerance))
 
 
 def line_of(source: str, text: str) -> int:
@@ -296,3 +297,79 @@ def test_a_baseline_without_the_work_counts_passes_and_reports_them_new(pytester
         result = pytester.runpytest("--trainperf", *strict)
         result.assert_outcomes(passed=1)
         result.stdout.fnmatch_lines(["*1 cell measured: 1 new*"])  # its new metrics, until an update adds them
+
+
+ANOTHER_CPU = "Another CPU Model 9000"
+
+
+def move_to_another_cpu(path: Path) -> str:
+    """Rewrite the baseline file as if measured on a host that differs only in its CPU model; its key."""
+    doc = json.loads(path.read_text())
+    (env,) = doc["environments"].values()
+    fingerprint = env["fingerprint"]
+    fingerprint["cpu"] = ANOTHER_CPU
+    if fingerprint["device_type"] == "cpu":
+        fingerprint["device"] = ANOTHER_CPU  # a CPU device is named by its model
+    key = Fingerprint(**fingerprint).key
+    doc["environments"] = {key: env}
+    path.write_text(json.dumps(doc))
+    return key
+
+
+def test_a_baseline_from_another_cpu_judges_the_exact_work_metrics_and_not_the_timings(
+        pytester: pytest.Pytester) -> None:
+    pytester.makeini(INI)
+    pytester.makepyfile(test_model=model(step_tolerance=0.1))
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    slow = model("time.sleep(0.05)", step_tolerance=0.1).replace("import torch\n", "import time\nimport torch\n", 1)
+    pytester.makepyfile(test_model=slow)
+    quick = ("--trainperf", "--trainperf-confirm=0", "--trainperf-confirm-against=none")
+    same_host = pytester.runpytest(*quick)  # on the host that measured it, the slowdown fails
+    same_host.assert_outcomes(failed=1)
+    same_host.stdout.fnmatch_lines(["*trainperf regression: step_time +*"])
+    other = move_to_another_cpu(pytester.path / "baselines" / "test_model.json")
+    result = pytester.runpytest(*quick)  # another CPU: the same slowdown is not judged; the counts are
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"*judged across hosts: same device type, torch and threads; another CPU: cells "
+                                 f"with no baseline here had their exact work metrics judged against {other}*"])
+    assert "nothing was compared" not in result.stdout.str()
+    strict = pytester.runpytest(*quick, "--trainperf-strict")  # its timings are not gated: strict still fails it
+    strict.assert_outcomes(failed=1)
+    strict.stdout.fnmatch_lines(["*test_mlp* has no baseline for this environment in *(--trainperf-strict)"])
+    pytester.makepyfile(test_model=model("loss = loss.clone()"))
+    result = pytester.runpytest(*quick)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*trainperf regression: *ops +*",
+        "environment: * (judged across hosts: same device type, torch and threads; another CPU; against the "
+        f"baseline of {other}: the exact work metrics only, timings not judged)",
+        "    ops that appeared or grew: +1 aten.clone"], consecutive=False)
+    assert "step_time: baseline" not in result.stdout.str()
+
+
+def test_only_the_cpu_may_differ_for_a_baseline_to_judge_across_hosts() -> None:
+    here = Fingerprint(device="X", device_type="cpu", torch="2.9", cuda=None, threads=2, cpu="X", malloc="glibc-fixed")
+    baseline = Measurement(test="t", cell="c", params=(), metrics=(Metric("ops", 1.0),))
+    for there, judged in [(replace(here, device="Y", cpu="Y"), True),
+                          (replace(here, device="Y", cpu="Y", threads=4), False),
+                          (replace(here, device="Y", cpu="Y", torch="2.10"), False),
+                          (replace(here, device="Y", cpu="Y", malloc="system"), False),
+                          (here, False)]:  # the same environment: its own baseline, not another host's
+        file = store.BaselineFile(path=Path("b.json"), environments={
+            there.key: store.Environment(fingerprint=there, cells={("t", "c"): baseline})})
+        assert (file.across_hosts(here, "t", "c") is not None) is judged, there
+    gpu = Fingerprint(device="H100", device_type="cuda", torch="2.9", cuda="12.8", threads=2, cpu="X")
+    assert replace(gpu, cpu="Y").across_hosts_key == gpu.across_hosts_key
+    assert replace(gpu, device="A100", cpu="Y").across_hosts_key != gpu.across_hosts_key
+
+
+def test_across_hosts_only_the_exact_work_metrics_are_kept_from_the_baseline() -> None:
+    names = ("step_time", "throughput", "peak_memory", "loss", "flops", "flops_bf16", "host_syncs", "ops",
+             "memory_traffic", "memory_traffic_fp32", "low_precision_share", "graph_breaks", "recompiles",
+             "unique_graphs", "compile_time", "cpu_utilization")
+    baseline = Measurement(test="t", cell="c", params=(), metrics=tuple(Metric(n, 1.0) for n in names),
+                           loss_curve=(2.0, 1.0), breakdowns=(Breakdown("ops", (("aten.mm", 1.0),), "", "grew"),))
+    cut = judge.from_another_host(baseline)
+    assert cut.names == ("flops", "flops_bf16", "host_syncs", "ops", "memory_traffic", "memory_traffic_fp32",
+                         "low_precision_share", "graph_breaks", "recompiles", "unique_graphs")
+    assert cut.loss_curve == () and cut.breakdowns == baseline.breakdowns

@@ -1,8 +1,8 @@
 """``torch.compile``: compiled models measured as compiled, and what dynamo did in a cell.
 
-**The instrumented steps run eager.** The FLOP step runs under ``FlopCounterMode`` and the CPU memory
-step under a storage-following ``TorchDispatchMode``. Dynamo refuses to trace a frame while a
-non-infra dispatch mode is on the stack, and its refusal (``ConvertFrameReturn`` with
+**The instrumented steps run eager.** The counting step runs under the counting ``TorchDispatchMode``
+(:mod:`.counting`: FLOPs and work) and the CPU memory step under a storage-following one. Dynamo
+refuses to trace a frame while a non-infra dispatch mode is on the stack, and its refusal (``ConvertFrameReturn`` with
 ``apply_to_code``) marks the frame's code object as *skipped* for the rest of the process: the warm-up
 and timed steps, and every later cell running that code, would then run eager. ``config.disable``
 returns the same skip and marks the code alike. :func:`eager_instrumented` instead sets the documented
@@ -45,9 +45,9 @@ T = TypeVar("T")
 EAGER_STANCE = "force_eager"
 """The ``torch.compiler.set_stance`` of the instrumented steps: every ``torch.compile`` directive ignored."""
 GLOBAL_HOOKS_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
-"""Start of the warning an ``OptimizedModule`` gives when called under global module hooks (the FLOP
-counter's module tracker): under the eager stance the hooks firing an extra time for the wrapper only
-adds a level to the tracker's module tree, not a FLOP, so the warning is silenced there."""
+"""Start of the warning an ``OptimizedModule`` gives when called under global module hooks (a user's,
+or ``FlopCounterMode``'s module tracker where a step counts its own FLOPs): under the eager stance the
+hooks fire an extra time for the wrapper, and count nothing twice, so the warning is silenced there."""
 EAGER_NOTE = ("the flops and peak_memory of compiled cells are those of their step run eager (torch.compile off "
               "for the FLOP and memory steps, so that they leave the compiled code compiled): the FLOPs are the "
               "same math, the compiled step's own peak memory differs (docs/user-guide.md, Compiled models)")

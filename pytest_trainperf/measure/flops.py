@@ -1,4 +1,7 @@
-"""FLOPs of one step through ``torch.utils.flop_counter.FlopCounterMode``, by the precision they run in.
+"""FLOPs of one step with ``torch.utils.flop_counter``'s formulas, by the precision they run in.
+
+They are counted in the one counting pass of :mod:`.counting` (with the work counts), which counts
+what ``FlopCounterMode`` counts with :func:`flop_formulas` as its custom mapping, to the FLOP.
 
 The counter sees the aten ops that dominate training cost: matrix multiplies (``mm``, ``addmm``,
 ``bmm``, ``baddbmm``, ``_scaled_mm``, ``matmul`` through them), convolutions and their backward, and
@@ -7,8 +10,8 @@ torch's counter lacks, with the CUDA flash kernel's formula). It does **not** co
 reductions, normalisations, activations, softmax outside SDPA, embedding look-ups or optimizer
 updates: the figure is the matmul/conv work, which is what MFU is computed from.
 
-**By precision.** Every formula of the counter's registry is wrapped (``custom_mapping``; the step is
-run exactly as before, under the same one dispatch mode) so that each op's FLOPs are also added to
+**By precision.** Every formula of the counter's registry is wrapped (:func:`flop_formulas`) so that
+each op's FLOPs are also added to
 the :class:`Precision` its inputs run in: the dtype of its first floating-point input (``bfloat16``
 under a bf16 autocast, on the CPU as on CUDA), with ``float32`` on a CUDA device of compute
 capability 8.0 or later counted as ``tf32`` when the flag that governs that op allows TF32: matmuls
@@ -20,9 +23,6 @@ else ``allow_tf32``, on by default). Flags are read when the FLOP step starts.
 counts half of torch's formula, which counts the full score and value products: a causal kernel
 skips the masked half. An explicit mask (or the math kernel, which multiplies whole matrices and
 then masks) is counted in full.
-
-On a torch whose counter shape-wraps custom formulas (so no dtype reaches them), the split is empty,
-causal attention counts in full, and :mod:`.mfu` falls back to the default dtype.
 """
 
 from __future__ import annotations
@@ -186,13 +186,14 @@ def is_causal(position: tuple[int, str] | None, args: Sequence[object], kwargs: 
     return isinstance(value, int) and value != 0
 
 
-class _Tally:
+class Tally:
     """FLOPs by precision while a step runs under the counter."""
 
     def __init__(self, tf32: Tf32) -> None:
         self.tf32 = tf32
         self.flops: dict[Precision, int] = {}
         self._capability: dict[object, tuple[int, int] | None] = {}
+        self._precisions: dict[tuple[object, object, OpKind], Precision] = {}
 
     def precision(self, args: Sequence[object], kind: OpKind) -> Precision:
         import torch
@@ -200,17 +201,23 @@ class _Tally:
         tensor = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         if tensor is None:
             return Precision.OTHER
-        device = tensor.device
-        if device not in self._capability:
-            self._capability[device] = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        return precision_of(dtype, kind, self.tf32, device.type, self._capability[device])
+        key = (tensor.dtype, tensor.device, kind)
+        known = self._precisions.get(key)
+        if known is None:
+            device = tensor.device
+            if device not in self._capability:
+                self._capability[device] = (torch.cuda.get_device_capability(device) if device.type == "cuda"
+                                            else None)
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            known = self._precisions[key] = precision_of(dtype, kind, self.tf32, device.type,
+                                                         self._capability[device])
+        return known
 
     def add(self, precision: Precision, flops: int) -> None:
         self.flops[precision] = self.flops.get(precision, 0) + flops
 
 
-def _attributed(op: object, formula: Callable[..., Any], tally: _Tally) -> Callable[..., int]:
+def _attributed(op: object, formula: Callable[..., Any], tally: Tally) -> Callable[..., int]:
     """``formula`` (taking the op's raw arguments), halved for causal attention, adding its FLOPs to
     the tally under the precision of the op's inputs."""
     kind = op_kind(op)
@@ -227,24 +234,95 @@ def _attributed(op: object, formula: Callable[..., Any], tally: _Tally) -> Calla
     return count
 
 
-def count_flops(fn: Callable[[], T]) -> tuple[T, FlopCount]:
-    """Run ``fn()`` once under the FLOP counter; return its result and the FLOPs counted."""
-    from torch.utils.flop_counter import FlopCounterMode, flop_registry, shape_wrapper
+def new_tally() -> Tally:
+    """An empty tally of FLOPs by precision, under the TF32 flags in effect now."""
+    return Tally(tf32_flags())
 
-    tally = _Tally(tf32_flags())
+
+def flop_formulas(tally: Tally) -> dict[object, Callable[..., int]]:
+    """The FLOP formula of each op the counter knows (by op packet, ``aten.mm``), each taking the op's
+    raw arguments and ``out_val``: torch's ``flop_registry`` and the CPU attention kernels, halved for
+    causal attention, each adding its FLOPs to ``tally`` under the precision of the op's inputs. As a
+    ``custom_mapping`` of ``FlopCounterMode`` they give what :func:`count_flops` counts.
+
+    A formula torch wraps to take shapes (``shape_wrapper``: a pytree map of every argument) is
+    re-wrapped by :func:`_on_shapes`, which hands it the same shapes without the pytree machinery."""
+    from torch.utils.flop_counter import flop_registry, shape_wrapper
+
     formulas: dict[object, Callable[..., Any]] = dict(flop_registry)  # each takes raw arguments
     formulas.update({op: shape_wrapper(f) for op, f in _cpu_attention().items()})  # type: ignore[no-untyped-call]
-    mapping = {op: _attributed(op, f, tally) for op, f in formulas.items()}
-    counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    registry: Mapping[object, object] = getattr(counter, "flop_registry", {})
-    split = bool(mapping) and all(registry.get(op) is f for op, f in mapping.items())
-    if not split:  # this torch shape-wraps custom formulas: no dtype reaches them
-        counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention())
-    with counter:
+    wrapped = shape_wrapper(lambda: 0).__code__  # type: ignore[no-untyped-call]
+    return {op: _attributed(op, _on_shapes(f) if _wraps(f, wrapped) else f, tally) for op, f in formulas.items()}
+
+
+def _wraps(formula: object, code: object) -> bool:
+    """Whether ``formula`` is torch's ``shape_wrapper`` (its code is ``code``) around a function on shapes."""
+    return getattr(formula, "__code__", None) is code and callable(getattr(formula, "__wrapped__", None))
+
+
+def _shapes(value: object) -> object:
+    """What torch's ``shape_wrapper`` hands a formula for an argument: a tensor's shape, lists, tuples
+    and dicts of them mapped alike, anything else as it is."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.shape
+    kind = type(value)
+    if kind is list or kind is tuple:
+        return kind(_shapes(v) for v in value)  # type: ignore[attr-defined]
+    if kind is dict:
+        return {k: _shapes(v) for k, v in value.items()}  # type: ignore[attr-defined]
+    return value
+
+
+def _signature(value: object) -> object:
+    """A hashable key of what :func:`_shapes` makes of ``value`` (lists and dicts as tuples)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.shape
+    kind = type(value)
+    if kind is list or kind is tuple:
+        return tuple(_signature(v) for v in value)  # type: ignore[attr-defined]
+    if kind is dict:
+        return tuple((k, _signature(v)) for k, v in value.items())  # type: ignore[attr-defined]
+    return value
+
+
+def _on_shapes(formula: Callable[..., Any]) -> Callable[..., Any]:
+    """The function on shapes inside torch's ``shape_wrapper(formula)``, called with the arguments'
+    shapes as ``shape_wrapper`` calls it (``out_shape``: the output's shape), once per distinct
+    signature of shapes and other arguments: a formula on shapes is a function of them, and a step
+    repeats its layers' shapes (torch's formulas call each other through ``shape_wrapper``, whose
+    pytree map costs tens of microseconds a call)."""
+    inner: Callable[..., Any] = formula.__wrapped__  # type: ignore[attr-defined]
+    known: dict[object, Any] = {}
+
+    def on_shapes(*args: object, out_val: object = None, **kwargs: object) -> Any:
+        key: object = (_signature(args), _signature(out_val), _signature(kwargs))
+        try:
+            return known[key]
+        except KeyError:
+            pass
+        except TypeError:  # an argument that does not hash: counted, not kept
+            key = None
+        flops = inner(*[_shapes(a) for a in args], out_shape=_shapes(out_val),
+                      **{k: _shapes(v) for k, v in kwargs.items()})
+        if key is not None:
+            known[key] = flops
+        return flops
+
+    return on_shapes
+
+
+def count_flops(fn: Callable[[], T]) -> tuple[T, FlopCount]:
+    """Run ``fn()`` once under the counting mode (:mod:`.counting`, FLOPs only); return its result and
+    the FLOPs counted: what ``FlopCounterMode`` counts with :func:`flop_formulas`, to the FLOP."""
+    from pytest_trainperf.measure.counting import counting
+
+    with counting(work=False) as counts:
         result = fn()
-    total = int(counter.get_total_flops())
-    by_precision = tuple((p, tally.flops[p]) for p in Precision if tally.flops.get(p)) if split else ()
-    return result, FlopCount(total=total, by_precision=by_precision)
+    return result, counts.flops
 
 
 def _cpu_attention() -> dict[object, Callable[..., int]]:

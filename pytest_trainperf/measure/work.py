@@ -1,7 +1,7 @@
 """Exact work counts of one step: host synchronisations, aten ops, memory traffic, by dtype.
 
-Counted by one ``TorchDispatchMode`` stacked with the FLOP counter (:mod:`.flops`) on the same
-instrumented step: no extra step runs, and nothing is counted on a timed step. Every figure is a
+Counted in the same ``TorchDispatchMode`` as the FLOPs (:mod:`.counting`), on the same instrumented
+step: no extra step runs, and nothing is counted on a timed step. Every figure is a
 count of what the step's code dispatches, so it is the same in every run of unchanged code on any
 machine, however busy: these are the gate to trust on a shared runner, where timings drift.
 
@@ -45,6 +45,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 from types import FrameType
 from typing import Any
 
@@ -154,21 +155,29 @@ def _syncs(name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     return False
 
 
-class _Counting:
-    """The per-op bookkeeping, shared by the dispatch mode (kept out of it so that it is typed)."""
+class Counting:
+    """The per-op bookkeeping of the counting mode (:mod:`.counting`), kept out of the mode so that it
+    is typed. Bytes are summed by dtype while the step runs (a ``torch.dtype`` hashes in C, a
+    :class:`Precision` in Python) and split by precision in :meth:`finish`."""
 
     def __init__(self, device_type: str) -> None:
+        import torch
+
         self.count = WorkCount()
         self.device_type = device_type
-        self._known: dict[Any, tuple[str, str, bool]] = {}
-        self._precisions: dict[Any, Precision] = {}
+        self._known: dict[Any, tuple[str, str | None, bool]] = {}
+        self._by_dtype: dict[Any, int] = {}
+        self._tensor = torch.Tensor
+        self._fp32 = torch.float32
 
-    def _describe(self, func: Any) -> tuple[str, str, bool]:
-        """The op's name (``aten.mm``), its bare name (``mm``) and whether it is a view."""
+    def _describe(self, func: Any) -> tuple[str, str | None, bool]:
+        """The op's name (``aten.mm``), its bare name (``mm``) if it may sync, and whether it is a view."""
         known = self._known.get(func)
         if known is None:
             name = str(func.overloadpacket)  # aten.mm
-            known = self._known[func] = (name, name.rsplit(".", 1)[-1], bool(getattr(func, "is_view", False)))
+            bare = name.rsplit(".", 1)[-1]
+            known = self._known[func] = (name, bare if bare in MAY_SYNC else None,
+                                         bool(getattr(func, "is_view", False)))
         return known
 
     def _on_device(self, args: tuple[Any, ...]) -> bool:
@@ -180,72 +189,63 @@ class _Counting:
         first = args[0] if args else None
         return getattr(getattr(first, "device", None), "type", self.device_type) != "cpu"
 
-    def _precision(self, dtype: Any) -> Precision:
-        precision = self._precisions.get(dtype)
-        if precision is None:
-            name = str(dtype).removeprefix("torch.")
-            precision = self._precisions[dtype] = (precision_of(name, OpKind.MATMUL, NO_TF32, "cpu", None)
-                                                   if dtype.is_floating_point else Precision.OTHER)
-        return precision
-
     def op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: object) -> None:
-        name, bare, view = self._describe(func)
+        """Count one op call: ``func(*args, **kwargs)`` returned ``out``."""
+        name, may_sync, view = self._describe(func)
         count = self.count
-        count.ops[name] += 1
+        ops = count.ops
+        ops[name] = ops.get(name, 0) + 1
         if not name.startswith("aten."):
-            count.comm.add(name.split(".", 1)[0], bare, args, kwargs)
-        if bare in MAY_SYNC and _syncs(bare, func, args, kwargs) and self._on_device(args):
+            count.comm.add(name.split(".", 1)[0], name.rsplit(".", 1)[-1], args, kwargs)
+        if may_sync is not None and _syncs(may_sync, func, args, kwargs) and self._on_device(args):
             count.syncs[f"{_user_site(sys._getframe(1))} ({name})"] += 1
         if view:
             return
         # read: every tensor argument but an out= tensor (an in-place op's self is read, then written);
         # written: every tensor returned. Aten arguments nest one level at most (a list of tensors).
-        total = 0
-        by_precision = count.by_precision
-        fp32 = 0
-        for tensor in _tensors(args, kwargs.values() if "out" not in kwargs else
-                               [v for k, v in kwargs.items() if k != "out"], (out,)):
-            size = tensor.numel() * tensor.element_size()
-            total += size
-            precision = self._precision(tensor.dtype)
-            by_precision[precision] += size
-            if precision is Precision.FP32:
-                fp32 += size
-        if fp32:
-            count.fp32_by_op[name] += fp32
-        count.traffic[name] += total
-
-
-def _tensors(*groups: Any) -> Iterator[Any]:
-    """The tensors among the values of ``groups`` and inside their lists and tuples (one level)."""
-    import torch
-
-    tensor = torch.Tensor
-    for group in groups:
-        for value in group:
+        total = fp32 = 0
+        by_dtype = self._by_dtype
+        tensor, float32 = self._tensor, self._fp32
+        rest = kwargs.values() if "out" not in kwargs else [v for k, v in kwargs.items() if k != "out"]
+        for value in chain(args, rest, (out,)):
             if isinstance(value, tensor):
-                yield value
+                group: Any = (value,)
             elif isinstance(value, (list, tuple)):
-                for item in value:
-                    if isinstance(item, tensor):
-                        yield item
+                group = value
+            else:
+                continue
+            for item in group:
+                if isinstance(item, tensor):
+                    try:
+                        size = item.nbytes  # numel x element size, in one call
+                    except RuntimeError:  # a sparse tensor has no nbytes
+                        size = item.numel() * item.element_size()
+                    dtype = item.dtype
+                    total += size
+                    by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+                    if dtype is float32:
+                        fp32 += size
+        if fp32:
+            fp32_by_op = count.fp32_by_op
+            fp32_by_op[name] = fp32_by_op.get(name, 0) + fp32
+        traffic = count.traffic
+        traffic[name] = traffic.get(name, 0) + total
+
+    def finish(self) -> None:
+        """The bytes by dtype added to :attr:`WorkCount.by_precision` (once the step is over)."""
+        for dtype, size in self._by_dtype.items():
+            name = str(dtype).removeprefix("torch.")
+            precision = (precision_of(name, OpKind.MATMUL, NO_TF32, "cpu", None) if dtype.is_floating_point
+                         else Precision.OTHER)
+            self.count.by_precision[precision] += size
+        self._by_dtype.clear()
 
 
 @contextmanager
 def count_work(device_type: str = "cpu") -> Iterator[WorkCount]:
-    """Count the work of what runs inside (one step, stacked with the FLOP counter) on a device of
-    ``device_type``; the count is complete when the block exits."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """Count the work of what runs inside (one step) on a device of ``device_type``, with its FLOPs, in
+    the one counting mode of :mod:`.counting`; the count is complete when the block exits."""
+    from pytest_trainperf.measure.counting import counting
 
-    counting = _Counting(device_type)
-
-    class WorkMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # untyped __init_subclass__
-        def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                               kwargs: dict[str, Any] | None = None) -> Any:
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            counting.op(func, args, kwargs, out)
-            return out
-
-    with WorkMode():  # type: ignore[no-untyped-call]
-        yield counting.count
+    with counting(device_type) as counts:
+        yield counts.work

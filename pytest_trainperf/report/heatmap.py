@@ -276,6 +276,7 @@ OUTCOME_MEANINGS = {
     Outcome.OOM: "out of memory",
     Outcome.OOM_EMULATED: "over the memory budget (emulated)",
     Outcome.OOM_KILLED: "killed by the kernel",
+    Outcome.OOM_FORECAST: "over the device's memory (forecast on meta)",
     Outcome.CRASHED: "crashed",
     Outcome.TIMEOUT: "timed out",
 }

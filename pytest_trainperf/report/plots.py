@@ -66,7 +66,8 @@ FIGSIZE = (8.0, 5.0)
 """Every figure's size in inches."""
 DPI = 100
 """Every figure's resolution: 800 x 500 pixels."""
-HEATMAP_METRICS = ("step_time", "peak_memory", "throughput", "sm_utilization", "cpu_utilization")
+HEATMAP_METRICS = ("step_time", "peak_memory", "peak_memory_forecast", "throughput", "sm_utilization",
+                   "cpu_utilization")
 """The metrics drawn as heatmaps, where the cells have them."""
 PANELS_PER_FIGURE = 4
 """Heatmap panels (combinations of the third and later axes) per file; more go to further files."""
@@ -459,7 +460,8 @@ def _heatmap(title: str, cells: Sequence[CellResult], metric: str) -> list[Canva
             handles.append(Patch(fill=False, edgecolor=IMPROVED_COLOUR, linewidth=1.8, label="improved"))
         if "outcome" in seen:
             handles.append(Patch(facecolor=OUTCOME_FACE, hatch="///", edgecolor="#9a9a9a",
-                                 label="did not fit or died: OOM, OOM* (over the budget), KILLED, CRASH"))
+                                 label="did not fit or died: OOM, OOM* (over the budget), OOM (forecast), "
+                                       "KILLED, CRASH"))
         if handles:
             canvas.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=7,
                           frameon=False)

@@ -14,6 +14,9 @@ from pytest_trainperf.report.heatmap import render_heatmaps, render_updates
 WIDE_BAND = 0.5
 """A cell whose smallest detectable slowdown is above this is pointed out: its timings are barely gated."""
 
+SHOWN_WHERE_MEASURED = frozenset({"step_time", "peak_memory", "peak_memory_forecast"})
+"""The default ``--trainperf-show``: some kinds of test measure only some of them (a ``tp.forecast`` test,
+only ``peak_memory_forecast``; a record-only test, none): no warning when no cell measured them."""
 Axes = tuple[tuple[str, tuple[Scalar, ...]], ...]
 """A grid's axes in declaration order."""
 
@@ -55,7 +58,7 @@ def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, 
         if own:
             render_figures(console, f"{test_file}::{test}", own)
     measured = {m.name for *_, verdict in results for m in verdict.metrics}
-    unknown = [name for name in show if name not in measured]
+    unknown = [name for name in show if name not in measured and name not in SHOWN_WHERE_MEASURED]
     if unknown:
         console.print(Text(f"--trainperf-show: no cell measured {', '.join(unknown)} "
                            f"(measured: {', '.join(sorted(measured))})", style="yellow"))
