@@ -49,6 +49,7 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.n
 @tp.ranks(world_size=2)
 @tp.relative(strategy="ddp", metrics=["step_time", "peak_memory"])
 @pytest.mark.filterwarnings("ignore:FSDP2-wrapped module:UserWarning")  # the logits (a view) are never changed in place
+@tp.tolerance(peak_memory=0.05)  # FSDP2 on gloo: its peak takes one of two values, by when a gathered buffer is freed
 def test_distributed_strategies(trainperf, size, strategy):
     torch.manual_seed(0)  # the same initial model on every rank
     checkpointed = range(LAYERS) if strategy == "fsdp_ckpt" else ()

@@ -74,7 +74,7 @@ def test_ddp(trainperf):
 
 
 @tp.ranks(world_size=2)
-@tp.tolerance(step_time=100)
+@tp.tolerance(step_time=100, peak_memory=0.05)  # FSDP2 on gloo: two peaks (buffers freed async)
 def test_fsdp(trainperf):
     from torch.distributed.fsdp import fully_shard
 
