@@ -9,9 +9,11 @@ and ``fsdp_ckpt`` (the same, with every block's activations recomputed in the ba
 slowest rank's) relative to ``ddp`` of the same size; the FLOPs every cell measures (per rank) place the
 sizes.
 
-Guards: the memory each strategy saves per rank and the time it costs against ``ddp``, per size; and,
-exactly, the communication of every cell (``comm_calls``, ``comm_bytes`` by collective): a wrapping
-change that stops sharding a block, or gradients all-reduced twice, fails on any machine.
+Guards: the memory each strategy saves per rank and the time it costs against ``ddp``, per size (each
+cell's own step time only beyond +100%: two ranks on a shared 2-core runner slow down together with its
+load, the figures do not); and, exactly, the communication of every cell (``comm_calls``, ``comm_bytes``
+by collective): a wrapping change that stops sharding a block, or gradients all-reduced twice, fails on
+any machine.
 
     pytest --trainperf examples/test_distributed.py
 """
@@ -49,7 +51,9 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.n
 @tp.ranks(world_size=2)
 @tp.relative(strategy="ddp", metrics=["step_time", "peak_memory"])
 @pytest.mark.filterwarnings("ignore:FSDP2-wrapped module:UserWarning")  # the logits (a view) are never changed in place
-@tp.tolerance(peak_memory=0.05)  # FSDP2 on gloo: its peak takes one of two values, by when a gathered buffer is freed
+# FSDP2 on gloo: its peak takes one of two values, by when a gathered buffer is freed; 2 ranks on a shared
+# 2-core runner: a cell's own step time moves with the load (the figures, strategy against ddp, guard time)
+@tp.tolerance(peak_memory=0.05, step_time=1.0)
 def test_distributed_strategies(trainperf, size, strategy):
     torch.manual_seed(0)  # the same initial model on every rank
     checkpointed = range(LAYERS) if strategy == "fsdp_ckpt" else ()
