@@ -236,18 +236,15 @@ def stage_mfu(device_name: str, quick: bool) -> Outcome:
                    detail="" if ok else "expected every FLOP counted as bf16 and 0 < mfu <= 100%")
 
 
-def stage_memory(device_name: str, quick: bool) -> Outcome:
+def mlp_step(device: Any, width: int) -> Callable[[], Any]:
+    """An AdamW training step of a two-layer MLP of ``width``, built on ``device`` (the memory stages')."""
     import torch
     from torch import nn
 
-    from pytest_trainperf.measure.memory import Preexisting, measure_peak
-
-    device = device_of(device_name)
-    width = 4096 if device.type == "cuda" else 256
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width)).to(device)
+    with torch.device(device):
+        model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+        x = torch.randn(64, width)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(64, width, device=device)
 
     def step() -> Any:
         opt.zero_grad(set_to_none=True)
@@ -255,7 +252,17 @@ def stage_memory(device_name: str, quick: bool) -> Outcome:
         loss.backward()
         opt.step()
         return loss.detach()
+    return step
 
+
+def stage_memory(device_name: str, quick: bool) -> Outcome:
+    import torch
+
+    from pytest_trainperf.measure.memory import Preexisting, measure_peak
+
+    device = device_of(device_name)
+    torch.manual_seed(0)
+    step = mlp_step(device, 4096 if device.type == "cuda" else 256)
     step()  # optimizer state exists before the measured step, as after a cell's warm-up
     outside = Preexisting(device)
     _, peak = measure_peak(step, device, outside)
@@ -297,18 +304,7 @@ def forecast_cases(quick: bool) -> dict[str, Callable[[Any], Callable[[], Any]]]
     from _models import TinyLM, lm_train_step
 
     def mlp(device: Any) -> Callable[[], Any]:
-        with torch.device(device):
-            model = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096))
-            x = torch.randn(64, 4096)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def step() -> Any:
-            opt.zero_grad(set_to_none=True)
-            loss = model(x).square().mean()
-            loss.backward()
-            opt.step()
-            return loss.detach()
-        return step
+        return mlp_step(device, 4096)
 
     def tiny(spec: dict[str, int]) -> Callable[[Any], Callable[[], Any]]:
         def build(device: Any) -> Callable[[], Any]:

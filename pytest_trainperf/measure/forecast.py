@@ -322,14 +322,6 @@ def _fresh_bytes(t: torch.Tensor) -> int:
 # ---------------------------------------------------------------------------------------- the tracker
 
 
-class _CategorizedRef(_StorageRef):
-    """A followed storage's weak reference, with the part of the peak it belongs to."""
-
-    __slots__ = ("category",)
-
-    category: str
-
-
 class _ForecastTracker(_StorageTracker):  # type: ignore[no-untyped-call]  # untyped __init_subclass__
     """The storage tracker on ``meta``, each storage rounded to CUDA blocks and put in a category."""
 
@@ -339,7 +331,6 @@ class _ForecastTracker(_StorageTracker):  # type: ignore[no-untyped-call]  # unt
         self._peak_parts = dict(self._parts)
         self._exact = self._exact_peak = 0
         self._kinds: dict[int, str] = {}  # storage key -> category known from the objects that hold it
-        self._exacts: dict[int, int] = {}  # storage key -> its unrounded bytes
         self._peak_seen = 0
         self._starting = False
         self.in_optimizer = False
@@ -360,34 +351,22 @@ class _ForecastTracker(_StorageTracker):  # type: ignore[no-untyped-call]  # unt
         with self._lock:
             self._kinds[key] = category
             ref = self._followed.get(key)
-            if isinstance(ref, _CategorizedRef) and ref() is storage and ref.category != category:
+            if ref is not None and ref() is storage and ref.category != category:
                 self._parts[ref.category] -= ref.nbytes
                 self._parts[category] += ref.nbytes
                 ref.category = category
 
-    def _follow_storage(self, storage: torch.UntypedStorage) -> None:
-        key = storage._cdata
-        exact = storage.nbytes()
-        nbytes = cuda_block_bytes(exact)
-        with self._lock:
-            ref = self._followed.get(key)
-            if ref is not None and ref() is storage:
-                if ref.nbytes != nbytes:
-                    assert isinstance(ref, _CategorizedRef)
-                    self._live += nbytes - ref.nbytes
-                    self._parts[ref.category] += nbytes - ref.nbytes
-                    ref.nbytes = nbytes
-                return
-            if ref is not None:
-                self._on_free(ref)
-            category = self._kinds.get(key) or self._new_category()
-            new = _CategorizedRef(storage, self._on_free, key, nbytes)
-            new.category = category
-            self._followed[key] = new
-            self._live += nbytes
-            self._parts[category] += nbytes
-            self._exact += exact
-            self._exacts[key] = exact
+    def _bytes(self, exact: int) -> int:
+        return cuda_block_bytes(exact)
+
+    def _count(self, ref: _StorageRef, change: int, exact_change: int, freed: bool = False) -> None:
+        if not hasattr(ref, "category"):  # new: in the category its holder or the moment gives it
+            ref.category = self._kinds.get(ref.key) or self._new_category()
+        self._live += change
+        self._exact += exact_change
+        self._parts[ref.category] += change
+        if freed:
+            self._kinds.pop(ref.key, None)
 
     def _new_category(self) -> str:
         if self._starting:
@@ -395,17 +374,6 @@ class _ForecastTracker(_StorageTracker):  # type: ignore[no-untyped-call]  # unt
         if self.in_optimizer or torch._C._current_graph_task_id() != -1:
             return "temporaries"
         return "activations"
-
-    def _on_free(self, ref: _StorageRef) -> None:
-        with self._lock:
-            if not self._armed or self._followed.get(ref.key) is not ref:
-                return
-            del self._followed[ref.key]
-            self._live -= ref.nbytes
-            self._exact -= self._exacts.pop(ref.key, 0)
-            self._kinds.pop(ref.key, None)
-            if isinstance(ref, _CategorizedRef):
-                self._parts[ref.category] -= ref.nbytes
 
     def __torch_dispatch__(self, func: Any, types: Sequence[type], args: Sequence[object] = (),
                            kwargs: Mapping[str, object] | None = None) -> Any:

@@ -264,12 +264,16 @@ def allocator_pressure(device: torch.device) -> tuple[int, int]:
 class _StorageRef(weakref.ref[torch.UntypedStorage]):
     """A weak reference to a followed storage, carrying its key and its last known size."""
 
-    __slots__ = ("key", "nbytes")
+    __slots__ = ("category", "exact", "key", "nbytes")
 
     key: int
     """The storage's identity (``_cdata``, the address of its ``StorageImpl``)."""
     nbytes: int
-    """Its size when last seen, subtracted when it is freed."""
+    """What it counts, as of when last seen (its size; rounded in a forecast), subtracted when it is freed."""
+    exact: int
+    """Its size when last seen."""
+    category: str
+    """A forecast's part of the peak it belongs to (unset elsewhere)."""
 
     def __new__(
         cls,
@@ -356,19 +360,32 @@ class _StorageTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]  # un
         if self._exclude is not None and storage in self._exclude:
             return
         key = storage._cdata
-        nbytes = storage.nbytes()
+        exact = storage.nbytes()
         with self._lock:
             ref = self._followed.get(key)
             if ref is not None and ref() is storage:
-                if ref.nbytes != nbytes:
-                    self._live += nbytes - ref.nbytes
-                    ref.nbytes = nbytes
+                if ref.exact != exact:
+                    nbytes = self._bytes(exact)
+                    self._count(ref, nbytes - ref.nbytes, exact - ref.exact)
+                    ref.nbytes, ref.exact = nbytes, exact
                 return
             if ref is not None:
                 # A dead storage whose callback has not run yet shares the address: settle it now.
                 self._on_free(ref)
-            self._followed[key] = _StorageRef(storage, self._on_free, key, nbytes)
-            self._live += nbytes
+            ref = _StorageRef(storage, self._on_free, key, self._bytes(exact))
+            ref.exact = exact
+            self._followed[key] = ref
+            self._count(ref, ref.nbytes, exact)
+
+    def _bytes(self, exact: int) -> int:
+        """What a storage of ``exact`` bytes counts: those bytes (a forecast rounds them to the CUDA
+        allocator's blocks)."""
+        return exact
+
+    def _count(self, ref: _StorageRef, change: int, exact_change: int, freed: bool = False) -> None:
+        """A followed storage was added, resized or (``freed``) dropped: its counted bytes changed by
+        ``change`` (its own bytes by ``exact_change``). Called under the lock."""
+        self._live += change
 
     def _on_free(self, ref: _StorageRef) -> None:
         """Weak-reference callback: a followed storage was freed."""
@@ -376,7 +393,7 @@ class _StorageTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]  # un
             if not self._armed or self._followed.get(ref.key) is not ref:
                 return
             del self._followed[ref.key]
-            self._live -= ref.nbytes
+            self._count(ref, -ref.nbytes, -ref.exact, freed=True)
 
 
 def _same_device(storage_device: torch.device, device: torch.device) -> bool:
