@@ -24,6 +24,7 @@ from pytest_trainperf.stats import BUILTIN_METRICS
 if TYPE_CHECKING:
     import torch
 
+    from pytest_trainperf.judge import Retimed
     from pytest_trainperf.measure.memory import Preexisting
     from pytest_trainperf.measure.mfu import DevicePeaks
     from pytest_trainperf.measure.timing import Timed
@@ -115,6 +116,8 @@ class TrainPerf:
         self._notes: dict[str, None] = {}
         self._peak_precision = ""
         self._timer: Timer | None = None
+        self._confirm: Callable[[TrainPerf], Retimed] | None = None
+        self._confirmed: Retimed | None = None
 
     def begin(self, records_only: bool = False) -> None:
         """Called by the fixture before the test body under ``--trainperf``: resolve the device and
@@ -304,6 +307,19 @@ class TrainPerf:
     def notes(self) -> tuple[str, ...]:
         """One-line notes for the session summary, e.g. why ``mfu`` or GPU utilization is missing."""
         return tuple(self._notes)
+
+    def confirm_with(self, confirm: Callable[[TrainPerf], Retimed]) -> None:
+        """Confirm a timing regression inside the test's lifetime: once ``train``/``run`` has measured,
+        and before it returns to the test, ``confirm(self)`` judges the measurement against the stored
+        baseline and re-times the step (:meth:`retime`) while its timings regress. Everything the step
+        uses (a process group, a data loader, a framework's trainer) is still alive then; after the
+        test body it may not be."""
+        self._confirm = confirm
+
+    @property
+    def confirmed(self) -> Retimed | None:
+        """How the timings were confirmed inside the test (None: no confirmation ran there)."""
+        return self._confirmed
 
     def use_timer(self, timer: Timer) -> None:
         """Time the steps of ``train``/``run`` with ``timer`` instead of
@@ -573,6 +589,8 @@ class TrainPerf:
                         if work is not None else ()))
         if over:  # as on a device of the budget's size: the test stops here, as a real OOM would stop it
             raise EmulatedOutOfMemory(detail)
+        if self._confirm is not None and self._retime is not None and not self._timing_only:
+            self._confirmed = self._confirm(self)  # before the test goes on and tears down what the step uses
         return self.result()  # type: ignore[return-value]
 
 

@@ -12,6 +12,7 @@ registered under :data:`PLUGIN_NAME`. torch is never imported here.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import time
@@ -178,6 +179,10 @@ def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
     fixture = TrainPerf(cell, session.settings, session.malloc, timing_only=session.remeasuring,
                         memory_budget=memory, forecast=forecasting, rank=rank)
     request.node.stash[FIXTURE_KEY] = fixture
+    settings = session.settings
+    if (settings.enabled and not settings.update and settings.confirm and not session.ledger.against
+            and not distributed and not session.remeasuring):  # a rank's job is confirmed by its parent
+        fixture.confirm_with(functools.partial(session.confirm_in_test, request.node))
     if session.settings.enabled:
         if not session.ledger.against:  # a lockstep comparison (--trainperf-against) reads no baseline file
             session.baseline_file(fixture.cell)  # an unusable file fails the cell now, before it trains
@@ -380,10 +385,10 @@ class TrainPerfSession:
         def decide(now: Measurement) -> CellVerdict:
             return judge.cell(now, baseline, overrides, state.p_values, state.size)
 
-        verdict = decide(run.measurement)
-        retimed = judge.Retimed()
-        if not self.settings.update:
-            verdict, retimed = self._confirm(run, verdict, decide)
+        verdict = decide(run.measurement)  # an in-process cell's was confirmed inside its test already
+        retimed = run.confirmed or judge.Retimed()
+        if not self.settings.update and run.confirmed is None:
+            verdict, retimed = self._confirm(run.retime, run.deadline, verdict, decide)
         for m in verdict.metrics:
             if m.name in stats.TIMING_METRICS and m.p_value is not None:
                 state.p_values.setdefault(m.name, []).append(m.p_value)
@@ -417,17 +422,37 @@ class TrainPerfSession:
         if (baseline is None or other is not None) and self.settings.strict:
             pytest.fail(judge.missing_baseline(cell.nodeid, found.shown, fingerprint.key), pytrace=False)
 
-    def _confirm(self, run: CellRun, verdict: CellVerdict,
+    def confirm_in_test(self, item: pytest.Item, fixture: TrainPerf) -> judge.Retimed:
+        """Confirm a timing regression of ``item``'s cell inside its test, before ``train``/``run``
+        returns to it (:meth:`TrainPerf.confirm_with`): judged against the stored baseline as the cell
+        will be, re-timed while its timings regress. Judging the final measurement is left to
+        :meth:`_conclude_stored`."""
+        measured = fixture.result()
+        if measured is None:
+            return judge.Retimed()
+        cell = fixture.cell
+        baseline = self.baseline_file(cell).file.lookup(fixture.fingerprint().key, cell.test, cell.cell)
+        if baseline is None:  # nothing to regress against (another host's baseline gates no timing)
+            return judge.Retimed()
+        overrides = _overrides(item)
+        state = self._grids.setdefault(cell.grid, GridState(size=1))
+
+        def decide(now: Measurement) -> CellVerdict:
+            return judge.cell(now, baseline, overrides, state.p_values, state.size)
+
+        return self._confirm(fixture.retime, fixture.deadline, decide(measured), decide)[1]
+
+    def _confirm(self, retime: Callable[[], Measurement | None] | None, deadline: float, verdict: CellVerdict,
                  decide: Callable[[Measurement], CellVerdict]) -> tuple[CellVerdict, judge.Retimed]:
         """Re-time a cell whose timings regressed, up to ``--trainperf-confirm`` times, until one
         re-measurement does not regress, within the cell's ``--trainperf-max-time``."""
         rounds = 0
-        while rounds < self.settings.confirm and run.retime is not None and judge.timing_regressed(verdict):
+        while rounds < self.settings.confirm and retime is not None and judge.timing_regressed(verdict):
             step_time = verdict.measurement.metric("step_time")
             expected = sum(step_time.samples) if step_time is not None else 0.0
-            if time.perf_counter() + expected > run.deadline:
+            if time.perf_counter() + expected > deadline:
                 return verdict, judge.Retimed(rounds, skipped_for=self.settings.max_time)
-            again = run.retime()
+            again = retime()
             if again is None:
                 break
             rounds += 1

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from pytest_trainperf.judge import Retimed
 from pytest_trainperf.records import Cell, Fingerprint, Measurement
 from pytest_trainperf.results import Ledger, SessionResults
 
@@ -55,8 +56,12 @@ class CellRun:
     """The cell was judged and its baseline written where it ran (an isolated child's update): what
     that process concluded, to be taken in as it is."""
     retime: Callable[[], Measurement | None] | None = None
-    """Re-time the cell's steps (same count, threads and device) to confirm a timing regression;
-    None when it cannot be re-timed here."""
+    """Run the cell again for its timings (a distributed cell's ranks launched again) to confirm a timing
+    regression; None when it cannot be run again here. Never a call of a step after its test returned:
+    what the step used may be gone."""
+    confirmed: Retimed | None = None
+    """How the timings were confirmed inside the test, before it returned (an in-process cell); None: not
+    there."""
     deadline: float = math.inf
     """The ``time.perf_counter()`` past which the cell may not be re-timed (``--trainperf-max-time``)."""
     elapsed: float | None = None

@@ -80,6 +80,6 @@ class InProcess:
         if measurement is None:
             return None
         return CellRun(cell=fixture.cell, fingerprint=fixture.fingerprint(), measurement=measurement,
-                       retime=fixture.retime, deadline=fixture.deadline, elapsed=fixture.elapsed,
+                       confirmed=fixture.confirmed, deadline=fixture.deadline, elapsed=fixture.elapsed,
                        notes=fixture.notes,
                        timing_only=fixture.timing_only)
