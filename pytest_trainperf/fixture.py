@@ -283,6 +283,42 @@ class TrainPerf:
         loop = self._loop_for(call, steps, warmup)
         return Steps(self, loader, loop, checked)
 
+    def hf_callback(self, *, steps: int, warmup: int = DEFAULT_WARMUP, items: float | None = None) -> Any:
+        """A ``transformers.TrainerCallback`` measuring the Hugging Face ``Trainer``'s own steps in the thread
+        that runs them: ``Trainer(..., callbacks=[trainperf.hf_callback(steps=10)])``. A step is an optimizer
+        step (gradient accumulation, clipping, optimizer and ``zero_grad`` included); ``max_steps`` must be
+        at least ``2 + warmup + steps`` (:mod:`pytest_trainperf.integrations.huggingface`)."""
+        error = ""
+        try:
+            from pytest_trainperf.integrations.huggingface import TrainPerfCallback
+        except ImportError as exc:
+            error = str(exc)
+        if error:
+            from pytest_trainperf.integrations import MISSING
+
+            _usage(self._cell, MISSING.format(call="hf_callback", framework="Hugging Face", package="transformers",
+                                              error=error))
+        return TrainPerfCallback(self, steps=steps, warmup=warmup, items=items)
+
+    def lightning_callback(self, *, steps: int, warmup: int = DEFAULT_WARMUP,
+                           items: float | Callable[[Any], float] | None = None) -> Any:
+        """A ``lightning.pytorch.Callback`` measuring Lightning's own training steps in the thread that runs
+        them: ``Trainer(..., callbacks=[trainperf.lightning_callback(steps=10)])``. A step is an optimizer
+        step (gradient accumulation, clipping, optimizer and ``zero_grad`` included); ``max_steps`` must be
+        at least ``2 + warmup + steps``; ``items`` may be a function of a batch
+        (:mod:`pytest_trainperf.integrations.lightning`)."""
+        error = ""
+        try:
+            from pytest_trainperf.integrations.lightning import TrainPerfCallback
+        except ImportError as exc:
+            error = str(exc)
+        if error:
+            from pytest_trainperf.integrations import MISSING
+
+            _usage(self._cell, MISSING.format(call="lightning_callback", framework="Lightning", package="lightning",
+                                              error=error))
+        return TrainPerfCallback(self, steps=steps, warmup=warmup, items=items)
+
     def _loop_for(self, call: str, steps: int, warmup: int) -> _Loop | None:
         """This cell's measured loop, begun at its first step; None in a plain run."""
         loop = self._loop
