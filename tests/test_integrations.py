@@ -52,12 +52,12 @@ def reference_flops():
 
 def test_hf_trainer(trainperf, tmp_path):
     model, data = model_and_data()
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4,
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=4,
                              gradient_accumulation_steps=ACCUMULATE, max_grad_norm=1.0, use_cpu=True,
                              report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
                              dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=data,
-                      callbacks=[trainperf.hf_callback(steps=8, warmup=1, items=4 * ACCUMULATE)])
+                      callbacks=[trainperf.hf_callback(steps=6, warmup=1, items=4 * ACCUMULATE)])
     trainer.train()
     if trainperf.enabled and not trainperf.timing_only:
         measured = trainperf.result()
@@ -111,10 +111,10 @@ def reference_flops(module):
 def test_lightning_fit(trainperf):
     torch.manual_seed(0)
     module = Tiny()
-    trainer = pl.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=10, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
                          gradient_clip_val=1.0,
-                         callbacks=[trainperf.lightning_callback(steps=8, warmup=1, items=lambda b: len(b[0]))])
+                         callbacks=[trainperf.lightning_callback(steps=6, warmup=1, items=lambda b: len(b[0]))])
     trainer.fit(module, loader())
     if trainperf.enabled and not trainperf.timing_only:
         measured = trainperf.result()
@@ -126,37 +126,39 @@ def test_lightning_fit(trainperf):
 """
 
 
-def _framework(name: str, *needs: str) -> None:
-    """Import ``name`` now (once per session), or skip saying which package is missing."""
+def _framework(name: str, needs: tuple[str, ...] = (), preload: tuple[str, ...] = ()) -> None:
+    """Import ``name`` and the modules in ``preload`` now, once per session (pytester drops the modules
+    an inner session imported), or skip saying which package is missing."""
     for package in (name, *needs):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed (pip install 'pytest-trainperf[frameworks]')")
-    __import__(name)
+    for module in (name, *preload):
+        importlib.import_module(module)
 
 
 def test_a_hugging_face_trainer_is_measured_with_one_callback(pytester: pytest.Pytester) -> None:
-    _framework("transformers", "accelerate")  # the Trainer needs accelerate
+    _framework("transformers", needs=("accelerate",),  # the Trainer needs accelerate
+               preload=("transformers.trainer", "transformers.models.gpt2.modeling_gpt2"))
     pytester.makepyfile(test_hf_trainer=HF_TEST)
-    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)  # a plain run: nothing measured
-    update = pytester.runpytest("--trainperf-update-baselines", "--trainperf-rounds=2")
+    update = pytester.runpytest("--trainperf-update-baselines", "--trainperf-rounds=1")
     update.assert_outcomes(passed=1)
     assert "0 FLOPs" not in update.stdout.str()
     pytester.runpytest("--trainperf", *QUICK).assert_outcomes(passed=1)
 
 
 def test_a_lightning_fit_is_measured_with_one_callback(pytester: pytest.Pytester) -> None:
-    _framework("lightning")
+    _framework("lightning", preload=("lightning.pytorch",))
     pytester.makepyfile(test_lightning_fit=LIGHTNING_TEST)
-    update = pytester.runpytest("--trainperf-update-baselines", "--trainperf-rounds=2", *QUIET)
+    update = pytester.runpytest("--trainperf-update-baselines", "--trainperf-rounds=1", *QUIET)
     update.assert_outcomes(passed=1)
     assert "0 FLOPs" not in update.stdout.str()
     pytester.runpytest("--trainperf", *QUICK, *QUIET).assert_outcomes(passed=1)
 
 
 def test_too_few_trainer_steps_fail_with_the_steps_needed(pytester: pytest.Pytester) -> None:
-    _framework("lightning")
-    pytester.makepyfile(test_short_fit=LIGHTNING_TEST.replace("max_steps=12", "max_steps=5"))
-    result = pytester.runpytest("--trainperf-update-baselines", "--trainperf-rounds=2", *QUIET)
+    _framework("lightning", preload=("lightning.pytorch",))
+    pytester.makepyfile(test_short_fit=LIGHTNING_TEST.replace("max_steps=10", "max_steps=5"))
+    result = pytester.runpytest("--trainperf-update-baselines", "--trainperf-rounds=1", *QUIET)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*trainperf.step: the loop ended after 5 measured step(s); the measurement "
-                                 "needs 11 (1 counted + 1 memory-tracked + 1 warm-up + 8 timed)*"])
+                                 "needs 9 (1 counted + 1 memory-tracked + 1 warm-up + 6 timed)*"])
