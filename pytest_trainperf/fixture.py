@@ -446,9 +446,8 @@ class TrainPerf:
                 del batch
             if self._confirm is not None and not self._timing_only and engine.timed is not None:
                 yield from self._confirm_in_loop(handle, loop, source, items)
-        finally:
+        finally:  # a loop that stopped early (break) fails the cell when the plugin reads it (result)
             if not loop.complete:
-                loop.failed = loop.failed or engine.in_step
                 engine.close()
 
     def _confirm_in_loop(self, handle: Steps, loop: _Loop, source: _Batches, items: Items) -> Iterator[Any]:
@@ -557,6 +556,9 @@ class TrainPerf:
         """Record that the cell ran out of memory (the plugin calls this once the error is gone):
         the measurement keeps what was recorded before, and nothing is re-timed."""
         kind = "run" if self._used == "trainperf.run" else "train"
+        if self._loop is not None and not self._loop.complete:  # the loop's error was the out-of-memory one
+            self._loop.failed = True
+            self._loop.engine.close()
         self._measured = Measurement(test=self._cell.test, cell=self._cell.cell, params=self._cell.params,
                                      metrics=(), kind=kind, outcome=outcome, detail=detail)
         self._retime = None

@@ -139,6 +139,13 @@ def test_some_losses(trainperf):
                 step.loss = loss
 
 
+def test_break(trainperf):
+    model, opt, batches = parts()
+    for batch in trainperf.steps(batches, steps=4, warmup=1):
+        update(model, opt, batch)
+        break
+
+
 def test_changing_steps(trainperf):
     model, opt, batches = parts()
     for i in range(7):
@@ -146,12 +153,13 @@ def test_changing_steps(trainperf):
             update(model, opt, batches[i % 5])
 """)
     result = pytester.runpytest("--trainperf-update-baselines", "--trainperf-rounds=2")
-    result.assert_outcomes(failed=4)
+    result.assert_outcomes(failed=5)
     result.stdout.fnmatch_lines([
         "*test_short*: trainperf.step: the loop ended after 5 measured step(s); the measurement needs 7 "
         "(1 counted + 1 memory-tracked + 1 warm-up + 4 timed)*",
         "*test_one_shot*: trainperf.steps: the loader ran out after 5 batch(es); the measurement needs 7 or more*",
         "*test_some_losses*: trainperf.step: the loss was handed in for 3 of 7 steps; expected it for every step*",
+        "*test_break*: trainperf.steps: the loop ended after 0 measured step(s); the measurement needs 7*",
         "*test_changing_steps*: trainperf.step(steps=5, warmup=1): expected the same steps and warmup in every "
         "step of the loop*",
     ])
