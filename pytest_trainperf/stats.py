@@ -102,10 +102,11 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
 ``trainperf.steps`` step into the wait for its batch and the loop's body) are gated like ``step_time``,
 each on its own: ``tp.tolerance(step_time=math.inf)`` gates a loop on its compute alone.
 ``reserved_memory`` (CUDA), the utilizations (GPU through NVML, or the process's CPU), ``mfu``,
-``peak_rss`` (the peak resident set size of an isolated cell's process) and the split of ``flops`` by precision (``flops_bf16``...; ``flops`` itself
-is gated) are reported, not gated, unless a test gives them a tolerance; a recorded metric without one
-gets :data:`RECORD_TOLERANCE`. A compiled cell's ``graph_breaks``, ``recompiles`` and ``unique_graphs``
-are counts judged exactly (any rise regresses); its ``compile_time`` by :data:`COMPILE_TIME_TOLERANCE`.
+``peak_rss`` (the peak resident set size of an isolated cell's process) and the split of ``flops`` by
+precision (``flops_bf16``...; ``flops`` itself is gated) are reported, not gated, unless a test gives
+them a tolerance; a recorded metric without one gets :data:`RECORD_TOLERANCE`. A compiled cell's
+``graph_breaks``, ``recompiles`` and ``unique_graphs`` are counts judged exactly (any rise regresses);
+its ``compile_time`` by :data:`COMPILE_TIME_TOLERANCE`.
 
 The exact work counts of the instrumented step (``host_syncs``, ``ops``, ``memory_traffic`` and
 ``low_precision_share``, :mod:`pytest_trainperf.measure.work`) are judged exactly: any change is a change
