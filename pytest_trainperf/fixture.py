@@ -105,10 +105,12 @@ def _check_items(cell: Cell, call: str, name: str, value: object) -> Items:
 
 
 class TrainPerf:
-    """The ``trainperf`` fixture of one cell: ``.device``, ``.params``, ``.train``, ``.run``, ``.record``.
+    """The ``trainperf`` fixture of one cell: ``.device``, ``.params``, ``.train``, ``.run``, ``.record``,
+    and for a loop the test already has ``.step``, ``.steps``, ``.hf_callback`` and ``.lightning_callback``
+    (all measured by one :class:`~pytest_trainperf.engine.Engine`).
 
     Without ``--trainperf`` the test runs as a quick functional test: ``train`` and ``run`` call the
-    step once, check what it returns, and measure nothing.
+    step once, check what it returns, and measure nothing; ``steps`` yields one batch.
     """
 
     def __init__(self, cell: Cell, settings: Settings, malloc: str = "", timing_only: bool = False,
