@@ -6,12 +6,41 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
+import torch
+
+from pytest_trainperf.measure import timing
+from pytest_trainperf.measure.timing import StepClock
 
 pytest_plugins = ["pytester"]
 
 QUICK = ("--trainperf-confirm-against=none",)
+
+
+def test_the_step_clock_splits_each_timed_step_at_its_data_and_times_only_the_timed_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop of 2 warm-up and 4 timed steps driven by hand, on a clock that only the steps advance: each
+    step waits 3 ms for its data and computes 5 ms (20 ms in the warm-up). The samples are the timed
+    steps' 8 ms, split into 3 ms of data and 5 ms of compute, and ``on_timed`` runs once, after the warm-up."""
+    now = [0]
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter_ns=lambda: now[0]))
+    started: list[int] = []
+    with StepClock(torch.device("cpu"), 4, warmup=2, settle=False, on_timed=lambda: started.append(now[0])) as clock:
+        steps = 0
+        while not clock.finished:
+            assert clock.timing == (steps >= 2)
+            clock.start()
+            now[0] += 3_000_000  # the wait for the batch
+            clock.data_ready()
+            now[0] += 5_000_000 if steps >= 2 else 20_000_000  # the body
+            clock.stop()
+            steps += 1
+    timed = clock.timed([])
+    assert steps == 6 and started == [2 * 23_000_000]
+    assert timed.samples == pytest.approx([0.008] * 4) and timed.data == pytest.approx([0.003] * 4)
+    assert timed.warmup == 2
 
 MODEL = """
 import math

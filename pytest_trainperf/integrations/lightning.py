@@ -51,7 +51,11 @@ class TrainPerfCallback(pl.Callback):  # type: ignore[misc]  # subclassing a cla
                                                items=None if callable(self._items) else self._items)
             self._block.__enter__()
         if callable(self._items):
-            self._step_items += float(self._items(batch))
+            items = self._items(batch)
+            if isinstance(items, bool) or not isinstance(items, (int, float)) or not items > 0:
+                self._trainperf._usage(f"trainperf.lightning_callback(items=...): the function returned {items!r:.80} "
+                                       "for a batch; expected a positive number of items")
+            self._step_items += float(items)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         block = self._block
