@@ -11,7 +11,7 @@ import numbers
 import statistics
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,8 +24,10 @@ from pytest_trainperf.stats import BUILTIN_METRICS
 if TYPE_CHECKING:
     import torch
 
+    from pytest_trainperf.engine import Engine
     from pytest_trainperf.judge import Retimed
-    from pytest_trainperf.measure.memory import Preexisting
+    from pytest_trainperf.measure.flops import FlopCount
+    from pytest_trainperf.measure.memory import MemoryPeak, Preexisting
     from pytest_trainperf.measure.mfu import DevicePeaks
     from pytest_trainperf.measure.timing import Timed
 
@@ -59,6 +61,21 @@ class Timer(Protocol):
         ...
 
 
+Items = float | Callable[[Any], object] | None
+"""Items a step (or call) processes: a number, a function of its result (of a ``steps`` step: of its
+batch) giving it, or None (no throughput)."""
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What is kept of one step: its loss and its items."""
+
+    loss: object
+    """The step's loss (a detached 0-d tensor or a float); None when it has none."""
+    items: float | None
+    """The step's items when they vary by step (a function gave them); None otherwise."""
+
+
 class Step(Protocol):
     """A training step: runs forward, backward and the optimizer, returns the loss."""
 
@@ -78,19 +95,22 @@ def _check_count(cell: Cell, call: str, name: str, value: object, minimum: int) 
     return value
 
 
-def _check_items(cell: Cell, call: str, name: str, value: object) -> float | None:
-    if value is None:
-        return None
+def _check_items(cell: Cell, call: str, name: str, value: object) -> Items:
+    if value is None or (callable(value) and not isinstance(value, type)):
+        return value  # a function of the step's result, checked on each result
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
-        _usage(cell, f"{call}({name}={value!r}): expected a positive number or None")
+        _usage(cell, f"{call}({name}={value!r}): expected a positive number, a function of the result giving "
+                     "one, or None")
     return float(value)  # type: ignore[arg-type]
 
 
 class TrainPerf:
-    """The ``trainperf`` fixture of one cell: ``.device``, ``.params``, ``.train``, ``.run``, ``.record``.
+    """The ``trainperf`` fixture of one cell: ``.device``, ``.params``, ``.train``, ``.run``, ``.record``,
+    and for a loop the test already has ``.step``, ``.steps``, ``.hf_callback`` and ``.lightning_callback``
+    (all measured by one :class:`~pytest_trainperf.engine.Engine`).
 
     Without ``--trainperf`` the test runs as a quick functional test: ``train`` and ``run`` call the
-    step once, check what it returns, and measure nothing.
+    step once, check what it returns, and measure nothing; ``steps`` yields one batch.
     """
 
     def __init__(self, cell: Cell, settings: Settings, malloc: str = "", timing_only: bool = False,
@@ -110,7 +130,8 @@ class TrainPerf:
         self._used = ""
         self._threads: int | None = None
         self._preexisting: Preexisting | None = None
-        self._retime: Callable[[], list[Metric]] | None = None
+        self._retime: Callable[[], list[Metric] | None] | None = None
+        self._loop: _Loop | None = None
         self._cudnn_benchmark = ""
         self._peaks: DevicePeaks | None = None
         self._notes: dict[str, None] = {}
@@ -188,7 +209,7 @@ class TrainPerf:
         return self._settings.enabled
 
     def train(self, step: Step, *, steps: int, warmup: int = DEFAULT_WARMUP,
-              items_per_step: float | None = None) -> Measurement | None:
+              items_per_step: float | Callable[[Any], object] | None = None) -> Measurement | None:
         """Measure a training step: step time, throughput, peak memory, FLOPs and the loss.
 
         ``step()`` must return the loss (a 0-d tensor or a float). The step runs once under the FLOP
@@ -209,8 +230,12 @@ class TrainPerf:
         return self._measure("train", step, steps, warmup, items)
 
     def run(self, fn: Callable[[], object], *, iters: int, warmup: int = DEFAULT_WARMUP,
-            items_per_call: float | None = None) -> Measurement | None:
-        """Measure inference latency of ``fn()``: step time (per call), throughput, memory, FLOPs."""
+            items_per_call: float | Callable[[Any], object] | None = None) -> Measurement | None:
+        """Measure inference latency of ``fn()``: step time (per call), throughput, memory, FLOPs.
+
+        ``items_per_call`` is a number, or a function of the call's result giving the items it processed
+        (e.g. the tokens a ``generate`` call actually produced): throughput is then each call's items over
+        its time."""
         call = "trainperf.run"
         iters = _check_count(self._cell, call, "iters", iters, 1)
         warmup = _check_count(self._cell, call, "warmup", warmup, 0)
@@ -222,6 +247,246 @@ class TrainPerf:
             fn()
             return None
         return self._measure("run", fn, iters, warmup, items)
+
+    def step(self, *, steps: int, warmup: int = DEFAULT_WARMUP, items: float | None = None) -> StepBlock:
+        """Measure a step of the test's own training loop: ``with trainperf.step(steps=20) as step:`` around
+        each step, ``step.loss = loss`` inside it to store the loss (without it, no loss is stored).
+
+        The loop's steps map onto the phases of :meth:`train`: the 1st is counted (FLOPs, work), the 2nd
+        memory-tracked, the next ``warmup`` warm up and the next ``steps`` are timed, so the loop must run
+        ``2 + warmup + steps`` of them (``warmup + steps`` in a noise round); later ones run unmeasured.
+        ``steps`` and ``warmup`` must be the same in every call of the loop; ``items`` (this step's
+        items, for throughput) may differ. Its timings are not re-timed to confirm a regression: the
+        loop belongs to the test (use :meth:`steps` or :meth:`train` for that). In a plain run the
+        block measures nothing.
+        """
+        loop = self._loop_for("trainperf.step", steps, warmup)
+        checked = _check_items(self._cell, "trainperf.step", "items", items)
+        if callable(checked):
+            _usage(self._cell, f"trainperf.step(items={items!r}): expected this step's items as a positive "
+                               "number or None (a function of the batch is for trainperf.steps)")
+        return StepBlock(self, loop, checked)  # type: ignore[arg-type]  # not callable: checked above
+
+    def steps(self, loader: Iterable[Any], *, steps: int, warmup: int = DEFAULT_WARMUP,
+              items: float | Callable[[Any], object] | None = None) -> Steps:
+        """Measure the test's own training loop over ``loader``: ``for batch in trainperf.steps(loader,
+        steps=20):`` yields the batches and times each step as the wait for its batch (``data_time``)
+        plus the loop's body (``compute_time``); ``step_time`` is their sum.
+
+        The phases are those of :meth:`step` (the counted and memory-tracked steps fetch their batch
+        outside the instrumentation); the loader is iterated again from its start when it runs out (a
+        list, a ``DataLoader``; a one-shot iterator must hold enough batches). A timing regression is
+        confirmed before the loop ends, by re-timing further batches (``--trainperf-confirm`` rounds of
+        ``1 + steps``). Set ``.loss`` on the returned object inside the loop to store the loss. ``items``
+        is a number or a function of the batch. In a plain run it yields one batch and measures nothing.
+        """
+        call = "trainperf.steps"
+        checked = _check_items(self._cell, call, "items", items)
+        loop = self._loop_for(call, steps, warmup)
+        return Steps(self, loader, loop, checked)
+
+    def hf_callback(self, *, steps: int, warmup: int = DEFAULT_WARMUP, items: float | None = None) -> Any:
+        """A ``transformers.TrainerCallback`` measuring the Hugging Face ``Trainer``'s own steps in the thread
+        that runs them: ``Trainer(..., callbacks=[trainperf.hf_callback(steps=10)])``. A step is an optimizer
+        step (gradient accumulation, clipping, optimizer and ``zero_grad`` included); ``max_steps`` must be
+        at least ``2 + warmup + steps`` (:mod:`pytest_trainperf.integrations.huggingface`)."""
+        error = ""
+        try:
+            from pytest_trainperf.integrations.huggingface import TrainPerfCallback
+        except ImportError as exc:
+            error = str(exc)
+        if error:
+            from pytest_trainperf.integrations import MISSING
+
+            _usage(self._cell, MISSING.format(call="hf_callback", framework="Hugging Face", package="transformers",
+                                              error=error))
+        return TrainPerfCallback(self, steps=steps, warmup=warmup, items=items)
+
+    def lightning_callback(self, *, steps: int, warmup: int = DEFAULT_WARMUP,
+                           items: float | Callable[[Any], float] | None = None) -> Any:
+        """A ``lightning.pytorch.Callback`` measuring Lightning's own training steps in the thread that runs
+        them: ``Trainer(..., callbacks=[trainperf.lightning_callback(steps=10)])``. A step is an optimizer
+        step (gradient accumulation, clipping, optimizer and ``zero_grad`` included); ``max_steps`` must be
+        at least ``2 + warmup + steps``; ``items`` may be a function of a batch
+        (:mod:`pytest_trainperf.integrations.lightning`)."""
+        error = ""
+        try:
+            from pytest_trainperf.integrations.lightning import TrainPerfCallback
+        except ImportError as exc:
+            error = str(exc)
+        if error:
+            from pytest_trainperf.integrations import MISSING
+
+            _usage(self._cell, MISSING.format(call="lightning_callback", framework="Lightning", package="lightning",
+                                              error=error))
+        return TrainPerfCallback(self, steps=steps, warmup=warmup, items=items)
+
+    def _loop_for(self, call: str, steps: int, warmup: int) -> _Loop | None:
+        """This cell's measured loop, begun at its first step; None in a plain run."""
+        loop = self._loop
+        if loop is not None and loop.call == call == "trainperf.step":
+            if (steps, warmup) != (loop.engine.count, loop.engine.warmup):
+                _usage(self._cell, f"{call}(steps={steps!r}, warmup={warmup!r}): expected the same steps and warmup "
+                                   f"in every step of the loop; its first step gave steps={loop.engine.count}, "
+                                   f"warmup={loop.engine.warmup}")
+            return loop
+        steps = _check_count(self._cell, call, "steps", steps, 1)
+        warmup = _check_count(self._cell, call, "warmup", warmup, 0)
+        if not (call == "trainperf.step" and self._used == call):  # step is called once per step of its loop
+            self._claim(call)
+        if self._forecast is not None:
+            _usage(self._cell, f"{call}: a tp.forecast cell runs its step on the meta device; expected "
+                               "trainperf.train or trainperf.run there")
+        if not self._settings.enabled:
+            return None
+        if self._timer is not None:
+            _usage(self._cell, f"{call}: a lockstep comparison (--trainperf-against) times steps the plugin "
+                               "calls; expected trainperf.train or trainperf.run in a cell compared that way")
+        from pytest_trainperf.measure.memory import allocator_pressure
+
+        engine = self._engine(steps, warmup)
+        self._loop = _Loop(call, engine, allocator_pressure(engine.device))
+        return self._loop
+
+    def _loop_begin(self, loop: _Loop) -> bool:
+        """A step of ``loop`` begins; False when it is not measured (the measurement is over)."""
+        if loop.complete or loop.failed:
+            return False
+        loop.engine.begin()
+        return True
+
+    def _loop_end(self, loop: _Loop, loss: object, items: Items, out: object) -> None:
+        """A step of ``loop`` ended (its clock stopped first); keep its loss and items; complete the
+        measurement after its last step."""
+        from pytest_trainperf.engine import Phase
+
+        loop.engine.end()
+        kept = Kept(None if loss is None else self._loss(loss, f"{loop.call}: expected .loss to be"),
+                    self._items_of(items, out))
+        loop.kept.append(kept)
+        if loop.engine.phase is Phase.DONE:
+            self._loop_complete(loop)
+
+    def _loop_abort(self, loop: _Loop) -> None:
+        """The loop raised inside a measured step: leave everything, measure nothing."""
+        loop.failed = True
+        loop.engine.close()
+
+    def _loop_complete(self, loop: _Loop) -> None:
+        """The loop's last measured step ended: assemble its measurement, as ``train`` would."""
+        engine = loop.engine
+        loop.complete = True
+        engine.close()
+        if engine.clock is not None:
+            engine.timed_result(list(loop.kept))
+        self._assemble("train", engine, loop.kept, loop.pressure, _per_step, loop.call)
+        self._retime = self._not_retimed(loop.call)
+        if engine.over:
+            assert self._measured is not None
+            raise EmulatedOutOfMemory(self._measured.detail)
+        if loop.call != "trainperf.steps" and not self._timing_only and self._confirm is not None:
+            wanted, retimed = self._asks_retime()
+            if wanted:
+                self._not_retimed(loop.call)()
+            self._confirmed = retimed
+
+    def _not_retimed(self, call: str) -> Callable[[], list[Metric] | None]:
+        """A re-timing that cannot run (the loop is the test's, and it is over): it notes why."""
+        def retime() -> list[Metric] | None:
+            self._notes.setdefault(f"{self._cell.nodeid}: its timings regressed and were not re-timed to confirm "
+                                   f"it: {call} measured the test's own loop, which runs each step once; the "
+                                   "stored verdict stands (trainperf.steps and trainperf.train re-time inside "
+                                   "the test)")
+            return None
+
+        return retime
+
+    def _asks_retime(self) -> tuple[bool, Retimed]:
+        """Ask the plugin's confirmation (:meth:`confirm_with`) whether the measurement so far regressed
+        in its timings and is due a re-timing (within ``--trainperf-max-time``); its answer."""
+        assert self._confirm is not None
+        wanted = False
+        before = self._retime
+
+        def probe() -> list[Metric] | None:
+            nonlocal wanted
+            wanted = True
+            return None
+
+        self._retime = probe
+        try:
+            retimed = self._confirm(self)
+        finally:
+            self._retime = before
+        return wanted, retimed
+
+    def _iterate(self, handle: Steps, loader: Iterable[Any], loop: _Loop | None, items: Items) -> Iterator[Any]:
+        """The batches of :meth:`steps`, each step measured by the loop's engine (see there)."""
+        from pytest_trainperf.engine import Phase
+
+        source = _Batches(self._cell, loader, loop.needed if loop is not None else 1)
+        if loop is None:  # a plain run: one step
+            handle.loss = None
+            yield source.next()
+            if handle.loss is not None:
+                self._check_losses([self._number(self._loss(handle.loss, "trainperf.steps: expected .loss to be"))],
+                                   "trainperf.steps")
+            return
+        engine = loop.engine
+        try:
+            while not loop.complete:
+                if engine.phase is Phase.TIMED:  # the clock runs from the wait for the batch
+                    engine.begin()
+                    batch = source.next()
+                    engine.data_ready()
+                else:  # instrumented steps: the batch is fetched outside the counters
+                    batch = source.next()
+                    engine.begin()
+                handle.loss = None
+                yield batch
+                self._loop_end(loop, handle.loss, items, batch)
+                del batch
+            if self._confirm is not None and not self._timing_only and engine.timed is not None:
+                yield from self._confirm_in_loop(handle, loop, source, items)
+        finally:  # a loop that stopped early (break) fails the cell when the plugin reads it (result)
+            if not loop.complete:
+                engine.close()
+
+    def _confirm_in_loop(self, handle: Steps, loop: _Loop, source: _Batches, items: Items) -> Iterator[Any]:
+        """Re-time the loop's timed steps with further batches while the plugin's confirmation asks for
+        it (:meth:`_asks_retime`), at most ``--trainperf-confirm`` rounds, before the loop ends."""
+        from pytest_trainperf.judge import Retimed
+        from pytest_trainperf.measure.compiled import Snapshot, snapshot, timed_failure
+        from pytest_trainperf.measure.cudnn import cudnn_benchmark
+        from pytest_trainperf.measure.timing import StepClock, fixed_threads
+
+        engine = loop.engine
+        rounds, skipped = 0, None
+        while rounds < self._settings.confirm:
+            wanted, retimed = self._asks_retime()
+            if not wanted:
+                skipped = retimed.skipped_for
+                break
+            marks: list[Snapshot] = []  # dynamo's counters when the re-timed steps start
+            kept: list[object] = []
+            with fixed_threads(engine.threads), cudnn_benchmark(self._settings.cudnn_benchmark), \
+                    StepClock(engine.device, engine.count, CONFIRM_WARMUP, self._rank is None,
+                              on_timed=functools.partial(_mark, marks)) as clock:
+                while not clock.finished:
+                    clock.start()
+                    batch = source.next()
+                    clock.data_ready()
+                    handle.loss = None
+                    yield batch
+                    clock.stop()
+                    kept.append(Kept(None, self._items_of(items, batch)))
+                    del batch
+            invalid = timed_failure(marks[0], snapshot()) if marks else ""
+            if invalid:  # timings mixing compiled and compiling steps confirm nothing, and clear nothing
+                _usage(self._cell, f"{RETIMED}: {invalid}")
+            self._replace_timings(self._timing(clock.timed(kept), _per_step))
+            rounds += 1
+        self._confirmed = Retimed(rounds, skipped_for=skipped)
 
     def record(self, name: str, value: float, *, unit: str = "", higher_is_better: bool = False,
                tolerance: float | None = None) -> None:
@@ -273,7 +538,15 @@ class TrainPerf:
         return self._started + self._settings.max_time
 
     def result(self) -> Measurement | None:
-        """Everything measured and recorded in this cell; None if nothing was."""
+        """Everything measured and recorded in this cell; None if nothing was. Fails the test when its
+        measured loop (``step``/``steps``) ended before the measurement had all its steps."""
+        loop = self._loop
+        if loop is not None and not loop.complete and not loop.failed:
+            loop.failed = True
+            self.close()
+            _usage(self._cell, f"{loop.call}: the loop ended after {loop.engine.steps_run} measured step(s); the "
+                               f"measurement needs {loop.needed} ({loop.phases}): run more steps (a longer loop "
+                               "or a larger max_steps), or ask for fewer (steps=, warmup=)")
         if self._measured is None and not self._recorded:
             return None
         base = self._measured or Measurement(test=self._cell.test, cell=self._cell.cell,
@@ -285,10 +558,20 @@ class TrainPerf:
         """Record that the cell ran out of memory (the plugin calls this once the error is gone):
         the measurement keeps what was recorded before, and nothing is re-timed."""
         kind = "run" if self._used == "trainperf.run" else "train"
+        if self._loop is not None and not self._loop.complete:  # the loop's error was the out-of-memory one
+            self._loop.failed = True
+            self._loop.engine.close()
         self._measured = Measurement(test=self._cell.test, cell=self._cell.cell, params=self._cell.params,
                                      metrics=(), kind=kind, outcome=outcome, detail=detail)
         self._retime = None
         return self.result()  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Leave a measured loop's pinned threads, paused garbage collector, cuDNN policy and probe if it
+        is still open (a test that raised inside it, or stopped early); the plugin calls this when the
+        test is over. Idempotent."""
+        if self._loop is not None:
+            self._loop.engine.close()
 
     def retime(self) -> Measurement | None:
         """Time the measured step again (same count, threads, device); None if nothing was timed.
@@ -298,10 +581,18 @@ class TrainPerf:
         """
         if self._retime is None or self._measured is None:
             return None
-        fresh = {m.name: m for m in self._retime()}
+        again = self._retime()
+        if again is None:  # the steps cannot be run again here (a loop the test owns, now over)
+            return None
+        self._replace_timings(again)
+        return self.result()
+
+    def _replace_timings(self, again: list[Metric]) -> None:
+        """The measurement with the fresh timing metrics ``again`` in place of the first ones."""
+        assert self._measured is not None
+        fresh = {m.name: m for m in again}
         self._measured = replace(self._measured, metrics=tuple(fresh.get(m.name, m)
                                                                 for m in self._measured.metrics))
-        return self.result()
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -350,6 +641,10 @@ class TrainPerf:
 
     # ------------------------------------------------------------------ inside
 
+    def _usage(self, message: str) -> None:
+        """Fail the test with ``message`` naming this cell."""
+        _usage(self._cell, message)
+
     def _claim(self, call: str) -> None:
         if self._used:
             _usage(self._cell, f"{call} called after {self._used} in the same cell; expected one "
@@ -394,19 +689,18 @@ class TrainPerf:
                                    f"trainperf.record({PEAK_METRIC!r}, <FLOP/s>)")
         return [metric] if metric is not None else []
 
-    def _loss(self, out: object) -> object:
-        """Check one step's return value; keep it cheaply (a detached tensor or a float)."""
+    def _loss(self, out: object, what: str = "the step passed to trainperf.train must return") -> object:
+        """Check one step's return value (or handed-in loss); keep it cheaply (a detached tensor or a float)."""
         import torch
 
         if isinstance(out, torch.Tensor):
             if out.numel() != 1:
-                _usage(self._cell, "the step passed to trainperf.train must return the loss as a 0-d "
-                                   f"tensor or a float; got a Tensor of shape {tuple(out.shape)}")
+                _usage(self._cell, f"{what} the loss as a 0-d tensor or a float; got a Tensor of shape "
+                                   f"{tuple(out.shape)}")
             return out.detach().reshape(())
         number = None if out is None else self._number(out)
         if number is None:
-            _usage(self._cell, "the step passed to trainperf.train must return the loss as a 0-d tensor "
-                               f"or a float; got {type(out).__name__} {out!r:.80}")
+            _usage(self._cell, f"{what} the loss as a 0-d tensor or a float; got {type(out).__name__} {out!r:.80}")
         return number
 
     def _check_losses(self, kept: list[object], call: str) -> list[float]:
@@ -477,81 +771,140 @@ class TrainPerf:
             _usage(self._cell, "the step passed to trainperf.train must return the loss as a 0-d tensor "
                                f"or a float; got {type(out).__name__} {out!r:.80}")
 
-    def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
-                 items: float | None) -> Measurement:
-        from pytest_trainperf.measure.comm import distributed_now
-        from pytest_trainperf.measure.compiled import (
-            EAGER_NOTE,
-            CompileWatch,
-            Snapshot,
-            eager_step,
-            snapshot,
-            timed_failure,
-        )
-        from pytest_trainperf.measure.counting import count_step
-        from pytest_trainperf.measure.cudnn import cudnn_benchmark
-        from pytest_trainperf.measure.memory import allocator_pressure, measure_peak
-        from pytest_trainperf.measure.mfu import device_peaks, precision_in_use
-        from pytest_trainperf.measure.timing import default_threads, fixed_threads, time_steps
-        from pytest_trainperf.measure.utilization import Probe
+    def _engine(self, count: int, warmup: int) -> Engine:
+        """The measurement of this cell's step (:class:`~pytest_trainperf.engine.Engine`)."""
+        from pytest_trainperf.engine import Engine
+        from pytest_trainperf.measure.timing import default_threads
 
         device = self.device
-        keep: Callable[[object], object] | None = self._loss if kind == "train" else None
-        kept: list[object] = []
-        flops = peak = timed = work = None
         threads = self._threads = self._settings.threads or default_threads()
-        pressure = allocator_pressure(device)
-        policy = self._settings.cudnn_benchmark
-        probe = Probe(device, threads, enabled=not self._timing_only)  # utilization over the timed steps
-        watch = CompileWatch()  # torch.compile: dynamo reset, its counters read around the cell
-        eager = eager_step(fn)  # what the instrumented steps run: torch.compile off, dynamo never sees their modes
+        between: Callable[[], None] | None = None
+        if self._rank is not None:  # every timed step of a rank starts after a barrier of all ranks
+            import torch.distributed as dist
 
-        def on_timed() -> None:
-            watch.mark_timed()
-            probe.start()
+            between = dist.barrier
+        return Engine(device, count=count, warmup=warmup, timing_only=self._timing_only, threads=threads,
+                      policy=self._settings.cudnn_benchmark, preexisting=self._snapshot, budget=self._budget,
+                      settle=self._rank is None, between=between)
 
-        with fixed_threads(threads), cudnn_benchmark(policy) as self._cudnn_benchmark, probe:
-            # instrumented steps first, so that the warm-up runs right before the timed steps
-            if not self._timing_only:
-                # one counting pass: FLOPs, syncs, ops, memory traffic (torch.compile off)
-                out, flops, work = count_step(eager, device.type)
+    def _snapshot(self) -> Preexisting:
+        """The tensors alive before the test began (taken now if not taken at its start: no ``--trainperf``)."""
+        if self._preexisting is None:
+            from pytest_trainperf.measure.memory import Preexisting
+
+            self._preexisting = Preexisting(self.device)
+        return self._preexisting
+
+    def _measure(self, kind: str, fn: Callable[[], object], count: int, warmup: int,
+                 items: Items) -> Measurement:
+        """Measure ``fn`` as the step of a ``train`` (``kind``) or ``run``: the engine's phases, each a call."""
+        from pytest_trainperf.engine import Phase
+        from pytest_trainperf.measure.memory import allocator_pressure
+        from pytest_trainperf.measure.timing import time_steps
+
+        engine = self._engine(count, warmup)
+        pressure = allocator_pressure(engine.device)
+        keep = self._keeper(kind, items)
+        kept: list[object] = []
+        try:
+            while engine.phase in (Phase.COUNT, Phase.MEMORY):  # instrumented steps first, then the warm-up
+                engine.begin()
+                out = fn()
+                engine.end()
                 if keep is not None:
                     kept.append(keep(out))
                 del out
-                if self._preexisting is None:  # not taken at the start (no --trainperf then): take it now
-                    from pytest_trainperf.measure.memory import Preexisting
-
-                    self._preexisting = Preexisting(device)
-                out, peak = measure_peak(eager, device, self._preexisting)
-                if keep is not None:
-                    kept.append(keep(out))
-                del out
-            over = peak is not None and self._budget is not None and peak.peak_bytes > self._budget
-            if not over:  # a cell over its budget would not have run: no timing
+            if engine.phase is Phase.TIMED:
                 timer = self._timer or (ranks_in_step if self._rank is not None else time_steps)
-                timed = timer(fn, count, device, keep, warmup, on_timed=on_timed)
-        watch.finish()
-        if watch.timed_failure:
-            _usage(self._cell, watch.timed_failure)
-        self._notes.update(dict.fromkeys(probe.notes))
-        if not self._timing_only:
-            self._peaks = device_peaks(device)
-            self._peak_precision = precision_in_use(device)
-        curve = (self._check_losses(kept + (timed.kept if timed is not None else []), f"trainperf.{kind}")
-                 if keep is not None else [])
-        metrics = timing_metrics(timed.samples, items) if timed is not None else []
+                engine.time_with(timer, fn, keep)
+        finally:
+            engine.close()
+        assert engine.timed is not None or engine.over
+        measured = self._assemble(kind, engine, kept + (engine.timed.kept if engine.timed is not None else []),
+                                  pressure, items, f"trainperf.{kind}")
+        threads, policy = engine.threads, self._settings.cudnn_benchmark
 
         def retime() -> list[Metric]:
+            from pytest_trainperf.measure.compiled import Snapshot, snapshot, timed_failure
+            from pytest_trainperf.measure.cudnn import cudnn_benchmark
+            from pytest_trainperf.measure.timing import fixed_threads
+
             marks: list[Snapshot] = []  # dynamo's counters when the re-timed steps start
             with fixed_threads(threads), cudnn_benchmark(policy):
-                again = time_steps(fn, count, device, warmup=CONFIRM_WARMUP,
+                again = time_steps(fn, count, engine.device, keep, warmup=CONFIRM_WARMUP,
                                    on_timed=lambda: marks.append(snapshot()))
             invalid = timed_failure(marks[0], snapshot()) if marks else ""
             if invalid:  # timings mixing compiled and compiling steps confirm nothing, and clear nothing
                 _usage(self._cell, f"{RETIMED}: {invalid}")
-            return timing_metrics(again.samples, items)
+            return self._timing(again, items)
 
-        self._retime = retime if timed is not None else None
+        self._retime = retime if engine.timed is not None else None
+        if engine.over:  # as on a device of the budget's size: the test stops here, as a real OOM would stop it
+            raise EmulatedOutOfMemory(measured.detail)
+        if self._confirm is not None and self._retime is not None and not self._timing_only:
+            self._confirmed = self._confirm(self)  # before the test goes on and tears down what the step uses
+        return self.result()  # type: ignore[return-value]
+
+    def _keeper(self, kind: str, items: Items) -> Callable[[object], object] | None:
+        """What is kept of each call's result: its loss (a training step's) and its items (when
+        ``items`` is a function of it), as a :class:`Kept`; None when nothing is."""
+        loss = kind == "train"
+        if not loss and not callable(items):
+            return None
+
+        def keep(out: object) -> Kept:
+            return Kept(self._loss(out) if loss else None, self._items_of(items, out))
+
+        return keep
+
+    def _items_of(self, items: Items, out: object) -> float | None:
+        """The items of one step: ``items`` itself, or ``items(out)`` checked."""
+        if not callable(items):
+            return items
+        value = items(out)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
+            numel = getattr(value, "numel", None)
+            number = self._number(value) if callable(numel) and numel() == 1 else None
+            if number is None or not number > 0:
+                _usage(self._cell, f"items: the function {getattr(items, '__name__', items)!r} returned "
+                                   f"{value!r:.80}; expected a positive number of items")
+            return number
+        return float(value)
+
+    def _timing(self, timed: Timed, items: Items) -> list[Metric]:
+        """The timing metrics of ``timed``, its items per sample from the kept results where they vary."""
+        per: list[float | None] = [items if not callable(items) else None] * len(timed.samples)
+        if callable(items):
+            tail = timed.kept[len(timed.kept) - len(timed.samples):]
+            per = [k.items if isinstance(k, Kept) else None for k in tail]
+        known = [i for i in per if i is not None]
+        return timing_metrics(timed.samples, known if len(known) == len(per) and known else None, timed.data)
+
+    def _assemble(self, kind: str, engine: Engine, kept: list[object], pressure: tuple[int, int],
+                  items: Items, call: str) -> Measurement:
+        """The measurement of a completed engine (every call's or step's ``kept`` in order), kept as
+        this cell's: what ``train``, ``run``, ``step``, ``steps`` and the callbacks measured alike."""
+        from pytest_trainperf.measure.comm import distributed_now
+        from pytest_trainperf.measure.compiled import EAGER_NOTE
+        from pytest_trainperf.measure.memory import allocator_pressure
+        from pytest_trainperf.measure.mfu import device_peaks, precision_in_use
+
+        device, watch, probe = engine.device, engine.watch, engine.probe
+        timed, peak, flops, work = engine.timed, engine.peak, engine.flops, engine.work
+        self._cudnn_benchmark = engine.cudnn_setting
+        if watch is not None and watch.timed_failure:
+            _usage(self._cell, watch.timed_failure)
+        if probe is not None:
+            self._notes.update(dict.fromkeys(probe.notes))
+        if not self._timing_only:
+            self._peaks = device_peaks(device)
+            self._peak_precision = precision_in_use(device)
+        losses = [k.loss for k in kept if isinstance(k, Kept) and k.loss is not None]
+        if losses and len(losses) != len(kept):
+            _usage(self._cell, f"{call}: the loss was handed in for {len(losses)} of {len(kept)} steps; expected "
+                               "it for every step (.loss = loss) or for none")
+        curve = self._check_losses(losses, call)
+        metrics = self._timing(timed, items) if timed is not None else []
         if peak is not None:
             metrics.append(Metric("peak_memory", float(peak.peak_bytes), "B"))
             if peak.reserved_bytes is not None:
@@ -562,36 +915,176 @@ class TrainPerf:
             metrics += work.metrics(float(flops.total) if flops is not None else None)
             if distributed_now():
                 metrics += work.comm.metrics()
-        metrics += probe.metrics
-        compiled = watch.metrics if not self._timing_only else []  # graph_breaks, recompiles...: compiled cells only
+        if probe is not None:
+            metrics += probe.metrics
+        compiled = watch.metrics if watch is not None and not self._timing_only else []  # compiled cells only
         if compiled:
             metrics += compiled
             self._notes.setdefault(EAGER_NOTE)
         if curve and not self._timing_only and timed is not None:
             metrics.append(Metric("loss", curve[-1], "", Direction.EXACT))
+        if kind == "train" and not self._timing_only:
+            self._warn_unseen(flops, peak, call)
         retries, ooms = (after - before for after, before in zip(allocator_pressure(device), pressure, strict=True))
         notes = (f"the CUDA caching allocator flushed its cache {retries} time(s) and recovered from {ooms} "
                  "out-of-memory error(s) during the measurement: the step runs near the memory limit, and "
                  "its timings include that thrashing",) if retries or ooms else ()
         outcome, detail = Outcome.MEASURED, ""
-        if over:
+        if engine.over:
             from pytest_trainperf.units import format_value
 
             assert peak is not None and self._budget is not None
             outcome = Outcome.OOM_EMULATED
             detail = (f"peak memory {format_value(float(peak.peak_bytes), 'B')} exceeds the memory budget of "
                       f"{format_value(float(self._budget), 'B')} (emulated out of memory; not timed)")
+        per_step = [k.items for k in kept if isinstance(k, Kept) and k.items is not None]
+        average = (sum(per_step) / len(per_step) if callable(items) and per_step
+                   else items if not callable(items) else None)
         self._measured = Measurement(
             test=self._cell.test, cell=self._cell.cell, params=self._cell.params,
-            metrics=tuple(metrics), loss_curve=tuple(curve), kind=kind, steps=count, warmup=warmup,
-            outcome=outcome, detail=detail, notes=notes, items_per_step=items,
+            metrics=tuple(metrics), loss_curve=tuple(curve), kind=kind, steps=engine.count, warmup=engine.warmup,
+            outcome=outcome, detail=detail, notes=notes, items_per_step=average,
             breakdowns=(work.breakdowns() + (work.comm.breakdowns() if distributed_now() else ())
                         if work is not None else ()))
-        if over:  # as on a device of the budget's size: the test stops here, as a real OOM would stop it
-            raise EmulatedOutOfMemory(detail)
-        if self._confirm is not None and self._retime is not None and not self._timing_only:
-            self._confirmed = self._confirm(self)  # before the test goes on and tears down what the step uses
-        return self.result()  # type: ignore[return-value]
+        return self._measured
+
+    def _warn_unseen(self, flops: FlopCount | None, peak: MemoryPeak | None, call: str) -> None:
+        """A note when a training step measured no FLOPs or allocated nothing: its work ran where the
+        counters cannot see it."""
+        causes = ("its work ran on another thread (a framework's background trainer, a data-parallel "
+                  "thread; the counters follow only the thread the step runs in) or in a custom kernel "
+                  "the counters cannot see (a C++/Triton extension)")
+        if flops is not None and flops.total == 0:
+            self._notes.setdefault(f"{self._cell.nodeid}: {call} measured 0 FLOPs in a training step: {causes}")
+        if peak is not None and peak.peak_bytes <= peak.start_bytes:
+            self._notes.setdefault(f"{self._cell.nodeid}: {call} saw no allocation in a training step (peak "
+                                   f"memory = what was alive before it): {causes}")
+
+
+def _mark(marks: list[Any]) -> None:
+    """Keep dynamo's counters now in ``marks``."""
+    from pytest_trainperf.measure.compiled import snapshot
+
+    marks.append(snapshot())
+
+
+def _per_step(out: object) -> object:
+    """The items of a loop's steps: each step's own, as kept (never called)."""
+    raise AssertionError("the items of a loop's step are read from what was kept")
+
+
+@dataclass
+class _Loop:
+    """A step loop the test (or a framework) runs, measured one step at a time by its engine."""
+
+    call: str
+    """``trainperf.step`` or ``trainperf.steps`` (the callbacks use ``trainperf.step``)."""
+    engine: Engine
+    """Its measurement."""
+    pressure: tuple[int, int]
+    """The CUDA allocator's retries and out-of-memory errors when it began."""
+    kept: list[object] = field(default_factory=list)
+    """Every measured step's :class:`Kept`, in order."""
+    complete: bool = False
+    """Whether its measurement is complete (later steps run unmeasured)."""
+    failed: bool = False
+    """Whether it stopped for good with its measurement incomplete (raised, or already failed the test)."""
+
+    @property
+    def needed(self) -> int:
+        """The steps its measurement takes."""
+        return (0 if self.engine.timing_only else 2) + self.engine.warmup + self.engine.count
+
+    @property
+    def phases(self) -> str:
+        """How :attr:`needed` adds up, for a message."""
+        timed = f"{self.engine.warmup} warm-up + {self.engine.count} timed"
+        return timed if self.engine.timing_only else f"1 counted + 1 memory-tracked + {timed}"
+
+
+class StepBlock:
+    """One step of a loop the test runs (``with trainperf.step(steps=20) as step:``)."""
+
+    def __init__(self, fixture: TrainPerf, loop: _Loop | None, items: float | None) -> None:
+        self.loss: object = None
+        """The step's loss (a 0-d tensor or a float), handed in inside the block; None: no loss stored."""
+        self.items = items
+        """The step's items (for throughput); may be set inside the block too."""
+        self._fixture = fixture
+        self._loop = loop
+        self._measured = False
+
+    def __enter__(self) -> StepBlock:
+        self._measured = self._loop is not None and self._fixture._loop_begin(self._loop)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if not self._measured or self._loop is None:
+            return
+        if exc is not None:
+            self._fixture._loop_abort(self._loop)
+            return
+        self._fixture._loop_end(self._loop, self.loss, self.items, None)
+
+
+class Steps:
+    """The batches of a measured loop (``for batch in trainperf.steps(loader, steps=20)``)."""
+
+    def __init__(self, fixture: TrainPerf, loader: Iterable[Any], loop: _Loop | None, items: Items) -> None:
+        self.loss: object = None
+        """The current step's loss (a 0-d tensor or a float), set inside the loop's body; None: no loss stored."""
+        self._fixture = fixture
+        self._loader = loader
+        self._loop = loop
+        self._items = items
+        self._iterated = False
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._iterated:
+            self._fixture._usage("trainperf.steps(...): iterated twice; expected one loop over it per cell")
+        self._iterated = True
+        return self._fixture._iterate(self, self._loader, self._loop, self._items)
+
+
+class _Batches:
+    """The batches of a loader, from its start again when it runs out (a one-shot iterator cannot)."""
+
+    def __init__(self, cell: Cell, loader: Iterable[Any], needed: int) -> None:
+        self._cell = cell
+        self._loader = loader
+        self._needed = needed
+        try:
+            self._it = iter(loader)
+        except TypeError:
+            self._it = None  # type: ignore[assignment]
+        if self._it is None:
+            _usage(cell, f"trainperf.steps(loader={loader!r:.80}): expected an iterable of batches")
+        self._drawn = 0
+        self._in_pass = 0
+
+    def next(self) -> Any:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            batch = self._again()
+        self._drawn += 1
+        self._in_pass += 1
+        return batch
+
+    def _again(self) -> Any:
+        again = iter(self._loader)
+        problem = ""
+        if again is self._it or self._in_pass == 0:
+            problem = (f"the loader ran out after {self._drawn} batch(es); the measurement needs {self._needed} "
+                       "or more: pass a re-iterable (a list, a DataLoader), which is iterated again from its "
+                       "start, or more batches" if self._in_pass else "the loader yields no batch")
+        else:
+            self._it, self._in_pass = again, 0
+            try:
+                return next(again)
+            except StopIteration:
+                problem = "the loader yields no batch"
+        _usage(self._cell, f"trainperf.steps: {problem}")
 
 
 RECORD_ONLY_ATTRIBUTES = frozenset({"record"})
@@ -670,10 +1163,18 @@ def ranks_in_step(fn: Callable[[], Any], count: int, device: torch.device,
     return time_steps(fn, count, device, keep, warmup, settle=False, on_timed=on_timed, between=dist.barrier)
 
 
-def timing_metrics(samples: list[float], items: float | None) -> list[Metric]:
-    """``step_time`` from per-step seconds, and ``throughput`` when the items per step are known."""
+def timing_metrics(samples: list[float], items: float | list[float] | None,
+                   data: list[float] | None = None) -> list[Metric]:
+    """``step_time`` from per-step seconds; ``data_time`` and ``compute_time`` when the steps' ``data``
+    waits were timed (``trainperf.steps``: step time is their sum); ``throughput`` when the items per step
+    are known (one number, or one per sample)."""
     metrics = [Metric("step_time", statistics.median(samples), "s", Direction.LOWER_IS_BETTER, tuple(samples))]
+    if data:
+        compute = tuple(max(0.0, s - d) for s, d in zip(samples, data, strict=True))
+        metrics.append(Metric("data_time", statistics.median(data), "s", Direction.LOWER_IS_BETTER, tuple(data)))
+        metrics.append(Metric("compute_time", statistics.median(compute), "s", Direction.LOWER_IS_BETTER, compute))
     if items is not None:
-        rates = tuple(float(f"{items / s:.{RATE_DIGITS}g}") for s in samples)
+        per = items if isinstance(items, list) else [items] * len(samples)
+        rates = tuple(float(f"{n / s:.{RATE_DIGITS}g}") for n, s in zip(per, samples, strict=True))
         metrics.append(Metric("throughput", statistics.median(rates), "items/s", Direction.HIGHER_IS_BETTER, rates))
     return metrics

@@ -179,6 +179,7 @@ def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
     fixture = TrainPerf(cell, session.settings, session.malloc, timing_only=session.remeasuring,
                         memory_budget=memory, forecast=forecasting, rank=rank)
     request.node.stash[FIXTURE_KEY] = fixture
+    request.addfinalizer(fixture.close)  # a measured loop the test left open restores threads and the collector
     settings = session.settings
     if (settings.enabled and not settings.update and settings.confirm and not session.ledger.against
             and not distributed and not session.remeasuring):  # a rank's job is confirmed by its parent

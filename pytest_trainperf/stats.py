@@ -67,6 +67,8 @@ modules) and on disk caches (Inductor's), so only a gross change is gated by def
 DEFAULT_TOLERANCES: Mapping[str, float] = {
     "step_time": 0.10,
     "throughput": 0.10 / 1.10,  # follows step_time: see tolerance_for
+    "data_time": 0.10,
+    "compute_time": 0.10,
     "peak_memory": 0.005,
     "peak_memory_forecast": 0.005,
     "flops": 0.001,
@@ -96,12 +98,15 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
     **dict.fromkeys(("memory_traffic_fp64", "memory_traffic_fp32", "memory_traffic_bf16", "memory_traffic_fp16",
                      "memory_traffic_fp8", "memory_traffic_other"), math.inf),
 }
-"""Relative tolerances of the built-in metrics. ``reserved_memory`` (CUDA), the utilizations (GPU
-through NVML, or the process's CPU), ``mfu``, ``peak_rss`` (the peak resident set size of an
-isolated cell's process) and the split of ``flops`` by precision (``flops_bf16``...; ``flops`` itself
-is gated) are reported, not gated, unless a test gives them a tolerance; a recorded metric without one
-gets :data:`RECORD_TOLERANCE`. A compiled cell's ``graph_breaks``, ``recompiles`` and ``unique_graphs``
-are counts judged exactly (any rise regresses); its ``compile_time`` by :data:`COMPILE_TIME_TOLERANCE`.
+"""Relative tolerances of the built-in metrics. ``data_time`` and ``compute_time`` (the split of a
+``trainperf.steps`` step into the wait for its batch and the loop's body) are gated like ``step_time``,
+each on its own: ``tp.tolerance(step_time=math.inf)`` gates a loop on its compute alone.
+``reserved_memory`` (CUDA), the utilizations (GPU through NVML, or the process's CPU), ``mfu``,
+``peak_rss`` (the peak resident set size of an isolated cell's process) and the split of ``flops`` by
+precision (``flops_bf16``...; ``flops`` itself is gated) are reported, not gated, unless a test gives
+them a tolerance; a recorded metric without one gets :data:`RECORD_TOLERANCE`. A compiled cell's
+``graph_breaks``, ``recompiles`` and ``unique_graphs`` are counts judged exactly (any rise regresses);
+its ``compile_time`` by :data:`COMPILE_TIME_TOLERANCE`.
 
 The exact work counts of the instrumented step (``host_syncs``, ``ops``, ``memory_traffic`` and
 ``low_precision_share``, :mod:`pytest_trainperf.measure.work`) are judged exactly: any change is a change
@@ -118,7 +123,7 @@ counts as a change: a new process whose median is a normal draw from the band pa
 time; the rest is left to the within-run test, the grid correction and confirmation."""
 POWER = 0.95
 """The detection probability at which :func:`detectable_change` is stated."""
-TIMING_METRICS = ("step_time", "throughput")
+TIMING_METRICS = ("step_time", "throughput", "data_time", "compute_time")
 """Metrics decided on samples, which a re-measurement may confirm or clear."""
 BUILTIN_METRICS = tuple(DEFAULT_TOLERANCES)
 """The metric names measured by the plugin itself."""

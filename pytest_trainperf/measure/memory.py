@@ -53,11 +53,12 @@ times slower, which is why timing and memory are never measured in the same call
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -181,51 +182,54 @@ def measure_peak(fn: Callable[[], T], device: torch.device,
     Storages in ``exclude`` (alive before the test began) are not counted. An exception from ``fn``
     propagates, with every piece of global state restored.
     """
+    with peak_of(device, exclude) as found:
+        result = fn()
+    assert found.peak is not None
+    return result, found.peak
+
+
+@dataclass
+class FoundPeak:
+    """What :func:`peak_of` measured: set when its block exits."""
+
+    peak: MemoryPeak | None = None
+    """The peak memory of the block (None until it exited)."""
+
+
+@contextlib.contextmanager
+def peak_of(device: torch.device, exclude: Preexisting | None = None) -> Iterator[FoundPeak]:
+    """The peak memory of the block, as :func:`measure_peak` measures a call: for a step that is a
+    loop's body (``trainperf.step``), not a function. An exception from the block propagates, with
+    every piece of global state restored."""
+    found = FoundPeak()
     if device.type == _CUDA:
-        return _measure_cuda(fn, device, exclude.cuda_bytes if exclude is not None else 0)
-    return _measure_tracked(fn, device, exclude)
-
-
-def _measure_cuda(fn: Callable[[], T], device: torch.device, outside: int) -> tuple[T, MemoryPeak]:
-    """Read the caching allocator's peak counters around one synchronized call (after collecting
-    garbage and emptying the allocator's cache, so that the reserved peak is this call's), both less
-    the baseline taken right before the call."""
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    start = torch.cuda.memory_allocated(device)
-    baseline = min(outside, start)
-    result = fn()
-    torch.cuda.synchronize(device)
-    peak = MemoryPeak(
-        peak_bytes=torch.cuda.max_memory_allocated(device) - baseline,
-        reserved_bytes=torch.cuda.max_memory_reserved(device) - baseline,
-        start_bytes=start - baseline,
-        method=METHOD_CUDA_ALLOCATOR,
-        baseline_bytes=baseline,
-    )
-    return result, peak
-
-
-def _measure_tracked(fn: Callable[[], T], device: torch.device,
-                     exclude: Preexisting | None) -> tuple[T, MemoryPeak]:
-    """Follow tensor storages on ``device`` through one call of ``fn``."""
+        outside = exclude.cuda_bytes if exclude is not None else 0
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        baseline = min(outside, start)
+        yield found
+        torch.cuda.synchronize(device)
+        found.peak = MemoryPeak(
+            peak_bytes=torch.cuda.max_memory_allocated(device) - baseline,
+            reserved_bytes=torch.cuda.max_memory_reserved(device) - baseline,
+            start_bytes=start - baseline,
+            method=METHOD_CUDA_ALLOCATOR,
+            baseline_bytes=baseline,
+        )
+        return
     tracker = _StorageTracker(device, exclude)
     try:
         gc.collect()
         start = tracker.scan_live()
         with tracker:
-            result = fn()
-        peak = MemoryPeak(
-            peak_bytes=tracker.peak_bytes,
-            reserved_bytes=None,
-            start_bytes=start,
-            method=METHOD_STORAGE_TRACKER,
-        )
+            yield found
+        found.peak = MemoryPeak(peak_bytes=tracker.peak_bytes, reserved_bytes=None, start_bytes=start,
+                                method=METHOD_STORAGE_TRACKER)
     finally:
         tracker.disarm()
-    return result, peak
 
 
 CPU_ALLOCATOR_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")

@@ -16,9 +16,9 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +86,7 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 @dataclass(frozen=True)
 class Timed:
-    """What :func:`time_steps` measured."""
+    """What :func:`time_steps` (or a :class:`StepClock`) measured."""
 
     samples: list[float]
     """Seconds per timed call that counts: the calls after the step time settled."""
@@ -94,6 +94,9 @@ class Timed:
     """What ``keep`` kept of every call, warm-up included, in order."""
     warmup: int
     """Calls that count as warm-up: the ones asked for, and leading timed calls before the step time settled."""
+    data: list[float] = field(default_factory=list)
+    """Of each sample, the seconds spent waiting for the step's data (:meth:`StepClock.data_ready`); empty
+    when the steps were not split into data and compute."""
 
 
 def settled_from(samples: Sequence[float], window: int = SETTLE_WINDOW, tolerance: float = SETTLE_TOLERANCE,
@@ -121,6 +124,122 @@ def warm_up(fn: Callable[[], T], warmup: int, keep: Callable[[T], object] | None
         del result
 
 
+class StepClock:
+    """Times a loop one step at a time: what :func:`time_steps` does around each call of a function,
+    for a loop that is not one (``trainperf.step``, ``trainperf.steps``, a framework's callbacks).
+
+    The first ``warmup`` steps are untimed, the next ``count`` timed; :meth:`start` and :meth:`stop`
+    bracket each step (warm or timed), :attr:`finished` says when all have run. The device context and
+    the garbage collector's pause (collected once, then off) hold from the first step's start until
+    :meth:`close`, so the code the loop runs between steps runs under them too. Before the first timed
+    step's clock starts the device is synchronized and ``on_timed`` is called; each timed step ends
+    with a synchronization inside its clock, as in :func:`time_steps`. :meth:`data_ready` marks, inside a
+    timed step, the moment its data arrived: the sample is then split into a data wait and compute.
+    """
+
+    def __init__(self, device: torch.device, count: int, warmup: int = 0, settle: bool = True,
+                 on_timed: Callable[[], None] | None = None, between: Callable[[], None] | None = None) -> None:
+        from pytest_trainperf.measure.device import timing_plan
+
+        self.count = count
+        """Timed steps."""
+        self.warmup = warmup
+        """Untimed steps before them."""
+        self._device = device
+        self._settle = settle
+        self._on_timed = on_timed
+        self._between = between
+        self._plan = timing_plan(device)
+        self._sync = synchronizer(device)
+        self._stack = ExitStack()
+        self._opened = False
+        self._events: list[tuple[Any, Any]] = []
+        self._mids: list[tuple[Any, Any]] = []
+        self._stream: Any = None
+        self._ended = 0
+        self._start = 0
+        self._mid: int | None = None
+        self._ns: list[int] = []
+        self._data_ns: list[int | None] = []
+
+    @property
+    def timing(self) -> bool:
+        """Whether the next step is a timed one."""
+        return self.warmup <= self._ended < self.warmup + self.count
+
+    @property
+    def finished(self) -> bool:
+        """Whether every warm-up and timed step has run."""
+        return self._ended >= self.warmup + self.count
+
+    def __enter__(self) -> StepClock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leave the device context and let the garbage collector run again (idempotent)."""
+        self._stack.close()
+
+    def start(self) -> None:
+        """A step begins (its clock starts if it is a timed one)."""
+        from pytest_trainperf.measure.device import current_stream, on_device, timing_events
+
+        if not self._opened:
+            self._opened = True
+            self._stack.enter_context(on_device(self._device, self._plan))
+            self._stack.enter_context(no_gc())
+        if not self.timing:
+            return
+        i = self._ended - self.warmup
+        if i == 0:  # after the warm-up: its work done, the events made, the samplers started
+            self._sync()
+            self._events = timing_events(self._device, self._plan, self.count)
+            self._mids = timing_events(self._device, self._plan, self.count)
+            self._stream = current_stream(self._device, self._plan)
+            if self._on_timed is not None:
+                self._on_timed()
+        if self._between is not None:
+            self._between()
+        self._mid = None
+        self._start = time.perf_counter_ns()
+        if self._events:
+            self._events[i][0].record(self._stream)
+
+    def data_ready(self) -> None:
+        """The step's data has arrived: what ran since :meth:`start` was the wait for it."""
+        if self.timing:
+            self._mid = time.perf_counter_ns()
+            if self._mids:
+                self._mids[self._ended - self.warmup][0].record(self._stream)
+
+    def stop(self) -> None:
+        """The step ends (a timed one after a synchronization, inside its clock)."""
+        if self.timing:
+            i = self._ended - self.warmup
+            if self._events:
+                self._events[i][1].record(self._stream)
+            self._sync()
+            end = time.perf_counter_ns()
+            self._ns.append(end - self._start)
+            self._data_ns.append(None if self._mid is None else self._mid - self._start)
+        self._ended += 1
+
+    def timed(self, kept: list[object]) -> Timed:
+        """What the timed steps measured (after every step ran), with ``kept`` as the kept results."""
+        seconds = [s / NS_PER_S for s in self._ns]
+        split = bool(self._data_ns) and all(d is not None for d in self._data_ns)
+        data = [(d or 0) / NS_PER_S for d in self._data_ns] if split else []
+        if self._events:  # the device's own clock, from the start event to the end of the step's last kernel
+            seconds = [begin.elapsed_time(end) / MS_PER_S for begin, end in self._events]
+            if split:
+                data = [begin.elapsed_time(mid[0]) / MS_PER_S
+                        for (begin, _), mid in zip(self._events, self._mids, strict=True)]
+        skip = settled_from(seconds) if self._settle and self.warmup > 0 else 0
+        return Timed(samples=seconds[skip:], kept=kept, warmup=self.warmup + skip, data=data[skip:])
+
+
 def time_steps(fn: Callable[[], T], count: int, device: torch.device,
                keep: Callable[[T], object] | None = None, warmup: int = 0, settle: bool = True,
                on_timed: Callable[[], None] | None = None, between: Callable[[], None] | None = None) -> Timed:
@@ -136,36 +255,13 @@ def time_steps(fn: Callable[[], T], count: int, device: torch.device,
     starts: where utilization samplers start. ``between`` is called before each timed call, outside its
     clock (a distributed cell's barrier: every rank starts each step together).
     """
-    from pytest_trainperf.measure.device import current_stream, on_device, timing_events, timing_plan
-
-    plan = timing_plan(device)
-    sync = synchronizer(device)
-    clock = time.perf_counter_ns
-    samples: list[int] = []
     kept: list[object] = []
-    with on_device(device, plan), no_gc():
-        warm_up(fn, warmup, keep, kept)
-        sync()
-        events = timing_events(device, plan, count)
-        stream = current_stream(device, plan)  # the stream the step's kernels are queued on
-        if on_timed is not None:
-            on_timed()
-        for i in range(count):
-            if between is not None:
-                between()
-            start = clock()
-            if events:
-                events[i][0].record(stream)
+    with StepClock(device, count, warmup, settle, on_timed, between) as clock:
+        while not clock.finished:
+            clock.start()
             result = fn()
-            if events:
-                events[i][1].record(stream)
-            sync()
-            samples.append(clock() - start)
+            clock.stop()
             if keep is not None:
                 kept.append(keep(result))
             del result
-    seconds = [s / NS_PER_S for s in samples]
-    if events:  # the device's own clock, from the start event to the end of the step's last kernel
-        seconds = [begin.elapsed_time(end) / MS_PER_S for begin, end in events]
-    skip = settled_from(seconds) if settle and warmup > 0 else 0
-    return Timed(samples=seconds[skip:], kept=kept, warmup=warmup + skip)
+    return clock.timed(kept)

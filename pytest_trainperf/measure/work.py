@@ -113,11 +113,12 @@ class WorkCount:
         def parts(counter: Counter[str]) -> tuple[tuple[str, float], ...]:
             return tuple((k, float(v)) for k, v in counter.items() if v)
 
+        floating = any(n for p, n in self.by_precision.items() if p is not Precision.OTHER)
         return (Breakdown("host_syncs", parts(self.syncs), "", "new sync sites"),
                 Breakdown("ops", parts(self.ops), "", "ops that appeared or grew"),
                 Breakdown("memory_traffic", parts(self.traffic), "B", "ops whose traffic appeared or grew"),
-                Breakdown("low_precision_share", parts(self.fp32_by_op), "B",
-                          "ops whose float32 traffic appeared or grew"))
+                *((Breakdown("low_precision_share", parts(self.fp32_by_op), "B",
+                             "ops whose float32 traffic appeared or grew"),) if floating else ()))  # its metric's only
 
 
 def _user_site(frame: FrameType | None) -> str:
