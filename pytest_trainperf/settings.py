@@ -468,6 +468,10 @@ def resolve(config: pytest.Config) -> Settings:
     )
     check_outputs(settings)
     check_nodes(settings)
+    if settings.nnodes > 1 and config.getoption("numprocesses", None):
+        raise pytest.UsageError(f"--trainperf-nnodes={settings.nnodes} with pytest-xdist (-n): expected one process "
+                                "per node (every node must launch the same cells in the same order, and the nodes "
+                                "meet at one endpoint)")
     return settings
 
 

@@ -24,9 +24,17 @@ How the work is split:
 
 Failures: a rank that raises fails the cell with that rank's failure, named (``rank 1 of 2: ...``); a
 rank that dies (a signal, an exit without a result) makes the cell ``crashed`` (or ``oom-killed`` by
-SIGKILL), naming the rank; the launcher stops the other ranks. A timing regression is confirmed by
-launching the ranks again (``--trainperf-confirm``); distributed cells are not confirmed side by side,
-nor compared with ``--trainperf-against`` (skipped there, with the reason).
+SIGKILL), naming the rank; the launcher stops the other ranks. With ``tp.ranks(same_loss=...)`` the
+parent compares every rank's loss curve with rank 0's (:func:`loss_disagreement`) and fails the cell at
+the first step where one differs. A timing regression is confirmed by launching the ranks again
+(``--trainperf-confirm``); distributed cells are not confirmed side by side, nor compared with
+``--trainperf-against`` (skipped there, with the reason).
+
+Several nodes (``--trainperf-nnodes``): every node runs the same session; each cell is one launch per
+node at the shared ``--trainperf-rdzv-endpoint``, under a run id made of ``--trainperf-rdzv-id``, the
+test id and the count of its launches. After the test every rank gathers its measurement to rank 0
+(:func:`_gather`), which leaves them in :data:`GATHERED`; the parent of rank 0 merges and judges, the
+other nodes' parents skip the cell, saying where it is judged.
 """
 
 from __future__ import annotations
@@ -431,7 +439,8 @@ def launch(args: Sequence[str], world: int, workdir: Path, timeout: float, *, no
 
     config = LaunchConfig(min_nodes=nodes, max_nodes=nodes, nproc_per_node=world, run_id=run_id or uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=0, monitor_interval=0.05,
-                          rdzv_configs={"join_timeout": max(1, math.ceil(timeout))},
+                          rdzv_configs={"join_timeout": max(1, math.ceil(timeout)),  # the other nodes' wait
+                                        "read_timeout": max(60, math.ceil(timeout))},
                           logs_specs=DefaultLogsSpecs(log_dir=str(workdir / "logs"), redirects=Std.ALL))
     exitcodes: dict[int, int] = {}
     errors: list[str] = []
