@@ -202,29 +202,34 @@ def free_port() -> int:
 
 
 def test_two_nodes_on_one_machine(pytester: pytest.Pytester) -> None:
-    """Two pytest sessions, one rank each, meet at the same endpoint under the same id: the node that
-    holds rank 0 judges the cell over both ranks (rank 1's measurement gathered from the other node),
-    the other says where it is judged."""
-    port, nodes = free_port(), []
-    for name in ("node_a", "node_b"):
-        tree = pytester.mkdir(name)
-        (tree / "pytest.ini").write_text(INI)
-        (tree / "test_node_job.py").write_text(NODE_CELL)
-        nodes.append(tree)
-    args = ["--trainperf", "--trainperf-json=r.json", "-rs", "-p", "no:cacheprovider", "--trainperf-nnodes=2",
-            f"--trainperf-rdzv-endpoint=localhost:{port}", "--trainperf-rdzv-id=session-1"]
-    procs = [subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=tree, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for tree in nodes]
-    outs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
-    judged = [i for i, out in enumerate(outs) if "1 passed" in out]
-    assert len(judged) == 1, "\n".join(outs)  # one node (which one: the rendezvous decides) judges
-    other = 1 - judged[0]
-    assert "1 skipped" in outs[other] and ("trainperf: test_node_job.py::test_job: ranks 1-1 of 2 ran here; the "
-                                           "cell is judged, stored and reported on the node of rank 0 "
-                                           "(--trainperf-nnodes=2)") in " ".join(outs[other].split())
-    assert not (nodes[other] / "r.json").exists() or '"cells": []' in (nodes[other] / "r.json").read_text()
-    (cell,) = json.loads((nodes[judged[0]] / "r.json").read_text())["cells"]
+    """Two pytest sessions (this process's, through pytester, and a child), one rank each, meet at the
+    same endpoint under the same id: the node that holds rank 0 judges the cell over both ranks (the
+    other rank's measurement gathered from the other node), the other says where it is judged."""
+    port = free_port()
+    pytester.makeini(INI)
+    pytester.makepyfile(test_node_job=NODE_CELL)
+    other = pytester.mkdir("node_b")  # the other node's checkout: the same files
+    (other / "pytest.ini").write_text(INI)
+    (other / "test_node_job.py").write_text(NODE_CELL)
+    args = ["test_node_job.py", "--trainperf", "--trainperf-json=r.json", "-rs", "-p", "no:cacheprovider",
+            "--trainperf-nnodes=2", f"--trainperf-rdzv-endpoint=localhost:{port}", "--trainperf-rdzv-id=session-1"]
+    child = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=other, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        here = pytester.runpytest(*args)
+    finally:
+        there = child.communicate(timeout=240)[0]
+    outs = {pytester.path: here.stdout.str(), other: there}
+    assert here.ret == 0 and child.returncode == 0, "\n".join(outs.values())
+    judged = [tree for tree, out in outs.items() if "1 passed" in out]
+    assert len(judged) == 1, "\n".join(outs.values())  # one node (which one: the rendezvous decides) judges
+    (skipped,) = [tree for tree in outs if tree not in judged]
+    assert "1 skipped" in outs[skipped] and ("test_node_job.py::test_job: ranks 1-1 of 2 ran here; the cell is "
+                                             "judged, stored and reported on the node of rank 0 "
+                                             "(--trainperf-nnodes=2)") in " ".join(outs[skipped].split())
+    written = skipped / "r.json"  # nothing judged there
+    assert not written.exists() or json.loads(written.read_text())["cells"] == []
+    (cell,) = json.loads((judged[0] / "r.json").read_text())["cells"]
     parts = {b["metric"]: dict(b["parts"]) for b in cell["verdict"]["measurement"]["breakdowns"]}
     assert set(parts["peak_memory"]) == {"rank 0", "rank 1"}  # rank 1's came from the other node
     assert parts["comm_calls"] == {"all_reduce": 1}
