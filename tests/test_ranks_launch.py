@@ -177,6 +177,13 @@ from torch.nn.parallel import DistributedDataParallel
 import pytest_trainperf as tp
 
 
+@tp.ranks(world_size=2)
+def test_broken(trainperf):  # first: a failed cell does not stop the nodes meeting for the next one
+    if trainperf.rank == 1:
+        raise ValueError("rank one broke")
+    DistributedDataParallel(nn.Linear(16, 4))(torch.ones(2, 16)).sum().backward()  # waits for rank 1
+
+
 @tp.ranks(world_size=2, same_loss=True)
 def test_job(trainperf):
     torch.manual_seed(0)
@@ -203,8 +210,9 @@ def free_port() -> int:
 
 def test_two_nodes_on_one_machine(pytester: pytest.Pytester) -> None:
     """Two pytest sessions (this process's, through pytester, and a child), one rank each, meet at the
-    same endpoint under the same id: the node that holds rank 0 judges the cell over both ranks (the
-    other rank's measurement gathered from the other node), the other says where it is judged."""
+    same endpoint under the same id, cell by cell: a cell whose rank 1 raises fails on both nodes (with
+    rank 1's error where it ran), then the node that holds rank 0 of the next cell judges it over both
+    ranks (the other rank's measurement gathered from the other node), the other says where it is judged."""
     port = free_port()
     pytester.makeini(INI)
     pytester.makepyfile(test_node_job=NODE_CELL)
@@ -220,13 +228,16 @@ def test_two_nodes_on_one_machine(pytester: pytest.Pytester) -> None:
     finally:
         there = child.communicate(timeout=240)[0]
     outs = {pytester.path: here.stdout.str(), other: there}
-    assert here.ret == 0 and child.returncode == 0, "\n".join(outs.values())
-    judged = [tree for tree, out in outs.items() if "1 passed" in out]
+    assert here.ret == child.returncode == pytest.ExitCode.TESTS_FAILED, "\n".join(outs.values())
+    assert all("test_node_job.py::test_broken" in out for out in outs.values())  # failed on both nodes
+    assert sum("trainperf: rank 1 of 2 failed:" in out and "ValueError: rank one broke" in out
+               for out in outs.values()) == 1  # where rank 1 ran; rank 0 failed in its all-reduce
+    judged = [tree for tree, out in outs.items() if "1 failed, 1 passed" in out]
     assert len(judged) == 1, "\n".join(outs.values())  # one node (which one: the rendezvous decides) judges
     (skipped,) = [tree for tree in outs if tree not in judged]
-    assert "1 skipped" in outs[skipped] and ("test_node_job.py::test_job: ranks 1-1 of 2 ran here; the cell is "
-                                             "judged, stored and reported on the node of rank 0 "
-                                             "(--trainperf-nnodes=2)") in " ".join(outs[skipped].split())
+    assert "1 failed, 1 skipped" in outs[skipped]
+    assert ("test_node_job.py::test_job: ranks 1-1 of 2 ran here; the cell is judged, stored and reported on the "
+            "node of rank 0 (--trainperf-nnodes=2)") in " ".join(outs[skipped].split())
     written = skipped / "r.json"  # nothing judged there
     assert not written.exists() or json.loads(written.read_text())["cells"] == []
     (cell,) = json.loads((judged[0] / "r.json").read_text())["cells"]

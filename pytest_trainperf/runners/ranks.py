@@ -268,6 +268,11 @@ class Ranks:
         self.label = getattr(inner, "label", "")
         self.launches: dict[str, int] = {}
         """Launches so far by test id: a multi-node cell's run id counts them (every node makes the same)."""
+        self.store: object | None = None
+        """Multi-node, on the node the endpoint names: the c10d store of every cell's rendezvous, kept
+        for the session (:func:`host_store`)."""
+        self.hosting = False
+        """Whether this node has looked into hosting the store (at its first multi-node launch)."""
 
     def _launch(self, item: pytest.Function, spec: DistributedSpec, world: int, workdir: Path) -> Launched:
         """The cell's ranks launched, on this node and (``--trainperf-nnodes``) the others."""
@@ -276,6 +281,8 @@ class Ranks:
             return launch(self._argv(item, world, workdir), world, workdir, spec.timeout)
         count = self.launches[item.nodeid] = self.launches.get(item.nodeid, 0) + 1
         assert self.settings.rdzv_endpoint is not None and self.settings.rdzv_id is not None, "checked at configure"
+        if not self.hosting:  # the first multi-node launch of the session: host the store, if it is ours
+            self.store, self.hosting = host_store(self.settings.rdzv_endpoint, spec.timeout), True
         run_id = f"{self.settings.rdzv_id}-{hashlib.sha1(item.nodeid.encode()).hexdigest()[:12]}-{count}"
         return launch(self._argv(item, world, workdir), world // nodes, workdir, spec.timeout, nodes=nodes,
                       endpoint=self.settings.rdzv_endpoint, run_id=run_id)
@@ -284,6 +291,7 @@ class Ranks:
         return self.inner.header()
 
     def close(self) -> None:
+        self.store = None  # the session's rendezvous store, if this node hosted it, closed
         self.inner.close()
 
     def run(self, item: pytest.Function, fixture: TrainPerf) -> CellRun | None:
@@ -437,10 +445,12 @@ def launch(args: Sequence[str], world: int, workdir: Path, timeout: float, *, no
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    rdzv: dict[str, object] = {"join_timeout": max(1, math.ceil(timeout))}  # how long nodes wait for each other
+    if nodes > 1:  # the store is the session's (host_store): no launch hosts it, so none takes it away
+        rdzv.update(is_host=False, read_timeout=max(60, math.ceil(timeout)))
     config = LaunchConfig(min_nodes=nodes, max_nodes=nodes, nproc_per_node=world, run_id=run_id or uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=0, monitor_interval=0.05,
-                          rdzv_configs={"join_timeout": max(1, math.ceil(timeout)),  # the other nodes' wait
-                                        "read_timeout": max(60, math.ceil(timeout))},
+                          rdzv_configs=rdzv,
                           logs_specs=DefaultLogsSpecs(log_dir=str(workdir / "logs"), redirects=Std.ALL))
     exitcodes: dict[int, int] = {}
     errors: list[str] = []
@@ -516,6 +526,27 @@ def kill_ranks(workdir: Path) -> None:
                 os.killpg(child.pid, signal.SIGKILL)
         except (psutil.Error, OSError):  # gone already
             continue
+
+
+def host_store(endpoint: str, timeout: float) -> object | None:
+    """On the node that ``endpoint`` (``host:port``) names, the c10d store the cells' rendezvous meet
+    in, for the whole session (None on the other nodes, or when another session on this machine hosts
+    it already: two "nodes" on one machine). A launch that hosted it would take it down when its cell
+    ends, under another node's next rendezvous; each launch is a client instead (``is_host=False``),
+    and each cell's keys are its own (its run id)."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]  # public, re-exported from C++
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname, parse_rendezvous_endpoint
+
+    host, port = parse_rendezvous_endpoint(endpoint, default_port=29400)
+    if not _matches_machine_hostname(host):
+        return None
+    try:
+        return TCPStore(host, port, is_master=True, multi_tenant=True, wait_for_workers=False,
+                        timeout=timedelta(seconds=max(60.0, timeout)))
+    except RuntimeError:  # the port is taken: another session on this machine hosts the store
+        return None
 
 
 GATHERED = "gathered.pickle"
