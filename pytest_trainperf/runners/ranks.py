@@ -32,7 +32,8 @@ the first step where one differs. A timing regression is confirmed by launching 
 
 Several nodes (``--trainperf-nnodes``): every node runs the same session; each cell is one launch per
 node at the shared ``--trainperf-rdzv-endpoint``, under a run id made of ``--trainperf-rdzv-id``, the
-test id and the count of its launches. After the test every rank gathers its measurement to rank 0
+test id and the count of its launches, in a c10d store that the endpoint's node hosts for the session
+(:func:`host_store`). After the test every rank gathers its measurement to rank 0
 (:func:`_gather`), which leaves them in :data:`GATHERED`; the parent of rank 0 merges and judges, the
 other nodes' parents skip the cell, saying where it is judged.
 """
