@@ -13,9 +13,16 @@ DistributedDataParallel and FSDP2 (``fully_shard``).
   ``comm_bytes`` (tolerance 0) that is not ``unchanged`` is a false alarm (goal: 0), and so is one on
   ``flops``, ``ops`` or ``memory_traffic``.
 
-Writes a section of ``docs/performance.md``.
+* **Where a distributed cell's time goes** (``--phases``): each part of a rank's start timed on its own
+  (the interpreter, ``import torch``, torch's distributed modules, pytest with the session's plugins
+  collecting the test file), torch's launcher with 2 ranks that do nothing (its agent, the c10d
+  rendezvous, two interpreters) and with 2 ranks that import torch, against the whole ``ddp`` and
+  ``single`` cells (JUnit); medians of ``--runs``.
+
+Writes a section of ``docs/performance.md`` (``--phases``: a section of its own).
 
     python benchmarks/distributed.py --runs 3 --sessions 10     # about 10 minutes on 2 cores
+    python benchmarks/distributed.py --phases --runs 5          # about 2 minutes
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import verdicts  # noqa: E402  (write_doc: one section of a document between markers)
 
 BEGIN, END = "<!-- distributed:begin -->", "<!-- distributed:end -->"
+PHASES_BEGIN, PHASES_END = "<!-- distributed-phases:begin -->", "<!-- distributed-phases:end -->"
 OUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 EXACT = ("comm_calls", "comm_bytes", "flops", "ops", "memory_traffic")
 """The metrics whose every change is a false alarm here (the code does not change between sessions)."""
@@ -108,17 +116,86 @@ def verdicts_of(results: Path) -> list[tuple[str, str, str]]:
     return [(c["test"], m["name"], m["status"]) for c in doc["cells"] for m in c["verdict"]["metrics"]]
 
 
+def wall(where: Path, *args: str) -> float:
+    """Seconds ``python <args>`` takes, start to exit."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, *args], cwd=where, capture_output=True, check=True)
+    return time.perf_counter() - started
+
+
+def launched(where: Path, code: str) -> float:
+    """Seconds torch's launcher takes (as a distributed cell calls it) for 2 ranks of ``python -c code``."""
+    from pytest_trainperf.runners.ranks import launch
+
+    workdir = Path(tempfile.mkdtemp(dir=where))
+    done = launch(["-c", code], 2, workdir, 120.0)
+    if done.timed_out or done.error or done.exitcodes:
+        raise SystemExit(f"launch of {code!r} failed: {done}")
+    return done.seconds
+
+
+def phases(where: Path, runs: int, out: Path) -> None:
+    """Time the parts of a distributed cell's start, each on its own; write the table."""
+    collect = ["-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "test_dist.py",
+               "-k", "ddp"]
+    parts: dict[str, list[float]] = {}
+    steps = [
+        ("`python -c pass`: the interpreter", lambda: wall(where, "-c", "pass")),
+        ("`import torch`", lambda: wall(where, "-c", "import torch")),
+        ("`import torch` + `torch.distributed`, DDP, FSDP2",
+         lambda: wall(where, "-c", "import torch, torch.distributed, torch.nn.parallel, torch.distributed.fsdp")),
+        ("pytest with the session's plugins (less hypothesis's) collecting the test file",
+         lambda: wall(where, *collect)),
+        ("the same without pytest-xdist's and anyio's plugins",
+         lambda: wall(where, *collect, "-p", "no:xdist", "-p", "no:anyio")),
+        ("torch's launcher, 2 ranks of `pass` (agent, c10d rendezvous, 2 interpreters)",
+         lambda: launched(where, "pass")),
+        ("torch's launcher, 2 ranks of `import torch`", lambda: launched(where, "import torch")),
+    ]
+    for run in range(runs):
+        for name, measure in steps:
+            parts.setdefault(name, []).append(measure())
+        done = pytest(where, "--trainperf", f"--trainperf-baselines={where / 'none'}", f"--junitxml={where / 'j.xml'}",
+                      "-k", "single or ddp")
+        if done.returncode != 0:
+            raise SystemExit(f"timing run {run} failed:\n{done.stdout[-3000:]}")
+        cells = cell_seconds(where / "j.xml")
+        parts.setdefault("the `single` cell (in the session's process)", []).append(cells["test_single"])
+        parts.setdefault("the `ddp` cell (2 ranks, JUnit wall time)", []).append(cells["test_ddp"])
+        print(f"run {run}: " + ", ".join(f"{v[-1]:.2f}" for v in parts.values()), flush=True)
+    load = os.getloadavg()[0]
+    rows = [f"| {name} | {statistics.median(v):.2f} | {min(v):.2f}-{max(v):.2f} |" for name, v in parts.items()]
+    section = "\n".join([
+        PHASES_BEGIN,
+        "### Where a distributed cell's time goes (`benchmarks/distributed.py --phases`)",
+        "",
+        f"Each part of a rank's start timed on its own, {runs} times (2 cores shared with other work, load "
+        f"average {load:.1f} at the end); a rank runs all of them, both ranks at once.",
+        "",
+        "| part | seconds, median | range |",
+        "| --- | ---: | ---: |",
+        *rows,
+        PHASES_END,
+    ])
+    print(section)
+    verdicts.write_doc(out, section, PHASES_BEGIN, PHASES_END)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="sessions timing the three cells (default %(default)s)")
     parser.add_argument("--sessions", type=int, default=10,
                         help="sessions comparing ddp and fsdp against their baselines (default %(default)s)")
     parser.add_argument("--out", type=Path, default=OUT, help="document to write the section to")
+    parser.add_argument("--phases", action="store_true", help="time the parts of a distributed cell's start instead")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
         where = Path(tmp)
         (where / "test_dist.py").write_text(SUITE)
         (where / "pytest.ini").write_text("[pytest]\ntrainperf_rounds = 1\n")
+        if args.phases:
+            phases(where, args.runs, args.out)
+            return
         seconds: dict[str, list[float]] = {"test_single": [], "test_ddp": [], "test_fsdp": []}
         for run in range(args.runs):
             done = pytest(where, "--trainperf", f"--trainperf-baselines={where / 'none'}", f"--junitxml={where / 'j.xml'}")

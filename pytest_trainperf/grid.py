@@ -358,17 +358,33 @@ DEFAULT_RANKS_TIMEOUT = 300.0
 """Seconds a distributed cell's ranks may run before the cell is stopped as ``timeout``."""
 
 
-def make_ranks(world_size: object = None, timeout: object = DEFAULT_RANKS_TIMEOUT) -> DistributedSpec:
+SAME_LOSS_RTOL = 1e-6
+"""The relative tolerance of ``tp.ranks(same_loss=True)``: the same computation on every rank gives the
+same float32 loss, up to the order of a reduction (an all-reduce's, a kernel's)."""
+
+
+def make_ranks(world_size: object = None, timeout: object = DEFAULT_RANKS_TIMEOUT,
+               same_loss: object = False) -> DistributedSpec:
     """Check the arguments of ``tp.ranks`` and build its :class:`DistributedSpec`."""
     if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
         raise GridError(f"tp.ranks: expected world_size=None (the grid axis {WORLD_SIZE_AXIS!r}) or an "
                         f"integer >= 1, got {world_size!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise GridError(f"tp.ranks: expected timeout= a positive finite number of seconds, got {timeout!r}")
-    return DistributedSpec(world_size=world_size, timeout=float(timeout))
+    if same_loss is True:
+        rtol: float | None = SAME_LOSS_RTOL
+    elif same_loss is False or same_loss is None:
+        rtol = None
+    elif isinstance(same_loss, (int, float)) and 0 <= same_loss < 1:
+        rtol = float(same_loss)
+    else:
+        raise GridError("tp.ranks: expected same_loss=True, False or a relative tolerance in [0, 1) (e.g. 1e-4), "
+                        f"got {same_loss!r}")
+    return DistributedSpec(world_size=world_size, timeout=float(timeout), same_loss=rtol)
 
 
-def ranks(world_size: int | None = None, *, timeout: float = DEFAULT_RANKS_TIMEOUT) -> Callable[[F], F]:
+def ranks(world_size: int | None = None, *, timeout: float = DEFAULT_RANKS_TIMEOUT,
+          same_loss: bool | float = False) -> Callable[[F], F]:
     """Run each cell of the test as a distributed job of ``world_size`` ranks, launched by torch's
     elastic launcher (the engine of ``torchrun``), one process per rank, each running the test body
     with the default process group initialised (gloo on the CPU, NCCL on CUDA, one device per rank)::
@@ -381,8 +397,11 @@ def ranks(world_size: int | None = None, *, timeout: float = DEFAULT_RANKS_TIMEO
 
     Without ``world_size``, the grid axis ``world_size`` gives each cell its ranks
     (``@tp.grid(world_size=[1, 2])``). ``timeout``: seconds the ranks may run before the cell is
-    stopped and reported as ``timeout`` (a hung collective)."""
-    return _once(RANKS_MARK, make_ranks(world_size, timeout), "tp.ranks", "expected one tp.ranks per test")
+    stopped and reported as ``timeout`` (a hung collective). ``same_loss``: the ranks' losses must
+    agree at every step (``True``: within a relative :data:`SAME_LOSS_RTOL`; a number: within that
+    relative tolerance), as they do for DDP on the same data or an all-reduced loss; a rank that
+    disagrees with rank 0 fails the cell, naming both ranks, the step and the two values."""
+    return _once(RANKS_MARK, make_ranks(world_size, timeout, same_loss), "tp.ranks", "expected one tp.ranks per test")
 
 
 def check_ranks(spec: DistributedSpec, grid: Grid | None) -> str | None:

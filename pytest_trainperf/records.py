@@ -424,6 +424,10 @@ class DistributedSpec:
     timeout: float
     """Seconds the ranks may run, launch included, before the cell is stopped as ``timeout``; also the
     process group's timeout (a collective that waits longer raises)."""
+    same_loss: float | None = None
+    """The relative tolerance within which every rank's loss must equal rank 0's at every step
+    (``tp.ranks(same_loss=True)``: DDP on the same data, an all-reduced loss); None: not checked (each
+    rank's loss is its own, e.g. its own shard of the data)."""
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,37 @@ def parse_devices(value: str) -> tuple[str, ...]:
     return devices
 
 
+ENDPOINT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+"""A rendezvous endpoint: ``host:port`` (a name, an IPv4 address or a bracketed IPv6 one)."""
+RDZV_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""A rendezvous id: letters, digits, ``_``, ``.`` and ``-``, at most 64 characters."""
+
+
+def parse_nnodes(value: str) -> int:
+    """A positive integer number of nodes."""
+    return _integer(value, 1, "a positive integer number of nodes (1: every rank on this machine)")
+
+
+def parse_endpoint(value: str) -> str:
+    """The rendezvous endpoint of a multi-node session: ``host:port``, the port in 1-65535."""
+    text = value.strip()
+    match = ENDPOINT_RE.match(text)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT with a port in 1-65535 (e.g. node0.cluster:29400), got {value!r}")
+    return text
+
+
+def parse_rdzv_id(value: str) -> str:
+    """A rendezvous id shared by every node of a session: letters, digits, ``_ . -``."""
+    text = value.strip()
+    if not RDZV_ID_RE.match(text):
+        raise argparse.ArgumentTypeError(
+            "expected an id of letters, digits, '_', '.' and '-' (at most 64, e.g. the CI job's id), "
+            f"got {value!r}")
+    return text
+
+
 @dataclass(frozen=True)
 class _Option:
     """One option: the command-line flag and its ini twin share name, help and check."""
@@ -265,6 +296,16 @@ OPTIONS = (
             "is looked at after min(N, 20) pairs and every 10 more, and the pairs stop once it is decided; at most "
             f"4 x N, within --trainperf-max-time (default: {DEFAULT_PAIRS})",
             parse_pairs, metavar="N"),
+    _Option("--trainperf-nnodes", "nodes the ranks of each distributed cell (tp.ranks) are spread over: run the same "
+            "session on every node with the same --trainperf-rdzv-endpoint and --trainperf-rdzv-id; world_size "
+            "ranks per cell, world_size / N on each node (default: 1, every rank on this machine)",
+            parse_nnodes, metavar="N"),
+    _Option("--trainperf-rdzv-endpoint", "the c10d rendezvous endpoint of a multi-node session (--trainperf-nnodes "
+            "> 1), HOST:PORT of one of the nodes, reachable from all (torchrun's --rdzv-endpoint)",
+            parse_endpoint, metavar="HOST:PORT"),
+    _Option("--trainperf-rdzv-id", "the id of a multi-node session, the same on every node and unique to the "
+            "session (torchrun's --rdzv-id; e.g. the CI job's id): each cell's ranks meet under it",
+            parse_rdzv_id, metavar="ID"),
 )
 
 
@@ -328,6 +369,12 @@ class Settings:
     confirm_against: str = CONFIRM_BASELINE
     """Where a timing regression against a stored baseline is confirmed side by side: ``baseline``
     (the commit the baseline measured), ``none``, or a git revision."""
+    nnodes: int = 1
+    """Nodes a distributed cell's ranks are spread over (``--trainperf-nnodes``)."""
+    rdzv_endpoint: str | None = None
+    """``host:port`` where the nodes of a multi-node session meet (None: one node, a free local port)."""
+    rdzv_id: str | None = None
+    """The id of a multi-node session, the same on every node (None: one node)."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -415,6 +462,29 @@ def resolve(config: pytest.Config) -> Settings:
         against=against,
         pairs=values["trainperf_pairs"] or DEFAULT_PAIRS,
         confirm_against=values["trainperf_confirm_against"] or CONFIRM_BASELINE,
+        nnodes=values["trainperf_nnodes"] or 1,
+        rdzv_endpoint=values["trainperf_rdzv_endpoint"],
+        rdzv_id=values["trainperf_rdzv_id"],
     )
     check_outputs(settings)
+    check_nodes(settings)
+    if settings.nnodes > 1 and config.getoption("numprocesses", None):
+        raise pytest.UsageError(f"--trainperf-nnodes={settings.nnodes} with pytest-xdist (-n): expected one process "
+                                "per node (every node must launch the same cells in the same order, and the nodes "
+                                "meet at one endpoint)")
     return settings
+
+
+def check_nodes(settings: Settings) -> None:
+    """Refuse a multi-node session that misses what every node must share (``--trainperf-nnodes`` > 1
+    needs ``--trainperf-rdzv-endpoint`` and ``--trainperf-rdzv-id``), or endpoint options without it.
+    Raises :class:`pytest.UsageError`."""
+    given = [name for name, value in (("--trainperf-rdzv-endpoint", settings.rdzv_endpoint),
+                                      ("--trainperf-rdzv-id", settings.rdzv_id)) if value is not None]
+    if settings.nnodes > 1 and len(given) < 2:
+        missing = " and ".join(n for n in ("--trainperf-rdzv-endpoint", "--trainperf-rdzv-id") if n not in given)
+        raise pytest.UsageError(f"--trainperf-nnodes={settings.nnodes} needs {missing}: expected the rendezvous "
+                                "endpoint (HOST:PORT) and the session's id, the same on every node")
+    if settings.nnodes == 1 and given:
+        raise pytest.UsageError(f"{' and '.join(given)} given without --trainperf-nnodes: expected "
+                                "--trainperf-nnodes=N (N > 1) with them (one node meets on a free local port)")

@@ -19,10 +19,10 @@ import torch
 
 import pytest_trainperf as tp
 from pytest_trainperf import scratch
-from pytest_trainperf.grid import GridError
+from pytest_trainperf.grid import GridError, make_ranks
 from pytest_trainperf.measure.comm import CommCount
 from pytest_trainperf.records import Measurement, Metric, Outcome
-from pytest_trainperf.runners.ranks import merge
+from pytest_trainperf.runners.ranks import loss_disagreement, merge
 
 INI = "[pytest]\ntrainperf_rounds = 1\n"
 
@@ -236,6 +236,31 @@ def test_marker_checked_at_collection(pytester: pytest.Pytester) -> None:
 def test_marker_arguments(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(GridError, match=message.replace("(", r"\(").replace(")", r"\)")):
         tp.ranks(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("same_loss", "expected"), [(False, None), (True, 1e-6), (1e-4, 1e-4), (0, 0.0)])
+def test_same_loss_tolerance(same_loss: object, expected: float | None) -> None:
+    assert make_ranks(2, same_loss=same_loss).same_loss == expected
+
+
+@pytest.mark.parametrize("same_loss", ["yes", -0.1, 1.0, float("nan")])
+def test_same_loss_refused(same_loss: object) -> None:
+    with pytest.raises(GridError, match=r"tp.ranks: expected same_loss=True, False or a relative tolerance in "
+                                        r"\[0, 1\) \(e.g. 1e-4\), got "):
+        tp.ranks(2, same_loss=same_loss)  # type: ignore[arg-type]
+
+
+def test_loss_disagreement_names_the_step_the_ranks_and_the_values() -> None:
+    agree = [[1.0, 0.5, 0.25], [1.0, 0.5 * (1 + 1e-8), 0.25]]
+    assert loss_disagreement(agree, 1e-6) == ""
+    assert loss_disagreement([[2.0]], 0.0) == ""  # one rank: nothing to compare
+    off = [[1.0, 0.5, 0.25], [1.0, 0.5, 0.25], [1.0, 1.5, 1.25]]
+    assert loss_disagreement(off, 1e-6) == ("the ranks' losses disagree at trainperf.train step 1: rank 0 returned "
+                                            "0.5, rank 2 returned 1.5 (expected equal within a relative 1e-06: "
+                                            "tp.ranks(same_loss=...))")
+    assert loss_disagreement([[1.0, 0.5], [1.01, 0.5]], 0.05) == ""  # within the tolerance given
+    assert "different numbers of trainperf.train steps (rank 0: 2, rank 1: 1)" in loss_disagreement(
+        [[1.0, 0.5], [1.0]], 1e-6)
 
 
 def test_marker_once() -> None:

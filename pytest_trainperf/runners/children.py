@@ -74,6 +74,9 @@ NOT_FORWARDED = frozenset({
     "trainperf_isolate",  # a child is never isolated again
     "trainperf_against",  # a lockstep child measures its own tree only
     "trainperf_pairs",
+    "trainperf_nnodes",  # the parent launches a distributed cell's ranks on its node; a child launches none
+    "trainperf_rdzv_endpoint",
+    "trainperf_rdzv_id",
 })
 """Options the child does not get; :func:`child_args` passes every other one."""
 

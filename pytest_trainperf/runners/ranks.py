@@ -24,16 +24,28 @@ How the work is split:
 
 Failures: a rank that raises fails the cell with that rank's failure, named (``rank 1 of 2: ...``); a
 rank that dies (a signal, an exit without a result) makes the cell ``crashed`` (or ``oom-killed`` by
-SIGKILL), naming the rank; the launcher stops the other ranks. A timing regression is confirmed by
-launching the ranks again (``--trainperf-confirm``); distributed cells are not confirmed side by side,
-nor compared with ``--trainperf-against`` (skipped there, with the reason).
+SIGKILL), naming the rank; the launcher stops the other ranks. With ``tp.ranks(same_loss=...)`` the
+parent compares every rank's loss curve with rank 0's (:func:`loss_disagreement`) and fails the cell at
+the first step where one differs. A timing regression is confirmed by launching the ranks again
+(``--trainperf-confirm``); distributed cells are not confirmed side by side, nor compared with
+``--trainperf-against`` (skipped there, with the reason).
+
+Several nodes (``--trainperf-nnodes``): every node runs the same session; each cell is one launch per
+node at the shared ``--trainperf-rdzv-endpoint``, under a run id made of ``--trainperf-rdzv-id``, the
+test id and the count of its launches, in a c10d store that the endpoint's node hosts for the session
+(:func:`host_store`). After the test every rank gathers its measurement to rank 0
+(:func:`_gather`), which leaves them in :data:`GATHERED`; the parent of rank 0 merges and judges, the
+other nodes' parents skip the cell, saying where it is judged.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
+import math
 import os
+import pickle
 import shutil
 import signal
 import statistics
@@ -102,9 +114,10 @@ its options are on its command line, and it writes no job summary."""
 BOOT = ("import os, sys; "
         f"[os.environ.pop(name, None) for name in {NOT_INHERITED!r}]; "
         f"os.environ[{RANKS_ENV!r}] = sys.argv.pop(1); "
-        "import pytest; sys.exit(pytest.console_main())")
-"""What a rank runs (``python -c BOOT <cell directory> <pytest arguments>``): pytest, as ``python -m
-pytest`` would run it (nothing of the plugin imported before pytest loads it), in an environment
+        "import runpy; runpy.run_module('pytest', run_name='__main__', alter_sys=True)")
+"""What a rank runs (``python -c BOOT <cell directory> <pytest arguments>``): pytest's ``__main__``, as
+``python -m pytest`` runs it (nothing of the plugin imported before pytest loads it; not
+``pytest.console_main``, deprecated since pytest 9.1: its warning would be a rank's last output line), in an environment
 without the variables of :data:`NOT_INHERITED`, marked as a rank by
 :data:`~pytest_trainperf.runners.children.RANKS_ENV`."""
 NOT_LOADED = ("hypothesispytest",)
@@ -197,6 +210,30 @@ def merge(ranks: Sequence[Measurement]) -> Measurement:
                    items_per_step=job_items)
 
 
+def loss_disagreement(curves: Sequence[Sequence[float]], rtol: float, call: str = "trainperf.train") -> str:
+    """Where the ranks' losses (``curves[r]``: rank ``r``'s loss curve) first stop agreeing with rank
+    0's within the relative tolerance ``rtol``: the first step, the first rank that differs, both
+    values; empty when they agree at every step every rank took. Steps are numbered as in the loss
+    curve (0: the counting step, 1: the memory step, then the warm-up and the timed steps), as in the
+    fixture's ``loss diverged`` message."""
+    if len(curves) < 2:
+        return ""
+    lengths = {len(c) for c in curves}
+    for step in range(max(lengths)):
+        if any(step >= len(c) for c in curves):
+            break
+        ours = curves[0][step]
+        for r, curve in enumerate(curves[1:], start=1):
+            theirs = curve[step]
+            if not math.isclose(ours, theirs, rel_tol=rtol, abs_tol=0.0):
+                return (f"the ranks' losses disagree at {call} step {step}: rank 0 returned {ours!r}, rank {r} "
+                        f"returned {theirs!r} (expected equal within a relative {rtol:g}: tp.ranks(same_loss=...))")
+    if len(lengths) > 1:
+        shown = ", ".join(f"rank {r}: {len(c)}" for r, c in enumerate(curves))
+        return f"the ranks returned losses for different numbers of {call} steps ({shown})"
+    return ""
+
+
 def _per_step(ranks: Sequence[Measurement]) -> list[tuple[float, ...]]:
     """Each timed step's time on every rank (the steps every rank timed)."""
     samples = [m.metric("step_time") for m in ranks]
@@ -230,11 +267,32 @@ class Ranks:
         self.settings = settings
         self.config = config
         self.label = getattr(inner, "label", "")
+        self.launches: dict[str, int] = {}
+        """Launches so far by test id: a multi-node cell's run id counts them (every node makes the same)."""
+        self.store: object | None = None
+        """Multi-node, on the node the endpoint names: the c10d store of every cell's rendezvous, kept
+        for the session (:func:`host_store`)."""
+        self.hosting = False
+        """Whether this node has looked into hosting the store (at its first multi-node launch)."""
+
+    def _launch(self, item: pytest.Function, spec: DistributedSpec, world: int, workdir: Path) -> Launched:
+        """The cell's ranks launched, on this node and (``--trainperf-nnodes``) the others."""
+        nodes = self.settings.nnodes
+        if nodes == 1:
+            return launch(self._argv(item, world, workdir), world, workdir, spec.timeout)
+        count = self.launches[item.nodeid] = self.launches.get(item.nodeid, 0) + 1
+        assert self.settings.rdzv_endpoint is not None and self.settings.rdzv_id is not None, "checked at configure"
+        if not self.hosting:  # the first multi-node launch of the session: host the store, if it is ours
+            self.store, self.hosting = host_store(self.settings.rdzv_endpoint, spec.timeout), True
+        run_id = f"{self.settings.rdzv_id}-{hashlib.sha1(item.nodeid.encode()).hexdigest()[:12]}-{count}"
+        return launch(self._argv(item, world, workdir), world // nodes, workdir, spec.timeout, nodes=nodes,
+                      endpoint=self.settings.rdzv_endpoint, run_id=run_id)
 
     def header(self) -> str | None:
         return self.inner.header()
 
     def close(self) -> None:
+        self.store = None  # the session's rendezvous store, if this node hosted it, closed
         self.inner.close()
 
     def run(self, item: pytest.Function, fixture: TrainPerf) -> CellRun | None:
@@ -246,6 +304,11 @@ class Ranks:
                         f"--trainperf-against={self.settings.against}: its ranks cannot take turns step by step "
                         "with another revision's; compare it against a stored baseline instead")
         world = world_size_of(item, spec)
+        nodes = self.settings.nnodes
+        if world % nodes:
+            pytest.fail(f"trainperf: distributed cell {item.nodeid}: world_size={world} over --trainperf-nnodes="
+                        f"{nodes}: expected a world size divisible by the nodes (the same ranks on each node)",
+                        pytrace=False)
         workdir = scratch.directory("ranks")
         try:
             return self._run(item, fixture, spec, world, workdir)
@@ -254,7 +317,8 @@ class Ranks:
 
     def _run(self, item: pytest.Function, fixture: TrainPerf, spec: DistributedSpec, world: int,
              workdir: Path) -> CellRun | None:
-        launched = launch(self._argv(item, world, workdir), world, workdir, spec.timeout)
+        launched = self._launch(item, spec, world, workdir)
+        per_node = world // self.settings.nnodes
         where = f"trainperf: distributed cell {item.nodeid} ({world} rank{'s' * (world != 1)})"
         if launched.timed_out:
             detail = (f"timed out after {spec.timeout:g} s (tp.ranks(timeout=...)): a hung collective or a "
@@ -262,8 +326,9 @@ class Ranks:
             return self._died(item, fixture, where, Outcome.TIMEOUT, detail, workdir, world)
         if launched.error:
             pytest.fail(f"{where}: the launcher failed: {launched.error}", pytrace=False)
-        outcomes = {r: _outcome(workdir, r) for r in range(world)}
-        oom = next(((r, c) for r in range(world) if (c := _record(outcomes[r], item.nodeid)) is not None
+        here = _here(workdir, world, self.settings.nnodes, launched.exitcodes)  # this node's ranks
+        outcomes = {r: _outcome(workdir, r) for r in here}
+        oom = next(((r, c) for r in here if (c := _record(outcomes[r], item.nodeid)) is not None
                     and c.verdict.measurement.outcome.out_of_memory), None)
         if oom is not None:  # the others then failed in their collectives: the cell is out of memory
             rank, short = oom
@@ -273,17 +338,18 @@ class Ranks:
         culprit = _culprit(outcomes, launched.exitcodes, workdir)
         if culprit is not None and outcomes[culprit] is None:  # died without a result
             outcome, detail = death(launched.exitcodes.get(culprit, 0))
-            last = next((line.strip() for line in reversed(_output(workdir, culprit).splitlines()) if line.strip()), "")
+            lines = _output(workdir, culprit, per_node).splitlines()
+            last = next((line.strip() for line in reversed(lines) if line.strip()), "")
             if outcome is Outcome.CRASHED and last:
                 detail += f"; last output: {last[:DETAIL_CHARS]}"
             return self._died(item, fixture, where, outcome, f"rank {culprit} of {world} {detail}", workdir, world,
                               culprit)
         by_rank: dict[int, CellResult] = {}
         first = [culprit] if culprit is not None else []  # the failing rank's failure is the cell's
-        for r in first + [r for r in range(world) if r != culprit]:
+        for r in first + [r for r in here if r != culprit]:
             done = outcomes[r]
             assert done is not None
-            run = ChildRun(returncode=launched.exitcodes.get(r, 0), peak_rss=0.0, output=_output(workdir, r),
+            run = ChildRun(returncode=launched.exitcodes.get(r, 0), peak_rss=0.0, output=_output(workdir, r, per_node),
                            outcome=done)
             failure = ""
             try:
@@ -295,19 +361,32 @@ class Ranks:
             if record is None:  # a plain run, or a test that measured nothing
                 return None
             by_rank[r] = record
-        merged = merge([by_rank[r].verdict.measurement for r in range(world)])
+        nodes = self.settings.nnodes
+        if 0 not in here:  # another node holds rank 0: that node judges the cell (gathered there)
+            pytest.skip(f"trainperf: {item.nodeid}: ranks {here[0]}-{here[-1]} of {world} ran here; the cell is "
+                        f"judged, stored and reported on the node of rank 0 (--trainperf-nnodes={nodes})")
+        every = [by_rank[r].verdict.measurement if r in by_rank else _gathered(workdir, r, world)
+                 for r in range(world)]
+        if spec.same_loss is not None and all(m.outcome is Outcome.MEASURED for m in every):
+            disagreement = loss_disagreement([m.loss_curve for m in every], spec.same_loss,
+                                             f"trainperf.{every[0].kind}")
+            if disagreement:
+                pytest.fail(f"{where}: {disagreement}", pytrace=False)
+        merged = merge(every)
 
         def retime() -> Measurement | None:  # a timing regression's confirmation: the ranks launched again
             return self._again(item, spec, world)
 
         return CellRun(cell=fixture.cell, fingerprint=by_rank[0].fingerprint, measurement=merged,
-                       timing_only=fixture.timing_only, side_by_side=False, retime=retime, deadline=fixture.deadline)
+                       timing_only=fixture.timing_only, side_by_side=False, deadline=fixture.deadline,
+                       # multi-node: no re-launch (only this node judges: the others would not join it)
+                       retime=retime if self.settings.nnodes == 1 else None)
 
     def _again(self, item: pytest.Function, spec: DistributedSpec, world: int) -> Measurement | None:
         """The cell measured once more by a fresh job of ranks; None when it did not measure."""
         workdir = scratch.directory("ranks")
         try:
-            launched = launch(self._argv(item, world, workdir), world, workdir, spec.timeout)
+            launched = self._launch(item, spec, world, workdir)
             records = [_record(_outcome(workdir, r), item.nodeid) for r in range(world)]
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -324,7 +403,7 @@ class Ranks:
         machine's cores (``--trainperf-threads``, unless the session gives it)."""
         config = self.config
         settings = replace(self.settings, update=False, rounds=1, confirm=0, baselines=workdir / "no-baselines",
-                           threads=self._threads(world))
+                           threads=self._threads(world // self.settings.nnodes))
         argv = command([item.nodeid], config.rootpath, workdir / "tmp", config.inipath, config, settings)
         skipped = [arg for name in NOT_LOADED if config.pluginmanager.has_plugin(name) for arg in ("-p", f"no:{name}")]
         return ["-c", BOOT, str(workdir), *argv[3:], *skipped]  # argv: python -m pytest ...
@@ -332,14 +411,15 @@ class Ranks:
     def _died(self, item: pytest.Function, fixture: TrainPerf, where: str, outcome: Outcome, detail: str,
               workdir: Path, world: int, rank: int | None = None) -> CellRun:
         """The cell of ranks that ended without a result: timed out, crashed or killed."""
+        per_node = world // self.settings.nnodes
         if not self.settings.enabled:
-            shown = range(world) if rank is None else [rank]
-            tails = "\n".join(f"rank {r}'s output ended:\n{_output(workdir, r)}" for r in shown)
+            shown = _here(workdir, world, self.settings.nnodes, {}) if rank is None else [rank]
+            tails = "\n".join(f"rank {r}'s output ended:\n{_output(workdir, r, per_node)}" for r in shown)
             pytest.fail(f"{where} {outcome.value}: {detail}\n{tails}", pytrace=False)
         cell = fixture.cell
         measurement = Measurement(test=cell.test, cell=cell.cell, params=cell.params, metrics=(), outcome=outcome,
                                   detail=detail)
-        fingerprint = replace(fixture.fingerprint(), threads=self._threads(world))  # as the ranks' would say
+        fingerprint = replace(fixture.fingerprint(), threads=self._threads(per_node))  # as the ranks' would say
         return CellRun(cell=cell, fingerprint=fingerprint, measurement=measurement, side_by_side=False)
 
     def _threads(self, world: int) -> int:
@@ -355,16 +435,23 @@ def _record(done: ChildOutcome | None, nodeid: str) -> CellResult | None:
     return next((c for c in done.results.cells if c.nodeid == nodeid), None)
 
 
-def launch(args: Sequence[str], world: int, workdir: Path, timeout: float) -> Launched:
-    """Launch ``world`` ranks of ``python <args>`` with torch's elastic launcher (one node, c10d
-    rendezvous on a free port of localhost, no restarts, output to files in ``workdir``); kill them
-    all after ``timeout`` seconds, or when the wait is interrupted."""
+def launch(args: Sequence[str], world: int, workdir: Path, timeout: float, *, nodes: int = 1,
+           endpoint: str = RENDEZVOUS, run_id: str | None = None) -> Launched:
+    """Launch ``world`` ranks of ``python <args>`` on this node with torch's elastic launcher (no
+    restarts, output to files in ``workdir``); kill them all after ``timeout`` seconds, or when the
+    wait is interrupted. One node: the c10d rendezvous on a free port of localhost under a fresh run
+    id; ``nodes`` > 1: the c10d rendezvous at ``endpoint`` under ``run_id``, which the other nodes'
+    launches of the cell share (``world`` ranks on each)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=uuid.uuid4().hex,
-                          rdzv_backend="c10d", rdzv_endpoint=RENDEZVOUS, max_restarts=0, monitor_interval=0.05,
+    rdzv: dict[str, object] = {"join_timeout": max(1, math.ceil(timeout))}  # how long nodes wait for each other
+    if nodes > 1:  # the store is the session's (host_store): no launch hosts it, so none takes it away
+        rdzv.update(is_host=False, read_timeout=max(60, math.ceil(timeout)))
+    config = LaunchConfig(min_nodes=nodes, max_nodes=nodes, nproc_per_node=world, run_id=run_id or uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=0, monitor_interval=0.05,
+                          rdzv_configs=rdzv,
                           logs_specs=DefaultLogsSpecs(log_dir=str(workdir / "logs"), redirects=Std.ALL))
     exitcodes: dict[int, int] = {}
     errors: list[str] = []
@@ -442,6 +529,54 @@ def kill_ranks(workdir: Path) -> None:
             continue
 
 
+def host_store(endpoint: str, timeout: float) -> object | None:
+    """On the node that ``endpoint`` (``host:port``) names, the c10d store the cells' rendezvous meet
+    in, for the whole session (None on the other nodes, or when another session on this machine hosts
+    it already: two "nodes" on one machine). A launch that hosted it would take it down when its cell
+    ends, under another node's next rendezvous; each launch is a client instead (``is_host=False``),
+    and each cell's keys are its own (its run id)."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore  # type: ignore[attr-defined]  # public, re-exported from C++
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname, parse_rendezvous_endpoint
+
+    host, port = parse_rendezvous_endpoint(endpoint, default_port=29400)
+    if not _matches_machine_hostname(host):
+        return None
+    try:
+        return TCPStore(host, port, is_master=True, multi_tenant=True, wait_for_workers=False,
+                        timeout=timedelta(seconds=max(60.0, timeout)))
+    except RuntimeError:  # the port is taken: another session on this machine hosts the store
+        return None
+
+
+GATHERED = "gathered.pickle"
+"""The file in which rank 0 of a multi-node cell leaves every rank's measurement (gathered over the
+process group after the test) for its node's parent."""
+
+
+def _here(workdir: Path, world: int, nodes: int, exitcodes: dict[int, int]) -> list[int]:
+    """The global ranks that ran on this node: all of them on one node; with several, those that wrote
+    an outcome here or failed here (each node runs ``world / nodes`` consecutive ranks)."""
+    if nodes == 1:
+        return list(range(world))
+    seen = {int(p.stem.split("-")[1]) for p in workdir.glob("rank-*.json")} | set(exitcodes)
+    per_node = world // nodes
+    blocks = sorted({r // per_node for r in seen})
+    return [b * per_node + i for b in blocks for i in range(per_node)] if blocks else []
+
+
+def _gathered(workdir: Path, rank: int, world: int) -> Measurement:
+    """Rank ``rank``'s measurement, run on another node and gathered by rank 0 (:class:`Rank`)."""
+    path = workdir / GATHERED
+    found = pickle.loads(path.read_bytes()) if path.exists() else None  # noqa: S301  # written by this cell's rank 0
+    measurement = found[rank] if isinstance(found, list) and len(found) == world else None
+    if not isinstance(measurement, Measurement):
+        pytest.fail(f"trainperf: rank {rank} of {world} ran on another node and its measurement did not reach "
+                    f"rank 0 (expected it gathered in {path.name}, got {type(measurement).__name__})", pytrace=False)
+    return measurement
+
+
 def _outcome(workdir: Path, rank: int) -> ChildOutcome | None:
     path = workdir / f"rank-{rank}.json"
     if not path.exists():
@@ -471,11 +606,12 @@ def _culprit(outcomes: dict[int, ChildOutcome | None], exitcodes: dict[int, int]
     return dead[0] if dead else None
 
 
-def _output(workdir: Path, rank: int) -> str:
+def _output(workdir: Path, rank: int, per_node: int = 0) -> str:
     """The last lines of a rank's output (stdout, then stderr, as the launcher wrote them)."""
     lines: list[str] = []
+    local = rank % per_node if per_node else rank  # the launcher's log directories are by local rank
     for name in ("stdout.log", "stderr.log"):
-        for path in sorted((workdir / "logs").rglob(f"attempt_*/{rank}/{name}")):
+        for path in sorted((workdir / "logs").rglob(f"attempt_*/{local}/{name}")):
             lines += path.read_text(encoding="utf-8", errors="replace").rstrip().splitlines()
     return "\n".join(lines[-OUTPUT_LINES:])
 
@@ -511,9 +647,26 @@ class Rank:
         else:
             dist.init_process_group(backend, timeout=timeout)
         try:
-            return self.inner.run(item, fixture)
+            run = self.inner.run(item, fixture)
+            if dist.get_world_size() != int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())):
+                _gather(run.measurement if run is not None else None)
+            return run
         finally:
             dist.destroy_process_group()
+
+
+def _gather(measurement: Measurement | None) -> None:
+    """In a rank of a multi-node cell, after its test: every rank's measurement to rank 0, which leaves
+    them in :data:`GATHERED` for its node's parent (the parent of rank 0 judges the cell)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    found: list[object] | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(measurement, found, dst=0)
+    if found is not None:
+        directory = Path(os.environ[RANKS_ENV])
+        (directory / f"{GATHERED}.tmp").write_bytes(pickle.dumps(found))
+        (directory / f"{GATHERED}.tmp").replace(directory / GATHERED)
 
 
 def enter() -> None:
