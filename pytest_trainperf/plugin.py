@@ -251,6 +251,9 @@ class TrainPerfSession:
         self._references: dict[str, tuple[str | None, str, str]] = {}
         self._source: tuple[Source | None] | None = None
         self._first: dict[str, Measurement] = {}
+        self._decide: dict[str, Callable[[Measurement], CellVerdict]] = {}
+        """How an update's cells were judged: each is judged again on its rounds pooled, the value stored,
+        so that the report shows what the baseline file holds."""
         self.forecasts: dict[tuple[object, ...], object] = {}
         """The forecasts of ``tp.forecast`` cells so far: cells differing only in the device's memory share one."""
 
@@ -337,7 +340,7 @@ class TrainPerfSession:
             self._retimed.setdefault(item.nodeid, []).append(run.measurement)
             return
         for note in run.notes:
-            self.ledger.note(note)
+            self.ledger.note(note, [item.nodeid])
         if run.written is not None:  # judged and written where it ran (an isolated child's update)
             self.ledger.absorb(run.written)
             return
@@ -378,7 +381,7 @@ class TrainPerfSession:
             environment = judge.across_hosts_environment(fingerprint.key, other[0].key)
             self.ledger.note(f"judged across hosts: same device type, torch and threads; another CPU: cells with no "
                              f"baseline here had their exact work metrics judged against {other[0].key} (timings, "
-                             "memory and loss not judged)")
+                             "memory and loss not judged)", [cell.nodeid])
         overrides = _overrides(item)
         state = self._grids.setdefault(cell.grid, GridState(size=1))
 
@@ -409,6 +412,7 @@ class TrainPerfSession:
         if self.settings.update and not crashed:
             self._pending.setdefault(found.path, []).append((fingerprint, result))
             self._first[cell.nodeid] = run.measurement
+            self._decide[cell.nodeid] = decide
             return
         if self.settings.update:  # a crash is no baseline: it fails the cell, and the file keeps the old one
             pytest.fail("\n\n".join([judge.crashed_in_update(cell.nodeid, run.measurement.detail,
@@ -646,7 +650,7 @@ class TrainPerfSession:
         if short:
             self.ledger.note(f"{len(short)} cell{'s' * (len(short) != 1)} got fewer than {self.settings.rounds} "
                              f"measurement rounds (--trainperf-max-time={self.settings.max_time:g} s per cell): "
-                             "their noise band is thinner, or absent with a single round")
+                             f"their noise band is thinner, or absent with a single round: {results.name_cells(short)}")
         spreads = judge.spreads({n: [self._first[n], *self._retimed.get(n, [])] for n in measured if n in self._first},
                                 IN_PROCESS_ROUNDS)
         if spreads:
@@ -670,7 +674,7 @@ class TrainPerfSession:
         try:
             ran = run_child(argv, config.rootpath, child_env(os.environ), workdir)
         except ChildError as exc:
-            self.ledger.note(f"a noise round in a fresh process gave nothing: {exc}")
+            self.ledger.note(f"a noise round in a fresh process gave nothing: {exc}", nodeids)
             return
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -683,7 +687,7 @@ class TrainPerfSession:
         if missing:
             last = (ran.output.strip().splitlines()[-1:] or [""])[0]
             self.ledger.note(f"a noise round in a fresh process did not measure {len(missing)} cell"
-                             f"{'s' * (len(missing) != 1)} ({missing[0]}{', ...' if len(missing) > 1 else ''}; "
+                             f"{'s' * (len(missing) != 1)} ({results.name_cells(missing)}; "
                              f"exit status {ran.returncode}; last output: {last[:200]})")
         share = (time.perf_counter() - started) / len(nodeids)
         for nodeid in nodeids:
@@ -751,8 +755,12 @@ class TrainPerfSession:
         if self._source is None:  # the code measured: the same for every file this session writes
             self._source = (vcs.snapshot(self.config.rootpath, self.settings.baselines),)
         for fingerprint, result in entries:
-            pooled = replace(stats.pool_rounds(result.verdict.measurement, self._retimed.get(result.nodeid, [])),
-                             source=self._source[0])
+            rounds = self._retimed.get(result.nodeid, [])
+            merged = stats.pool_rounds(result.verdict.measurement, rounds)
+            pooled = replace(merged, source=self._source[0])
+            decide = self._decide.get(result.nodeid)
+            if rounds and decide is not None:  # the report shows the value stored: the rounds pooled
+                self._show_pooled(result, replace(result, verdict=decide(merged)))
             by_env.setdefault(fingerprint.key, []).append(replace(result, verdict=replace(result.verdict,
                                                                                           measurement=pooled)))
             fingerprints[fingerprint.key] = fingerprint
@@ -768,6 +776,14 @@ class TrainPerfSession:
             self.ledger.errors += done.refused  # the other cells were written
             for note in done.notes:
                 self.ledger.note(note)
+
+    def _show_pooled(self, first: CellResult, pooled: CellResult) -> None:
+        """Put ``pooled`` in the ledger in the place of ``first`` (the same cell, round 1's verdict)."""
+        cells = self.ledger.cells
+        for i, result in enumerate(cells):
+            if result is first:
+                cells[i] = pooled
+                return
 
     def _deriver(self, cells: list[CellResult]) -> store.Derive:
         """What recomputes, from a baseline file's cells after an update, the figures of the tests
@@ -810,7 +826,7 @@ class TrainPerfSession:
             terminalreporter.write_line("")
             for line in failure.splitlines():
                 terminalreporter.write_line(line, red=True, bold=line.startswith("trainperf regression"))
-        for note in found.notes:
+        for note in found.note_lines():
             terminalreporter.write_line(f"trainperf note: {note}")
 
 

@@ -59,6 +59,17 @@ Axes = tuple[tuple[str, tuple[Scalar, ...]], ...]
 
 T = TypeVar("T")
 
+NAMED_CELLS = 3
+"""The cells a note names before it counts the rest (``a, b, c and 4 more``)."""
+
+
+def name_cells(nodeids: Sequence[str], shown: int = NAMED_CELLS) -> str:
+    """The cells a note is about, the first ``shown`` by node id and a count of the others:
+    ``t.py::a, t.py::b, t.py::c and 4 more``."""
+    named = ", ".join(nodeids[:shown])
+    rest = len(nodeids) - shown
+    return f"{named} and {rest} more" if rest > 0 else named
+
 
 class ResultsError(Exception):
     """A result file that cannot be used: names the file and what is wrong with it."""
@@ -166,14 +177,22 @@ class Ledger:
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.figures: list[FigureVerdict] = []
-        self.notes: dict[str, None] = {}
-        """One-line notes (no NVML, no peak FLOP/s for the device), each printed once, in order."""
+        self.notes: dict[str, list[str]] = {}
+        """One-line notes (no NVML, no peak FLOP/s for the device), each printed once, in order, with
+        the cells each one concerns (:meth:`note_lines`)."""
         self.against = ""
         """What the cells were compared with when not their stored baselines (see :class:`SessionResults`)."""
 
-    def note(self, text: str) -> None:
-        """Keep a one-line note (once)."""
-        self.notes.setdefault(text)
+    def note(self, text: str, cells: Sequence[str] = ()) -> None:
+        """Keep a one-line note (once), about ``cells`` (node ids): the same note from several cells
+        is one line naming them all."""
+        named = self.notes.setdefault(text, [])
+        named += [c for c in cells if c not in named and c not in text]  # a cell the text names is named
+
+    def note_lines(self) -> list[str]:
+        """The notes as printed: each once, naming its cells (the first few and a count)."""
+        return [f"{text} ({len(cells)} cell{'s' * (len(cells) != 1)}: {name_cells(cells)})" if cells else text
+                for text, cells in self.notes.items()]
 
     def warn(self, text: str) -> None:
         """Keep a warning (once)."""
