@@ -814,7 +814,8 @@ class TrainPerfSession:
                        show=self.settings.show, changes=found.changes, update=self.settings.update,
                        errors=found.errors, hint="" if found.against else UPDATE_HINT,
                        elsewhere=sorted({key for r in found.cells for key in r.elsewhere}),
-                       figures=found.figures, warnings=found.warnings)
+                       figures=found.figures, warnings=found.warnings,
+                       verbose=self.config.getoption("verbose", 0) > 0)
         terminalreporter.write_sep("=", "trainperf")
         if found.against:
             terminalreporter.write_line(f"compared against {found.against} (no baseline file read or written)")

@@ -283,6 +283,58 @@ def write(path: Path, results: SessionResults) -> None:
     write_atomic(path, text)
 
 
+# --------------------------------------------------------------------------- CSV
+
+CSV_COLUMNS = ("nodeid", "test_file", "test", "cell", "environment", "cell_status", "outcome", "metric",
+               "unit", "direction", "value", "baseline", "change", "interval_low", "interval_high",
+               "tolerance", "status", "info")
+"""The header of ``--trainperf-csv``: one row per cell and metric (docs/results-format.md)."""
+
+
+def _csv_number(value: float | None) -> str:
+    """A number as CSV text: ``repr`` (round-trips exactly), ``inf``/``-inf``/``nan``, empty for None."""
+    if value is None:
+        return ""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return repr(float(value))
+
+
+def csv_rows(results: SessionResults) -> list[tuple[str, ...]]:
+    """The rows of ``--trainperf-csv``, header first: one per cell and metric verdict (``loss_curve``
+    included), in the order the cells concluded; a cell with no metric (out of memory before anything
+    was measured) has one row with an empty ``metric``. ``info`` is the cell's metadata
+    (``trainperf.info``) as a JSON object, empty when it gave none."""
+    import json
+
+    rows: list[tuple[str, ...]] = [CSV_COLUMNS]
+    for c in results.cells:
+        verdict = c.verdict
+        m = verdict.measurement
+        info = json.dumps(dict(m.info), sort_keys=False) if m.info else ""
+        head = (c.nodeid, c.test_file, c.test, c.cell, c.fingerprint.key, verdict.status.value, m.outcome.value)
+        if not verdict.metrics:
+            rows.append((*head, *([""] * (len(CSV_COLUMNS) - len(head) - 1)), info))
+        for v in verdict.metrics:
+            low, high = v.interval if v.interval is not None else (None, None)
+            rows.append((*head, v.name, v.unit, v.direction.value, _csv_number(v.current), _csv_number(v.baseline),
+                         _csv_number(v.change), _csv_number(low), _csv_number(high), _csv_number(v.tolerance),
+                         v.status.value, info))
+    return rows
+
+
+def write_csv(path: Path, results: SessionResults) -> None:
+    """Write ``--trainperf-csv`` atomically (:func:`csv_rows`). Raises OSError when it cannot be written."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(csv_rows(results))
+    write_atomic(path, buffer.getvalue())
+
+
 # --------------------------------------------------------------------------- reading
 
 

@@ -139,6 +139,14 @@ def parse_file(value: str) -> str:
     return value
 
 
+def parse_csv(value: str) -> str:
+    """A file path ending in ``.csv``."""
+    if not value.strip() or value.endswith(("/", "\\")) or not value.lower().endswith(".csv"):
+        raise argparse.ArgumentTypeError(f"expected a file path ending in .csv such as results/trainperf.csv, "
+                                         f"got {value!r}")
+    return value
+
+
 def parse_ref(value: str) -> str:
     """A git revision of the repository under test: a branch, tag or commit (``main``, ``v1.2``, ``HEAD~1``)."""
     text = value.strip()
@@ -265,6 +273,9 @@ OPTIONS = (
             "is looked at after min(N, 20) pairs and every 10 more, and the pairs stop once it is decided; at most "
             f"4 x N, within --trainperf-max-time (default: {DEFAULT_PAIRS})",
             parse_pairs, metavar="N"),
+    _Option("--trainperf-csv", "write the session's results to this CSV file, one row per cell and metric: value, "
+            "baseline, change, interval, tolerance, status, and the cell's trainperf.info metadata",
+            parse_csv, metavar="PATH"),
 )
 
 
@@ -328,6 +339,8 @@ class Settings:
     confirm_against: str = CONFIRM_BASELINE
     """Where a timing regression against a stored baseline is confirmed side by side: ``baseline``
     (the commit the baseline measured), ``none``, or a git revision."""
+    csv: Path | None = None
+    """Where to write the session's results as CSV, one row per cell and metric (None: nowhere)."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -368,15 +381,18 @@ def check_outputs(settings: Settings) -> None:
     committed with them or taken for one), or both naming the same file (one would overwrite the
     other). Raises :class:`pytest.UsageError`."""
     outputs = [(name, path) for name, path in (("--trainperf-json", settings.json),
-                                                ("--trainperf-markdown", settings.markdown)) if path is not None]
+                                                ("--trainperf-markdown", settings.markdown),
+                                                ("--trainperf-csv", settings.csv)) if path is not None]
     for name, path in outputs:
         if _inside(path, settings.baselines):
             raise pytest.UsageError(
                 f"{name} ({path}) is inside the baselines directory of --trainperf-baselines "
                 f"({settings.baselines}): expected a file outside it (the report would sit among the baselines)")
-    if len(outputs) == 2 and outputs[0][1].resolve() == outputs[1][1].resolve():
-        raise pytest.UsageError(f"--trainperf-json and --trainperf-markdown both name {outputs[0][1]}: expected "
-                                "two different files (one would overwrite the other)")
+    for i, (first, path) in enumerate(outputs):
+        for second, other in outputs[i + 1:]:
+            if path.resolve() == other.resolve():
+                raise pytest.UsageError(f"{first} and {second} both name {path}: expected two different files "
+                                        "(one would overwrite the other)")
 
 
 def resolve(config: pytest.Config) -> Settings:
@@ -415,6 +431,7 @@ def resolve(config: pytest.Config) -> Settings:
         against=against,
         pairs=values["trainperf_pairs"] or DEFAULT_PAIRS,
         confirm_against=values["trainperf_confirm_against"] or CONFIRM_BASELINE,
+        csv=_file(config, "trainperf_csv", values["trainperf_csv"]),
     )
     check_outputs(settings)
     return settings

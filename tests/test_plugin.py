@@ -281,7 +281,7 @@ def test_plain_mode_runs_one_step_and_touches_no_file(pytester: pytest.Pytester)
 
 def test_update_writes_baselines_then_an_unchanged_run_passes(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_work=workload())
-    result = pytester.runpytest("--trainperf-update-baselines")
+    result = pytester.runpytest("--trainperf-update-baselines", "-v")  # -v: every new value listed
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["baselines/test_work.json*", "  test_mlp[[]batch_size=4-width=16[]]",
                                  "    step_time *— -> * new"])
