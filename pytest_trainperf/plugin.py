@@ -55,6 +55,7 @@ from pytest_trainperf.records import (
     check_finite,
     grid_key,
 )
+from pytest_trainperf.report.progress import RoundsProgress
 from pytest_trainperf.runners import CellRun, CellRunner, choose
 from pytest_trainperf.runners.children import CHILD_ENV, death
 from pytest_trainperf.runners.lockstep import FIXTURE_NAME, Pairing
@@ -606,7 +607,7 @@ class TrainPerfSession:
                 self._confirm_figures(session, grid, state, remeasure=not stopped)
         return outcome
 
-    def _remeasure(self, session: pytest.Session, nodeids: list[str]) -> None:
+    def _remeasure(self, session: pytest.Session, nodeids: list[str], progress: RoundsProgress | None = None) -> None:
         """Run these cells once more each, in order, timings only; their reports are not logged."""
         from _pytest.runner import runtestprotocol
 
@@ -615,12 +616,39 @@ class TrainPerfSession:
         self.remeasuring = True
         try:
             for i, item in enumerate(due):
+                if progress is not None:
+                    progress.cell(item.nodeid)
                 started = time.perf_counter()
                 runtestprotocol(item, log=False, nextitem=due[i + 1] if i + 1 < len(due) else None)
-                self._cell_seconds[item.nodeid] = (self._cell_seconds.get(item.nodeid, 0.0)
-                                                   + time.perf_counter() - started)
+                spent = time.perf_counter() - started
+                self._cell_seconds[item.nodeid] = self._cell_seconds.get(item.nodeid, 0.0) + spent
+                if progress is not None:
+                    progress.cell_done(item.nodeid, spent)
         finally:
             self.remeasuring = False
+
+    def _progress(self, rounds: list[int], fresh: list[int]) -> RoundsProgress:
+        """The progress display of an update's noise rounds: one line rewritten in place on a terminal
+        with markup, full lines (each with the estimate) under ``-q``, ``-s``, ``NO_COLOR``, a pipe, a file
+        or on an xdist worker (:mod:`pytest_trainperf.report.progress`)."""
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        estimates = dict(self._cell_seconds)
+        if reporter is None:
+            return RoundsProgress(rounds, self.settings.rounds, estimates, lambda _: None, fresh_rounds=fresh)
+        writer = self.config.get_terminal_writer()
+
+        def write(line: str) -> None:
+            if writer.width_of_current_line:  # -q's dots (pytest ends their line after the run loop)
+                reporter.line("")
+            reporter.write_line(line)
+
+        def live(line: str) -> None:
+            reporter.rewrite(line[:max(writer.fullwidth - 1, 20)], erase=True)
+
+        lively = (writer.hasmarkup and reporter.verbosity >= 0 and self.config.getoption("capture", "fd") != "no"
+                  and not hasattr(self.config, "workerinput"))
+        return RoundsProgress(rounds, self.settings.rounds, estimates, write, live if lively else None,
+                              fresh_rounds=fresh)
 
     def _noise_rounds(self, session: pytest.Session) -> None:
         """Run rounds 2.. ``--trainperf-rounds`` of every cell measured in round 1, one cell after the
@@ -631,21 +659,23 @@ class TrainPerfSession:
         measured = [r.nodeid for entries in self._pending.values() for _, r in entries  # timed cells only
                     if r.verdict.measurement.outcome is Outcome.MEASURED
                     and any(m.name in stats.TIMING_METRICS for m in r.verdict.measurement.metrics)]
-        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         fresh_allowed = not os.environ.get(CHILD_ENV)  # an isolated child's rounds stay in it
-        for number in range(2, self.settings.rounds + 1):
-            due = [n for n in measured if self._cell_seconds.get(n, 0.0) < self.settings.max_time]
-            if not due:
-                break
-            fresh = fresh_allowed and number > IN_PROCESS_ROUNDS
-            if reporter is not None:
-                reporter.write_line(f"trainperf: noise round {number} of {self.settings.rounds} "
-                                    f"({len(due)} cell{'s' * (len(due) != 1)}"
-                                    f"{', in a fresh process' if fresh else ''})")
-            if fresh:
-                self._fresh_round(due)
-            else:
-                self._remeasure(session, due)
+        numbers = range(2, self.settings.rounds + 1)
+        progress = self._progress(list(numbers), [n for n in numbers if fresh_allowed and n > IN_PROCESS_ROUNDS])
+        try:
+            for number in numbers:
+                due = [n for n in measured if self._cell_seconds.get(n, 0.0) < self.settings.max_time]
+                if not due:
+                    break
+                fresh = fresh_allowed and number > IN_PROCESS_ROUNDS
+                progress.round(number, due, fresh)
+                if fresh:
+                    self._fresh_round(due)
+                else:
+                    self._remeasure(session, due, progress)
+                progress.round_done()
+        finally:
+            progress.finish()
         short = [n for n in measured if len(self._retimed.get(n, [])) + 1 < self.settings.rounds]
         if short:
             self.ledger.note(f"{len(short)} cell{'s' * (len(short) != 1)} got fewer than {self.settings.rounds} "
@@ -704,6 +734,8 @@ class TrainPerfSession:
         rounds = self.settings.confirm if remeasure else 0
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None and rounds:
+            if self.config.get_terminal_writer().width_of_current_line:  # -q's dots: end their line first
+                reporter.line("")
             reporter.write_line(f"trainperf: re-measuring {len(involved)} cells of {grid} to confirm "
                                 f"{len(pending)} regressed figure{'s' * (len(pending) > 1)}")
         for number in range(rounds):
