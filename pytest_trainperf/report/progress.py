@@ -97,8 +97,9 @@ class RoundsProgress:
         self._write(f"{PREFIX}noise round {number} of {self._total} ({n} cell{'s' * (n != 1)}"
                     f"{', in a fresh process' if fresh else ''})")
         if fresh:  # one process measures them all: no per-cell progress, the round's estimate instead
-            self._say(f"{PREFIX}  round {number} of {self._total}, about {duration(self.left(number, due, fresh=True))} "
-                      f"left: {n} cell{'s' * (n != 1)} in a fresh process")
+            left = duration(self.left(number, due, fresh=True))
+            self._say(f"{PREFIX}  round {number} of {self._total}, about {left} left: "
+                      f"{n} cell{'s' * (n != 1)} in a fresh process")
 
     def cell(self, nodeid: str) -> None:
         """A cell of the current (in-process) round starts."""
