@@ -83,7 +83,7 @@ def only_env(doc: dict) -> dict:
 
 HELP_REACH = 120
 """Characters after an option in which its help text must begin (a word too long for the width is split)."""
-HELP_OPTIONS = [  # all 21 options, pinned: a new option, or one renamed, is a change to this list
+HELP_OPTIONS = [  # all 22 options, pinned: a new option, or one renamed, is a change to this list
     ("--trainperf", "measure every trainperf test"),
     ("--trainperf-update-baselines", "measure and write the baselines"),
     ("--trainperf-baselines=DIR", "directory of baseline files"),
@@ -105,6 +105,7 @@ HELP_OPTIONS = [  # all 21 options, pinned: a new option, or one renamed, is a c
     ("--trainperf-against=REF", "compare each trainperf cell with the same cell at git revision REF"),
     ("--trainperf-confirm-against=POLICY", "where a cell whose step time regressed"),
     ("--trainperf-pairs=N", "the budget of timed step pairs per cell"),
+    ("--trainperf-csv=PATH", "write the session's results to this CSV file"),
 ]
 
 
