@@ -127,6 +127,7 @@ class TrainPerf:
         self._device: torch.device | None = None
         self._measured: Measurement | None = None
         self._recorded: list[Metric] = []
+        self._info: dict[str, Scalar] = {}
         self._used = ""
         self._threads: int | None = None
         self._preexisting: Preexisting | None = None
@@ -515,6 +516,18 @@ class TrainPerf:
         self._recorded.append(Metric(name=name, value=number, unit=unit, direction=direction,
                                      tolerance=None if tolerance is None else float(tolerance)))
 
+    def info(self, **values: Scalar) -> None:
+        """Free-form metadata of this cell (``trainperf.info(model="gpt2", tokens=412)``: strings,
+        numbers, booleans): shown in the JSON results, the CSV and the Markdown report, never judged,
+        not stored with the baseline. A key given again takes the later value."""
+        from pytest_trainperf.records import info_problem
+
+        for key, value in values.items():
+            problem = info_problem(key, value)
+            if problem is not None:
+                _usage(self._cell, f"trainperf.info({key}=...): {problem.split(': ', 1)[1]}")
+            self._info[key] = value
+
     # ------------------------------------------------------------------ what the plugin reads
 
     @property
@@ -552,7 +565,7 @@ class TrainPerf:
         base = self._measured or Measurement(test=self._cell.test, cell=self._cell.cell,
                                              params=self._cell.params, metrics=(), kind="record")
         derived = tuple(self._mfu(base))
-        return replace(base, metrics=base.metrics + derived + tuple(self._recorded))
+        return replace(base, metrics=base.metrics + derived + tuple(self._recorded), info=tuple(self._info.items()))
 
     def out_of_memory(self, detail: str, outcome: Outcome = Outcome.OOM) -> Measurement:
         """Record that the cell ran out of memory (the plugin calls this once the error is gone):
@@ -1087,7 +1100,7 @@ class _Batches:
         _usage(self._cell, f"trainperf.steps: {problem}")
 
 
-RECORD_ONLY_ATTRIBUTES = frozenset({"record"})
+RECORD_ONLY_ATTRIBUTES = frozenset({"record", "info"})
 """The fixture's attributes that measure nothing: a test using only these takes no memory snapshot."""
 INTROSPECTION = frozenset({"locals", "vars", "eval", "exec", "globals", "_getframe", "currentframe", "stack"})
 """Names through which a function could reach its own arguments without naming them."""

@@ -88,6 +88,9 @@ class TrainPerfOutputs:
             if settings.json is not None:
                 results.write(settings.json, found)
                 self.written.append(f"JSON results: {self._shown(settings.json)}")
+            if settings.csv is not None:
+                results.write_csv(settings.csv, found)
+                self.written.append(f"CSV results: {self._shown(settings.csv)}")
             if settings.markdown is not None and markdown is not None:
                 settings.markdown.parent.mkdir(parents=True, exist_ok=True)
                 settings.markdown.write_text(markdown, encoding="utf-8")

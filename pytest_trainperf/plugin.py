@@ -55,6 +55,7 @@ from pytest_trainperf.records import (
     check_finite,
     grid_key,
 )
+from pytest_trainperf.report.progress import RoundsProgress
 from pytest_trainperf.runners import CellRun, CellRunner, choose
 from pytest_trainperf.runners.children import CHILD_ENV, death
 from pytest_trainperf.runners.lockstep import FIXTURE_NAME, Pairing
@@ -252,6 +253,9 @@ class TrainPerfSession:
         self._references: dict[str, tuple[str | None, str, str]] = {}
         self._source: tuple[Source | None] | None = None
         self._first: dict[str, Measurement] = {}
+        self._decide: dict[str, Callable[[Measurement], CellVerdict]] = {}
+        """How an update's cells were judged: each is judged again on its rounds pooled, the value stored,
+        so that the report shows what the baseline file holds."""
         self.forecasts: dict[tuple[object, ...], object] = {}
         """The forecasts of ``tp.forecast`` cells so far: cells differing only in the device's memory share one."""
 
@@ -338,7 +342,7 @@ class TrainPerfSession:
             self._retimed.setdefault(item.nodeid, []).append(run.measurement)
             return
         for note in run.notes:
-            self.ledger.note(note)
+            self.ledger.note(note, [item.nodeid])
         if run.written is not None:  # judged and written where it ran (an isolated child's update)
             self.ledger.absorb(run.written)
             return
@@ -379,7 +383,7 @@ class TrainPerfSession:
             environment = judge.across_hosts_environment(fingerprint.key, other[0].key)
             self.ledger.note(f"judged across hosts: same device type, torch and threads; another CPU: cells with no "
                              f"baseline here had their exact work metrics judged against {other[0].key} (timings, "
-                             "memory and loss not judged)")
+                             "memory and loss not judged)", [cell.nodeid])
         overrides = _overrides(item)
         state = self._grids.setdefault(cell.grid, GridState(size=1))
 
@@ -410,6 +414,7 @@ class TrainPerfSession:
         if self.settings.update and not crashed:
             self._pending.setdefault(found.path, []).append((fingerprint, result))
             self._first[cell.nodeid] = run.measurement
+            self._decide[cell.nodeid] = decide
             return
         if self.settings.update:  # a crash is no baseline: it fails the cell, and the file keeps the old one
             pytest.fail("\n\n".join([judge.crashed_in_update(cell.nodeid, run.measurement.detail,
@@ -603,7 +608,7 @@ class TrainPerfSession:
                 self._confirm_figures(session, grid, state, remeasure=not stopped)
         return outcome
 
-    def _remeasure(self, session: pytest.Session, nodeids: list[str]) -> None:
+    def _remeasure(self, session: pytest.Session, nodeids: list[str], progress: RoundsProgress | None = None) -> None:
         """Run these cells once more each, in order, timings only; their reports are not logged."""
         from _pytest.runner import runtestprotocol
 
@@ -612,12 +617,39 @@ class TrainPerfSession:
         self.remeasuring = True
         try:
             for i, item in enumerate(due):
+                if progress is not None:
+                    progress.cell(item.nodeid)
                 started = time.perf_counter()
                 runtestprotocol(item, log=False, nextitem=due[i + 1] if i + 1 < len(due) else None)
-                self._cell_seconds[item.nodeid] = (self._cell_seconds.get(item.nodeid, 0.0)
-                                                   + time.perf_counter() - started)
+                spent = time.perf_counter() - started
+                self._cell_seconds[item.nodeid] = self._cell_seconds.get(item.nodeid, 0.0) + spent
+                if progress is not None:
+                    progress.cell_done(item.nodeid, spent)
         finally:
             self.remeasuring = False
+
+    def _progress(self, rounds: list[int], fresh: list[int]) -> RoundsProgress:
+        """The progress display of an update's noise rounds: one line rewritten in place on a terminal
+        with markup, full lines (each with the estimate) under ``-q``, ``-s``, ``NO_COLOR``, a pipe, a file
+        or on an xdist worker (:mod:`pytest_trainperf.report.progress`)."""
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        estimates = dict(self._cell_seconds)
+        if reporter is None:
+            return RoundsProgress(rounds, self.settings.rounds, estimates, lambda _: None, fresh_rounds=fresh)
+        writer = self.config.get_terminal_writer()
+
+        def write(line: str) -> None:
+            if writer.width_of_current_line:  # -q's dots (pytest ends their line after the run loop)
+                reporter.line("")
+            reporter.write_line(line)
+
+        def live(line: str) -> None:
+            reporter.rewrite(line[:max(writer.fullwidth - 1, 20)], erase=True)
+
+        lively = (writer.hasmarkup and reporter.verbosity >= 0 and self.config.getoption("capture", "fd") != "no"
+                  and not hasattr(self.config, "workerinput"))
+        return RoundsProgress(rounds, self.settings.rounds, estimates, write, live if lively else None,
+                              fresh_rounds=fresh)
 
     def _noise_rounds(self, session: pytest.Session) -> None:
         """Run rounds 2.. ``--trainperf-rounds`` of every cell measured in round 1, one cell after the
@@ -628,26 +660,28 @@ class TrainPerfSession:
         measured = [r.nodeid for entries in self._pending.values() for _, r in entries  # timed cells only
                     if r.verdict.measurement.outcome is Outcome.MEASURED
                     and any(m.name in stats.TIMING_METRICS for m in r.verdict.measurement.metrics)]
-        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         fresh_allowed = not os.environ.get(CHILD_ENV)  # an isolated child's rounds stay in it
-        for number in range(2, self.settings.rounds + 1):
-            due = [n for n in measured if self._cell_seconds.get(n, 0.0) < self.settings.max_time]
-            if not due:
-                break
-            fresh = fresh_allowed and number > IN_PROCESS_ROUNDS
-            if reporter is not None:
-                reporter.write_line(f"trainperf: noise round {number} of {self.settings.rounds} "
-                                    f"({len(due)} cell{'s' * (len(due) != 1)}"
-                                    f"{', in a fresh process' if fresh else ''})")
-            if fresh:
-                self._fresh_round(due)
-            else:
-                self._remeasure(session, due)
+        numbers = range(2, self.settings.rounds + 1)
+        progress = self._progress(list(numbers), [n for n in numbers if fresh_allowed and n > IN_PROCESS_ROUNDS])
+        try:
+            for number in numbers:
+                due = [n for n in measured if self._cell_seconds.get(n, 0.0) < self.settings.max_time]
+                if not due:
+                    break
+                fresh = fresh_allowed and number > IN_PROCESS_ROUNDS
+                progress.round(number, due, fresh)
+                if fresh:
+                    self._fresh_round(due)
+                else:
+                    self._remeasure(session, due, progress)
+                progress.round_done()
+        finally:
+            progress.finish()
         short = [n for n in measured if len(self._retimed.get(n, [])) + 1 < self.settings.rounds]
         if short:
             self.ledger.note(f"{len(short)} cell{'s' * (len(short) != 1)} got fewer than {self.settings.rounds} "
                              f"measurement rounds (--trainperf-max-time={self.settings.max_time:g} s per cell): "
-                             "their noise band is thinner, or absent with a single round")
+                             f"their noise band is thinner, or absent with a single round: {results.name_cells(short)}")
         spreads = judge.spreads({n: [self._first[n], *self._retimed.get(n, [])] for n in measured if n in self._first},
                                 IN_PROCESS_ROUNDS)
         if spreads:
@@ -671,7 +705,7 @@ class TrainPerfSession:
         try:
             ran = run_child(argv, config.rootpath, child_env(os.environ), workdir)
         except ChildError as exc:
-            self.ledger.note(f"a noise round in a fresh process gave nothing: {exc}")
+            self.ledger.note(f"a noise round in a fresh process gave nothing: {exc}", nodeids)
             return
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -684,7 +718,7 @@ class TrainPerfSession:
         if missing:
             last = (ran.output.strip().splitlines()[-1:] or [""])[0]
             self.ledger.note(f"a noise round in a fresh process did not measure {len(missing)} cell"
-                             f"{'s' * (len(missing) != 1)} ({missing[0]}{', ...' if len(missing) > 1 else ''}; "
+                             f"{'s' * (len(missing) != 1)} ({results.name_cells(missing)}; "
                              f"exit status {ran.returncode}; last output: {last[:200]})")
         share = (time.perf_counter() - started) / len(nodeids)
         for nodeid in nodeids:
@@ -701,6 +735,8 @@ class TrainPerfSession:
         rounds = self.settings.confirm if remeasure else 0
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None and rounds:
+            if self.config.get_terminal_writer().width_of_current_line:  # -q's dots: end their line first
+                reporter.line("")
             reporter.write_line(f"trainperf: re-measuring {len(involved)} cells of {grid} to confirm "
                                 f"{len(pending)} regressed figure{'s' * (len(pending) > 1)}")
         for number in range(rounds):
@@ -752,8 +788,12 @@ class TrainPerfSession:
         if self._source is None:  # the code measured: the same for every file this session writes
             self._source = (vcs.snapshot(self.config.rootpath, self.settings.baselines),)
         for fingerprint, result in entries:
-            pooled = replace(stats.pool_rounds(result.verdict.measurement, self._retimed.get(result.nodeid, [])),
-                             source=self._source[0])
+            rounds = self._retimed.get(result.nodeid, [])
+            merged = stats.pool_rounds(result.verdict.measurement, rounds)
+            pooled = replace(merged, source=self._source[0])
+            decide = self._decide.get(result.nodeid)
+            if rounds and decide is not None:  # the report shows the value stored: the rounds pooled
+                self._show_pooled(result, replace(result, verdict=decide(merged)))
             by_env.setdefault(fingerprint.key, []).append(replace(result, verdict=replace(result.verdict,
                                                                                           measurement=pooled)))
             fingerprints[fingerprint.key] = fingerprint
@@ -769,6 +809,14 @@ class TrainPerfSession:
             self.ledger.errors += done.refused  # the other cells were written
             for note in done.notes:
                 self.ledger.note(note)
+
+    def _show_pooled(self, first: CellResult, pooled: CellResult) -> None:
+        """Put ``pooled`` in the ledger in the place of ``first`` (the same cell, round 1's verdict)."""
+        cells = self.ledger.cells
+        for i, result in enumerate(cells):
+            if result is first:
+                cells[i] = pooled
+                return
 
     def _deriver(self, cells: list[CellResult]) -> store.Derive:
         """What recomputes, from a baseline file's cells after an update, the figures of the tests
@@ -799,7 +847,8 @@ class TrainPerfSession:
                        show=self.settings.show, changes=found.changes, update=self.settings.update,
                        errors=found.errors, hint="" if found.against else UPDATE_HINT,
                        elsewhere=sorted({key for r in found.cells for key in r.elsewhere}),
-                       figures=found.figures, warnings=found.warnings)
+                       figures=found.figures, warnings=found.warnings,
+                       verbose=self.config.getoption("verbose", 0) > 0)
         terminalreporter.write_sep("=", "trainperf")
         if found.against:
             terminalreporter.write_line(f"compared against {found.against} (no baseline file read or written)")
@@ -811,7 +860,7 @@ class TrainPerfSession:
             terminalreporter.write_line("")
             for line in failure.splitlines():
                 terminalreporter.write_line(line, red=True, bold=line.startswith("trainperf regression"))
-        for note in found.notes:
+        for note in found.note_lines():
             terminalreporter.write_line(f"trainperf note: {note}")
 
 

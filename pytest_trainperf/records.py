@@ -258,6 +258,10 @@ class Measurement:
     breakdowns: tuple[Breakdown, ...] = ()
     """What some exact counts are made of (sync sites, ops by name), one per metric at most; empty in
     baselines written before they were measured."""
+    info: tuple[tuple[str, Scalar], ...] = ()
+    """Free-form metadata the test gave (``trainperf.info(key=value)``: strings, numbers, booleans), in
+    the order given: shown in the JSON results, the CSV and the Markdown report, never judged, and not
+    stored with baselines (pytest-benchmark's ``extra_info``)."""
 
     def breakdown(self, metric: str) -> Breakdown | None:
         """The breakdown of ``metric``, or None."""
@@ -733,6 +737,14 @@ def check_metric(metric: Metric) -> list[str]:
     if tol is not None and not (tol == math.inf or (finite_number(tol) and tol >= 0)):
         problems.append(f"{where}.tolerance: expected a non-negative number, infinity or None, got {tol!r}")
     return problems
+
+
+def info_problem(key: str, value: object) -> str | None:
+    """Why ``key=value`` cannot be a cell's metadata (:attr:`Measurement.info`), or None: a value is a
+    string, a boolean, an integer or a finite float."""
+    if isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+        return None
+    return f"{key}: expected a string, a boolean, an integer or a finite float, got {value!r:.80}"
 
 
 def check_finite(measurement: Measurement) -> list[str]:

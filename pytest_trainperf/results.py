@@ -59,6 +59,17 @@ Axes = tuple[tuple[str, tuple[Scalar, ...]], ...]
 
 T = TypeVar("T")
 
+NAMED_CELLS = 3
+"""The cells a note names before it counts the rest (``a, b, c and 4 more``)."""
+
+
+def name_cells(nodeids: Sequence[str], shown: int = NAMED_CELLS) -> str:
+    """The cells a note is about, the first ``shown`` by node id and a count of the others:
+    ``t.py::a, t.py::b, t.py::c and 4 more``."""
+    named = ", ".join(nodeids[:shown])
+    rest = len(nodeids) - shown
+    return f"{named} and {rest} more" if rest > 0 else named
+
 
 class ResultsError(Exception):
     """A result file that cannot be used: names the file and what is wrong with it."""
@@ -166,14 +177,22 @@ class Ledger:
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.figures: list[FigureVerdict] = []
-        self.notes: dict[str, None] = {}
-        """One-line notes (no NVML, no peak FLOP/s for the device), each printed once, in order."""
+        self.notes: dict[str, list[str]] = {}
+        """One-line notes (no NVML, no peak FLOP/s for the device), each printed once, in order, with
+        the cells each one concerns (:meth:`note_lines`)."""
         self.against = ""
         """What the cells were compared with when not their stored baselines (see :class:`SessionResults`)."""
 
-    def note(self, text: str) -> None:
-        """Keep a one-line note (once)."""
-        self.notes.setdefault(text)
+    def note(self, text: str, cells: Sequence[str] = ()) -> None:
+        """Keep a one-line note (once), about ``cells`` (node ids): the same note from several cells
+        is one line naming them all."""
+        named = self.notes.setdefault(text, [])
+        named += [c for c in cells if c not in named and c not in text]  # a cell the text names is named
+
+    def note_lines(self) -> list[str]:
+        """The notes as printed: each once, naming its cells (the first few and a count)."""
+        return [f"{text} ({len(cells)} cell{'s' * (len(cells) != 1)}: {name_cells(cells)})" if cells else text
+                for text, cells in self.notes.items()]
 
     def warn(self, text: str) -> None:
         """Keep a warning (once)."""
@@ -262,6 +281,58 @@ def write(path: Path, results: SessionResults) -> None:
     except (ValueError, TypeError, RecursionError) as exc:
         raise ResultsError(str(path), f"not written: a value has no JSON form ({exc})") from None
     write_atomic(path, text)
+
+
+# --------------------------------------------------------------------------- CSV
+
+CSV_COLUMNS = ("nodeid", "test_file", "test", "cell", "environment", "cell_status", "outcome", "metric",
+               "unit", "direction", "value", "baseline", "change", "interval_low", "interval_high",
+               "tolerance", "status", "info")
+"""The header of ``--trainperf-csv``: one row per cell and metric (docs/results-format.md)."""
+
+
+def _csv_number(value: float | None) -> str:
+    """A number as CSV text: ``repr`` (round-trips exactly), ``inf``/``-inf``/``nan``, empty for None."""
+    if value is None:
+        return ""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return repr(float(value))
+
+
+def csv_rows(results: SessionResults) -> list[tuple[str, ...]]:
+    """The rows of ``--trainperf-csv``, header first: one per cell and metric verdict (``loss_curve``
+    included), in the order the cells concluded; a cell with no metric (out of memory before anything
+    was measured) has one row with an empty ``metric``. ``info`` is the cell's metadata
+    (``trainperf.info``) as a JSON object, empty when it gave none."""
+    import json
+
+    rows: list[tuple[str, ...]] = [CSV_COLUMNS]
+    for c in results.cells:
+        verdict = c.verdict
+        m = verdict.measurement
+        info = json.dumps(dict(m.info), sort_keys=False) if m.info else ""
+        head = (c.nodeid, c.test_file, c.test, c.cell, c.fingerprint.key, verdict.status.value, m.outcome.value)
+        if not verdict.metrics:
+            rows.append((*head, *([""] * (len(CSV_COLUMNS) - len(head) - 1)), info))
+        for v in verdict.metrics:
+            low, high = v.interval if v.interval is not None else (None, None)
+            rows.append((*head, v.name, v.unit, v.direction.value, _csv_number(v.current), _csv_number(v.baseline),
+                         _csv_number(v.change), _csv_number(low), _csv_number(high), _csv_number(v.tolerance),
+                         v.status.value, info))
+    return rows
+
+
+def write_csv(path: Path, results: SessionResults) -> None:
+    """Write ``--trainperf-csv`` atomically (:func:`csv_rows`). Raises OSError when it cannot be written."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(csv_rows(results))
+    write_atomic(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- reading

@@ -139,6 +139,14 @@ def parse_file(value: str) -> str:
     return value
 
 
+def parse_csv(value: str) -> str:
+    """A file path ending in ``.csv``."""
+    if not value.strip() or value.endswith(("/", "\\")) or not value.lower().endswith(".csv"):
+        raise argparse.ArgumentTypeError(f"expected a file path ending in .csv such as results/trainperf.csv, "
+                                         f"got {value!r}")
+    return value
+
+
 def parse_ref(value: str) -> str:
     """A git revision of the repository under test: a branch, tag or commit (``main``, ``v1.2``, ``HEAD~1``)."""
     text = value.strip()
@@ -306,6 +314,9 @@ OPTIONS = (
     _Option("--trainperf-rdzv-id", "the id of a multi-node session, the same on every node and unique to the "
             "session (torchrun's --rdzv-id; e.g. the CI job's id): each cell's ranks meet under it",
             parse_rdzv_id, metavar="ID"),
+    _Option("--trainperf-csv", "write the session's results to this CSV file, one row per cell and metric: value, "
+            "baseline, change, interval, tolerance, status, and the cell's trainperf.info metadata",
+            parse_csv, metavar="PATH"),
 )
 
 
@@ -375,6 +386,8 @@ class Settings:
     """``host:port`` where the nodes of a multi-node session meet (None: one node, a free local port)."""
     rdzv_id: str | None = None
     """The id of a multi-node session, the same on every node (None: one node)."""
+    csv: Path | None = None
+    """Where to write the session's results as CSV, one row per cell and metric (None: nowhere)."""
 
 
 def _value(config: pytest.Config, opt: _Option) -> Any:
@@ -415,15 +428,18 @@ def check_outputs(settings: Settings) -> None:
     committed with them or taken for one), or both naming the same file (one would overwrite the
     other). Raises :class:`pytest.UsageError`."""
     outputs = [(name, path) for name, path in (("--trainperf-json", settings.json),
-                                                ("--trainperf-markdown", settings.markdown)) if path is not None]
+                                                ("--trainperf-markdown", settings.markdown),
+                                                ("--trainperf-csv", settings.csv)) if path is not None]
     for name, path in outputs:
         if _inside(path, settings.baselines):
             raise pytest.UsageError(
                 f"{name} ({path}) is inside the baselines directory of --trainperf-baselines "
                 f"({settings.baselines}): expected a file outside it (the report would sit among the baselines)")
-    if len(outputs) == 2 and outputs[0][1].resolve() == outputs[1][1].resolve():
-        raise pytest.UsageError(f"--trainperf-json and --trainperf-markdown both name {outputs[0][1]}: expected "
-                                "two different files (one would overwrite the other)")
+    for i, (first, path) in enumerate(outputs):
+        for second, other in outputs[i + 1:]:
+            if path.resolve() == other.resolve():
+                raise pytest.UsageError(f"{first} and {second} both name {path}: expected two different files "
+                                        "(one would overwrite the other)")
 
 
 def resolve(config: pytest.Config) -> Settings:
@@ -465,6 +481,7 @@ def resolve(config: pytest.Config) -> Settings:
         nnodes=values["trainperf_nnodes"] or 1,
         rdzv_endpoint=values["trainperf_rdzv_endpoint"],
         rdzv_id=values["trainperf_rdzv_id"],
+        csv=_file(config, "trainperf_csv", values["trainperf_csv"]),
     )
     check_outputs(settings)
     check_nodes(settings)

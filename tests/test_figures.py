@@ -277,7 +277,7 @@ def _one_thread(pytester: pytest.Pytester) -> None:
 
 def test_figures_are_reported_stored_and_pass_unchanged(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_work=figures_file())
-    update = pytester.runpytest("--trainperf-update-baselines", "-p", "no:randomly")
+    update = pytester.runpytest("--trainperf-update-baselines", "-p", "no:randomly", "-v")  # -v: new values listed
     update.assert_outcomes(passed=8)
     update.stdout.fnmatch_lines(["*test_work.py::test_variants: flops of variant=heavy relative to variant=plain*",
                                  "*+150%*", "*test_scaling: scaling, metric = a * x^b*",

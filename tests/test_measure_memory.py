@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode, is_in_torch_dispatch_mode
+from torch.utils.data import DataLoader, TensorDataset
 
 from pytest_trainperf.measure import memory
 from pytest_trainperf.measure.memory import (
@@ -213,6 +214,44 @@ def test_returns_the_result_as_is_and_keeps_nothing_alive() -> None:
     del result, live_at_entry
     assert made_inside[0]() is None
     assert entry_storage() is None
+
+
+def test_a_dataloader_step_peak_does_not_depend_on_how_many_batches_the_workers_prefetched() -> None:
+    """Batches from worker processes arrive in shared memory, wrapped by ``aten.set_`` as the loader
+    receives them; how many it has received ahead of the step is up to the workers' scheduling. Only
+    the batch the step uses counts, from its first use: neither those held before the step (a
+    prefetch buffer) nor those received during it and left unused."""
+    rows, row, batch = 512, 256, 8
+    loader = DataLoader(TensorDataset(torch.ones(rows, row)), batch_size=batch, num_workers=2)
+    batch_bytes = batch * row * FLOAT32
+    it = iter(loader)
+    peaks = []
+    for held, ahead in ((0, 0), (3, 0), (0, 2), (2, 3)):
+        buffered = [next(it) for _ in range(held)]  # received before the step, never used by it
+        assert all(b[0].untyped_storage().is_shared() for b in buffered)
+
+        def step(ahead: int = ahead) -> torch.Tensor:
+            unused = [next(it) for _ in range(ahead)]  # received during the step, not used
+            (x,) = next(it)
+            total = x.sum()
+            del unused
+            return total
+
+        peak = measure_peak(step, CPU)[1]  # the result not kept: the next start is the same
+        peaks.append((peak.start_bytes, peak.peak_bytes))
+        assert peak.peak_bytes - peak.start_bytes == batch_bytes + SCALAR, (held, ahead)
+        del buffered
+    assert len(set(peaks)) == 1, peaks
+
+
+def test_a_shared_memory_storage_counts_from_its_first_use_not_from_entry() -> None:
+    shared = torch.ones(MIB // FLOAT32).share_memory_()
+
+    _, idle = measure_peak(lambda: None, CPU)  # alive but not used: not counted
+    _, used = measure_peak(shared.sum, CPU)
+
+    assert used.start_bytes == idle.start_bytes
+    assert used.peak_bytes - used.start_bytes == MIB + SCALAR
 
 
 def test_tracker_matches_the_cpu_allocator_for_a_training_step() -> None:

@@ -251,7 +251,7 @@ def test_a_model_far_bigger_than_the_machine_is_forecast_without_allocating_it(p
 
             trainperf.run(forward, iters=5)
     """)
-    result = pytester.runpytest("--trainperf", "--trainperf-update-baselines")
+    result = pytester.runpytest("--trainperf", "--trainperf-update-baselines", "-v")  # -v: new values listed
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*peak_memory_forecast*46.6 GiB*"])
 

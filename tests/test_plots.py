@@ -301,10 +301,11 @@ def test_a_figure_without_a_finite_value_is_not_drawn(tmp_path: Path) -> None:
     assert write_plots(results.SessionResults(cells=(), figures=tuple(broken)), tmp_path) == []
 
 
-def test_a_single_cell_test_without_axes_gets_no_heatmap(tmp_path: Path) -> None:
+def test_a_single_cell_test_without_axes_gets_its_samples_and_no_heatmap(tmp_path: Path) -> None:
     now = cell("test_one", (), timed(0.01, 1, memory=2.0**20))
     written = write_plots(results.SessionResults(cells=(record("tests/test_one.py", (), now, None),)), tmp_path)
-    assert written == []
+    assert names(written) == ["tests_test_one.test_one.samples-step_time.png"]
+    assert png_size(written[0]) == SIZE
 
 
 def test_more_than_four_panels_go_to_further_files(tmp_path: Path) -> None:
@@ -312,7 +313,8 @@ def test_more_than_four_panels_go_to_further_files(tmp_path: Path) -> None:
     cells = [record("t.py", axes, cell("test_p", params, timed(0.01 * (n + 1), n)), None)
              for n, params in enumerate(grid(axes))]
     written = names(write_plots(results.SessionResults(cells=tuple(cells)), tmp_path))
-    assert written == ["t.test_p.heatmap-step_time.png", "t.test_p.heatmap-step_time-2.png"]
+    assert written == ["t.test_p.heatmap-step_time.png", "t.test_p.heatmap-step_time-2.png",
+                       "t.test_p.samples-step_time.png", "t.test_p.samples-step_time-2.png"]  # 16 + 8 cells
 
 
 def test_file_names_are_safe_and_deterministic() -> None:
@@ -335,6 +337,7 @@ def test_results_read_back_from_json_draw_the_same_pngs(tmp_path: Path) -> None:
     assert names(first) == names(again) == [
         "tests_test_schedule.test_schedule.heatmap-step_time.png",
         "tests_test_schedule.test_schedule.heatmap-peak_memory.png",
+        "tests_test_schedule.test_schedule.samples-step_time.png",
         "tests_test_schedule.test_schedule.relative-peak_memory.png",
         "tests_test_schedule.test_schedule.relative-step_time.png"]
     for a, b in zip(first, again, strict=True):

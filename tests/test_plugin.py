@@ -83,7 +83,7 @@ def only_env(doc: dict) -> dict:
 
 HELP_REACH = 120
 """Characters after an option in which its help text must begin (a word too long for the width is split)."""
-HELP_OPTIONS = [  # all 24 options, pinned: a new option, or one renamed, is a change to this list
+HELP_OPTIONS = [  # all 25 options, pinned: a new option, or one renamed, is a change to this list
     ("--trainperf", "measure every trainperf test"),
     ("--trainperf-update-baselines", "measure and write the baselines"),
     ("--trainperf-baselines=DIR", "directory of baseline files"),
@@ -108,6 +108,7 @@ HELP_OPTIONS = [  # all 24 options, pinned: a new option, or one renamed, is a c
     ("--trainperf-nnodes=N", "nodes the ranks of each distributed cell"),
     ("--trainperf-rdzv-endpoint=HOST:PORT", "the c10d rendezvous endpoint of a multi-node session"),
     ("--trainperf-rdzv-id=ID", "the id of a multi-node session"),
+    ("--trainperf-csv=PATH", "write the session's results to this CSV file"),
 ]
 
 
@@ -284,7 +285,7 @@ def test_plain_mode_runs_one_step_and_touches_no_file(pytester: pytest.Pytester)
 
 def test_update_writes_baselines_then_an_unchanged_run_passes(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_work=workload())
-    result = pytester.runpytest("--trainperf-update-baselines")
+    result = pytester.runpytest("--trainperf-update-baselines", "-v")  # -v: every new value listed
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["baselines/test_work.json*", "  test_mlp[[]batch_size=4-width=16[]]",
                                  "    step_time *— -> * new"])

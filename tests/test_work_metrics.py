@@ -373,3 +373,27 @@ def test_across_hosts_only_the_exact_work_metrics_are_kept_from_the_baseline() -
     assert cut.names == ("flops", "flops_bf16", "host_syncs", "ops", "memory_traffic", "memory_traffic_fp32",
                          "low_precision_share", "graph_breaks", "recompiles", "unique_graphs")
     assert cut.loss_curve == () and cut.breakdowns == baseline.breakdowns
+
+
+def test_tensors_received_from_worker_processes_are_not_counted_what_the_step_does_with_them_is() -> None:
+    """A DataLoader with workers rebuilds each batch it receives (``aten.empty`` of no element, then
+    ``aten.set_`` onto the shared-memory storage); how many batches arrive during a step is up to the
+    workers, so that pair is never counted."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.ones(256, 64)), batch_size=8, num_workers=2)
+    it = iter(loader)
+    counts = []
+    for ahead in (0, 2, 0, 3):
+        with count_work() as work:
+            unused = [next(it) for _ in range(ahead)]  # received during the step, never used
+            (x,) = next(it)
+            x.sum()
+        counts.append((dict(work.ops), dict(work.traffic)))
+        del unused
+    for (ops, traffic), ahead in zip(counts, (0, 2, 0, 3), strict=True):
+        calls = 1 + ahead  # the loader's own record_function per next(): what the code does, counted
+        assert ops == {"profiler._record_function_enter_new": calls, "profiler._record_function_exit": calls,
+                       "aten.sum": 1}
+        assert traffic["aten.sum"] == 8 * 64 * 4 + 4
+        assert sum(traffic.values()) == traffic["aten.sum"]

@@ -47,6 +47,18 @@ What it does not count, or counts late:
   tensors, and tensors on other devices;
 - ops run by other threads (the mode is thread-local), although frees on other threads are seen.
 
+**Storages received from other processes** (the batches of a ``DataLoader`` with ``num_workers > 0``,
+anything passed through a ``torch.multiprocessing`` queue) live in shared memory, and the process
+rebuilds each as a tensor with ``aten.set_`` the moment it *receives* it. How many batches the
+workers have prefetched, and so how many the loader has received but not yet handed out, depends on
+the scheduling of the worker processes, not on the code under test. So a shared-memory storage not
+followed yet is neither counted at entry nor by the ``aten.set_`` that wraps it: it counts from the
+first other op that takes or returns it (the step using its batch), and a batch the loader only
+holds in its prefetch buffer is never counted. The peak of a step that takes its batch from a
+``DataLoader`` is then the same whatever the workers prefetched. The same rule applies to any
+shared-memory storage (``tensor.share_memory_()``, ``model.share_memory()``): it counts from its first
+use in the step, not from entry.
+
 Running under the mode costs a Python call per aten op: expect a small eager step to run several
 times slower, which is why timing and memory are never measured in the same call.
 """
@@ -74,6 +86,10 @@ METHOD_CUDA_ALLOCATOR = "cuda-caching-allocator"
 
 _CUDA = "cuda"
 """The device type measured through the caching allocator's counters."""
+
+_RECEIVE_OP = torch.ops.aten.set_
+"""The op that wraps a storage received from another process in a tensor (``_rebuild_tensor``): it
+does not count a shared-memory storage."""
 
 _NO_STORAGE_ERRORS = (NotImplementedError, RuntimeError)
 """Raised by ``untyped_storage()`` (sparse, mkldnn) or ``data_ptr()`` (wrapper subclasses)."""
@@ -326,7 +342,8 @@ class _StorageTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]  # un
     def scan_live(self) -> int:
         """Follow every storage on the device reachable from a Python tensor; return their bytes."""
         for storage in _live_storages(self._device):
-            self._follow_storage(storage)
+            if not storage.is_shared():  # received, prefetched batches count from their first use
+                self._follow_storage(storage)
         with self._lock:
             self._peak = self._live
             return self._live
@@ -346,19 +363,26 @@ class _StorageTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]  # un
     ) -> Any:
         out = func(*args, **(kwargs or {}))
         leaves, _ = tree_flatten((out, args, kwargs))
+        received = func.overloadpacket is _RECEIVE_OP
         with self._lock, torch._C.DisableTorchFunctionSubclass():
             for leaf in leaves:
                 if isinstance(leaf, torch.Tensor):
-                    self._follow(leaf)
+                    self._follow(leaf, received)
             if self._live > self._peak:
                 self._peak = self._live
         return out
 
-    def _follow(self, tensor: torch.Tensor) -> None:
-        """Start following the tensor's storage, or re-read its size if already followed."""
+    def _follow(self, tensor: torch.Tensor, received: bool = False) -> None:
+        """Start following the tensor's storage, or re-read its size if already followed; but not
+        start following a shared-memory storage that an op ``received`` (``aten.set_``) wraps."""
         storage = _storage_on(tensor, self._device)
-        if storage is not None:
-            self._follow_storage(storage)
+        if storage is None:
+            return
+        if received and storage.is_shared():
+            ref = self._followed.get(storage._cdata)
+            if ref is None or ref() is not storage:
+                return
+        self._follow_storage(storage)
 
     def _follow_storage(self, storage: torch.UntypedStorage) -> None:
         if self._exclude is not None and storage in self._exclude:

@@ -34,6 +34,12 @@ machine, however busy: these are the gate to trust on a shared runner, where tim
 
 The counts are of the instrumented step, the first step the fixture runs in the cell: an optimizer's
 lazily created state (Adam's moments) is in it, as in every run of the cell.
+
+**Not counted: tensors received from another process.** A ``DataLoader`` with ``num_workers > 0`` (any
+``torch.multiprocessing`` queue) rebuilds each tensor it receives with two ops, ``aten.empty`` of no
+element and ``aten.set_`` onto a shared-memory storage (``torch._utils._rebuild_tensor``). How many
+batches arrive during the step is up to the worker processes' scheduling, so that pair of ops is left
+out of every count; what the step then does with its batch is counted.
 """
 
 from __future__ import annotations
@@ -156,6 +162,13 @@ def _syncs(name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     return False
 
 
+def _shared_storage(value: object) -> bool:
+    """Whether ``value`` is a storage in shared memory (one received from another process)."""
+    import torch
+
+    return isinstance(value, torch.UntypedStorage) and value.is_shared()
+
+
 class Counting:
     """The per-op bookkeeping of the counting mode (:mod:`.counting`), kept out of the mode so that it
     is typed. Bytes are summed by dtype while the step runs (a ``torch.dtype`` hashes in C, a
@@ -170,6 +183,9 @@ class Counting:
         self._by_dtype: dict[Any, int] = {}
         self._tensor = torch.Tensor
         self._fp32 = torch.float32
+        self._empty = 0
+        """The ``id()`` of the previous op's output when it was an ``aten.empty`` of no element (a received
+        tensor's start; not the tensor itself: holding it makes torch detach the op's output)."""
 
     def _describe(self, func: Any) -> tuple[str, str | None, bool]:
         """The op's name (``aten.mm``), its bare name (``mm``) if it may sync, and whether it is a view."""
@@ -195,6 +211,17 @@ class Counting:
         name, may_sync, view = self._describe(func)
         count = self.count
         ops = count.ops
+        empty, self._empty = self._empty, 0
+        if name == "aten.set_" and len(args) > 1 and _shared_storage(args[1]):
+            if empty and id(args[0]) == empty:  # the pair of a received tensor: neither counts
+                ops["aten.empty"] -= 1
+                if not ops["aten.empty"]:
+                    del ops["aten.empty"]
+                    if not count.traffic.get("aten.empty", 1):
+                        del count.traffic["aten.empty"]
+                return
+        if name == "aten.empty" and isinstance(out, self._tensor) and out.numel() == 0:
+            self._empty = id(out)
         ops[name] = ops.get(name, 0) + 1
         if not name.startswith("aten."):
             count.comm.add(name.split(".", 1)[0], name.rsplit(".", 1)[-1], args, kwargs)

@@ -375,11 +375,23 @@ def _by_file(
     return [(path, list(group)) for path, group in itertools.groupby(ordered, key=lambda c: c.path)]
 
 
-def render_updates(console: Console, changes: Sequence[BaselineChange]) -> None:
+def _values(n: int) -> str:
+    return f"{n} value{'s' * (n != 1)}"
+
+
+def _cells_of(changes: Sequence[BaselineChange]) -> str:
+    n = len({(c.path, c.test, c.cell) for c in changes})
+    return f"{n} cell{'s' * (n != 1)}"
+
+
+def render_updates(console: Console, changes: Sequence[BaselineChange], verbose: bool = False) -> None:
     """Print the baseline values ``--trainperf-update-baselines`` rewrote, grouped by file.
 
     One heading per baseline file, then its rows sorted by test, cell and metric: the old value, the
-    new one and the change, ``new`` where there was no old value. Nothing is printed when ``changes``
+    new one and the change, ``new`` where there was no old value. Values with nothing to compare
+    (``new``) are counted, not listed, unless ``verbose`` (``-v``): a file whose values are all new is
+    one line, a cell whose values are all new one line under its file, and an update whose values are
+    all new (the first update of a suite) says so in its heading. Nothing is printed when ``changes``
     is empty.
     """
     if not changes:
@@ -387,28 +399,42 @@ def render_updates(console: Console, changes: Sequence[BaselineChange]) -> None:
     glyphs = _glyphs(console)
     groups = _by_file(changes)
     files = len(groups)
-    console.print(
-        Text(
-            f"baselines updated: {len(changes)} value{'s' * (len(changes) != 1)}"
-            f" in {files} file{'s' * (files != 1)}",
-            style="bold",
-        )
-    )
+    all_new = all(c.old is None for c in changes)
+    cells = [list(rows) for _, group in groups for _, rows in itertools.groupby(group, key=lambda c: (c.test, c.cell))]
+    counted = 0 if verbose else sum(len(cell) for cell in cells if all(c.old is None for c in cell))
+    told = (", all new" + (" (-v lists them)" if counted else "") if all_new
+            else f" ({counted} of new cells, counted: -v lists them)" if counted else "")
+    console.print(Text(f"baselines updated: {_values(len(changes))} in {files} file{'s' * (files != 1)}{told}",
+                       style="bold"))
     for path, group in groups:
+        if not verbose and all(c.old is None for c in group):  # a new file: one line
+            if not all_new:
+                console.print()
+            line = Text(f"{path}: ", style="bold")
+            line.append(f"{_values(len(group))} in {_cells_of(group)}, new", style=STATUS_STYLES[Status.NEW])
+            console.print(line)
+            continue
+        cells = [list(rows) for _, rows in itertools.groupby(group, key=lambda c: (c.test, c.cell))]
+        listed = [verbose or any(c.old is not None for c in cell) for cell in cells]
         # a heading per cell and aligned metric lines under it: long test names and cell ids stay
         # out of the columns, so the lines fit 80 columns whatever the names
-        rows = [(c, glyphs.missing if c.old is None else format_value(c.old, c.unit),
-                 format_value(c.new, c.unit), _update_change(c)) for c in group]
-        width = [max(len(c.metric) for c, *_ in rows), max(len(old) for _, old, _, _ in rows),
-                 max(len(new) for _, _, new, _ in rows), max(len(marker) for *_, marker in rows)]
+        rows = [[(c, glyphs.missing if c.old is None else format_value(c.old, c.unit),
+                  format_value(c.new, c.unit), _update_change(c)) for c in cell] for cell in cells]
+        shown = [row for cell_rows, full in zip(rows, listed, strict=True) if full for row in cell_rows]
+        width = [max(len(c.metric) for c, *_ in shown), max(len(old) for _, old, _, _ in shown),
+                 max(len(new) for _, _, new, _ in shown), max(len(marker) for *_, marker in shown)]
         console.print()
         console.print(Text(path, style="bold"))
-        cell = None
-        for change, old, new, marker in rows:
-            if (change.test, change.cell) != cell:
-                cell = (change.test, change.cell)
-                console.print(Text(f"  {change.test}[{change.cell}]"))
-            line = Text(f"    {change.metric:<{width[0]}}  {old:>{width[1]}} -> {new:>{width[2]}}  ")
-            style = STATUS_STYLES[Status.NEW] if marker == MARKERS[Status.NEW] else ""
-            line.append(f"{marker:>{width[3]}}", style=style)
-            console.print(line)
+        for cell, cell_rows, full in zip(cells, rows, listed, strict=True):
+            first = cell[0]
+            if not full:  # a new cell in a file with changes: one line
+                line = Text(f"  {first.test}[{first.cell}]: ")
+                line.append(f"{_values(len(cell))}, new", style=STATUS_STYLES[Status.NEW])
+                console.print(line)
+                continue
+            console.print(Text(f"  {first.test}[{first.cell}]"))
+            for change, old, new, marker in cell_rows:
+                line = Text(f"    {change.metric:<{width[0]}}  {old:>{width[1]}} -> {new:>{width[2]}}  ")
+                style = STATUS_STYLES[Status.NEW] if marker == MARKERS[Status.NEW] else ""
+                line.append(f"{marker:>{width[3]}}", style=style)
+                console.print(line)

@@ -156,6 +156,18 @@ def _figures(figures: Sequence[FigureVerdict]) -> list[str]:
     return out + [""]
 
 
+def _info(cells: Sequence[CellResult]) -> list[str]:
+    """The cells' free-form metadata (``trainperf.info``), one row per cell that gave any."""
+    given = [c for c in cells if c.verdict.measurement.info]
+    if not given:
+        return []
+    out = ["### Cell metadata", "", "| cell | metadata |", "| --- | --- |"]
+    for c in given:
+        values = ", ".join(f"{key}={_code(str(value))}" for key, value in c.verdict.measurement.info)
+        out.append(f"| {_escape(_code(c.nodeid))} | {_escape(values)} |")
+    return out + [""]
+
+
 def _updates(results: SessionResults) -> list[str]:
     if not results.changes:
         return []
@@ -200,6 +212,7 @@ def render_markdown(results: SessionResults, *, show: Sequence[str], hint: str =
         names = regressed + [n for n in names if n not in regressed]
         out += heatmap_tables(f"{test_file}::{test}", cells[0].axes, verdicts, names)
     out += _figures(results.figures)
+    out += _info(results.cells)
     out += _updates(results)
     keys = sorted({c.fingerprint.key for c in results.cells})
     if keys:

@@ -10,7 +10,10 @@ Per grid test, from its cells:
 - **latency against the first numeric axis** of ``run`` cells, one line per combination of the other
   axes (cells that did not end measured are left out);
 - **items processed against step, coloured by the loss** of ``train`` cells with a loss curve and
-  ``items_per_step``.
+  ``items_per_step``;
+- **the step-time samples** of every measured cell (as pytest-benchmark's histogram): a violin per
+  cell with its median, the baseline's value as a red tick where there is one, at most
+  :data:`VIOLINS_PER_FIGURE` cells per file.
 
 From the session's derived figures (``tp.relative``, ``tp.scaling``):
 
@@ -86,6 +89,8 @@ DOTS = 40
 """A loss curve of at most this many steps gets a dot per step on its line."""
 LOG_SPAN = 8.0
 """An axis whose values span at least this ratio is drawn on a log scale."""
+VIOLINS_PER_FIGURE = 16
+"""Cells per figure of step-time samples; more go to further files."""
 MIN_FONT, MAX_FONT = 4.5, 11.0
 """The range of a heatmap cell's text size in points: smaller cells give smaller text."""
 
@@ -109,6 +114,8 @@ def write_plots(results: SessionResults, directory: Path) -> list[Path]:
         items = _items(title, cells)
         if items is not None:
             names.save(items, test_file, test, "items-loss")
+        for page, canvas in enumerate(_samples(title, cells), start=1):
+            names.save(canvas, test_file, test, "samples-step_time" + (f"-{page}" if page > 1 else ""))
     drawable = [f for f in results.figures if math.isfinite(f.figure.value)]
     relative = [f for f in drawable if f.figure.kind is FigureKind.RELATIVE]
     for (test_file, test, metric), figures in _group(relative, lambda f: (f.test_file, f.test, f.figure.metric)):
@@ -538,6 +545,53 @@ def _latency(title: str, cells: Sequence[CellResult]) -> Canvas | None:
     _footnote(canvas, [f"left out: {left_out} cell{'s' * (left_out != 1)} that ran out of memory or died"]
               if left_out else [])
     return canvas
+
+
+def _samples(title: str, cells: Sequence[CellResult]) -> list[Canvas]:
+    """The step-time samples of each measured cell as a violin with its median, the baseline's value
+    as a red tick; :data:`VIOLINS_PER_FIGURE` cells per figure. Empty when no cell has two samples."""
+    sampled = []
+    for c in cells:
+        metric = c.verdict.measurement.metric("step_time")
+        if c.verdict.measurement.outcome is Outcome.MEASURED and metric is not None and len(metric.samples) > 1:
+            sampled.append((c, [s for s in metric.samples if math.isfinite(s)]))
+    sampled = [(c, samples) for c, samples in sampled if len(samples) > 1]
+    if not sampled:
+        return []
+    canvases = []
+    pages = [sampled[i:i + VIOLINS_PER_FIGURE] for i in range(0, len(sampled), VIOLINS_PER_FIGURE)]
+    for number, page in enumerate(pages, start=1):
+        baselines = [found.baseline if (found := c.verdict.metric("step_time")) is not None else None for c, _ in page]
+        label, factor = common_scale([s for _, samples in page for s in samples], "s")
+        canvas, (ax,) = _canvas()
+        positions = list(range(1, len(page) + 1))
+        parts = ax.violinplot([[s / factor for s in samples] for _, samples in page], positions=positions,
+                              showmedians=True, showextrema=True, widths=0.8)
+        bodies: Sequence[Any] = parts["bodies"]  # type: ignore[assignment]  # a list of PolyCollections
+        for body in bodies:
+            body.set_facecolor(_colour(0))
+            body.set_alpha(0.45)
+        labelled = False
+        for x, base in zip(positions, baselines, strict=True):
+            if base is not None and math.isfinite(base):
+                ax.hlines(base / factor, x - 0.4, x + 0.4, colors=REGRESSED_COLOUR, linewidth=1.5,
+                          label="_nolegend_" if labelled else "baseline")
+                labelled = True
+        names = [c.cell if c.cell else MISSING for c, _ in page]
+        crowded = len(page) > 6 or max(len(n) for n in names) > 14
+        ax.set_xticks(positions, names, rotation=30 if crowded else 0, ha="right" if crowded else "center",
+                      fontsize=7 if crowded else 8)
+        ax.set_ylabel(f"step_time per sample ({label})", fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+        if any(b is not None for b in baselines):
+            ax.legend(fontsize=7)
+        suffix = f" ({number} of {len(pages)})" if len(pages) > 1 else ""
+        _title(canvas, f"{title} · step_time samples per cell{suffix}")
+        _footnote(canvas, [f"{sum(len(samples) for _, samples in page)} samples; the line in each violin is "
+                           "its median"])
+        canvases.append(canvas)
+    return canvases
 
 
 def _colour(n: int) -> str:

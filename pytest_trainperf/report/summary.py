@@ -43,10 +43,11 @@ def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, 
                    fingerprints: Sequence[str], show: Sequence[str],
                    changes: Sequence[BaselineChange], update: bool, errors: Sequence[str],
                    hint: str, elsewhere: Sequence[str] = (), figures: Sequence[FigureVerdict] = (),
-                   warnings: Sequence[str] = ()) -> None:
+                   warnings: Sequence[str] = (), verbose: bool = False) -> None:
     """Render the session: ``results`` are ``(test file, test name, grid axes, verdict)`` per cell;
     ``elsewhere`` the environments that hold baselines for cells that are new in this one; ``figures``
-    the verdicts on figures derived from whole grids, printed after their test's heatmaps."""
+    the verdicts on figures derived from whole grids, printed after their test's heatmaps; ``verbose``
+    (``-v``) lists every new baseline value written, not only their count."""
     groups: dict[tuple[str, str], tuple[Axes, list[CellVerdict]]] = {}
     for test_file, test, axes, verdict in results:
         groups.setdefault((test_file, test), (axes, []))[1].append(verdict)
@@ -110,7 +111,7 @@ def render_session(console: Console, *, results: Sequence[tuple[str, str, Axes, 
                          or v.baseline_outcome not in (None, Outcome.MEASURED))
                     and v.measurement.outcome is not v.baseline_outcome]
         if changes:
-            render_updates(console, changes)
+            render_updates(console, changes, verbose)
         elif not outcomes:
             console.print(Text("baselines: nothing changed"))
         for test_file, test, v in outcomes:

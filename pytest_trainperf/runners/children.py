@@ -69,6 +69,7 @@ NOT_FORWARDED = frozenset({
     "trainperf_show",  # the parent renders the report
     "trainperf_json",  # the parent writes the session's results
     "trainperf_markdown",
+    "trainperf_csv",
     "trainperf_plots",  # the parent draws the session's figures
     "trainperf_devices",  # resolved into this worker's --trainperf-device
     "trainperf_isolate",  # a child is never isolated again
