@@ -321,3 +321,48 @@ def test_comm_count_by_collective() -> None:
     assert dict(count.calls) == {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
     assert dict(count.bytes) == {"all_reduce": 16 * 4 + 2 * 2, "all_gather": 32, "reduce_scatter": 32}
     assert [(m.name, m.value) for m in count.metrics()] == [("comm_calls", 4.0), ("comm_bytes", 132.0)]
+
+
+NCCL = """
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import pytest_trainperf as tp
+
+
+@tp.ranks(world_size=2)
+@tp.tolerance(step_time=100)
+def test_ddp_nccl(trainperf):
+    assert dist.get_backend() == "nccl" and trainperf.device == torch.device("cuda", trainperf.rank)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).to(trainperf.device))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 32, device=trainperf.device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    trainperf.train(step, steps=5, warmup=1)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available(),
+                    reason="NCCL ranks need two CUDA devices (one per rank) and a torch built with NCCL")
+def test_a_ddp_cell_on_two_gpus_runs_on_nccl_and_counts_its_all_reduce(pytester: pytest.Pytester) -> None:
+    """What the hardware must give: one rank per GPU on NCCL, the same exact all-reduce volume as on gloo,
+    and the CUDA allocator's peak of each rank."""
+    pytester.makepyfile(test_nccl=NCCL)
+    update = pytester.runpytest("--trainperf-update-baselines", "--trainperf-device=cuda", "--trainperf-json=r.json")
+    update.assert_outcomes(passed=1)
+    cell = cells(pytester)["test_ddp_nccl"]
+    params = 4 * (32 * 64 + 64 + 64 * 32 + 32)
+    assert breakdown(cell, "comm_bytes") == {"all_reduce": params}
+    assert breakdown(cell, "comm_calls") == {"all_reduce": 1}
+    assert metric(cell, "peak_memory") > 0 and metric(cell, "reserved_memory") >= metric(cell, "peak_memory")
+    pytester.runpytest("--trainperf", "--trainperf-device=cuda").assert_outcomes(passed=1)
