@@ -222,7 +222,9 @@ import pytest_trainperf as tp
 SLOW = {slow}
 CHANGE = {change}
 
-@tp.tolerance(step_time=5.0)  # a sleep of 50 ms is 30 times the step; the runner's noise is not
+# a sleep of 50 ms is 30 times the step; the runner's noise is not. compile_time is not the point here
+# (one figure a cell: seen from 221 ms to 640 ms between two runs of one CI process)
+@tp.tolerance(step_time=5.0, compile_time=float("inf"))
 def test_net(trainperf):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
