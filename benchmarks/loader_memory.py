@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from verdicts import write_doc  # noqa: E402  (one section of a document between markers)
 
 from pytest_trainperf.env import cpu_model  # noqa: E402
 
@@ -120,12 +122,7 @@ from a worker (a shared-memory storage) from its first use by the step, not when
 (`pytest_trainperf/measure/memory.py`), and the counting step leaves out the two ops that rebuild a
 received tensor (`pytest_trainperf/measure/work.py`); what the step does with its batch is counted.
 <!-- loader:end -->"""
-    previous = OUT.read_text() if OUT.exists() else ""
-    if "<!-- loader:begin -->" in previous:
-        text = re.sub(r"<!-- loader:begin -->.*?<!-- loader:end -->", lambda _: section, previous, flags=re.S)
-    else:
-        text = previous.rstrip("\n") + "\n\n" + section + "\n"
-    OUT.write_text(text)
+    write_doc(OUT, section, "<!-- loader:begin -->", "<!-- loader:end -->")
     print(section)
 
 
