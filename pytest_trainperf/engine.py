@@ -122,11 +122,6 @@ class Engine:
     # ------------------------------------------------------------------ one step at a time
 
     @property
-    def in_step(self) -> bool:
-        """Whether a step has begun and not ended."""
-        return self._in_step
-
-    @property
     def timing(self) -> bool:
         """Whether the next step (or the one running) is a timed one (not warm-up, not instrumented)."""
         return self.phase is Phase.TIMED and self.clock is not None and self.clock.timing
