@@ -6,7 +6,7 @@ few milliseconds) at three commits: the base, and +5% and +10% step time from a 
 to each step, calibrated per cell from the base baselines' step times. The spin dispatches no torch op,
 so FLOPs, ops, memory traffic and peak memory are unchanged: only the timings can catch it (extra
 layers, as before, were caught at once by the exact metrics). The baselines are updated at the base
-(``--trainperf-rounds=3``: two rounds in process, one in a fresh process) and committed with it. Then, run after run, the conditions take turns in one loop, so that
+(the default rounds: two in process, three in fresh processes) and committed with it. Then, run after run, the conditions take turns in one loop, so that
 the machine's slow spells hit them all alike:
 
 * ``quiet``: the compare run alone on the machine's cores;
@@ -100,10 +100,11 @@ def make_repo(where: Path) -> str:
 
 
 def seconds_per_spin() -> float:
-    """What one iteration of the suite's spin loop costs on this machine (in a fresh interpreter)."""
-    code = (f"import time\nn = {CALIBRATION_ITERS}\nbest = 1e9\nfor _ in range(5):\n"
-            "    t = time.perf_counter()\n    for _ in range(n):\n        pass\n"
-            "    best = min(best, time.perf_counter() - t)\nprint(best / n)")
+    """What one iteration of the suite's spin loop costs on this machine (in a fresh interpreter, the loop
+    in a function as in the suite: a loop at module level stores its variable in a dict, twice as slow)."""
+    code = (f"import time\n\ndef spin(iterations):\n    for _ in range(iterations):\n        pass\n\n"
+            f"best = 1e9\nfor _ in range(5):\n    t = time.perf_counter()\n    spin({CALIBRATION_ITERS})\n"
+            f"    best = min(best, time.perf_counter() - t)\nprint(best / {CALIBRATION_ITERS})")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -155,13 +156,16 @@ def neighbour() -> subprocess.Popen[bytes]:
     return subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"])
 
 
-def counts(doc: dict[str, object]) -> tuple[int, int, int]:
-    """Cells, cells failed (regressed), cells confirmed side by side."""
+def counts(doc: dict[str, object]) -> tuple[int, int, int, list[float]]:
+    """Cells, cells failed (regressed), cells confirmed side by side, and the step-time changes those
+    side-by-side comparisons measured (this tree / the baseline's commit, minus one)."""
     cells = doc.get("cells", [])
     assert isinstance(cells, list)
     failed = sum(c["status"] == "regressed" for c in cells)
-    confirmed = sum(bool(c["verdict"].get("confirmed_against")) for c in cells)
-    return len(cells), failed, confirmed
+    confirmed = [c for c in cells if c["verdict"].get("confirmed_against")]
+    changes = [m["change"] for c in confirmed for m in c["verdict"]["metrics"]
+               if m["name"] == "step_time" and m.get("change") is not None]
+    return len(cells), failed, len(confirmed), changes
 
 
 def run(runs: int, workdir: Path) -> dict[str, object]:
@@ -169,15 +173,15 @@ def run(runs: int, workdir: Path) -> dict[str, object]:
     repo.mkdir()
     base = make_repo(repo)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--trainperf-update-baselines",
-                    "--trainperf-rounds=3"], cwd=repo, capture_output=True, check=True)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--trainperf-update-baselines"],
+                   cwd=repo, capture_output=True, check=True)
     update_wall = time.perf_counter() - started
     git(repo, "add", "baselines")
     git(repo, "commit", "-qm", "baselines")
     base = git(repo, "rev-parse", "HEAD")
     commits = commit_slowdowns(repo, base)
     shutil.copytree(repo / "baselines", workdir / "baselines")
-    rows: dict[str, list[tuple[float, int, int, int]]] = {}
+    rows: dict[str, list[tuple[float, int, int, int, list[float]]]] = {}
     for number in range(runs):
         for condition in ("quiet", "busy"):
             for change in SLOWDOWNS:
@@ -206,23 +210,27 @@ def section(found: dict[str, object]) -> str:
              f"`python benchmarks/screen.py --runs {found['runs']}`: a 4-cell MLP suite ({LAYERS} layers); +5% and "
              "+10% step time committed as a pure-Python spin in each step, calibrated per cell from the base "
              "baselines' step times (no torch op: FLOPs, ops, memory traffic and peak memory unchanged, so only "
-             "the timings can catch it). Baselines updated at the base with `--trainperf-rounds=3` (two rounds "
-             f"in process, one in a fresh one: {found['update_wall']:.0f} s) and committed with it. Conditions "
+             "the timings can catch it). Baselines updated at the base with the default rounds (two in "
+             f"process, three in fresh processes: {found['update_wall']:.0f} s) and committed with it. Conditions "
              "interleaved, run after run. *busy*: compare run and a spinning neighbour pinned to one core "
              "(`taskset -c 0`).", "",
-             "| condition | code | verdict | runs | cell-runs | cells failed | confirmed side by side | wall time "
-             "per run (median) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| condition | code | verdict | runs | cell-runs | cells failed | confirmed side by side | step time "
+             "side by side (median) | wall time per run (median) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, values in rows.items():
         condition, change, mode = key.split("|")
         cells = sum(v[1] for v in values)
         failed = sum(v[2] for v in values)
         confirmed = sum(v[3] for v in values)
-        lines.append(f"| {condition} | {change} | {mode} | {len(values)} | {cells} | {failed} ({failed / max(cells, 1):.0%})"
-                     f" | {confirmed} | {statistics.median(v[0] for v in values):.1f} s |")
+        measured = [c for v in values for c in v[4]]
+        shown = f"{statistics.median(measured):+.1%}" if measured else "—"
+        lines.append(f"| {condition} | {change} | {mode} | {len(values)} | {cells} | {failed} ({failed / max(cells, 1):.1%})"
+                     f" | {confirmed} | {shown} | {statistics.median(v[0] for v in values):.1f} s |")
     lines += ["", "*cells failed* is a false alarm for unchanged code and a catch for a slowdown. *stored only*: "
-              "`--trainperf-confirm-against=none`, the stored verdict alone (the plugin before this feature).", "",
-"", END]
+              "`--trainperf-confirm-against=none`, the stored verdict alone (the plugin before this feature). "
+              "*step time side by side*: the median, over the cells confirmed side by side, of the change their "
+              "pair measured (this tree against the baseline's commit): the slowdown as committed, seen on "
+              "this machine.", "", END]
     return "\n".join(lines)
 
 
