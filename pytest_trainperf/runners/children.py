@@ -247,9 +247,10 @@ def pair_cpus(threads: int) -> frozenset[int] | None:
     pinned (not Linux).
 
     Two unpinned workers on a multi-core machine each settle on a core of their own, and two cores of a
-    virtual machine differ by far more than the slowdowns worth catching: measured on a 2-core runner,
-    six pairs of processes of the same code (an MLP step of 6 ms) differed by -9% to +50% unpinned, and
-    by -2.6% to +0.1% on one shared core (``docs/performance.md``)."""
+    virtual machine differ by far more than the slowdowns worth catching: measured on a 2-core runner
+    (``benchmarks/pair_cpus.py``), ten pairs of processes of the same code (an MLP step of 6 ms) differed
+    by -32% to +27% unpinned, and by -7.7% to +5.4% on one shared core. What remains is each process's
+    own offset, which the confirmation's second pair of fresh processes answers."""
     if not hasattr(os, "sched_getaffinity"):
         return None
     mine = sorted(os.sched_getaffinity(0))
