@@ -9,12 +9,15 @@ import pytest
 # Two cells: batch 1 holds a 1 MiB activation, batch 64 a 64 MiB one. BIG_ALLOC makes the big cell ask
 # the CPU allocator for a petabyte (a real allocator failure, raised inside the step).
 WORKLOAD = """
+import math
+
 import torch
 import pytest_trainperf as tp
 
 BIG_ALLOC = {big_alloc}
 
 @tp.grid(batch_size=[1, 64])
+@tp.tolerance(step_time=math.inf)  # outcomes and memory are under test: a 1 ms step under load is not
 def test_act(trainperf, batch_size):
     w = torch.ones(1024, 16, requires_grad=True)
 
