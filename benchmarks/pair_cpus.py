@@ -5,8 +5,9 @@
 is two fresh processes of the same code (a 20-layer MLP training step of a few milliseconds, one
 intra-op thread) that take turns step by step as lockstep workers do, the order flipping every pair of
 steps; the figure of a pair is the median of the per-step ratios B / A, minus one. *unpinned*: the
-processes go where the scheduler puts them; *shared CPUs*: both on the CPUs that
-:func:`pytest_trainperf.runners.children.pair_cpus` picks for them. The two conditions take turns.
+processes go where the scheduler puts them (as the plugin's lockstep workers do today); *shared CPUs*:
+both on the session's last CPU (a prototype of pinning a pair, not in the plugin: see the reading in
+``docs/performance.md``). The two conditions take turns.
 Writes its section of ``docs/performance.md`` (between ``<!-- pair-cpus:begin -->`` and
 ``<!-- pair-cpus:end -->``).
 """
@@ -28,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verdicts import write_doc  # noqa: E402  (one section of a document between markers)
 
 from pytest_trainperf.env import cpu_model  # noqa: E402
-from pytest_trainperf.runners.children import pair_cpus  # noqa: E402
 
 OUT = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- pair-cpus:begin -->", "<!-- pair-cpus:end -->"
@@ -60,6 +60,14 @@ for line in sys.stdin:
     step()
     print(time.perf_counter() - t, flush=True)
 '''
+
+
+def pair_cpus(threads: int) -> frozenset[int] | None:
+    """The last ``threads`` CPUs of this process's, or None where that leaves nothing out."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    mine = sorted(os.sched_getaffinity(0))
+    return frozenset(mine[-threads:]) if threads < len(mine) else None
 
 
 def start(cpus: frozenset[int] | None) -> subprocess.Popen[str]:
