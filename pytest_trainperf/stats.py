@@ -318,7 +318,8 @@ def tolerance_for(metric: Metric, overrides: Mapping[str, float]) -> float:
 
     ``throughput`` is ``items / step_time``: unless given its own, its tolerance follows step time's,
     ``t / (1 + t)``, so that throughput falls beyond it exactly when step time rises beyond ``t``
-    (10% slower steps are 9.1% less throughput) and loosening ``step_time`` loosens both.
+    (10% slower steps are 9.1% less throughput) and loosening ``step_time`` loosens both. An
+    infinite step-time tolerance (step time not gated) gives 1: no throughput fall is beyond it.
     """
     if metric.name in overrides:
         return overrides[metric.name]
@@ -326,7 +327,7 @@ def tolerance_for(metric: Metric, overrides: Mapping[str, float]) -> float:
         return metric.tolerance
     if metric.name == "throughput":
         step = overrides.get("step_time", DEFAULT_TOLERANCES["step_time"])
-        return step / (1.0 + step)
+        return 1.0 if math.isinf(step) else step / (1.0 + step)
     return DEFAULT_TOLERANCES.get(metric.name, RECORD_TOLERANCE)
 
 

@@ -66,10 +66,12 @@ def test_the_test_name_never_splits_the_parameters(nodeid: str, originalname: st
 
 
 BAD_CELL = """
+import math
 import torch
 import pytest_trainperf as tp
 
 @tp.grid(items=["4", "inf"])
+@tp.tolerance(step_time=math.inf)  # what is stored and read back is under test, not a 1-round timing
 def test_x(trainperf, items):
     w = torch.ones(4, 4, requires_grad=True)
 

@@ -467,6 +467,21 @@ def test_throughput_tolerance_follows_step_time() -> None:
         assert rate.tolerance == pytest.approx(step_tolerance / (1 + step_tolerance))
 
 
+def test_an_ungated_step_time_leaves_throughput_ungated_too() -> None:
+    """step_time=inf (timing not gated) gives throughput a tolerance of 1 (not inf/inf = NaN): a
+    threefold slowdown is unchanged on both figures."""
+    rng = np.random.default_rng(4)
+    baseline = lognormal(rng, 0.02, 0.002, 20)
+    current = tuple(v * 3 for v in lognormal(rng, 0.02, 0.002, 20))
+
+    verdict = judge(timed_cell(current, 100.0), timed_cell(baseline, 100.0), {"step_time": math.inf})
+
+    step, rate = verdict.metric("step_time"), verdict.metric("throughput")
+    assert step is not None and rate is not None
+    assert rate.tolerance == 1.0
+    assert step.status is Status.UNCHANGED and rate.status is Status.UNCHANGED
+
+
 @pytest.mark.parametrize("change", [0.85, 0.88, 0.90, 0.92, 1.08, 1.12, 1.2])
 def test_step_time_and_throughput_always_agree(change: float) -> None:
     """Whatever the change, the throughput verdict mirrors the step-time verdict (both ways)."""
