@@ -92,6 +92,9 @@ def test_steps_and_step_measure_what_train_measures_with_data_split_from_compute
     ``compute_time``, whose samples add up to ``step_time``'s; the loss is stored where handed in."""
     pytester.makepyfile(test_loops=MODEL + """
 SEEN = {}
+# what is measured and stored is under test; the closing compare reads it back, and a timing of these
+# sub-millisecond steps under CI load is not what it tests
+pytestmark = tp.tolerance(step_time=math.inf, data_time=math.inf, compute_time=math.inf)
 
 
 def test_train(trainperf):
