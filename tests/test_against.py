@@ -88,6 +88,13 @@ def test_throughput_agrees_with_step_time() -> None:
         assert math.isclose(1 + rated.change, 1 / (1 + timed.change))
 
 
+def test_an_ungated_step_time_gives_throughput_a_tolerance_of_one_side_by_side() -> None:
+    """step_time=inf (not gated): throughput's side-by-side tolerance is 1, not inf / inf (NaN)."""
+    rate = Metric("throughput", 100.0, "items/s", Direction.HIGHER_IS_BETTER, samples=(100.0, 100.0))
+    assert paired.tolerance_for(rate, {"step_time": math.inf}) == 1.0
+    assert paired.tolerance_for(rate, {}) == pytest.approx(paired.PAIRED_TOLERANCE / (1 + paired.PAIRED_TOLERANCE))
+
+
 def test_undecided_while_the_interval_holds_the_tolerance() -> None:
     tol = paired.PAIRED_TOLERANCE
     assert paired.undecided(paired.PairedChange(1.03, 1.01, 1.05, 60), tol)
