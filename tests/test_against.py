@@ -247,6 +247,26 @@ def test_a_tree_against_itself_passes_and_says_it_is_dirty(pytester: pytest.Pyte
     no_worktree_left(repo)
 
 
+def test_a_tree_holding_its_own_pytest_trainperf_is_measured_by_this_one(pytester: pytest.Pytester,
+                                                                        repo: Path) -> None:
+    """This project's own repository holds pytest-trainperf, at every commit: the workers run the
+    session's pytest-trainperf all the same, not the tree's copy, which here refuses to load (as an
+    older plugin refused the options of a newer one)."""
+    copy = repo / "pytest_trainperf"
+    copy.mkdir()
+    (copy / "__init__.py").write_text('raise ImportError("the tree\'s own copy of pytest_trainperf was loaded")\n')
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "a copy of the plugin in the tree")
+
+    result = pytester.runpytest("--trainperf-against=HEAD", "--trainperf-json=r.json", "test_w.py")
+
+    result.assert_outcomes(passed=1)
+    assert "own copy" not in result.stdout.str()
+    (cell,) = json.loads((repo / "r.json").read_text())["cells"]
+    assert cell["status"] == "unchanged"  # measured on both sides: not "new" for want of a reference
+    no_worktree_left(repo)
+
+
 def test_usage_errors_name_the_revision_and_the_conflict(pytester: pytest.Pytester, repo: Path) -> None:
     result = pytester.runpytest("--trainperf-against=no-such-branch")
     assert result.ret == pytest.ExitCode.USAGE_ERROR

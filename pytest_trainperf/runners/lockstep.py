@@ -8,7 +8,7 @@ does to both. How:
   repository under test and checks it out, detached, into a temporary ``git worktree`` (at the first
   cell; removed again at the end of the session, on Ctrl-C and on failure too, then ``git worktree
   prune``). For each item that uses the ``trainperf`` fixture, the runner starts two children instead
-  of calling the test: ``python -m pytest <node id>`` with the rootdir,
+  of calling the test: pytest on ``<node id>`` (run by :data:`LAUNCHER`) with the rootdir,
   ini file and ``sys.path`` of the REF worktree (A), and of this checkout (B): each imports the code
   under test from its own tree (the tree and its ``src/`` go first on ``PYTHONPATH``, ahead of an
   installed copy); both use this pytest-trainperf.
@@ -175,6 +175,14 @@ def lockstep_timer(channel: Channel) -> Callable[..., Timed]:
         return Timed(samples=[s / NS_PER_S for s in samples], kept=kept, warmup=warm)
 
     return timer
+
+
+LAUNCHER = "trainperf_pytest.py"
+"""The script a worker runs pytest with, beside this pytest-trainperf in the workers' plugin directory.
+``python -m pytest`` would put the worker's working directory (the root of the tree under test) first
+on ``sys.path``, so that a tree that holds a pytest-trainperf of its own (this project's, at any older
+commit) would load that one; a script puts its own directory first instead."""
+LAUNCHER_SOURCE = "import sys\n\nimport pytest\n\nsys.exit(pytest.console_main())\n"
 
 
 # --------------------------------------------------------------------------- the parent
@@ -446,6 +454,7 @@ class Pairing:
             shim = self.workdir / "plugin"  # this pytest-trainperf, ahead of any copy in a tree under test
             shim.mkdir()
             (shim / "pytest_trainperf").symlink_to(Path(__file__).resolve().parent.parent, target_is_directory=True)
+            (shim / LAUNCHER).write_text(LAUNCHER_SOURCE, encoding="utf-8")
         if side == THIS:
             tree = self.toplevel
         elif side not in self._worktrees:
@@ -469,6 +478,8 @@ class Pairing:
                         and Path(i.path).is_relative_to(self.config.rootpath)})
         files = [f for f in files if (root / f).is_file()] or [str(Path(item.path).relative_to(self.config.rootpath))]
         argv = command(files, root, workdir / "tmp", ini, self.config, self.settings)
+        assert argv[1:3] == ["-m", "pytest"], argv[:3]
+        argv[1:3] = [str(self.workdir / "plugin" / LAUNCHER)]  # not `-m`: that puts the tree (the cwd) first
         # no baseline file is read (a directory that does not exist) and none written; no re-timing
         argv += [f"--trainperf-baselines={workdir / 'no-baselines'}", "--trainperf-confirm=0", "--trainperf-rounds=1",
                  "--continue-on-collection-errors"]
