@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from scipy import stats as sps
 from pytest_trainperf import paired
 from pytest_trainperf.records import Direction, Measurement, Metric, Status
 from pytest_trainperf.runners import lockstep as against
+from pytest_trainperf.runners.children import pair_cpus
 from pytest_trainperf.settings import parse_pairs, parse_ref
 
 # ------------------------------------------------------------------ paired statistics
@@ -264,6 +267,33 @@ def test_a_tree_holding_its_own_pytest_trainperf_is_measured_by_this_one(pyteste
     assert "own copy" not in result.stdout.str()
     (cell,) = json.loads((repo / "r.json").read_text())["cells"]
     assert cell["status"] == "unchanged"  # measured on both sides: not "new" for want of a reference
+    no_worktree_left(repo)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="pinning a pair to shared CPUs needs a Linux machine with at least 2 CPUs")
+def test_both_workers_of_a_pair_run_on_the_same_cpus(pytester: pytest.Pytester, repo: Path, tmp_path: Path) -> None:
+    """Two unpinned workers settle on cores of their own, which differ by more than a slowdown worth
+    catching: both run on the session's last CPU (one intra-op thread), and their threads with them."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    (repo / "test_cpus.py").write_text(textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from work import build
+
+        def test_cpus(trainperf):
+            Path({str(seen)!r}, str(os.getpid())).write_text(" ".join(map(str, sorted(os.sched_getaffinity(0)))))
+            trainperf.train(build(), steps=3, warmup=1)
+    """))
+    git(repo, "add", "test_cpus.py")
+    git(repo, "commit", "-qm", "cpus")
+    result = pytester.runpytest("--trainperf-against=main", "test_cpus.py")
+    result.assert_outcomes(passed=1)
+    last = max(os.sched_getaffinity(0))
+    assert sorted(p.read_text() for p in seen.iterdir()) == [str(last), str(last)]
+    assert pair_cpus(1) == frozenset({last})
+    assert pair_cpus(len(os.sched_getaffinity(0))) is None  # as many threads as CPUs: nothing left out
     no_worktree_left(repo)
 
 

@@ -222,13 +222,40 @@ class ChildRun:
 
 
 def start_child(argv: Sequence[str], cwd: Path, env: Mapping[str, str], workdir: Path,
-                pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+                pass_fds: Sequence[int] = (), cpus: frozenset[int] | None = None) -> subprocess.Popen[bytes]:
     """Start a child, its output to a file in ``workdir``, its outcome to be written there too;
-    ``pass_fds`` are inherited (the lockstep pipes of ``--trainperf-against``)."""
+    ``pass_fds`` are inherited (the lockstep pipes of ``--trainperf-against``); ``cpus``: the CPUs it
+    and every thread and process it starts may run on (None: the parent's)."""
+    arm = die_with_parent(os.getpid())
+
+    def before_exec() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        if arm is not None:
+            arm()
+
     with open(workdir / "output.txt", "wb") as out:
         return subprocess.Popen(list(argv), cwd=cwd, env={**env, CHILD_ENV: str(workdir / "outcome.json")},
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                pass_fds=tuple(pass_fds), preexec_fn=die_with_parent(os.getpid()))
+                                pass_fds=tuple(pass_fds), preexec_fn=before_exec if cpus or arm else None)
+
+
+def pair_cpus(threads: int) -> frozenset[int] | None:
+    """The CPUs both workers of a lockstep pair run on: the last ``threads`` of the session's own (one
+    per intra-op thread), the same for both, so that each step of a pair runs on the cores the other's
+    did. None where that leaves nothing out (as many threads as CPUs) or where a process cannot be
+    pinned (not Linux).
+
+    Two unpinned workers on a multi-core machine each settle on a core of their own, and two cores of a
+    virtual machine differ by far more than the slowdowns worth catching: measured on a 2-core runner,
+    six pairs of processes of the same code (an MLP step of 6 ms) differed by -9% to +50% unpinned, and
+    by -2.6% to +0.1% on one shared core (``docs/performance.md``)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    mine = sorted(os.sched_getaffinity(0))
+    if threads >= len(mine):
+        return None
+    return frozenset(mine[-max(threads, 1):])
 
 
 PR_SET_PDEATHSIG = 1

@@ -20,7 +20,9 @@ does to both. How:
   (:class:`pytest_trainperf.runners.children.ChildReporter`).
 * In between, the parent **takes turns**: :data:`WARM_PAIRS` untimed pairs, then ``--trainperf-pairs``
   timed ones, one step of A and one of B, the order flipping every pair (AB, BA, AB, ...), so that both
-  steps of a pair see the same state of the machine and an order effect cancels.
+  steps of a pair see the same state of the machine and an order effect cancels. Both workers run on
+  the same CPUs (:func:`~pytest_trainperf.runners.children.pair_cpus`: the last ``threads`` of the
+  session's), so that a pair's two steps also ran on the same cores.
 * The verdict (:func:`pytest_trainperf.paired.judge_paired`): timings on the per-pair ratios (median
   and sign-test interval), exact metrics (FLOPs, peak memory, loss) value against value. It goes into
   the session's results like any verdict (heatmaps, JSON, Markdown, JUnit), labelled "against REF";
@@ -66,6 +68,7 @@ from pytest_trainperf.runners.children import (
     death,
     dump_outcome,
     load_outcome,
+    pair_cpus,
     phase_report,
     start_child,
 )
@@ -389,6 +392,17 @@ class Pairing:
         self._ini_rel = _inside(config.inipath, toplevel, "ini file") if config.inipath is not None else None
         self._workers: dict[str, Worker] = {}
         self._worktrees: dict[str, Path] = {}
+        self._cpus: frozenset[int] | None | bool = False  # False: not decided yet
+
+    @property
+    def cpus(self) -> frozenset[int] | None:
+        """The CPUs every worker runs on (:func:`pair_cpus`; None: the session's own)."""
+        if self._cpus is False:
+            from pytest_trainperf.measure.timing import default_threads
+
+            self._cpus = pair_cpus(self.settings.threads or default_threads())
+        assert self._cpus is not True
+        return self._cpus
 
     def compare(self, item: pytest.Function, sha: str, name: str,
                 more: Callable[[Sequence[float], Sequence[float]], bool] | None = None) -> Compared:
@@ -483,6 +497,8 @@ class Pairing:
         # no baseline file is read (a directory that does not exist) and none written; no re-timing
         argv += [f"--trainperf-baselines={workdir / 'no-baselines'}", "--trainperf-confirm=0", "--trainperf-rounds=1",
                  "--continue-on-collection-errors"]
+        if self.cpus is not None and self.settings.threads is None:  # its own default would count its CPUs
+            argv.append(f"--trainperf-threads={len(self.cpus)}")
         env = child_env(os.environ)
         paths = [str(p) for p in (self.workdir / "plugin", tree / "src", tree, root) if p.is_dir()]
         env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -492,7 +508,7 @@ class Pairing:
         channel = Channel(os.fdopen(parent_reads, "r", encoding="ascii"),
                           os.fdopen(parent_writes, "w", encoding="ascii"))
         try:
-            proc = start_child(argv, root, env, workdir, pass_fds=(child_reads, child_writes))
+            proc = start_child(argv, root, env, workdir, pass_fds=(child_reads, child_writes), cpus=self.cpus)
         except BaseException:
             channel.close()
             raise
