@@ -5,9 +5,9 @@
 is two fresh processes of the same code (a 20-layer MLP training step of a few milliseconds, one
 intra-op thread) that take turns step by step as lockstep workers do, the order flipping every pair of
 steps; the figure of a pair is the median of the per-step ratios B / A, minus one. *unpinned*: the
-processes go where the scheduler puts them (as the plugin's lockstep workers do today); *shared CPUs*:
-both on the session's last CPU (a prototype of pinning a pair, not in the plugin: see the reading in
-``docs/performance.md``). The two conditions take turns.
+processes go where the scheduler puts them (as the plugin's lockstep workers did before); *shared CPUs*:
+both on the session's last CPU (as the plugin's lockstep workers run since 2026-12-01:
+``pytest_trainperf.runners.children.pair_cpus``). The two conditions take turns.
 Writes its section of ``docs/performance.md`` (between ``<!-- pair-cpus:begin -->`` and
 ``<!-- pair-cpus:end -->``).
 """
