@@ -180,7 +180,7 @@ def tolerance_for(metric: Metric, overrides: Mapping[str, float]) -> float:
     if metric.name not in stats.TIMING_METRICS or metric.name in overrides or metric.tolerance is not None:
         return stats.tolerance_for(metric, overrides)
     step = overrides.get("step_time", PAIRED_TOLERANCE)
-    return step if metric.name == "step_time" else 1.0 if math.isinf(step) else step / (1.0 + step)
+    return step if metric.name == "step_time" else stats.throughput_tolerance(step)
 
 
 def judge_paired(current: Measurement, reference: Measurement,

@@ -326,9 +326,14 @@ def tolerance_for(metric: Metric, overrides: Mapping[str, float]) -> float:
     if metric.tolerance is not None:
         return metric.tolerance
     if metric.name == "throughput":
-        step = overrides.get("step_time", DEFAULT_TOLERANCES["step_time"])
-        return 1.0 if math.isinf(step) else step / (1.0 + step)
+        return throughput_tolerance(overrides.get("step_time", DEFAULT_TOLERANCES["step_time"]))
     return DEFAULT_TOLERANCES.get(metric.name, RECORD_TOLERANCE)
+
+
+def throughput_tolerance(step: float) -> float:
+    """Throughput's tolerance that follows a step-time tolerance ``step``: ``step / (1 + step)``, and 1
+    for an infinite one (not gated)."""
+    return 1.0 if math.isinf(step) else step / (1.0 + step)
 
 
 def judge_outcome(now: Outcome, before: Outcome | None) -> Status | None:

@@ -248,8 +248,8 @@ def pair_cpus(threads: int) -> frozenset[int] | None:
 
     Two unpinned workers on a multi-core machine each settle on a core of their own, and two cores of a
     virtual machine differ by far more than the slowdowns worth catching: measured on a 2-core runner,
-    six pairs of processes of the same code (an MLP step of 6 ms) differed by -9% to +50% unpinned, and
-    by -2.6% to +0.1% on one shared core (``docs/performance.md``)."""
+    eight pairs of processes of the same code (an MLP step of a few ms) differed by -40.7% to +64.3%
+    unpinned, and by -2.9% to +1.1% on one shared core (``docs/performance.md``)."""
     if not hasattr(os, "sched_getaffinity"):
         return None
     mine = sorted(os.sched_getaffinity(0))
@@ -371,11 +371,14 @@ def register_reporter(config: pytest.Config, ledger: results.Ledger) -> None:
 
 
 def command(nodeids: Sequence[str], rootdir: Path, basetemp: Path, inifile: Path | None, config: pytest.Config,
-            settings: Settings) -> list[str]:
+            settings: Settings, launcher: Path | None = None) -> list[str]:
     """A child's command line: pytest on these node ids (or files), with this session's options. A node
-    id that starts with ``-`` (a directory named ``-x``) goes as ``./-x/...``: never read as an option."""
+    id that starts with ``-`` (a directory named ``-x``) goes as ``./-x/...``: never read as an option.
+    ``launcher``: a script that runs pytest, instead of ``python -m pytest`` (which puts the working
+    directory first on ``sys.path``)."""
     targets = [f"./{n}" if n.startswith("-") else n for n in nodeids]
-    argv = [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider", "-q", "--color=no",
+    pytest_ = [str(launcher)] if launcher is not None else ["-m", "pytest"]
+    argv = [sys.executable, *pytest_, *targets, "-p", "no:cacheprovider", "-q", "--color=no",
             "-o", "addopts=", f"--rootdir={rootdir}", f"--basetemp={basetemp}"]
     if inifile is not None:
         argv += ["-c", str(inifile)]

@@ -491,9 +491,8 @@ class Pairing:
                         if FIXTURE_NAME in getattr(i, "fixturenames", ())
                         and Path(i.path).is_relative_to(self.config.rootpath)})
         files = [f for f in files if (root / f).is_file()] or [str(Path(item.path).relative_to(self.config.rootpath))]
-        argv = command(files, root, workdir / "tmp", ini, self.config, self.settings)
-        assert argv[1:3] == ["-m", "pytest"], argv[:3]
-        argv[1:3] = [str(self.workdir / "plugin" / LAUNCHER)]  # not `-m`: that puts the tree (the cwd) first
+        argv = command(files, root, workdir / "tmp", ini, self.config, self.settings,
+                       launcher=self.workdir / "plugin" / LAUNCHER)  # not `-m`: that puts the tree (the cwd) first
         # no baseline file is read (a directory that does not exist) and none written; no re-timing
         argv += [f"--trainperf-baselines={workdir / 'no-baselines'}", "--trainperf-confirm=0", "--trainperf-rounds=1",
                  "--continue-on-collection-errors"]
