@@ -39,7 +39,7 @@ import verdicts  # noqa: E402  (write_doc: one section of a document between mar
 
 BEGIN, END = "<!-- screen:begin -->", "<!-- screen:end -->"
 OUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
-WIDTHS = (64, 96, 128, 160)
+WIDTHS = (64, 80, 96, 112, 128, 144, 160, 176)
 LAYERS = 20
 SLOWDOWNS = {"unchanged": 0.0, "+5%": 0.05, "+10%": 0.10}
 """Each condition's added step time, as a fraction of the base step time of each cell."""
@@ -156,19 +156,22 @@ def neighbour() -> subprocess.Popen[bytes]:
     return subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"])
 
 
-def counts(doc: dict[str, object]) -> tuple[int, int, int, list[float]]:
-    """Cells, cells failed (regressed), cells confirmed side by side, and the step-time changes those
-    side-by-side comparisons measured (this tree / the baseline's commit, minus one)."""
+def counts(doc: dict[str, object]) -> tuple[int, int, int, list[float], list[float]]:
+    """Cells, cells failed (regressed), cells confirmed side by side, the step-time changes those
+    side-by-side comparisons measured (this tree / the baseline's commit, minus one), and every cell's
+    step-time change against its stored baseline (the screen's)."""
     cells = doc.get("cells", [])
     assert isinstance(cells, list)
     failed = sum(c["status"] == "regressed" for c in cells)
     confirmed = [c for c in cells if c["verdict"].get("confirmed_against")]
     changes = [m["change"] for c in confirmed for m in c["verdict"]["metrics"]
                if m["name"] == "step_time" and m.get("change") is not None]
-    return len(cells), failed, len(confirmed), changes
+    stored = [m["change"] for c in cells for m in (c["verdict"].get("screen") or c["verdict"]["metrics"])
+              if m["name"] == "step_time" and m.get("change") is not None]
+    return len(cells), failed, len(confirmed), changes, stored
 
 
-def run(runs: int, workdir: Path) -> dict[str, object]:
+def run(runs: int, workdir: Path, extra_quiet: int = 0) -> dict[str, object]:
     repo = workdir / "repo"
     repo.mkdir()
     base = make_repo(repo)
@@ -181,15 +184,17 @@ def run(runs: int, workdir: Path) -> dict[str, object]:
     base = git(repo, "rev-parse", "HEAD")
     commits = commit_slowdowns(repo, base)
     shutil.copytree(repo / "baselines", workdir / "baselines")
-    rows: dict[str, list[tuple[float, int, int, int, list[float]]]] = {}
+    rows: dict[str, list[tuple[float, int, int, int, list[float], list[float]]]] = {}
     for number in range(runs):
-        for condition in ("quiet", "busy"):
-            for change in SLOWDOWNS:
+        plan = [(condition, change, True) for condition in ("quiet", "busy") for change in SLOWDOWNS]
+        plan += [("quiet", "unchanged", False)] * extra_quiet  # the false-alarm row needs the most cell-runs
+        for condition, change, main in plan:
+            if True:
                 git(repo, "checkout", "-q", commits[change])
                 shutil.rmtree(repo / "baselines")
                 shutil.copytree(workdir / "baselines", repo / "baselines")
                 modes = [("confirm", [])] + ([("stored only", ["--trainperf-confirm-against=none"])]
-                                            if change == "unchanged" else [])
+                                            if change == "unchanged" and main else [])
                 for mode, extra in modes:
                     spinner = neighbour() if condition == "busy" else None
                     try:
@@ -200,43 +205,58 @@ def run(runs: int, workdir: Path) -> dict[str, object]:
                             spinner.wait()
                     rows.setdefault(f"{condition}|{change}|{mode}", []).append((wall, *counts(doc)))
         print(f"run {number + 1} of {runs} done", flush=True)
-    return {"update_wall": update_wall, "rows": rows, "runs": runs}
+    return {"update_wall": update_wall, "rows": rows, "runs": runs, "extra_quiet": extra_quiet}
+
+
+def _spread(values: Sequence[float]) -> str:
+    if len(values) < 2:
+        return "—"
+    deciles = statistics.quantiles(values, n=10)
+    return f"{statistics.median(values):+.1%} ({deciles[0]:+.1%} to {deciles[-1]:+.1%})"
 
 
 def section(found: dict[str, object]) -> str:
     rows = found["rows"]
     assert isinstance(rows, dict)
     lines = [BEGIN, "", "## Screen, then confirm side by side (issue 12 benchmark)", "",
-             f"`python benchmarks/screen.py --runs {found['runs']}`: a 4-cell MLP suite ({LAYERS} layers); +5% and "
+             f"`python benchmarks/screen.py --runs {found['runs']} --extra-quiet {found.get('extra_quiet', 0)}`: a "
+             f"{len(WIDTHS)}-cell MLP suite ({LAYERS} layers, widths {WIDTHS[0]} to {WIDTHS[-1]}, one thread); +5% and "
              "+10% step time committed as a pure-Python spin in each step, calibrated per cell from the base "
              "baselines' step times (no torch op: FLOPs, ops, memory traffic and peak memory unchanged, so only "
              "the timings can catch it). Baselines updated at the base with the default rounds (two in "
              f"process, three in fresh processes: {found['update_wall']:.0f} s) and committed with it. Conditions "
-             "interleaved, run after run. *busy*: compare run and a spinning neighbour pinned to one core "
-             "(`taskset -c 0`).", "",
+             "interleaved, run after run (the extra quiet unchanged runs at the end of each round). *busy*: compare "
+             "run and a spinning neighbour pinned to one core (`taskset -c 0`; the baselines were made without it).",
+             "",
              "| condition | code | verdict | runs | cell-runs | cells failed | confirmed side by side | step time "
-             "side by side (median) | wall time per run (median) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for key, values in rows.items():
+             "against the stored baseline (median; 10th to 90th percentile) | step time side by side (median; "
+             "10th to 90th) | wall time per run (median) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key in sorted(rows, key=lambda k: (k.split("|")[0] != "quiet", list(SLOWDOWNS).index(k.split("|")[1]),
+                                         k.split("|")[2])):
+        values = rows[key]
         condition, change, mode = key.split("|")
         cells = sum(v[1] for v in values)
         failed = sum(v[2] for v in values)
         confirmed = sum(v[3] for v in values)
         measured = [c for v in values for c in v[4]]
-        shown = f"{statistics.median(measured):+.1%}" if measured else "—"
-        lines.append(f"| {condition} | {change} | {mode} | {len(values)} | {cells} | {failed} ({failed / max(cells, 1):.1%})"
-                     f" | {confirmed} | {shown} | {statistics.median(v[0] for v in values):.1f} s |")
+        stored = [c for v in values for c in (v[5] if len(v) > 5 else [])]
+        lines.append(f"| {condition} | {change} | {mode} | {len(values)} | {cells} | {failed} "
+                     f"({failed / max(cells, 1):.1%}) | {confirmed} | {_spread(stored)} | {_spread(measured)} | "
+                     f"{statistics.median(v[0] for v in values):.1f} s |")
     lines += ["", "*cells failed* is a false alarm for unchanged code and a catch for a slowdown. *stored only*: "
               "`--trainperf-confirm-against=none`, the stored verdict alone (the plugin before this feature). "
-              "*step time side by side*: the median, over the cells confirmed side by side, of the change their "
-              "pair measured (this tree against the baseline's commit): the slowdown as committed, seen on "
-              "this machine.", "", END]
+              "*confirmed side by side*: cells the screen sent to a side-by-side comparison that measured them. "
+              "*step time side by side*: the change those pairs measured (this tree against the baseline's "
+              "commit): the slowdown as committed, seen on this machine.", "", END]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="runs per condition (default %(default)s)")
+    parser.add_argument("--extra-quiet", type=int, default=0,
+                        help="more quiet runs of unchanged code per round, for the false-alarm row (default 0)")
     parser.add_argument("--out", type=Path, default=OUT, help="document to write the section to")
     parser.add_argument("--raw", type=Path, default=None, help="also write the raw figures as JSON")
     args = parser.parse_args(argv)
@@ -244,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("screen.py: needs taskset (util-linux) to pin the busy condition", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="trainperf-screen-") as tmp:
-        found = run(args.runs, Path(tmp))
+        found = run(args.runs, Path(tmp), args.extra_quiet)
     if args.raw is not None:
         args.raw.write_text(json.dumps(found, indent=1))
     verdicts.write_doc(args.out, section(found), BEGIN, END)

@@ -7,13 +7,17 @@ parent, the lockstep pair, and the figures of a whole grid. Pure: imports neithe
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from scipy import stats as sps
+
 from pytest_trainperf import derived, paired, stats
 from pytest_trainperf.records import (
     CellVerdict,
+    Direction,
     Figure,
     FigureKind,
     FigureVerdict,
@@ -113,15 +117,53 @@ def confirmed(screen: CellVerdict, pair: CellVerdict, against: str) -> CellVerdi
                    screen=tuple(m for m in screen.metrics if m.name in timing), confirmed_against=against)
 
 
+SCREEN_MARGIN = 0.03
+"""How far beyond its side-by-side tolerance a slowdown may lie and still be passed by the screen: the
+screen is built to send a cell that is ``tolerance + SCREEN_MARGIN`` slower (+5% at the default 2%) to
+confirmation :data:`SCREEN_RECALL` of the time."""
+SCREEN_RECALL = 0.95
+"""The chance that the screen sends a cell slowed by ``tolerance +`` :data:`SCREEN_MARGIN` to confirmation,
+by the model of :func:`stats.detectable_change` (a new process's median is a normal draw from the stored
+noise band around the true one)."""
+
+
+def screen_threshold(within: float, noise: float | None, rounds: int, tolerance: float) -> float:
+    """The time ratio now / stored above which the screen suspects a cell: ``log(1 + tolerance +
+    SCREEN_MARGIN)`` less ``z(SCREEN_RECALL)`` standard deviations of what a new process's estimate
+    scatters by (``within`` of this run's estimate, the stored band ``noise`` over ``rounds`` rounds).
+    Below 1 when the band is too wide for a stored comparison to clear such a slowdown: then every cell
+    is confirmed side by side."""
+    band = (noise or 0.0) ** 2 * (1 + 1 / max(rounds, 1))
+    spread = math.sqrt(within ** 2 + band)
+    return math.exp(math.log1p(tolerance + SCREEN_MARGIN) - float(sps.norm.ppf(SCREEN_RECALL)) * spread)
+
+
 def suspect(now: Measurement, baseline: Measurement, overrides: Mapping[str, float]) -> bool:
-    """Whether the screen sends a cell to side-by-side confirmation: its timings are slower than the
-    stored baseline's beyond the side-by-side tolerance (the test's ``step_time`` tolerance, else
-    :data:`pytest_trainperf.paired.PAIRED_TOLERANCE`), significantly, with no widening by the baseline's
-    noise band. Stricter than the stored verdict on purpose: a false flag costs a confirmation, not a
-    failure, and a +5% slowdown hides inside a stored noise band of a shared runner."""
-    tolerance = {**overrides, "step_time": overrides.get("step_time", paired.PAIRED_TOLERANCE)}
-    bare = replace(baseline, metrics=tuple(replace(m, rounds=()) for m in baseline.metrics))
-    return timing_regressed(stats.judge(now, bare, tolerance))
+    """Whether the screen sends a cell to side-by-side confirmation: one of its timings is slower than the
+    stored baseline's by more than :func:`screen_threshold` (the Hodges-Lehmann ratio of its samples to
+    the stored ones, as a time ratio), whatever its significance. Looser than the stored verdict on
+    purpose: a false flag costs a confirmation, not a failure, while a +5% slowdown hides inside the
+    stored noise band of a shared runner and inside a tolerance of 10%. A timing whose tolerance is
+    infinite (not gated) is never suspected."""
+    for metric in now.metrics:
+        before = baseline.metric(metric.name)
+        if metric.name not in stats.TIMING_METRICS or before is None:
+            continue
+        tolerance = paired.tolerance_for(metric, overrides)
+        current, stored = metric.samples, before.samples
+        if (not math.isfinite(tolerance) or len(current) < 2 or len(stored) < 2
+                or min(*current, *stored) <= 0 or not all(map(math.isfinite, (*current, *stored)))):
+            continue
+        if metric.direction is Direction.HIGHER_IS_BETTER:  # a rate: its times, and the time tolerance
+            current, stored = [1 / x for x in current], [1 / x for x in stored]
+            tolerance = 1 / (1 - tolerance) - 1 if tolerance < 1 else math.inf
+            if not math.isfinite(tolerance):
+                continue
+        ratio, low, high = stats.hodges_lehmann_ratio(current, stored)
+        within = math.log(high / low) / (2 * float(sps.norm.ppf(0.5 + stats.CONFIDENCE / 2)))
+        if ratio > screen_threshold(within, stats.noise_band(before.rounds), len(before.rounds), tolerance):
+            return True
+    return False
 
 
 def timing_regressed(verdict: CellVerdict) -> bool:
@@ -167,9 +209,9 @@ def failure(verdict: CellVerdict, against: Against, retimed: Retimed = Retimed()
     if timing_regressed(verdict):
         pairs = now.metric("step_time")
         if (other or side) and pairs is not None:
-            count = len(pairs.samples) if other else None
-            lines.append(f"  (timings side by side: the median of {count or 'the'} per-pair ratios, this tree / "
-                         f"{other or side}, with its 95% sign-test interval)")
+            count = f"{len(pairs.samples)} pairs' " if other else ""
+            lines.append(f"  (timings side by side: the median of the {count}balanced ratios (an A-first and a "
+                         f"B-first pair each), this tree / {other or side}, with its 95% sign-test interval)")
         if retimed.rounds:
             lines.append(f"  (timings confirmed by {retimed.rounds} re-measurement{'s' * (retimed.rounds > 1)}; "
                          "figures from the last)")

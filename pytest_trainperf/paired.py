@@ -4,12 +4,19 @@ In a lockstep run the step of the reference tree (A) and the step of this tree (
 pair at a time, so both steps of a pair see the same state of the machine. Each pair gives one ratio
 ``b_i / a_i``; a slow spell of the machine moves both steps of a pair and cancels in the ratio.
 
-* The change is the **median of the per-pair ratios**, minus one (the median of the log ratios,
-  exponentiated): robust to the odd pair that a stray process hit in one of its two steps.
+* **Balanced pairs.** The order flips every pair (A B, B A, A B, ...), so the first step of a pair
+  runs in the process that ran the step just before it (its caches warm) and the second after a switch
+  (its caches cold): on a small step, measured on 2 cores, the second is 15-20% slower than the first,
+  whichever tree it is. The per-pair ratios are then two clouds, ~+17% and ~-16%, and their median falls
+  anywhere in the gap (the medians of 60 pairs of the same code ranged over ±10%). So each two
+  consecutive pairs (one A-first, one B-first) are averaged in log space into one **balanced ratio**,
+  in which the order effect cancels exactly (:func:`balanced_logs`); same code, 60 pairs: ±1%.
+* The change is the **median of the balanced ratios**, minus one (the median of their logs,
+  exponentiated): robust to the odd pair that a stray process hit in one of its steps.
 * Its interval is the distribution-free **sign-test interval** of that median: the order statistics
-  ``d_(k)`` and ``d_(n+1-k)`` of the sorted log ratios, with ``k`` the largest rank at which
-  ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``. It assumes only that the pairs are independent
-  draws with a common median (no symmetry, no normality: shared-runner noise is neither).
+  ``d_(k)`` and ``d_(n+1-k)`` of the sorted balanced log ratios, with ``k`` the largest rank at which
+  ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``. It assumes only that the balanced ratios are
+  independent draws with a common median (no symmetry, no normality: shared-runner noise is neither).
 * **How many pairs: a sequential rule.** The comparison looks at its pairs after the first
   ``min(--trainperf-pairs, SEQUENTIAL_FIRST)`` and after every :data:`SEQUENTIAL_STEP` more, and stops
   at the first look whose interval no longer holds ``1 + tolerance``: the verdict is decided, either
@@ -28,8 +35,8 @@ pair at a time, so both steps of a pair see the same state of the machine. Each 
 
 Why a tolerance at all, when the pairing cancels the machine: two processes of the same code still
 differ by a small offset of their own (where their tensors landed, how their allocators warmed up),
-which no number of pairs averages away; :data:`PAIRED_TOLERANCE` covers it (see
-``docs/performance.md`` for the measurement behind it).
+which no number of pairs averages away (within about ±1.5% on 2 cores, balanced);
+:data:`PAIRED_TOLERANCE` covers it (see ``docs/performance.md`` for the measurement behind it).
 
 Exact metrics (FLOPs, peak memory, the loss, recorded values) and the outcome of the cell are judged
 as against a stored baseline (:func:`pytest_trainperf.stats.judge`), the reference tree's measurement
@@ -66,16 +73,16 @@ POWER = 0.95
 
 @dataclass(frozen=True)
 class PairedChange:
-    """The median per-pair ratio of B to A and its sign-test interval."""
+    """The median balanced ratio of B to A (:func:`balanced_logs`) and its sign-test interval."""
 
     ratio: float
-    """The median of the per-pair ratios ``b_i / a_i``."""
+    """The median of the balanced ratios."""
     low: float
     """The lower end of the interval of the median ratio (0 with too few pairs for one)."""
     high: float
     """The upper end of the interval (inf with too few pairs)."""
     pairs: int
-    """The number of pairs."""
+    """The number of pairs (twice the balanced ratios, less one if odd)."""
 
 
 def sign_rank(n: int, confidence: float = PAIRED_CONFIDENCE) -> int:
@@ -89,24 +96,39 @@ def sign_rank(n: int, confidence: float = PAIRED_CONFIDENCE) -> int:
     return k + 1 if k >= 0 else 0
 
 
+def balanced_logs(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
+    """The balanced log ratios of pairs taken in alternating order: ``log(b_i / a_i)`` of each two
+    consecutive pairs ``2j`` and ``2j + 1`` (one with A first, one with B first), averaged, so that the
+    order effect (the second step of a pair runs after a switch of process) cancels; a last odd pair is
+    left out. A single pair gives its own log ratio."""
+    logs = np.log(np.asarray(b, dtype=float)) - np.log(np.asarray(a, dtype=float))
+    half = len(logs) // 2
+    if not half:
+        return logs
+    return (logs[0:2 * half:2] + logs[1:2 * half:2]) / 2
+
+
 def paired_change(a: Sequence[float], b: Sequence[float], confidence: float = PAIRED_CONFIDENCE) -> PairedChange:
-    """The median of ``b_i / a_i`` over the pairs and its sign-test interval; all times positive."""
+    """The median balanced ratio of ``b`` to ``a`` (:func:`balanced_logs`; the pairs in the order they
+    were taken, alternating) and its sign-test interval; all times positive."""
     if len(a) != len(b) or len(a) == 0:
         raise ValueError(f"expected two equally long, non-empty sequences of paired times, got {len(a)} and {len(b)}")
-    logs = np.sort(np.log(np.asarray(b, dtype=float)) - np.log(np.asarray(a, dtype=float)))
+    logs = np.sort(balanced_logs(a, b))
     n = len(logs)
     k = sign_rank(n, confidence)
     low, high = (math.exp(float(logs[k - 1])), math.exp(float(logs[n - k]))) if k else (0.0, math.inf)
-    return PairedChange(ratio=math.exp(float(np.median(logs))), low=low, high=high, pairs=n)
+    return PairedChange(ratio=math.exp(float(np.median(logs))), low=low, high=high, pairs=len(a))
 
 
 def sign_p_value(a: Sequence[float], b: Sequence[float], bound: float, worse_above: bool = True) -> float:
-    """One-sided sign-test p-value that the median ratio ``b / a`` lies beyond ``bound`` (above it when
-    ``worse_above``, else below): the chance of at least this many pairs beyond it if the median were
-    ``bound`` itself. Pairs exactly at ``bound`` are dropped, as the sign test drops ties."""
-    ratios = np.asarray(b, dtype=float) / np.asarray(a, dtype=float)
-    beyond = int(np.sum(ratios > bound if worse_above else ratios < bound))
-    n = beyond + int(np.sum(ratios < bound if worse_above else ratios > bound))
+    """One-sided sign-test p-value that the median balanced ratio ``b / a`` lies beyond ``bound``
+    (above it when ``worse_above``, else below): the chance of at least this many balanced ratios beyond
+    it if the median were ``bound`` itself. Ratios exactly at ``bound`` are dropped, as the sign test
+    drops ties."""
+    logs = balanced_logs(a, b)
+    edge = math.log(bound)
+    beyond = int(np.sum(logs > edge if worse_above else logs < edge))
+    n = beyond + int(np.sum(logs < edge if worse_above else logs > edge))
     if n == 0:
         return 1.0
     return float(sps.binom.sf(beyond - 1, n, 0.5))

@@ -177,8 +177,9 @@ def parse_confirm_against(value: str) -> str:
 
 
 def parse_pairs(value: str) -> int:
-    """A number of step pairs, at least 6 (fewer give no 95% sign-test interval)."""
-    return _integer(value, 6, "an integer >= 6 (fewer pairs give no 95% interval)")
+    """A number of step pairs, at least 12: six balanced ratios (two pairs each), the fewest that give a
+    95% sign-test interval."""
+    return _integer(value, 12, "an integer >= 12 (fewer pairs give no 95% interval)")
 
 
 def parse_plots(value: str) -> str:

@@ -32,16 +32,40 @@ def test_sign_rank_is_the_largest_rank_within_the_tail() -> None:
     assert paired.sign_rank(5) == 0  # 2 / 2**5 > 0.05: no 95% interval from 5 values
 
 
-def test_paired_change_is_the_median_ratio_with_its_order_statistics() -> None:
-    a = [1.0] * 10
-    b = [1.0 + i / 100 for i in range(10)]  # ratios 1.00 .. 1.09
+def test_paired_change_is_the_median_balanced_ratio_with_its_order_statistics() -> None:
+    a = [1.0] * 20
+    b = [1.0 + i // 2 / 100 for i in range(20)]  # pairs of pairs at 1.00, 1.01 .. 1.09
     found = paired.paired_change(a, b)
-    assert found.pairs == 10
+    assert found.pairs == 20
     assert math.isclose(found.ratio, math.exp(np.median(np.log(b))))
-    assert math.isclose(found.low, 1.01) and math.isclose(found.high, 1.08)  # k = 2 of 10
-    assert paired.paired_change([1.0] * 5, [2.0] * 5).low == 0.0  # too few for an interval
+    assert math.isclose(found.low, 1.01) and math.isclose(found.high, 1.08)  # k = 2 of 10 balanced ratios
+    assert paired.paired_change([1.0] * 10, [2.0] * 10).low == 0.0  # 5 balanced ratios: too few for an interval
     with pytest.raises(ValueError, match="equally long"):
         paired.paired_change([1.0, 2.0], [1.0])
+
+
+def test_the_order_effect_of_taking_turns_cancels_in_the_balanced_ratios() -> None:
+    """The second step of a pair runs after a switch of process, ~17% slower whichever tree it is (as
+    measured on 2 cores); the order flips every pair; a stray process slows one step of a pair in ten.
+    The per-pair ratios are two clouds, ~1.17 and ~1/1.17, whose median falls anywhere between them
+    and into either; the balanced ratios hold the true one."""
+    rng = np.random.default_rng(11)
+    for true in (1.0, 1.05):
+        medians, changes = [], []
+        for _ in range(50):
+            machine = list(rng.lognormal(0.0, 0.2, 60))
+            switch = [1.17 * f for f in rng.lognormal(0.0, 0.03, 60)]
+            a = [m * (1.0 if i % 2 == 0 else switch[i]) for i, m in enumerate(machine)]  # A first, then B first
+            b = [true * m * (switch[i] if i % 2 == 0 else 1.0) for i, m in enumerate(machine)]
+            for i in np.flatnonzero(rng.random(60) < 0.1):
+                (a if rng.random() < 0.5 else b)[i] *= 1.5
+            medians.append(float(np.median(np.asarray(b) / np.asarray(a))))
+            changes.append(paired.paired_change(a, b))
+        assert max(medians) - min(medians) > 0.1  # the median per-pair ratio wanders over the gap
+        assert all(abs(c.ratio / true - 1) < 0.02 for c in changes)
+        assert sum(c.low <= true <= c.high for c in changes) >= 45
+        status = [paired.compare_paired(step_time(list(b)), step_time(list(a)), paired.PAIRED_TOLERANCE).status]
+        assert status == [Status.REGRESSED if true > 1 else Status.UNCHANGED]
 
 
 def test_the_interval_covers_the_true_median_ratio() -> None:
@@ -154,9 +178,9 @@ def test_revisions_and_pairs_are_checked_at_parse_time() -> None:
     for bad in ("", "-x", "a..b", "a b"):
         with pytest.raises(Exception, match="expected a git branch, tag or commit"):
             parse_ref(bad)
-    assert parse_pairs("6") == 6
-    with pytest.raises(Exception, match="expected an integer >= 6"):
-        parse_pairs("5")
+    assert parse_pairs("12") == 12
+    with pytest.raises(Exception, match="expected an integer >= 12"):
+        parse_pairs("11")
 
 
 # ------------------------------------------------------------------ through pytester, in a git repository
@@ -181,7 +205,7 @@ from work import build
 def test_new(trainperf, variant):
     trainperf.train(build(), steps=3, warmup=1)
 """
-INI = "[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 10\n"
+INI = "[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 20\n"
 
 
 @pytest.fixture
@@ -216,7 +240,7 @@ def test_slower_commit_fails_against_its_parent(pytester: pytest.Pytester, repo:
         "*trainperf regression: step_time +*",
         f"test_w.py::test_w against HEAD~1 ({parent}), measured in lockstep",
         "  step_time: at HEAD~1 *, now *, change +* (tolerance 50.0%; 95% CI +*",
-        "*median of 10 per-pair ratios*",
+        "*median of the * pairs' balanced ratios*",
         f"compared against HEAD~1 ({parent}), in lockstep*(no baseline file read or written)",
         "*test_new.py::test_new[[]variant=a[]]: nothing to compare against: the test or its cell does not exist "
         "at HEAD~1*",
@@ -229,7 +253,7 @@ def test_slower_commit_fails_against_its_parent(pytester: pytest.Pytester, repo:
     assert statuses == {"test_w": "regressed", "test_new": "new"}
     (cell,) = [c for c in doc["cells"] if c["test"] == "test_w"]
     (step,) = [m for m in cell["verdict"]["metrics"] if m["name"] == "step_time"]
-    assert step["interval"][0] > 0.5 and len(cell["verdict"]["measurement"]["metrics"][0]["samples"]) == 10
+    assert step["interval"][0] > 0.5 and len(cell["verdict"]["measurement"]["metrics"][0]["samples"]) == 20
     assert (repo / "r.md").read_text().startswith(f"## pytest-trainperf against HEAD~1 ({parent})")
     assert not (repo / "baselines").exists()
     no_worktree_left(repo)
@@ -309,8 +333,8 @@ def test_usage_errors_name_the_revision_and_the_conflict(pytester: pytest.Pytest
     result = pytester.runpytest("--trainperf-against=--all")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*expected a git branch, tag or commit*got '--all'*"])
-    result = pytester.runpytest("--trainperf-against=main", "--trainperf-pairs=2")
-    result.stderr.fnmatch_lines(["*--trainperf-pairs*expected an integer >= 6*got '2'*"])
+    result = pytester.runpytest("--trainperf-against=main", "--trainperf-pairs=11")
+    result.stderr.fnmatch_lines(["*--trainperf-pairs*expected an integer >= 12*got '11'*"])
     no_worktree_left(repo)
 
 

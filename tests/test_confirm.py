@@ -27,7 +27,7 @@ from work import build
 def test_w(trainperf):
     trainperf.train(build(), steps=3, warmup=1)
 """
-INI = "[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 10\ntrainperf_rounds = 1\n"
+INI = "[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 20\ntrainperf_rounds = 1\n"
 
 
 @pytest.fixture
@@ -129,7 +129,8 @@ def test_a_slower_commit_fails_confirmed_side_by_side(pytester: pytest.Pytester,
         "environment: *",
         "  stored: step_time: baseline *, now *, change +*",
         f"  side by side: step_time: at {measured} *, now *, change +*",
-        f"  (timings side by side: the median of the per-pair ratios, this tree / {measured}, *",
+        f"  (timings side by side: the median of the balanced ratios (an A-first and a B-first pair each), "
+        f"this tree / {measured}, *",
         f"trainperf: this runner ran 1 cell *% slower than their baselines*confirmed side by side against "
         f"{measured}: 1 regressed",
     ])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from pytest_trainperf import judge
 from pytest_trainperf.records import Direction, Measurement, Metric
 
@@ -39,12 +41,35 @@ def timed(median: float, rounds: tuple[float, ...] = ()) -> Measurement:
 
 def test_the_screen_suspects_a_slowdown_that_the_stored_noise_band_hides() -> None:
     """A baseline whose rounds spread ±10% widens the stored tolerance past 30%: 5% slower passes the
-    stored verdict, and is still sent to side-by-side confirmation; the same step time is not."""
+    stored verdict, and is still sent to side-by-side confirmation. So is the same step time: a band
+    that wide cannot clear a +5% change, only a side-by-side comparison can."""
     from pytest_trainperf.records import Status
 
     baseline = timed(1.0, rounds=(0.9, 1.0, 1.1, 1.0, 0.95))
     slower = timed(1.05)
     assert judge.cell(slower, baseline, {}).status is Status.UNCHANGED
     assert judge.suspect(slower, baseline, {})
-    assert not judge.suspect(timed(1.0), baseline, {})
+    assert judge.suspect(timed(1.0), baseline, {})
     assert not judge.suspect(slower, baseline, {"step_time": 0.25})  # the test's own tolerance rules
+    assert not judge.suspect(slower, baseline, {"step_time": math.inf, "throughput": math.inf})  # not gated
+
+
+def test_the_screen_passes_what_a_tight_band_clears_and_flags_a_slowdown_within_the_tolerance() -> None:
+    """With rounds that agree to ±0.5%, the same step time passes the screen and +4.5% (inside the
+    stored verdict's 10% tolerance) is sent to confirmation."""
+    from pytest_trainperf.records import Status
+
+    baseline = timed(1.0, rounds=(0.995, 1.0, 1.005, 1.0, 0.998))
+    assert not judge.suspect(timed(1.0), baseline, {})
+    assert not judge.suspect(timed(1.01), baseline, {})
+    assert judge.cell(timed(1.045), baseline, {}).status is Status.UNCHANGED
+    assert judge.suspect(timed(1.045), baseline, {})
+    assert not judge.suspect(timed(0.9), baseline, {})
+
+
+def test_the_screen_threshold_falls_as_the_band_widens() -> None:
+    """The threshold is tolerance + margin with no spread, and drops below a ratio of 1 once the band is
+    too wide for a stored comparison to clear a slowdown of that size."""
+    assert judge.screen_threshold(0.0, None, 0, 0.02) == pytest.approx(1 + 0.02 + judge.SCREEN_MARGIN)
+    assert 1.0 < judge.screen_threshold(0.002, 0.005, 5, 0.02) < 1.05
+    assert judge.screen_threshold(0.002, 0.05, 5, 0.02) < 1.0

@@ -114,7 +114,7 @@ def test_w(trainperf):
 def test_a_sigkilled_session_leaves_nothing_the_next_run_does_not_remove(pytester: pytest.Pytester,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     where = pytester.path
-    pytester.makeini("[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 10\n")
+    pytester.makeini("[pytest]\ntrainperf_threads = 1\ntrainperf_pairs = 20\n")
     make_repo(where)
     (where / "test_w.py").write_text(SLOW_TEST)
     (where / ".gitignore").write_text("__pycache__/\n")

@@ -23,8 +23,9 @@ does to both. How:
   steps of a pair see the same state of the machine and an order effect cancels. Both workers run on
   the same CPUs (:func:`~pytest_trainperf.runners.children.pair_cpus`: the last ``threads`` of the
   session's), so that a pair's two steps also ran on the same cores.
-* The verdict (:func:`pytest_trainperf.paired.judge_paired`): timings on the per-pair ratios (median
-  and sign-test interval), exact metrics (FLOPs, peak memory, loss) value against value. It goes into
+* The verdict (:func:`pytest_trainperf.paired.judge_paired`): timings on the balanced ratios (each
+  two consecutive pairs, one A-first and one B-first, so that the order effect cancels; median and
+  sign-test interval), exact metrics (FLOPs, peak memory, loss) value against value. It goes into
   the session's results like any verdict (heatmaps, JSON, Markdown, JUnit), labelled "against REF";
   the runner returns both sides (:class:`~pytest_trainperf.runners.CellRun` with ``reference``) and
   the session's judge decides (:func:`pytest_trainperf.judge.side_by_side`).
