@@ -155,7 +155,7 @@ def suspect(now: Measurement, baseline: Measurement, overrides: Mapping[str, flo
                 or min(*current, *stored) <= 0 or not all(map(math.isfinite, (*current, *stored)))):
             continue
         if metric.direction is Direction.HIGHER_IS_BETTER:  # a rate: its times, and the time tolerance
-            current, stored = [1 / x for x in current], [1 / x for x in stored]
+            current, stored = tuple(1 / x for x in current), tuple(1 / x for x in stored)
             tolerance = 1 / (1 - tolerance) - 1 if tolerance < 1 else math.inf
             if not math.isfinite(tolerance):
                 continue

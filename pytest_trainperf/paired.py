@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
@@ -96,16 +97,18 @@ def sign_rank(n: int, confidence: float = PAIRED_CONFIDENCE) -> int:
     return k + 1 if k >= 0 else 0
 
 
-def balanced_logs(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
+def balanced_logs(a: Sequence[float], b: Sequence[float]) -> np.ndarray[Any, np.dtype[np.float64]]:
     """The balanced log ratios of pairs taken in alternating order: ``log(b_i / a_i)`` of each two
     consecutive pairs ``2j`` and ``2j + 1`` (one with A first, one with B first), averaged, so that the
     order effect (the second step of a pair runs after a switch of process) cancels; a last odd pair is
     left out. A single pair gives its own log ratio."""
-    logs = np.log(np.asarray(b, dtype=float)) - np.log(np.asarray(a, dtype=float))
+    logs: np.ndarray[Any, np.dtype[np.float64]] = np.log(np.asarray(b, dtype=np.float64)) - np.log(
+        np.asarray(a, dtype=np.float64))
     half = len(logs) // 2
     if not half:
         return logs
-    return (logs[0:2 * half:2] + logs[1:2 * half:2]) / 2
+    balanced: np.ndarray[Any, np.dtype[np.float64]] = (logs[0:2 * half:2] + logs[1:2 * half:2]) / 2
+    return balanced
 
 
 def paired_change(a: Sequence[float], b: Sequence[float], confidence: float = PAIRED_CONFIDENCE) -> PairedChange:
