@@ -4,7 +4,10 @@
 (``--trainperf-against``, the confirmation of a screened cell) must not mistake for a change. Each pair
 is two fresh processes of the same code (a 20-layer MLP training step of a few milliseconds, one
 intra-op thread) that take turns step by step as lockstep workers do, the order flipping every pair of
-steps; the figure of a pair is the median of the per-step ratios B / A, minus one. *unpinned*: the
+steps. Two figures per pair of processes, minus one: the median of the per-pair ratios B / A (what the
+plugin judged until 2026-12-01), and the median balanced ratio (two consecutive pairs, one A-first and
+one B-first, averaged: :func:`pytest_trainperf.paired.paired_change`, what it judges since), which
+cancels the order effect of taking turns (the second step of a pair runs after a switch of process). *unpinned*: the
 processes go where the scheduler puts them (as the plugin's lockstep workers did before); *shared CPUs*:
 both on the session's last CPU (as the plugin's lockstep workers run since 2026-12-01:
 ``pytest_trainperf.runners.children.pair_cpus``). The two conditions take turns.
@@ -29,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verdicts import write_doc  # noqa: E402  (one section of a document between markers)
 
 from pytest_trainperf.env import cpu_model  # noqa: E402
+from pytest_trainperf.paired import paired_change  # noqa: E402
 
 OUT = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- pair-cpus:begin -->", "<!-- pair-cpus:end -->"
-STEPS = 60
+STEPS = 70
 """Steps each process times per pair (the first WARM pairs are dropped)."""
 WARM = 10
 WORKER = '''
@@ -85,8 +89,9 @@ def step(proc: subprocess.Popen[str]) -> float:
     return float(proc.stdout.readline())
 
 
-def one_pair(cpus: frozenset[int] | None) -> float:
-    """The median per-step ratio B / A of two fresh processes taking turns, minus one."""
+def one_pair(cpus: frozenset[int] | None) -> tuple[float, float]:
+    """Two fresh processes taking turns: the median per-pair ratio B / A and the median balanced ratio,
+    each minus one."""
     a, b = start(cpus), start(cpus)
     times: dict[int, list[float]] = {id(a): [], id(b): []}
     try:
@@ -99,8 +104,9 @@ def one_pair(cpus: frozenset[int] | None) -> float:
             proc.stdin.write("stop\n")
             proc.stdin.close()
             proc.wait()
-    logs = [math.log(tb / ta) for ta, tb in zip(times[id(a)][WARM:], times[id(b)][WARM:], strict=True)]
-    return math.expm1(statistics.median(logs))
+    first, second = times[id(a)][WARM:], times[id(b)][WARM:]
+    logs = [math.log(tb / ta) for ta, tb in zip(first, second, strict=True)]
+    return math.expm1(statistics.median(logs)), paired_change(first, second).ratio - 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,17 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     if shared is None:
         print("pair_cpus.py: needs a Linux machine with at least 2 CPUs", file=sys.stderr)
         return 2
-    found: dict[str, list[float]] = {"unpinned": [], "shared CPUs": []}
+    found: dict[str, list[float]] = {}
     for _ in range(args.pairs):
-        found["unpinned"].append(one_pair(None))
-        found["shared CPUs"].append(one_pair(shared))
+        for name, cpus in (("unpinned", None), ("shared CPUs", shared)):
+            per_pair, balanced = one_pair(cpus)
+            found.setdefault(f"{name}, median per-pair ratio", []).append(per_pair)
+            found.setdefault(f"{name}, median balanced ratio", []).append(balanced)
     lines = [BEGIN, "", "## Two processes of the same code, side by side: unpinned and on shared CPUs", "",
              f"`python benchmarks/pair_cpus.py --pairs {args.pairs}` on {cpu_model()} ({len(os.sched_getaffinity(0))} "
              f"CPUs; shared: CPU {', '.join(map(str, sorted(shared)))}): pairs of fresh processes of the same "
              f"20-layer MLP step (one thread), taking turns step by step ({STEPS} pairs of steps, order flipping, "
-             f"the first {WARM} dropped). Each figure is a pair's median per-step ratio B / A, minus one: what a "
-             "side-by-side comparison of unchanged code sees.", "",
-             "| workers | pairs | median | smallest | largest | pairs beyond ±2% |",
+             f"the first {WARM} dropped). Each figure is a pair of processes' median ratio B / A, minus one, per pair "
+             "of steps or balanced (an A-first and a B-first pair of steps averaged): what a side-by-side "
+             "comparison of unchanged code sees.", "",
+             "| workers, figure | pairs of processes | median | smallest | largest | beyond ±2% |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, values in found.items():
         beyond = sum(abs(v) > 0.02 for v in values)

@@ -171,7 +171,7 @@ def counts(doc: dict[str, object]) -> tuple[int, int, int, list[float], list[flo
     return len(cells), failed, len(confirmed), changes, stored
 
 
-def run(runs: int, workdir: Path, extra_quiet: int = 0) -> dict[str, object]:
+def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None) -> dict[str, object]:
     repo = workdir / "repo"
     repo.mkdir()
     base = make_repo(repo)
@@ -204,6 +204,10 @@ def run(runs: int, workdir: Path, extra_quiet: int = 0) -> dict[str, object]:
                             spinner.kill()
                             spinner.wait()
                     rows.setdefault(f"{condition}|{change}|{mode}", []).append((wall, *counts(doc)))
+                    if raw is not None:  # as it goes: an interrupted run keeps what it measured
+                        raw.write_text(json.dumps({"update_wall": update_wall, "rows": rows, "runs": number + 1,
+                                                   "extra_quiet": extra_quiet}, indent=1))
+                    print(f"  {condition} {change} {mode}: {wall:.1f} s", flush=True)
         print(f"run {number + 1} of {runs} done", flush=True)
     return {"update_wall": update_wall, "rows": rows, "runs": runs, "extra_quiet": extra_quiet}
 
@@ -258,13 +262,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--extra-quiet", type=int, default=0,
                         help="more quiet runs of unchanged code per round, for the false-alarm row (default 0)")
     parser.add_argument("--out", type=Path, default=OUT, help="document to write the section to")
-    parser.add_argument("--raw", type=Path, default=None, help="also write the raw figures as JSON")
+    parser.add_argument("--raw", type=Path, default=None, help="also write the raw figures as JSON, run by run")
+    parser.add_argument("--from-raw", type=Path, default=None,
+                        help="write the section from raw figures written earlier (an interrupted run) and stop")
     args = parser.parse_args(argv)
+    if args.from_raw is not None:
+        found = json.loads(args.from_raw.read_text())
+        verdicts.write_doc(args.out, section(found), BEGIN, END)
+        print(section(found))
+        return 0
     if shutil.which("taskset") is None:
         print("screen.py: needs taskset (util-linux) to pin the busy condition", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="trainperf-screen-") as tmp:
-        found = run(args.runs, Path(tmp), args.extra_quiet)
+        found = run(args.runs, Path(tmp), args.extra_quiet, args.raw)
     if args.raw is not None:
         args.raw.write_text(json.dumps(found, indent=1))
     verdicts.write_doc(args.out, section(found), BEGIN, END)

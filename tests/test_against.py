@@ -298,7 +298,8 @@ def test_a_tree_holding_its_own_pytest_trainperf_is_measured_by_this_one(pyteste
                     reason="pinning a pair to shared CPUs needs a Linux machine with at least 2 CPUs")
 def test_both_workers_of_a_pair_run_on_the_same_cpus(pytester: pytest.Pytester, repo: Path, tmp_path: Path) -> None:
     """Two unpinned workers settle on cores of their own, which differ by more than a slowdown worth
-    catching: both run on the session's last CPU (one intra-op thread), and their threads with them."""
+    catching: for the pairs, both run on the session's last CPU (one intra-op thread), and their
+    threads with them; before them (building the cell, warming up) on any of the session's."""
     seen = tmp_path / "seen"
     seen.mkdir()
     (repo / "test_cpus.py").write_text(textwrap.dedent(f"""
@@ -306,16 +307,27 @@ def test_both_workers_of_a_pair_run_on_the_same_cpus(pytester: pytest.Pytester, 
         from pathlib import Path
         from work import build
 
+        def cpus():
+            return " ".join(map(str, sorted(os.sched_getaffinity(0))))
+
         def test_cpus(trainperf):
-            Path({str(seen)!r}, str(os.getpid())).write_text(" ".join(map(str, sorted(os.sched_getaffinity(0)))))
-            trainperf.train(build(), steps=3, warmup=1)
+            Path({str(seen)!r}, f"{{os.getpid()}}.start").write_text(cpus())
+            inner = build()
+
+            def step():
+                Path({str(seen)!r}, f"{{os.getpid()}}.step").write_text(cpus())  # the last: a timed pair's
+                return inner()
+
+            trainperf.train(step, steps=3, warmup=1)
     """))
     git(repo, "add", "test_cpus.py")
     git(repo, "commit", "-qm", "cpus")
     result = pytester.runpytest("--trainperf-against=main", "test_cpus.py")
     result.assert_outcomes(passed=1)
     last = max(os.sched_getaffinity(0))
-    assert sorted(p.read_text() for p in seen.iterdir()) == [str(last), str(last)]
+    mine = " ".join(map(str, sorted(os.sched_getaffinity(0))))
+    assert sorted(p.read_text() for p in seen.glob("*.step")) == [str(last), str(last)]
+    assert sorted(p.read_text() for p in seen.glob("*.start")) == [mine, mine]
     assert pair_cpus(1) == frozenset({last})
     assert pair_cpus(len(os.sched_getaffinity(0))) is None  # as many threads as CPUs: nothing left out
     no_worktree_left(repo)

@@ -258,6 +258,20 @@ def pair_cpus(threads: int) -> frozenset[int] | None:
     return frozenset(mine[-max(threads, 1):])
 
 
+def pin_process(pid: int, cpus: frozenset[int]) -> None:
+    """Move every thread of process ``pid`` onto ``cpus`` (Linux; threads it starts later inherit it).
+    A thread that ended meanwhile is passed over; so is a process that is gone."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in threads:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass
+
+
 PR_SET_PDEATHSIG = 1
 """``prctl``'s option that asks the kernel to send the calling process a signal when its parent dies."""
 

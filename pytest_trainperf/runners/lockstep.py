@@ -20,9 +20,11 @@ does to both. How:
   (:class:`pytest_trainperf.runners.children.ChildReporter`).
 * In between, the parent **takes turns**: :data:`WARM_PAIRS` untimed pairs, then ``--trainperf-pairs``
   timed ones, one step of A and one of B, the order flipping every pair (AB, BA, AB, ...), so that both
-  steps of a pair see the same state of the machine and an order effect cancels. Both workers run on
-  the same CPUs (:func:`~pytest_trainperf.runners.children.pair_cpus`: the last ``threads`` of the
-  session's), so that a pair's two steps also ran on the same cores.
+  steps of a pair see the same state of the machine and an order effect cancels. For the pairs, both
+  workers run on the same CPUs (:func:`~pytest_trainperf.runners.children.pair_cpus`: the last
+  ``threads`` of the session's), so that a pair's two steps also ran on the same cores; before them
+  (starting, collecting, building the cell, counting its work, warming up: nothing timed) each runs
+  on any of the session's CPUs, side by side.
 * The verdict (:func:`pytest_trainperf.paired.judge_paired`): timings on the balanced ratios (each
   two consecutive pairs, one A-first and one B-first, so that the order effect cancels; median and
   sign-test interval), exact metrics (FLOPs, peak memory, loss) value against value. It goes into
@@ -71,6 +73,7 @@ from pytest_trainperf.runners.children import (
     load_outcome,
     pair_cpus,
     phase_report,
+    pin_process,
     start_child,
 )
 from pytest_trainperf.settings import Settings
@@ -295,13 +298,26 @@ class Worker:
 
 
 def lockstep(a: Worker, b: Worker, pairs: int, warm: int = WARM_PAIRS,
-             more: Callable[[Sequence[float], Sequence[float]], bool] | None = None, step: int | None = None) -> None:
+             more: Callable[[Sequence[float], Sequence[float]], bool] | None = None, step: int | None = None,
+             pin: Callable[[bool], None] | None = None) -> None:
     """Wait until both are ready, then ``warm`` untimed and ``pairs`` timed pairs of steps, the order
     within a pair alternating (A then B, B then A, ...), then batches of ``step`` (default ``pairs // 2``)
     more while ``more(a's times, b's times)`` says the pairs so far leave the verdict open. A side that
-    ends early drops out and the other goes on alone. Both are told to stop at the end."""
+    ends early drops out and the other goes on alone. Both are told to stop at the end. ``pin(True)``
+    runs once both are ready, before the first pair; ``pin(False)`` once both are told to stop."""
     for worker in (a, b):
         worker.ask("")  # its "ready", or the end of its output
+    if pin is not None:
+        pin(True)
+    try:
+        _take_turns(a, b, pairs, warm, more, step)
+    finally:
+        if pin is not None:
+            pin(False)
+
+
+def _take_turns(a: Worker, b: Worker, pairs: int, warm: int,
+                more: Callable[[Sequence[float], Sequence[float]], bool] | None, step: int | None) -> None:
     i, due = 0, warm + pairs
     while True:
         while i < due:
@@ -391,9 +407,11 @@ class Pairing:
         self.workdir: Path | None = None
         self._root_rel = _inside(config.rootpath, toplevel, "rootdir")
         self._ini_rel = _inside(config.inipath, toplevel, "ini file") if config.inipath is not None else None
-        self._workers: dict[str, Worker] = {}
+        self._workers: dict[tuple[str, int], Worker] = {}
+        """The live workers, by side (:data:`THIS` or a commit) and set (see :meth:`compare`)."""
         self._worktrees: dict[str, Path] = {}
         self._cpus: frozenset[int] | None | bool = False  # False: not decided yet
+        self._session_cpus = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
 
     @property
     def cpus(self) -> frozenset[int] | None:
@@ -406,22 +424,27 @@ class Pairing:
         return self._cpus
 
     def compare(self, item: pytest.Function, sha: str, name: str,
-                more: Callable[[Sequence[float], Sequence[float]], bool] | None = None) -> Compared:
+                more: Callable[[Sequence[float], Sequence[float]], bool] | None = None, workers: int = 0) -> Compared:
         """Run ``item``'s cell at commit ``sha`` (named ``name`` in messages) and in this tree, in
-        lockstep; the side of this tree and the other's."""
-        other, this = self._worker(item, sha), self._worker(item, THIS)
+        lockstep; the side of this tree and the other's. ``workers`` picks the set of workers: each set
+        is a pair of processes of its own (started when first needed, then kept), so that a second
+        comparison on another set draws the pair's own offset anew."""
+        other, this = self._worker(item, sha, workers), self._worker(item, THIS, workers)
         for worker in (other, this):
             worker.begin(item.nodeid)
-        lockstep(other, this, paired.first_look(self.settings.pairs), more=more, step=paired.SEQUENTIAL_STEP)
+        lockstep(other, this, paired.first_look(self.settings.pairs), more=more, step=paired.SEQUENTIAL_STEP,
+                 pin=lambda on: self._pin((other, this), on))
         ran = [self._ran(worker) for worker in (other, this)]
         return Compared(this=ran[1], other=self._other_side(item, ran[0], name))
 
-    def retire(self, sha: str) -> None:
-        """End the workers of this tree and of ``sha``: the next comparison starts fresh ones."""
-        for side in (sha, THIS):
-            worker = self._workers.pop(side, None)
-            if worker is not None:
-                worker.quit()
+    def _pin(self, workers: Sequence[Worker], on: bool) -> None:
+        """Both workers onto :attr:`cpus` for the pairs (``on``), or back onto the session's CPUs, where
+        they build the cell, count its work and warm up side by side, nothing of it timed."""
+        if self.cpus is None:
+            return
+        for worker in workers:
+            if worker.proc.poll() is None:
+                pin_process(worker.proc.pid, self.cpus if on else self._session_cpus)
 
     def close(self) -> None:
         """End every worker and remove every worktree; never raises (it runs as a session ends)."""
@@ -457,9 +480,10 @@ class Pairing:
             worker.quit()  # its pipes closed now, not left to the garbage collector (a ResourceWarning)
         return ran
 
-    def _worker(self, item: pytest.Function, side: str) -> Worker:
-        """The worker of this tree (``side`` is :data:`THIS`) or of a commit, started if need be."""
-        worker = self._workers.get(side)
+    def _worker(self, item: pytest.Function, side: str, workers: int = 0) -> Worker:
+        """The worker of this tree (``side`` is :data:`THIS`) or of a commit in set ``workers``, started
+        if need be."""
+        worker = self._workers.get((side, workers))
         if worker is not None and worker.proc.poll() is None:
             return worker
         if worker is not None:  # it ended between cells: close its pipes before a new one starts
@@ -479,7 +503,7 @@ class Pairing:
                 pytest.fail(f"trainperf: cannot check out {side[:SHORT_SHA]} to compare with: {exc}", pytrace=False)
         else:
             tree = self._worktrees[side]
-        worker = self._workers[side] = self._start(item, side, tree)
+        worker = self._workers[side, workers] = self._start(item, side, tree)
         worker.serving()
         return worker
 
@@ -508,7 +532,7 @@ class Pairing:
         channel = Channel(os.fdopen(parent_reads, "r", encoding="ascii"),
                           os.fdopen(parent_writes, "w", encoding="ascii"))
         try:
-            proc = start_child(argv, root, env, workdir, pass_fds=(child_reads, child_writes), cpus=self.cpus)
+            proc = start_child(argv, root, env, workdir, pass_fds=(child_reads, child_writes))  # pinned for pairs
         except BaseException:
             channel.close()
             raise
