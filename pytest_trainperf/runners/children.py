@@ -222,22 +222,14 @@ class ChildRun:
 
 
 def start_child(argv: Sequence[str], cwd: Path, env: Mapping[str, str], workdir: Path,
-                pass_fds: Sequence[int] = (), cpus: frozenset[int] | None = None) -> subprocess.Popen[bytes]:
+                pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
     """Start a child, its output to a file in ``workdir``, its outcome to be written there too;
-    ``pass_fds`` are inherited (the lockstep pipes of ``--trainperf-against``); ``cpus``: the CPUs it
-    and every thread and process it starts may run on (None: the parent's)."""
-    arm = die_with_parent(os.getpid())
-
-    def before_exec() -> None:
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-        if arm is not None:
-            arm()
-
+    ``pass_fds`` are inherited (the lockstep pipes of ``--trainperf-against``). A lockstep worker is
+    pinned only for its timed pairs (:func:`pin_process`)."""
     with open(workdir / "output.txt", "wb") as out:
         return subprocess.Popen(list(argv), cwd=cwd, env={**env, CHILD_ENV: str(workdir / "outcome.json")},
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                pass_fds=tuple(pass_fds), preexec_fn=before_exec if cpus or arm else None)
+                                pass_fds=tuple(pass_fds), preexec_fn=die_with_parent(os.getpid()))
 
 
 def pair_cpus(threads: int) -> frozenset[int] | None:
