@@ -57,7 +57,7 @@ from pytest_trainperf.records import (
 )
 from pytest_trainperf.report.progress import RoundsProgress
 from pytest_trainperf.runners import CellRun, CellRunner, choose
-from pytest_trainperf.runners.children import CHILD_ENV, death
+from pytest_trainperf.runners.children import CHILD_ENV, TIMINGS_ONLY_ENV, death
 from pytest_trainperf.runners.lockstep import FIXTURE_NAME, Pairing
 from pytest_trainperf.runners.ranks import rank_from_env
 from pytest_trainperf.settings import CONFIRM_BASELINE, CONFIRM_NONE, Settings, add_options, resolve
@@ -177,7 +177,7 @@ def trainperf(request: pytest.FixtureRequest) -> TrainPerf:
                                   session.forecasts)
     distributed = request.node.get_closest_marker(RANKS_MARK) is not None
     rank = rank_from_env() if distributed else None
-    fixture = TrainPerf(cell, session.settings, session.malloc, timing_only=session.remeasuring,
+    fixture = TrainPerf(cell, session.settings, session.malloc, timing_only=session.remeasuring or session.timings_only,
                         memory_budget=memory, forecast=forecasting, rank=rank)
     request.node.stash[FIXTURE_KEY] = fixture
     request.addfinalizer(fixture.close)  # a measured loop the test left open restores threads and the collector
@@ -238,6 +238,10 @@ class TrainPerfSession:
         self.remeasuring = False
         """True while cells are re-run for their timings only: an update's noise rounds, a figure's
         confirmation. Their measurements are kept in :attr:`_retimed`."""
+        self.timings_only = bool(os.environ.get(TIMINGS_ONLY_ENV))
+        """True in a child whose parent uses only its timings (``TIMINGS_ONLY_ENV``: an update's noise round
+        in a fresh process, a side-by-side confirmation's worker): every cell is measured for its timings
+        only, and reported as a cell."""
         self.swept = ""
         """The note on what a killed session had left in the temp directory, removed at configure."""
         self.figure_failures: list[str] = []
@@ -338,7 +342,7 @@ class TrainPerfSession:
     def _conclude(self, item: pytest.Function, run: CellRun) -> None:
         """Take in one cell from its runner: judge it, keep the result (and, in an update, the baseline
         to write), and fail ``item`` on a regression."""
-        if run.timing_only:  # a noise round or a figure's confirmation: its timings are pooled later
+        if run.timing_only and not self.timings_only:  # a noise round or a figure's confirmation: pooled later
             self._retimed.setdefault(item.nodeid, []).append(run.measurement)
             return
         for note in run.notes:
@@ -479,7 +483,7 @@ class TrainPerfSession:
         if self._pairing is None:
             top = vcs.toplevel(self.config.rootpath)
             assert top is not None  # a commit was found in it
-            self._pairing = Pairing(self.settings, self.config, top)
+            self._pairing = Pairing(self.settings, self.config, top, timings_only=True)  # the pair judges timings
         pair: CellVerdict | str = ""
         for pairing in range(SIDE_BY_SIDE_PAIRINGS):  # a regression must hold on other processes too
             pair = self._pair(item, commit, name, overrides, workers=pairing)
@@ -687,8 +691,8 @@ class TrainPerfSession:
 
     def _fresh_round(self, nodeids: list[str]) -> None:
         """One noise round of these cells in a fresh child process (measured as a compare run against no
-        baseline would measure them); their timings join their rounds. A child that fails to give a
-        cell costs that cell this round, with a note."""
+        baseline would measure them, timings only: ``TIMINGS_ONLY_ENV``); their timings join their rounds.
+        A child that fails to give a cell costs that cell this round, with a note."""
         import shutil
 
         from pytest_trainperf import scratch
@@ -701,7 +705,7 @@ class TrainPerfSession:
         argv = command(nodeids, config.rootpath, workdir / "tmp", config.inipath, config, settings)
         started = time.perf_counter()
         try:
-            ran = run_child(argv, config.rootpath, child_env(os.environ), workdir)
+            ran = run_child(argv, config.rootpath, {**child_env(os.environ), TIMINGS_ONLY_ENV: "1"}, workdir)
         except ChildError as exc:
             self.ledger.note(f"a noise round in a fresh process gave nothing: {exc}", nodeids)
             return

@@ -5,6 +5,7 @@ regression fails. Through pytester in a temporary git repository (the workers ar
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -111,6 +112,51 @@ def test_a_baseline_from_a_faster_machine_is_confirmed_unchanged_and_passes(pyte
     (screened,) = cell["verdict"]["screen"]
     assert screened["name"] == "step_time" and screened["status"] == "regressed"
     assert doc["summary"]["machine"]["confirmed"] == [{"against": measured, "cells": 1, "regressed": 0}]
+    no_worktree_left(repo)
+
+
+LOGGED = """
+import os
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+import pytest_trainperf as tp
+from work import build
+
+
+@tp.tolerance(step_time=0.5)
+def test_w(trainperf):
+    inner = build()
+
+    def step():
+        with open({log!r}, "a") as log:  # which process, and whether a counting (dispatch) mode is on
+            log.write(f"{{os.getpid()}} {{_get_current_dispatch_mode() is not None}}\\n")
+        return inner()
+
+    trainperf.train(step, steps=3, warmup=1)
+"""
+
+
+def test_a_confirmation_s_workers_measure_timings_only(pytester: pytest.Pytester, repo: Path, tmp_path: Path) -> None:
+    """The pair's exact metrics are not used (the stored baseline judges those): its workers run no
+    counting pass and no memory-tracked step, only the warm-up and the steps they take turns on."""
+    log = tmp_path / "steps.log"
+    pytester.makepyfile(test_w=LOGGED.format(log=str(log)))
+    git(repo, "commit", "-qam", "logged")
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baselines")
+    make_fast(repo)
+    log.unlink()
+    result = pytester.runpytest("--trainperf")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*1 timing cell confirmed side by side against *: 0 regressed"])
+    counted: dict[str, set[bool]] = {}
+    for line in log.read_text().split("\n"):
+        if line:
+            pid, mode = line.split()
+            counted.setdefault(pid, set()).add(mode == "True")
+    session = str(os.getpid())  # pytester runs the session in this process
+    assert counted.pop(session) == {True, False}  # its own cell: the counting pass, then plain steps
+    assert list(counted.values()) == [{False}, {False}]  # both workers: no counting pass
     no_worktree_left(repo)
 
 

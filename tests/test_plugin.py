@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import textwrap
@@ -591,6 +592,43 @@ def test_update_measures_rounds_interleaved_across_cells_and_stores_the_band(pyt
         assert len(step_time["samples"]) > 6  # the pool of the rounds' samples (settling may drop a few), not round 1's
         assert step_time["value"] == pytest.approx(statistics.median(step_time["samples"]), rel=1e-9)
         assert "rounds" not in cell["metrics"]["flops"]  # exact metrics: measured once
+
+
+CALLS_LOGGED = """
+import os
+import torch
+import pytest_trainperf as tp
+
+@tp.grid(n=[1, 2])
+def test_x(trainperf, n):
+    w = torch.ones(8, 8, requires_grad=True)
+    def step():
+        with open("calls.log", "a") as log:
+            log.write(f"{os.getpid()} {n}\\n")
+        loss = (w * n).sum()
+        loss.backward()
+        return loss
+    trainperf.train(step, steps=6, warmup=1)
+"""
+
+
+def test_a_noise_round_in_a_fresh_process_measures_timings_only(pytester: pytest.Pytester) -> None:
+    """Like a round in the session's process, a round in a fresh one runs the warm-up and the timed steps
+    of each cell, not the counting pass nor the memory-tracked step (exact metrics are measured once)."""
+    pytester.makepyfile(test_calls=CALLS_LOGGED)
+    result = pytester.runpytest("--trainperf-update-baselines", "--trainperf-rounds=3")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["trainperf: noise round 3 of 3 (2 cells, in a fresh process)"])
+    calls: dict[tuple[str, str], int] = {}
+    for line in (pytester.path / "calls.log").read_text().split("\n"):
+        if line:
+            pid, n = line.split()
+            calls[pid, n] = calls.get((pid, n), 0) + 1
+    session = str(os.getpid())  # pytester runs the update in this process
+    fresh = {n: count for (pid, n), count in calls.items() if pid != session}
+    # round 1: 1 counted + 1 memory-tracked + 1 warm-up + 6 timed; round 2 (timing only): 1 + 6
+    assert {n: count for (pid, n), count in calls.items() if pid == session} == {"1": 16, "2": 16}
+    assert fresh == {"1": 7, "2": 7}
 
 
 def test_one_round_or_no_time_left_stores_no_band(pytester: pytest.Pytester) -> None:

@@ -61,6 +61,7 @@ from pytest_trainperf.runners.children import (
     DETAIL_CHARS,
     LOCKSTEP_ENV,
     OUTPUT_LINES,
+    TIMINGS_ONLY_ENV,
     ChildError,
     ChildOutcome,
     ChildRun,
@@ -400,8 +401,11 @@ class Pairing:
     """Persistent lockstep workers, cell after cell: one for this tree, one per other revision (each
     checked out into a temporary worktree), started when first needed and ended with :meth:`close`."""
 
-    def __init__(self, settings: Settings, config: pytest.Config, toplevel: Path) -> None:
+    def __init__(self, settings: Settings, config: pytest.Config, toplevel: Path, timings_only: bool = False) -> None:
         self.settings = settings
+        self.timings_only = timings_only
+        """Whether the workers measure timings only (:data:`~pytest_trainperf.runners.children.TIMINGS_ONLY_ENV`):
+        a confirmation, which takes only the timings of the pair; ``--trainperf-against`` judges every metric."""
         self.config = config
         self.toplevel = toplevel
         self.workdir: Path | None = None
@@ -529,6 +533,8 @@ class Pairing:
         child_reads, parent_writes = os.pipe()
         parent_reads, child_writes = os.pipe()
         env[LOCKSTEP_ENV] = f"{child_reads},{child_writes}"
+        if self.timings_only:
+            env[TIMINGS_ONLY_ENV] = "1"
         channel = Channel(os.fdopen(parent_reads, "r", encoding="ascii"),
                           os.fdopen(parent_writes, "w", encoding="ascii"))
         try:
