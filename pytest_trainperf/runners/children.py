@@ -31,11 +31,11 @@ STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 PLUGIN_NAME = "trainperf-child"
 """The name a child's reporter is registered under."""
 CHILD_ENV = "PYTEST_TRAINPERF_CHILD"
+"""Set in a child's environment to the file it writes its outcome to."""
 TIMINGS_ONLY_ENV = "PYTEST_TRAINPERF_TIMINGS_ONLY"
 """Set in a child whose parent uses only its cells' timings: the child of an update's noise round in a
 fresh process, a worker of a side-by-side confirmation. It measures timings only (no counting pass, no
 memory-tracked step), as a noise round in the session's process does, and reports each cell."""
-"""Set in a child's environment to the file it writes its outcome to."""
 LOCKSTEP_ENV = "PYTEST_TRAINPERF_LOCKSTEP"
 """Set in a lockstep child's environment to ``<fd it reads commands from>,<fd it answers on>``."""
 RANKS_ENV = "PYTEST_TRAINPERF_RANKS"
