@@ -34,7 +34,7 @@ pair at a time, so both steps of a pair see the same state of the machine. Each 
   ratio is at most ``1 + tolerance``".
 
 Why a tolerance at all, when the pairing cancels the machine: two processes of the same code still
-differ by a small offset of their own (where their tensors landed, how their allocators warmed up),
+differ by a small offset of their own (not address-space randomisation, not hash seeds: measured),
 which no number of pairs averages away (within about ±1.5% on 2 cores, balanced);
 :data:`PAIRED_TOLERANCE` covers it (see ``docs/performance.md`` for the measurement behind it).
 

@@ -69,8 +69,8 @@ IN_PROCESS_ROUNDS = 2
 child process, so that the noise band holds what a new process does."""
 SIDE_BY_SIDE_PAIRINGS = 2
 """Side-by-side comparisons a confirmed regression must survive, each on a pair of worker processes of its
-own (kept for the session): two processes of the same code differ by an offset of their own (where their
-tensors landed; within about ±1.5% measured), which a second pair of processes draws anew."""
+own (kept for the session): two processes of the same code differ by an offset of their own (within about
+±1.5% in balanced ratios on a 2-core runner), which a second pair of processes draws anew."""
 PLUGIN_NAME = "trainperf-session"
 """The name the session object is registered under."""
 FIXTURE_KEY = pytest.StashKey[TrainPerf]()
