@@ -17,7 +17,7 @@ At each of ``unchanged``, ``+5%`` and ``+10%``. Unchanged runs also run once mor
 ``--trainperf-confirm-against=none`` (the stored verdict alone, the plugin before this feature) for the
 wall-time ratio and the false alarms side by side. Writes a section of ``docs/performance.md``.
 
-    python benchmarks/screen.py --runs 5                 # about 15 minutes on 2 cores
+    python benchmarks/screen.py --runs 4 --extra-quiet 6 --raw /tmp/screen.json   # about 50 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -185,31 +185,31 @@ def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None)
     commits = commit_slowdowns(repo, base)
     shutil.copytree(repo / "baselines", workdir / "baselines")
     rows: dict[str, list[tuple[float, int, int, int, list[float], list[float]]]] = {}
+    found: dict[str, object] = {"update_wall": update_wall, "rows": rows, "runs": 0, "extra_quiet": extra_quiet}
     for number in range(runs):
         plan = [(condition, change, True) for condition in ("quiet", "busy") for change in SLOWDOWNS]
         plan += [("quiet", "unchanged", False)] * extra_quiet  # the false-alarm row needs the most cell-runs
         for condition, change, main in plan:
-            if True:
-                git(repo, "checkout", "-q", commits[change])
-                shutil.rmtree(repo / "baselines")
-                shutil.copytree(workdir / "baselines", repo / "baselines")
-                modes = [("confirm", [])] + ([("stored only", ["--trainperf-confirm-against=none"])]
-                                            if change == "unchanged" and main else [])
-                for mode, extra in modes:
-                    spinner = neighbour() if condition == "busy" else None
-                    try:
-                        wall, doc = pytest_run(repo, ["--trainperf", *extra], pinned=condition == "busy")
-                    finally:
-                        if spinner is not None:
-                            spinner.kill()
-                            spinner.wait()
-                    rows.setdefault(f"{condition}|{change}|{mode}", []).append((wall, *counts(doc)))
-                    if raw is not None:  # as it goes: an interrupted run keeps what it measured
-                        raw.write_text(json.dumps({"update_wall": update_wall, "rows": rows, "runs": number + 1,
-                                                   "extra_quiet": extra_quiet}, indent=1))
-                    print(f"  {condition} {change} {mode}: {wall:.1f} s", flush=True)
+            git(repo, "checkout", "-q", commits[change])
+            shutil.rmtree(repo / "baselines")
+            shutil.copytree(workdir / "baselines", repo / "baselines")
+            modes = [("confirm", [])] + ([("stored only", ["--trainperf-confirm-against=none"])]
+                                        if change == "unchanged" and main else [])
+            for mode, extra in modes:
+                spinner = neighbour() if condition == "busy" else None
+                try:
+                    wall, doc = pytest_run(repo, ["--trainperf", *extra], pinned=condition == "busy")
+                finally:
+                    if spinner is not None:
+                        spinner.kill()
+                        spinner.wait()
+                rows.setdefault(f"{condition}|{change}|{mode}", []).append((wall, *counts(doc)))
+                found["runs"] = number + 1
+                if raw is not None:  # as it goes: an interrupted run keeps what it measured
+                    raw.write_text(json.dumps(found, indent=1))
+                print(f"  {condition} {change} {mode}: {wall:.1f} s", flush=True)
         print(f"run {number + 1} of {runs} done", flush=True)
-    return {"update_wall": update_wall, "rows": rows, "runs": runs, "extra_quiet": extra_quiet}
+    return found
 
 
 def _spread(values: Sequence[float]) -> str:
