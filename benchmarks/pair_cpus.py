@@ -33,6 +33,7 @@ from verdicts import write_doc  # noqa: E402  (one section of a document between
 
 from pytest_trainperf.env import cpu_model  # noqa: E402
 from pytest_trainperf.paired import paired_change  # noqa: E402
+from pytest_trainperf.runners.children import pair_cpus  # noqa: E402
 
 OUT = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- pair-cpus:begin -->", "<!-- pair-cpus:end -->"
@@ -64,14 +65,6 @@ for line in sys.stdin:
     step()
     print(time.perf_counter() - t, flush=True)
 '''
-
-
-def pair_cpus(threads: int) -> frozenset[int] | None:
-    """The last ``threads`` CPUs of this process's, or None where that leaves nothing out."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    mine = sorted(os.sched_getaffinity(0))
-    return frozenset(mine[-threads:]) if threads < len(mine) else None
 
 
 def start(cpus: frozenset[int] | None) -> subprocess.Popen[str]:
