@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
-from scipy import stats as sps
 
 from pytest_trainperf import stats
 from pytest_trainperf.records import (
@@ -125,6 +124,8 @@ def relative_figures(spec: RelativeSpec, cells: Sequence[Measurement]) -> list[F
 def fit_power_law(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, tuple[float, float]]:
     """Fit ``y = a * x^b`` by the Theil-Sen slope on log-log axes: ``(b, a, (b_low, b_high))`` with
     the 95% interval of ``b``. Every x and y must be positive, and two x distinct."""
+    from scipy import stats as sps  # on first use, not as the plugin loads
+
     lx, ly = np.log(np.asarray(xs, dtype=float)), np.log(np.asarray(ys, dtype=float))
     fit = sps.theilslopes(ly, lx, alpha=0.95)
     return float(fit.slope), float(math.exp(fit.intercept)), (float(fit.low_slope), float(fit.high_slope))

@@ -12,8 +12,6 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from scipy import stats as sps
-
 from pytest_trainperf import derived, paired, stats
 from pytest_trainperf.records import (
     CellVerdict,
@@ -135,7 +133,7 @@ def screen_threshold(within: float, noise: float | None, rounds: int, tolerance:
     is confirmed side by side."""
     band = (noise or 0.0) ** 2 * (1 + 1 / max(rounds, 1))
     spread = math.sqrt(within ** 2 + band)
-    return math.exp(math.log1p(tolerance + SCREEN_MARGIN) - float(sps.norm.ppf(SCREEN_RECALL)) * spread)
+    return math.exp(math.log1p(tolerance + SCREEN_MARGIN) - stats.normal_quantile(SCREEN_RECALL) * spread)
 
 
 def suspect(now: Measurement, baseline: Measurement, overrides: Mapping[str, float]) -> bool:
@@ -160,7 +158,7 @@ def suspect(now: Measurement, baseline: Measurement, overrides: Mapping[str, flo
             if not math.isfinite(tolerance):
                 continue
         ratio, low, high = stats.hodges_lehmann_ratio(current, stored)
-        within = math.log(high / low) / (2 * float(sps.norm.ppf(0.5 + stats.CONFIDENCE / 2)))
+        within = math.log(high / low) / (2 * stats.normal_quantile(0.5 + stats.CONFIDENCE / 2))
         if ratio > screen_threshold(within, stats.noise_band(before.rounds), len(before.rounds), tolerance):
             return True
     return False

@@ -51,7 +51,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 from pytest_trainperf import stats
 from pytest_trainperf.records import CellVerdict, Direction, Measurement, Metric, MetricVerdict, Status
@@ -90,6 +89,8 @@ def sign_rank(n: int, confidence: float = PAIRED_CONFIDENCE) -> int:
     """The 1-based rank ``k`` of the lower end of the sign-test interval of a median of ``n`` values:
     the largest ``k`` with ``P(Binomial(n, 1/2) <= k - 1) <= (1 - confidence) / 2``; 0 when even
     ``k = 1`` is too wide a bet (too few values)."""
+    from scipy import stats as sps  # on first use, not as the plugin loads
+
     tail = (1 - confidence) / 2
     k = int(sps.binom.ppf(tail, n, 0.5))  # smallest k with cdf(k) >= tail
     while k >= 0 and sps.binom.cdf(k, n, 0.5) > tail:
@@ -128,6 +129,8 @@ def sign_p_value(a: Sequence[float], b: Sequence[float], bound: float, worse_abo
     (above it when ``worse_above``, else below): the chance of at least this many balanced ratios beyond
     it if the median were ``bound`` itself. Ratios exactly at ``bound`` are dropped, as the sign test
     drops ties."""
+    from scipy import stats as sps  # on first use, not as the plugin loads
+
     logs = balanced_logs(a, b)
     edge = math.log(bound)
     beyond = int(np.sum(logs > edge if worse_above else logs < edge))
@@ -163,9 +166,9 @@ def detectable_change(tolerance: float, change: PairedChange, confidence: float 
     and the interval's lower end must clear ``log(1 + tolerance)`` with ``z(power)`` standard errors to spare."""
     if not (change.low > 0 and math.isfinite(change.high)):
         return math.inf
-    z_ci = float(sps.norm.ppf((1 + confidence) / 2))
+    z_ci = stats.normal_quantile((1 + confidence) / 2)
     se = math.log(change.high / change.low) / (2 * z_ci)
-    return math.expm1(math.log1p(tolerance) + (z_ci + float(sps.norm.ppf(power))) * se)
+    return math.expm1(math.log1p(tolerance) + (z_ci + stats.normal_quantile(power)) * se)
 
 
 def compare_paired(metric: Metric, reference: Metric, tolerance: float,

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
-from scipy import stats as sps
 
 from pytest_trainperf.records import (
     Breakdown,
@@ -182,6 +182,12 @@ def compare_exact(metric: Metric, baseline: float, tolerance: float) -> MetricVe
     )
 
 
+def normal_quantile(p: float) -> float:
+    """The standard normal quantile at ``p`` (the standard library's, so that scipy loads only where a
+    test of its own is needed, not with the plugin in every pytest run)."""
+    return statistics.NormalDist().inv_cdf(p)
+
+
 def hodges_lehmann_ratio(current: Sequence[float], baseline: Sequence[float],
                          confidence: float = CONFIDENCE) -> tuple[float, float, float]:
     """The Hodges-Lehmann ratio ``current / baseline`` and its distribution-free interval.
@@ -193,7 +199,7 @@ def hodges_lehmann_ratio(current: Sequence[float], baseline: Sequence[float],
     diffs = np.sort(np.subtract.outer(x, y).ravel())
     m, n = len(x), len(y)
     estimate = float(np.median(diffs))
-    z = float(sps.norm.ppf(0.5 + confidence / 2))
+    z = normal_quantile(0.5 + confidence / 2)
     k = int(math.floor(m * n / 2 - z * math.sqrt(m * n * (m + n + 1) / 12)))
     k = min(max(k, 0), len(diffs) - 1)
     low, high = float(diffs[k]), float(diffs[len(diffs) - 1 - k])
@@ -234,10 +240,12 @@ def detectable_change(tolerance: float, within: float, noise: float | None, roun
     Student's t for ``rounds - 1`` degrees of freedom in place of the normal ``z(power)`` when there is
     a band (it is estimated from few rounds).
     """
+    from scipy import stats as sps  # on first use, not as the plugin loads
+
     band = (noise or 0.0) ** 2 * (1 + 1 / max(rounds, 1))
-    z_alpha = float(sps.norm.ppf(1 - alpha))
+    z_alpha = normal_quantile(1 - alpha)
     # the band is estimated from a few rounds: Student's t with rounds - 1 degrees of freedom
-    z_power = float(sps.t.ppf(power, rounds - 1) if band > 0 and rounds > 1 else sps.norm.ppf(power))
+    z_power = float(sps.t.ppf(power, rounds - 1) if band > 0 and rounds > 1 else normal_quantile(power))
     log_change = math.log1p(tolerance) + z_alpha * within + z_power * math.sqrt(within ** 2 + band)
     return math.expm1(log_change)
 
@@ -250,6 +258,8 @@ def grid_reject(p_values: Sequence[float], total: int, alpha: float = ALPHA) -> 
     every p-value), so a cell rejected now stays rejected whatever the rest of the grid brings; with
     every cell known this is plain Benjamini-Hochberg.
     """
+    from scipy import stats as sps  # on first use, not as the plugin loads
+
     if not p_values:
         return []
     padded = list(p_values) + [1.0] * max(total - len(p_values), 0)
@@ -260,6 +270,8 @@ def grid_reject(p_values: Sequence[float], total: int, alpha: float = ALPHA) -> 
 def _p_beyond(current: Sequence[float], baseline: Sequence[float], factor: float, alternative: str) -> float:
     """One-sided Mann-Whitney p-value that ``current / factor`` is still greater (or less) than
     ``baseline``: that the ratio lies beyond ``factor``. 1 when no ratio can (factor <= 0 or inf)."""
+    from scipy import stats as sps  # on first use, not as the plugin loads
+
     if not 0 < factor < math.inf:
         return 1.0
     scaled = np.asarray(current, dtype=float) / factor
@@ -292,7 +304,7 @@ def compare_samples(metric: Metric, baseline: Sequence[float], tolerance: float,
     change = ratio - 1.0
     status = classify(change, applied, metric.direction,
                        significant_worse=p_worse < alpha, significant_better=p_better < alpha)
-    within = math.log(high / low) / (2 * float(sps.norm.ppf(0.5 + CONFIDENCE / 2)))
+    within = math.log(high / low) / (2 * normal_quantile(0.5 + CONFIDENCE / 2))
     higher = metric.direction is Direction.HIGHER_IS_BETTER
     slower = (1 / worse if worse > 0 else math.inf) if higher else worse  # as a time ratio
     slowdown = detectable_change(slower - 1, within, noise, len(rounds), alpha)

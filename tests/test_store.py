@@ -544,6 +544,19 @@ def test_pure_modules_load_neither_pytest_nor_torch_in_a_fresh_interpreter() -> 
     assert done.stdout.splitlines() == PURE_MODULES  # each line: the module, then nothing it should not load
 
 
+def test_the_plugin_loads_no_heavy_library() -> None:
+    """The plugin loads in every pytest run of an environment, and in every side-by-side worker: loading
+    it must not load torch, scipy (1.1 s of the 1.7 s it once took), rich or matplotlib."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nimport pytest_trainperf.plugin\n"
+              "print(*sorted(m for m in ('torch', 'scipy', 'rich', 'matplotlib') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+
+    assert done.stdout.strip() == ""
+
+
 def test_the_import_check_sees_nested_imports() -> None:
     source = "def f():\n    import torch.nn\n    from _pytest import fixtures\n"
 
