@@ -115,10 +115,10 @@ def confirmed(screen: CellVerdict, pair: CellVerdict, against: str) -> CellVerdi
                    screen=tuple(m for m in screen.metrics if m.name in timing), confirmed_against=against)
 
 
-SCREEN_MARGIN = 0.03
+SCREEN_MARGIN = paired.CATCH_MARGIN
 """How far beyond its side-by-side tolerance a slowdown may lie and still be passed by the screen: the
 screen is built to send a cell that is ``tolerance + SCREEN_MARGIN`` slower (+5% at the default 2%) to
-confirmation :data:`SCREEN_RECALL` of the time."""
+confirmation :data:`SCREEN_RECALL` of the time; the pairs stop once they rule that size out."""
 SCREEN_RECALL = 0.95
 """The chance that the screen sends a cell slowed by ``tolerance +`` :data:`SCREEN_MARGIN` to confirmation,
 by the model of :func:`stats.detectable_change` (a new process's median is a normal draw from the stored

@@ -122,11 +122,15 @@ def test_an_ungated_step_time_gives_throughput_a_tolerance_of_one_side_by_side()
     assert paired.tolerance_for(rate, {}) == pytest.approx(paired.PAIRED_TOLERANCE / (1 + paired.PAIRED_TOLERANCE))
 
 
-def test_undecided_while_the_interval_holds_the_tolerance() -> None:
+def test_undecided_while_the_interval_holds_the_tolerance_and_the_slowdown_to_catch() -> None:
     tol = paired.PAIRED_TOLERANCE
-    assert paired.undecided(paired.PairedChange(1.03, 1.01, 1.05, 60), tol)
+    catch = 1 + tol + paired.CATCH_MARGIN  # +5%
+    assert paired.undecided(paired.PairedChange(1.03, 1.01, 1.06, 60), tol)
+    assert paired.undecided(paired.PairedChange(1.00, 0.95, catch + 0.001, 60), tol)  # +5% not ruled out
     assert not paired.undecided(paired.PairedChange(1.05, 1.03, 1.07, 60), tol)  # regressed
     assert not paired.undecided(paired.PairedChange(1.00, 0.99, 1.01, 60), tol)  # not beyond the tolerance
+    assert not paired.undecided(paired.PairedChange(1.01, 0.97, catch - 0.001, 60), tol)  # +5% ruled out
+    assert paired.undecided(paired.PairedChange(1.01, 0.97, catch - 0.001, 60), tol, margin=0.0)  # the old rule
 
 
 class Scripted(against.Worker):
@@ -408,3 +412,37 @@ def test_the_sequential_rule_stops_once_decided_and_keeps_false_alarms_rare() ->
     slower = [sequential(1.10, 0.02, rng) for _ in range(100)]
     assert all(status is Status.REGRESSED for _, status in slower)
     assert max(n for n, _ in slower) == paired.SEQUENTIAL_FIRST  # decided at the first look
+
+
+def pairs_and_catch(ratio: float, noise: float, seed: int, margin: float, runs: int = 150) -> tuple[float, int]:
+    """Simulated comparisons on a noisy machine (each step ``noise`` lognormal of its own), stopped by
+    :func:`paired.undecided` with ``margin``: the median number of pairs, and how many were regressed."""
+    rng = np.random.default_rng(seed)
+    confidence = paired.look_confidence(60)
+    used, caught = [], 0
+    for _ in range(runs):
+        machine = rng.lognormal(0.0, 0.3, paired.MAX_PAIRS_FACTOR * 60)
+        a = list(machine * rng.lognormal(0.0, noise, machine.size))
+        b = list(machine * ratio * rng.lognormal(0.0, noise, machine.size))
+        n = paired.first_look(60)
+        while n < len(a) and paired.undecided(paired.paired_change(a[:n], b[:n], confidence),
+                                              paired.PAIRED_TOLERANCE, margin):
+            n += paired.SEQUENTIAL_STEP
+        n = min(n, len(a))
+        used.append(n)
+        caught += paired.compare_paired(step_time(b[:n]), step_time(a[:n]), paired.PAIRED_TOLERANCE).status \
+            is Status.REGRESSED
+    return float(np.median(used)), caught
+
+
+def test_a_noisy_comparison_stops_once_it_rules_out_the_slowdown_it_must_catch() -> None:
+    """A busy neighbour on the core makes each pair noisy: unchanged code used to take every pair the
+    budget allows before it passed; it now stops once the interval lies below +5% (tolerance + catch
+    margin), and a +5% slowdown is caught as often as before."""
+    old_pairs, old_alarms = pairs_and_catch(1.0, 0.06, seed=3, margin=0.0)
+    new_pairs, new_alarms = pairs_and_catch(1.0, 0.06, seed=3, margin=paired.CATCH_MARGIN)
+    assert old_pairs == paired.MAX_PAIRS_FACTOR * 60 and new_pairs <= 80
+    assert old_alarms == new_alarms == 0
+    _, old_caught = pairs_and_catch(1.05, 0.06, seed=4, margin=0.0)
+    _, new_caught = pairs_and_catch(1.05, 0.06, seed=4, margin=paired.CATCH_MARGIN)
+    assert new_caught >= old_caught - 2 and new_caught >= 0.9 * 150

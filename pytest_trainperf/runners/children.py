@@ -243,9 +243,12 @@ def pair_cpus(threads: int) -> frozenset[int] | None:
     pinned (not Linux).
 
     Two unpinned workers on a multi-core machine each settle on a core of their own, and two cores of a
-    virtual machine differ by far more than the slowdowns worth catching: measured on a 2-core runner,
+    virtual machine can differ by more than the slowdowns worth catching: on a 2-core AMD EPYC runner,
     eight pairs of processes of the same code (an MLP step of a few ms) differed by -40.7% to +64.3%
-    unpinned, and by -2.9% to +1.1% on one shared core (``docs/performance.md``)."""
+    unpinned and by -2.9% to +1.1% on one shared core (the per-pair median, before the balanced ratios
+    of :mod:`pytest_trainperf.paired`). On a 2-core Intel Xeon runner, six pairs each, the median
+    balanced ratio stayed within -1.1% to +0.3% unpinned and -1.9% to +1.3% shared: not every machine's
+    cores differ, and sharing costs little where they do not (``docs/performance.md``)."""
     if not hasattr(os, "sched_getaffinity"):
         return None
     mine = sorted(os.sched_getaffinity(0))

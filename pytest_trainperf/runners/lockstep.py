@@ -576,9 +576,10 @@ def _inside(path: Path, top: Path, what: str) -> Path:
 
 def undecided(settings: Settings, tolerance: float) -> Callable[[Sequence[float], Sequence[float]], bool]:
     """The sequential rule (:mod:`pytest_trainperf.paired`): whether the step-time pairs so far leave it
-    open if the cell regressed (their interval, at :func:`paired.look_confidence`, holds ``1 +
-    tolerance``); then the comparison goes on, up to :data:`paired.MAX_PAIRS_FACTOR` times
-    ``--trainperf-pairs`` pairs and ``--trainperf-max-time`` seconds of timed pairs."""
+    open if the cell regressed by as much as the comparison must catch (their interval, at
+    :func:`paired.look_confidence`, reaches from ``1 + tolerance`` or below to above ``1 + tolerance +``
+    :data:`paired.CATCH_MARGIN`); then the comparison goes on, up to :data:`paired.MAX_PAIRS_FACTOR`
+    times ``--trainperf-pairs`` pairs and ``--trainperf-max-time`` seconds of timed pairs."""
     started = time.perf_counter()
     confidence = paired.look_confidence(settings.pairs)
 
