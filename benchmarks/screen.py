@@ -3,7 +3,8 @@ caught, and what it costs, with baselines from this machine and with a busy neig
 
 A temporary git repository holds a small suite (an MLP training step over a grid of widths, each step a
 few milliseconds) at three commits: the base, and +5% and +10% step time from a pure-Python spin added
-to each step, calibrated per cell from the base baselines' step times. The spin dispatches no torch op,
+to each step, sized per cell in one fresh process that times the step and the spin in turns (the
+same CPU for both: :func:`spin_per_step`). The spin dispatches no torch op,
 so FLOPs, ops, memory traffic and peak memory are unchanged: only the timings can catch it (extra
 layers, as before, were caught at once by the exact metrics). The baselines are updated at the base
 (the default rounds: two in process, three in fresh processes) and committed with it. Then, run after run, the conditions take turns in one loop, so that
@@ -43,8 +44,6 @@ WIDTHS = (64, 80, 96, 112, 128, 144, 160, 176)
 LAYERS = 20
 SLOWDOWNS = {"unchanged": 0.0, "+5%": 0.05, "+10%": 0.10}
 """Each condition's added step time, as a fraction of the base step time of each cell."""
-CALIBRATION_ITERS = 2_000_000
-"""Iterations of the spin loop timed to learn its cost per iteration on this machine."""
 SUITE = '''
 import torch
 from torch import nn
@@ -99,36 +98,70 @@ def make_repo(where: Path) -> str:
     return git(where, "rev-parse", "HEAD")
 
 
-def seconds_per_spin() -> float:
-    """What one iteration of the suite's spin loop costs on this machine (in a fresh interpreter, the loop
-    in a function as in the suite: a loop at module level stores its variable in a dict, twice as slow)."""
-    code = (f"import time\n\ndef spin(iterations):\n    for _ in range(iterations):\n        pass\n\n"
-            f"best = 1e9\nfor _ in range(5):\n    t = time.perf_counter()\n    spin({CALIBRATION_ITERS})\n"
-            f"    best = min(best, time.perf_counter() - t)\nprint(best / {CALIBRATION_ITERS})")
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+CALIBRATE = """
+import json, statistics, sys, time
+import torch
+from torch import nn
+
+torch.set_num_threads(1)
 
 
-def base_step_times(repo: Path) -> dict[int, float]:
-    """The stored median step time of each cell, by width."""
-    (path,) = (repo / "baselines").glob("*.json")
-    doc = json.loads(path.read_text())
-    found = {}
-    for environment in doc["environments"].values():
-        for cell, entry in environment["tests"]["test_mlp"].items():
-            found[int(cell.split("=")[1])] = float(entry["metrics"]["step_time"]["value"])
-    return found
+def spin(iterations):
+    for _ in range(iterations):
+        pass
+
+
+found = {{}}
+for width in {widths}:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range({layers})])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(32, width)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        opt.step()
+
+    for _ in range(5):
+        step()
+    ratios = []
+    for _ in range(9):  # the step and the spin in turns, in this process: the same CPU for both
+        times = []
+        for _ in range(10):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        spin({spin_iters})
+        per_iteration = (time.perf_counter() - t) / {spin_iters}
+        ratios.append(statistics.median(times) / per_iteration)
+    found[width] = statistics.median(ratios)
+print(json.dumps(found))
+"""
+SPIN_ITERS = 20_000
+"""Iterations of the spin loop timed against each calibration block of steps."""
+
+
+def spin_per_step() -> dict[int, float]:
+    """By width: how many iterations of the suite's spin loop take as long as one step, measured in one
+    fresh process that takes turns between the two (a median of nine blocks). The step and the spin see
+    the same CPU: on a runner whose vCPUs differ by ±30%, a spin sized from the stored step times and a
+    spin loop timed in another process missed its target (the +5% commit measured +4% side by side)."""
+    code = CALIBRATE.format(widths=list(WIDTHS), layers=LAYERS, spin_iters=SPIN_ITERS)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return {int(width): float(ratio) for width, ratio in json.loads(done.stdout).items()}
 
 
 def commit_slowdowns(repo: Path, base: str) -> dict[str, str]:
     """Commit each slowdown on top of the base (its spin per width); the commit of each condition."""
-    per_iteration = seconds_per_spin()
-    steps = base_step_times(repo)
+    per_step = spin_per_step()
     commits = {"unchanged": base}
     for name, fraction in SLOWDOWNS.items():
         if not fraction:
             continue
         git(repo, "checkout", "-q", base)
-        spins = {width: round(fraction * seconds / per_iteration) for width, seconds in steps.items()}
+        spins = {width: round(fraction * iterations) for width, iterations in per_step.items()}
         (repo / "work.py").write_text(f"SPIN = {spins!r}\n")
         git(repo, "checkout", "-q", "-B", f"slower-{fraction:g}")
         git(repo, "add", "work.py")
@@ -171,7 +204,8 @@ def counts(doc: dict[str, object]) -> tuple[int, int, int, list[float], list[flo
     return len(cells), failed, len(confirmed), changes, stored
 
 
-def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None) -> dict[str, object]:
+def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None,
+        only: Sequence[str] = ()) -> dict[str, object]:
     repo = workdir / "repo"
     repo.mkdir()
     base = make_repo(repo)
@@ -189,11 +223,13 @@ def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None)
     for number in range(runs):
         plan = [(condition, change, True) for condition in ("quiet", "busy") for change in SLOWDOWNS]
         plan += [("quiet", "unchanged", False)] * extra_quiet  # the false-alarm row needs the most cell-runs
+        if only:  # e.g. quiet:+5%: those conditions alone
+            plan = [entry for entry in plan if f"{entry[0]}:{entry[1]}" in only]
         for condition, change, main in plan:
             git(repo, "checkout", "-q", commits[change])
             shutil.rmtree(repo / "baselines")
             shutil.copytree(workdir / "baselines", repo / "baselines")
-            modes = [("confirm", [])] + ([("stored only", ["--trainperf-confirm-against=none"])]
+            modes: list[tuple[str, list[str]]] = [("confirm", [])] + ([("stored only", ["--trainperf-confirm-against=none"])]
                                         if change == "unchanged" and main else [])
             for mode, extra in modes:
                 spinner = neighbour() if condition == "busy" else None
@@ -225,8 +261,8 @@ def section(found: dict[str, object]) -> str:
     lines = [BEGIN, "", "## Screen, then confirm side by side (issue 12 benchmark)", "",
              f"`python benchmarks/screen.py --runs {found['runs']} --extra-quiet {found.get('extra_quiet', 0)}`: a "
              f"{len(WIDTHS)}-cell MLP suite ({LAYERS} layers, widths {WIDTHS[0]} to {WIDTHS[-1]}, one thread); +5% and "
-             "+10% step time committed as a pure-Python spin in each step, calibrated per cell from the base "
-             "baselines' step times (no torch op: FLOPs, ops, memory traffic and peak memory unchanged, so only "
+             "+10% step time committed as a pure-Python spin in each step, sized per cell in one fresh process "
+             "that times the step and the spin in turns (no torch op: FLOPs, ops, memory traffic and peak memory unchanged, so only "
              "the timings can catch it). Baselines updated at the base with the default rounds (two in "
              f"process, three in fresh processes: {found['update_wall']:.0f} s) and committed with it. Conditions "
              "interleaved, run after run (the extra quiet unchanged runs at the end of each round). *busy*: compare "
@@ -261,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs per condition (default %(default)s)")
     parser.add_argument("--extra-quiet", type=int, default=0,
                         help="more quiet runs of unchanged code per round, for the false-alarm row (default 0)")
+    parser.add_argument("--only", default="", help="run these conditions alone, comma-separated, e.g. "
+                        "quiet:+5%%,busy:unchanged (default: all)")
     parser.add_argument("--out", type=Path, default=OUT, help="document to write the section to")
     parser.add_argument("--raw", type=Path, default=None, help="also write the raw figures as JSON, run by run")
     parser.add_argument("--from-raw", type=Path, default=None,
@@ -275,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("screen.py: needs taskset (util-linux) to pin the busy condition", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="trainperf-screen-") as tmp:
-        found = run(args.runs, Path(tmp), args.extra_quiet, args.raw)
+        found = run(args.runs, Path(tmp), args.extra_quiet, args.raw, [c for c in args.only.split(",") if c])
     if args.raw is not None:
         args.raw.write_text(json.dumps(found, indent=1))
     verdicts.write_doc(args.out, section(found), BEGIN, END)

@@ -302,7 +302,8 @@ OPTIONS = (
             "the baseline measured), a git revision, or none (the stored verdict stands)", parse_confirm_against,
             metavar="POLICY"),
     _Option("--trainperf-pairs", "the budget of timed step pairs per cell of a side-by-side comparison: the verdict "
-            "is looked at after min(N, 20) pairs and every 10 more, and the pairs stop once it is decided; at most "
+            "is looked at after min(N, 20) pairs and every 10 more, and the pairs stop once regressed or once a "
+            "slowdown of tolerance + 3 points is ruled out; at most "
             f"4 x N, within --trainperf-max-time (default: {DEFAULT_PAIRS})",
             parse_pairs, metavar="N"),
     _Option("--trainperf-nnodes", "nodes the ranks of each distributed cell (tp.ranks) are spread over: run the same "
