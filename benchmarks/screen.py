@@ -18,7 +18,7 @@ At each of ``unchanged``, ``+5%`` and ``+10%``. Unchanged runs also run once mor
 ``--trainperf-confirm-against=none`` (the stored verdict alone, the plugin before this feature) for the
 wall-time ratio and the false alarms side by side. Writes a section of ``docs/performance.md``.
 
-    python benchmarks/screen.py --runs 4 --extra-quiet 6 --raw /tmp/screen.json   # about 50 minutes on 2 cores
+    python benchmarks/screen.py --runs 3 --extra-quiet 12 --raw /tmp/screen.json   # 46 minutes on 2 cores
 """
 
 from __future__ import annotations
