@@ -3,8 +3,8 @@ caught, and what it costs, with baselines from this machine and with a busy neig
 
 A temporary git repository holds a small suite (an MLP training step over a grid of widths, each step a
 few milliseconds) at three commits: the base, and +5% and +10% step time from a pure-Python spin added
-to each step, sized per cell in one fresh process that times the step and the spin in turns (the
-same CPU for both: :func:`spin_per_step`). The spin dispatches no torch op,
+to each step, sized per cell as side-by-side pairs time a step: two processes pinned to one CPU take
+turns, one with a probe spin (:func:`spin_per_paired_step`). The spin dispatches no torch op,
 so FLOPs, ops, memory traffic and peak memory are unchanged: only the timings can catch it (extra
 layers, as before, were caught at once by the exact metrics). The baselines are updated at the base
 (the default rounds: two in process, three in fresh processes) and committed with it. Then, run after run, the conditions take turns in one loop, so that
@@ -153,9 +153,103 @@ def spin_per_step() -> dict[int, float]:
     return {int(width): float(ratio) for width, ratio in json.loads(done.stdout).items()}
 
 
+PAIR_WORKER = """
+import sys, time
+import torch
+from torch import nn
+
+torch.set_num_threads(1)
+SPINS = {spins!r}
+
+
+def spin(iterations):
+    for _ in range(iterations):
+        pass
+
+
+step = None
+for line in sys.stdin:
+    word, *rest = line.split()
+    if word == "w":  # build the cell of this width, as the suite does, and warm it up
+        width = int(rest[0])
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(width, width) for _ in range({layers})])
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        x = torch.randn(32, width)
+        extra = SPINS.get(width, 0)
+
+        def step():
+            spin(extra)
+            opt.zero_grad(set_to_none=True)
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            return loss
+
+        for _ in range(5):
+            step()
+        print("ok", flush=True)
+    else:  # one step, timed
+        started = time.perf_counter()
+        step()
+        print(time.perf_counter() - started, flush=True)
+"""
+CALIBRATION_PAIRS = 160
+"""Timed step pairs per width when the spin is sized in pairs (after 10 untimed ones)."""
+PROBE = 0.10
+"""The probe spin of the sizing in pairs, as a fraction of a warm step."""
+
+
+def spin_per_paired_step() -> dict[int, float]:
+    """By width: how many iterations of the spin loop add one step's time *as side-by-side pairs time a
+    step*. A spin sized on warm steps in a row (:func:`spin_per_step`) was measured at +3.5% for +5% in
+    the pairs, where every other step runs right after a switch of process (caches cold), which the spin
+    hardly feels. So: two processes pinned to one CPU (as the plugin's workers are), one with a probe
+    spin of :data:`PROBE` of a warm step, take turns step by step; the median balanced ratio ``r``
+    (:func:`pytest_trainperf.paired.paired_change`) gives ``probe / (r - 1)`` iterations per step."""
+    from pytest_trainperf.paired import paired_change
+    from pytest_trainperf.runners.children import pair_cpus
+
+    warm = spin_per_step()
+    probe = {width: round(PROBE * iterations) for width, iterations in warm.items()}
+    cpus = pair_cpus(1)
+    pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus and shutil.which("taskset") else []
+    sides = [subprocess.Popen([*pin, sys.executable, "-c", PAIR_WORKER.format(spins=spins, layers=LAYERS)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for spins in ({}, probe)]
+
+    def ask(side: subprocess.Popen[str], word: str) -> str:
+        assert side.stdin is not None and side.stdout is not None
+        side.stdin.write(word + "\n")
+        side.stdin.flush()
+        return side.stdout.readline().strip()
+
+    found = {}
+    try:
+        for width in WIDTHS:
+            for side in sides:
+                ask(side, f"w {width}")
+            times: tuple[list[float], list[float]] = ([], [])
+            for i in range(10 + CALIBRATION_PAIRS):
+                order = (0, 1) if i % 2 == 0 else (1, 0)
+                for s in order:
+                    elapsed = float(ask(sides[s], "g"))
+                    if i >= 10:
+                        times[s].append(elapsed)
+            ratio = paired_change(times[0], times[1]).ratio
+            found[width] = probe[width] / (ratio - 1) if ratio > 1 + PROBE / 4 else warm[width]
+            print(f"  sized in pairs: width {width}: probe +{PROBE:.0%} of a warm step measured "
+                  f"{ratio - 1:+.1%} in pairs", flush=True)
+    finally:
+        for side in sides:
+            side.kill()
+            side.wait()
+    return found
+
+
 def commit_slowdowns(repo: Path, base: str) -> dict[str, str]:
-    """Commit each slowdown on top of the base (its spin per width); the commit of each condition."""
-    per_step = spin_per_step()
+    """Commit each slowdown on top of the base (its spin per width, sized in pairs); the commit of each
+    condition."""
+    per_step = spin_per_paired_step()
     commits = {"unchanged": base}
     for name, fraction in SLOWDOWNS.items():
         if not fraction:
@@ -261,8 +355,8 @@ def section(found: dict[str, object]) -> str:
     lines = [BEGIN, "", "## Screen, then confirm side by side (issue 12 benchmark)", "",
              f"`python benchmarks/screen.py --runs {found['runs']} --extra-quiet {found.get('extra_quiet', 0)}`: a "
              f"{len(WIDTHS)}-cell MLP suite ({LAYERS} layers, widths {WIDTHS[0]} to {WIDTHS[-1]}, one thread); +5% and "
-             "+10% step time committed as a pure-Python spin in each step, sized per cell in one fresh process "
-             "that times the step and the spin in turns (no torch op: FLOPs, ops, memory traffic and peak memory unchanged, so only "
+             "+10% step time committed as a pure-Python spin in each step, sized per cell as side-by-side pairs "
+             "time a step (two processes on one CPU taking turns, one with a probe spin) (no torch op: FLOPs, ops, memory traffic and peak memory unchanged, so only "
              "the timings can catch it). Baselines updated at the base with the default rounds (two in "
              f"process, three in fresh processes: {found['update_wall']:.0f} s) and committed with it. Conditions "
              "interleaved, run after run (the extra quiet unchanged runs at the end of each round). *busy*: compare "
