@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,29 @@ WIDTHS = (64, 80, 96, 112, 128, 144, 160, 176)
 LAYERS = 20
 SLOWDOWNS = {"unchanged": 0.0, "+5%": 0.05, "+10%": 0.10}
 """Each condition's added step time, as a fraction of the base step time of each cell."""
+CELL = """torch.manual_seed(0)
+model = nn.Sequential(*[nn.Linear(width, width) for _ in range(LAYERS)])
+opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+x = torch.randn(32, width)
+extra = SPIN.get(width, 0)
+
+
+def step():
+    spin(extra)
+    opt.zero_grad(set_to_none=True)
+    loss = model(x).square().mean()
+    loss.backward()
+    opt.step()
+    return loss
+"""
+"""One cell of the suite, built and stepped (at the indentation of a function body: see :func:`cell`)."""
+
+
+def cell(indent: int) -> str:
+    """:data:`CELL` at ``indent`` spaces, blank lines kept blank."""
+    return textwrap.indent(CELL, " " * indent).replace("\n\n\n", "\n\n")
+
+
 SUITE = '''
 import torch
 from torch import nn
@@ -61,20 +85,7 @@ def spin(iterations):
 
 @tp.grid(width=[{widths}])
 def test_mlp(trainperf, width):
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(LAYERS)])
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(32, width)
-    extra = SPIN.get(width, 0)
-
-    def step():
-        spin(extra)
-        opt.zero_grad(set_to_none=True)
-        loss = model(x).square().mean()
-        loss.backward()
-        opt.step()
-        return loss
-
+{cell}
     trainperf.train(step, steps=30, warmup=5, items_per_step=32)
 '''
 INI = "[pytest]\ntrainperf_threads = 1\n"
@@ -87,7 +98,7 @@ def git(where: Path, *args: str) -> str:
 def make_repo(where: Path) -> str:
     """The suite at its base commit (no spin); returns the commit."""
     (where / "pytest.ini").write_text(INI)
-    (where / "test_suite.py").write_text(SUITE.format(widths=", ".join(map(str, WIDTHS)), layers=LAYERS))
+    (where / "test_suite.py").write_text(SUITE.format(widths=", ".join(map(str, WIDTHS)), layers=LAYERS, cell=cell(4)))
     (where / ".gitignore").write_text("__pycache__/\n.pytest_cache/\nr.json\n")
     (where / "work.py").write_text("SPIN = {}\n")
     git(where, "init", "-q", "-b", "main")
@@ -104,6 +115,8 @@ import torch
 from torch import nn
 
 torch.set_num_threads(1)
+SPIN = {{}}  # the base: no spin in the step
+LAYERS = {layers}
 
 
 def spin(iterations):
@@ -113,16 +126,7 @@ def spin(iterations):
 
 found = {{}}
 for width in {widths}:
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range({layers})])
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(32, width)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
-        opt.step()
-
+{cell}
     for _ in range(5):
         step()
     ratios = []
@@ -148,7 +152,7 @@ def spin_per_step() -> dict[int, float]:
     fresh process that takes turns between the two (a median of nine blocks). The step and the spin see
     the same CPU: on a runner whose vCPUs differ by ±30%, a spin sized from the stored step times and a
     spin loop timed in another process missed its target (the +5% commit measured +4% side by side)."""
-    code = CALIBRATE.format(widths=list(WIDTHS), layers=LAYERS, spin_iters=SPIN_ITERS)
+    code = CALIBRATE.format(widths=list(WIDTHS), layers=LAYERS, spin_iters=SPIN_ITERS, cell=cell(4))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return {int(width): float(ratio) for width, ratio in json.loads(done.stdout).items()}
 
@@ -159,7 +163,8 @@ import torch
 from torch import nn
 
 torch.set_num_threads(1)
-SPINS = {spins!r}
+SPIN = {spins!r}
+LAYERS = {layers}
 
 
 def spin(iterations):
@@ -172,20 +177,7 @@ for line in sys.stdin:
     word, *rest = line.split()
     if word == "w":  # build the cell of this width, as the suite does, and warm it up
         width = int(rest[0])
-        torch.manual_seed(0)
-        model = nn.Sequential(*[nn.Linear(width, width) for _ in range({layers})])
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        x = torch.randn(32, width)
-        extra = SPINS.get(width, 0)
-
-        def step():
-            spin(extra)
-            opt.zero_grad(set_to_none=True)
-            loss = model(x).square().mean()
-            loss.backward()
-            opt.step()
-            return loss
-
+{cell}
         for _ in range(5):
             step()
         print("ok", flush=True)
@@ -214,7 +206,7 @@ def spin_per_paired_step() -> dict[int, float]:
     probe = {width: round(PROBE * iterations) for width, iterations in warm.items()}
     cpus = pair_cpus(1)
     pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus and shutil.which("taskset") else []
-    sides = [subprocess.Popen([*pin, sys.executable, "-c", PAIR_WORKER.format(spins=spins, layers=LAYERS)],
+    sides = [subprocess.Popen([*pin, sys.executable, "-c", PAIR_WORKER.format(spins=spins, layers=LAYERS, cell=cell(8))],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for spins in ({}, probe)]
 
     def ask(side: subprocess.Popen[str], word: str) -> str:
