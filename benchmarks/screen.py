@@ -148,10 +148,9 @@ SPIN_ITERS = 20_000
 
 
 def spin_per_step() -> dict[int, float]:
-    """By width: how many iterations of the suite's spin loop take as long as one step, measured in one
-    fresh process that takes turns between the two (a median of nine blocks). The step and the spin see
-    the same CPU: on a runner whose vCPUs differ by ±30%, a spin sized from the stored step times and a
-    spin loop timed in another process missed its target (the +5% commit measured +4% side by side)."""
+    """By width: how many iterations of the suite's spin loop take as long as one warm step, measured in
+    one fresh process that takes turns between the two (a median of nine blocks), so that both see the
+    same CPU; the size of the probe of :func:`spin_per_paired_step`."""
     code = CALIBRATE.format(widths=list(WIDTHS), layers=LAYERS, spin_iters=SPIN_ITERS, cell=cell(4))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return {int(width): float(ratio) for width, ratio in json.loads(done.stdout).items()}
@@ -199,32 +198,30 @@ def spin_per_paired_step() -> dict[int, float]:
     hardly feels. So: two processes pinned to one CPU (as the plugin's workers are), one with a probe
     spin of :data:`PROBE` of a warm step, take turns step by step; the median balanced ratio ``r``
     (:func:`pytest_trainperf.paired.paired_change`) gives ``probe / (r - 1)`` iterations per step."""
+    from pair_cpus import step  # one timed step of a worker: "go", then its time
+
     from pytest_trainperf.paired import paired_change
     from pytest_trainperf.runners.children import pair_cpus
 
     warm = spin_per_step()
     probe = {width: round(PROBE * iterations) for width, iterations in warm.items()}
     cpus = pair_cpus(1)
-    pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus and shutil.which("taskset") else []
-    sides = [subprocess.Popen([*pin, sys.executable, "-c", PAIR_WORKER.format(spins=spins, layers=LAYERS, cell=cell(8))],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for spins in ({}, probe)]
-
-    def ask(side: subprocess.Popen[str], word: str) -> str:
-        assert side.stdin is not None and side.stdout is not None
-        side.stdin.write(word + "\n")
-        side.stdin.flush()
-        return side.stdout.readline().strip()
-
+    sides = [subprocess.Popen([sys.executable, "-c", PAIR_WORKER.format(spins=spins, layers=LAYERS, cell=cell(8))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+             for spins in ({}, probe)]
     found = {}
     try:
         for width in WIDTHS:
-            for side in sides:
-                ask(side, f"w {width}")
+            for side in sides:  # build and warm up the cell of this width; it answers "ok"
+                assert side.stdin is not None and side.stdout is not None
+                side.stdin.write(f"w {width}\n")
+                side.stdin.flush()
+                side.stdout.readline()
             times: tuple[list[float], list[float]] = ([], [])
             for i in range(10 + CALIBRATION_PAIRS):
-                order = (0, 1) if i % 2 == 0 else (1, 0)
-                for s in order:
-                    elapsed = float(ask(sides[s], "g"))
+                for s in (0, 1) if i % 2 == 0 else (1, 0):
+                    elapsed = step(sides[s])
                     if i >= 10:
                         times[s].append(elapsed)
             ratio = paired_change(times[0], times[1]).ratio
