@@ -322,7 +322,7 @@ def test_exact_metrics_are_identical_across_processes(pytester: pytest.Pytester)
 
 
 @pytest.mark.parametrize(("change", "metric"), [
-    ({"sleep": 0.02}, "step_time"),
+    ({"sleep": 0.1}, "step_time"),  # ~100x the step: a two-round band on a loaded runner can pass +1600%
     ({"extra": 16}, "peak_memory"),
     ({"lr": 1e-3}, "loss"),
 ])
