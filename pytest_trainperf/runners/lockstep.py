@@ -15,7 +15,9 @@ does to both. How:
 * Each **child** (marked by :data:`~pytest_trainperf.runners.children.LOCKSTEP_ENV`: the pipes to its
   parent; its in-process runner times steps with :func:`lockstep_timer`)
   builds the cell's workload, runs the instrumented steps (FLOPs, peak memory) and its warm-up as any
-  cell does, says ``ready``, then times one step each time the parent says ``go`` and answers ``done``.
+  cell does, says ``ready``, then times one step each time the parent says ``go`` and answers ``done``
+  (on the CPU, less what the step waited for another process to give up the core:
+  :mod:`pytest_trainperf.measure.waiting`).
   At ``stop`` the test goes on as usual and the child writes its cell as an isolated child does
   (:class:`pytest_trainperf.runners.children.ChildReporter`).
 * In between, the parent **takes turns**: :data:`WARM_PAIRS` untimed pairs, then ``--trainperf-pairs``
@@ -143,23 +145,31 @@ def lockstep_timer(channel: Channel) -> Callable[..., Timed]:
     """A stand-in for :func:`~pytest_trainperf.measure.timing.time_steps` that runs the warm-up, says
     ``ready``, then runs one step per ``warm`` or ``go`` from the parent (timing the ``go`` ones) and
     answers ``done`` after each, until ``stop``. With no ``go`` at all (the other side died before the
-    timed pairs) it times one step on its own, so that the cell still has a step time."""
+    timed pairs) it times one step on its own, so that the cell still has a step time. On the CPU a
+    step's time leaves out what it waited for another process to give up the core
+    (:mod:`pytest_trainperf.measure.waiting`), so that a neighbour on the pair's core does not water a
+    change down."""
 
     def timer(fn: Callable[[], Any], count: int, device: torch.device, keep: Callable[[Any], object] | None = None,
               warmup: int = 0, settle: bool = True, on_timed: Callable[[], None] | None = None) -> Timed:
         from pytest_trainperf.measure.timing import NS_PER_S, Timed, no_gc, synchronizer, warm_up
+        from pytest_trainperf.measure.waiting import neighbour_wait, snapshot_reader
 
         sync = synchronizer(device)
         clock = time.perf_counter_ns
+        counters = snapshot_reader() if device.type == "cpu" else None  # read outside the timed span
         samples: list[int] = []
         kept: list[object] = []
         warm = warmup
 
         def one() -> int:
+            before = counters() if counters is not None else None
             start = clock()
             result = fn()
             sync()
             elapsed = clock() - start
+            if before is not None and counters is not None:  # less the time another process had the core
+                elapsed -= neighbour_wait(before, counters(), elapsed)
             if keep is not None:
                 kept.append(keep(result))
             return elapsed
