@@ -3,7 +3,8 @@
 A side-by-side pair (:mod:`pytest_trainperf.runners.lockstep`) runs both workers on the same CPUs.
 A neighbour process that shares them (a busy CI runner, another job pinned to the core) takes its
 time slices in the middle of a step: the step's wall time grows by a slice or two whatever the code
-does, and a +5% change of the code's own work shows as +2% to +3% (measured: ``docs/performance.md``).
+does: committed +5% and +10% slowdowns measured +3.5% and +6.8% with a spinning neighbour on the core,
+against +4.1% and +7.9% without (``docs/performance.md``, the screen benchmark), in intervals up to ±21%.
 The kernel counts that time per thread: the second field of ``/proc/thread-self/schedstat`` is the
 *run delay*, nanoseconds the thread was ready to run but waited while something else ran on its CPU.
 A step's time less its thread's run delay is what the step takes when it has the core, and the
