@@ -6,7 +6,10 @@ few milliseconds) at three commits: the base, and +5% and +10% step time from a 
 to each step, sized per cell as side-by-side pairs time a step: two processes pinned to one CPU take
 turns, one with a probe spin (:func:`spin_per_paired_step`). The spin dispatches no torch op,
 so FLOPs, ops, memory traffic and peak memory are unchanged: only the timings can catch it (extra
-layers, as before, were caught at once by the exact metrics). The baselines are updated at the base
+layers, as before, were caught at once by the exact metrics). Each committed spin is then measured with
+240 fixed pairs per cell, quiet and busy (:func:`measure_commits`): the size of what was committed, which
+the side-by-side column (stopped early once decided) underestimates near the stop's boundary. The
+baselines are updated at the base
 (the default rounds: two in process, three in fresh processes) and committed with it. Then, run after run, the conditions take turns in one loop, so that
 the machine's slow spells hit them all alike:
 
@@ -160,6 +163,7 @@ PAIR_WORKER = """
 import sys, time
 import torch
 from torch import nn
+from pytest_trainperf.measure.waiting import neighbour_wait, read
 
 torch.set_num_threads(1)
 SPIN = {spins!r}
@@ -180,10 +184,12 @@ for line in sys.stdin:
         for _ in range(5):
             step()
         print("ok", flush=True)
-    else:  # one step, timed
-        started = time.perf_counter()
+    else:  # one step, timed, less what another process took of it, as the plugin's pairs time it
+        before = read()
+        started = time.perf_counter_ns()
         step()
-        print(time.perf_counter() - started, flush=True)
+        elapsed = time.perf_counter_ns() - started
+        print((elapsed - neighbour_wait(before, read(), elapsed)) / 1e9, flush=True)
 """
 CALIBRATION_PAIRS = 160
 """Timed step pairs per width when the spin is sized in pairs (after 10 untimed ones)."""
@@ -198,18 +204,33 @@ def spin_per_paired_step() -> dict[int, float]:
     hardly feels. So: two processes pinned to one CPU (as the plugin's workers are), one with a probe
     spin of :data:`PROBE` of a warm step, take turns step by step; the median balanced ratio ``r``
     (:func:`pytest_trainperf.paired.paired_change`) gives ``probe / (r - 1)`` iterations per step."""
+    warm = spin_per_step()
+    probe = {width: round(PROBE * iterations) for width, iterations in warm.items()}
+    ratios = paired_ratios({}, probe, CALIBRATION_PAIRS, busy=False)
+    found = {}
+    for width, ratio in ratios.items():
+        found[width] = probe[width] / (ratio - 1) if ratio > 1 + PROBE / 4 else warm[width]
+        print(f"  sized in pairs: width {width}: probe +{PROBE:.0%} of a warm step measured "
+              f"{ratio - 1:+.1%} in pairs", flush=True)
+    return found
+
+
+def paired_ratios(before: dict[int, int], after: dict[int, int], pairs: int, busy: bool) -> dict[int, float]:
+    """By width: the median balanced ratio (:func:`pytest_trainperf.paired.paired_change`) of ``pairs``
+    timed step pairs (after 10 untimed ones) of two processes taking turns on one CPU, with spins
+    ``before`` and ``after``, every pair timed (no stop). Quiet: on the CPU the plugin pins its pairs to;
+    busy: on core 0 with a spinning :func:`neighbour`, as the benchmark's busy compare runs."""
     from pair_cpus import step  # one timed step of a worker: "go", then its time
 
     from pytest_trainperf.paired import paired_change
     from pytest_trainperf.runners.children import pair_cpus
 
-    warm = spin_per_step()
-    probe = {width: round(PROBE * iterations) for width, iterations in warm.items()}
-    cpus = pair_cpus(1)
+    cpus = frozenset({0}) if busy else pair_cpus(1)
     sides = [subprocess.Popen([sys.executable, "-c", PAIR_WORKER.format(spins=spins, layers=LAYERS, cell=cell(8))],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
-             for spins in ({}, probe)]
+             for spins in (before, after)]
+    spinner = neighbour() if busy else None
     found = {}
     try:
         for width in WIDTHS:
@@ -219,27 +240,44 @@ def spin_per_paired_step() -> dict[int, float]:
                 side.stdin.flush()
                 side.stdout.readline()
             times: tuple[list[float], list[float]] = ([], [])
-            for i in range(10 + CALIBRATION_PAIRS):
+            for i in range(10 + pairs):
                 for s in (0, 1) if i % 2 == 0 else (1, 0):
                     elapsed = step(sides[s])
                     if i >= 10:
                         times[s].append(elapsed)
-            ratio = paired_change(times[0], times[1]).ratio
-            found[width] = probe[width] / (ratio - 1) if ratio > 1 + PROBE / 4 else warm[width]
-            print(f"  sized in pairs: width {width}: probe +{PROBE:.0%} of a warm step measured "
-                  f"{ratio - 1:+.1%} in pairs", flush=True)
+            found[width] = paired_change(times[0], times[1]).ratio
     finally:
-        for side in sides:
-            side.kill()
-            side.wait()
+        for proc in [*sides, *([spinner] if spinner is not None else [])]:
+            proc.kill()
+            proc.wait()
     return found
 
 
-def commit_slowdowns(repo: Path, base: str) -> dict[str, str]:
+MEASURE_PAIRS = 240
+"""Timed pairs per width that measure each committed slowdown, every pair (the plugin's budget at the
+default ``--trainperf-pairs``, without its stop)."""
+
+
+def measure_commits(spins: dict[str, dict[int, int]]) -> dict[str, dict[str, list[float]]]:
+    """By condition (quiet, busy) and slowdown: each width's change as :data:`MEASURE_PAIRS` fixed pairs
+    measure the committed spin against none: the size of what was committed, with no sequential stop to
+    bias it (a comparison that stops at its first look below a boundary reports less than the truth)."""
+    found: dict[str, dict[str, list[float]]] = {}
+    for condition in ("quiet", "busy"):
+        for name, spin in spins.items():
+            ratios = paired_ratios({}, spin, MEASURE_PAIRS, busy=condition == "busy")
+            found.setdefault(condition, {})[name] = [ratios[w] - 1 for w in WIDTHS]
+            print(f"  {name} commit, {condition}, {MEASURE_PAIRS} fixed pairs: "
+                  + ", ".join(f"{ratios[w] - 1:+.1%}" for w in WIDTHS), flush=True)
+    return found
+
+
+def commit_slowdowns(repo: Path, base: str) -> tuple[dict[str, str], dict[str, dict[int, int]]]:
     """Commit each slowdown on top of the base (its spin per width, sized in pairs); the commit of each
-    condition."""
+    condition, and each slowdown's spins."""
     per_step = spin_per_paired_step()
     commits = {"unchanged": base}
+    committed = {}
     for name, fraction in SLOWDOWNS.items():
         if not fraction:
             continue
@@ -250,8 +288,9 @@ def commit_slowdowns(repo: Path, base: str) -> dict[str, str]:
         git(repo, "add", "work.py")
         git(repo, "commit", "-qm", name)
         commits[name] = git(repo, "rev-parse", "HEAD")
+        committed[name] = spins
     git(repo, "checkout", "-q", base)
-    return commits
+    return commits, committed
 
 
 def pytest_run(where: Path, args: Sequence[str], pinned: bool) -> tuple[float, dict[str, object]]:
@@ -299,10 +338,13 @@ def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None,
     git(repo, "add", "baselines")
     git(repo, "commit", "-qm", "baselines")
     base = git(repo, "rev-parse", "HEAD")
-    commits = commit_slowdowns(repo, base)
+    commits, spins = commit_slowdowns(repo, base)
     shutil.copytree(repo / "baselines", workdir / "baselines")
     rows: dict[str, list[tuple[float, int, int, int, list[float], list[float]]]] = {}
-    found: dict[str, object] = {"update_wall": update_wall, "rows": rows, "runs": 0, "extra_quiet": extra_quiet}
+    found: dict[str, object] = {"update_wall": update_wall, "rows": rows, "runs": 0, "extra_quiet": extra_quiet,
+                                "only": list(only)}
+    found["sizes"] = measure_commits({name: spin for name, spin in spins.items()
+                                      if not only or any(entry.endswith(f":{name}") for entry in only)})
     for number in range(runs):
         plan = [(condition, change, True) for condition in ("quiet", "busy") for change in SLOWDOWNS]
         plan += [("quiet", "unchanged", False)] * extra_quiet  # the false-alarm row needs the most cell-runs
@@ -342,7 +384,8 @@ def section(found: dict[str, object]) -> str:
     rows = found["rows"]
     assert isinstance(rows, dict)
     lines = [BEGIN, "", "## Screen, then confirm side by side (issue 12 benchmark)", "",
-             f"`python benchmarks/screen.py --runs {found['runs']} --extra-quiet {found.get('extra_quiet', 0)}`: a "
+             f"`python benchmarks/screen.py --runs {found['runs']} --extra-quiet {found.get('extra_quiet', 0)}"
+             + (f" --only {','.join(found['only'])}" if found.get("only") else "") + "`: a "
              f"{len(WIDTHS)}-cell MLP suite ({LAYERS} layers, widths {WIDTHS[0]} to {WIDTHS[-1]}, one thread); +5% and "
              "+10% step time committed as a pure-Python spin in each step, sized per cell as side-by-side pairs "
              "time a step (two processes on one CPU taking turns, one with a probe spin) (no torch op: FLOPs, ops, memory traffic and peak memory unchanged, so only "
@@ -353,8 +396,11 @@ def section(found: dict[str, object]) -> str:
              "",
              "| condition | code | verdict | runs | cell-runs | cells failed | confirmed side by side | step time "
              "against the stored baseline (median; 10th to 90th percentile) | step time side by side (median; "
-             "10th to 90th) | wall time per run (median) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"10th to 90th) | the commit, {MEASURE_PAIRS} fixed pairs (median of the cells; lowest to highest) "
+             "| wall time per run (median) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    sizes = found.get("sizes") or {}
+    assert isinstance(sizes, dict)
     for key in sorted(rows, key=lambda k: (k.split("|")[0] != "quiet", list(SLOWDOWNS).index(k.split("|")[1]),
                                          k.split("|")[2])):
         values = rows[key]
@@ -364,14 +410,18 @@ def section(found: dict[str, object]) -> str:
         confirmed = sum(v[3] for v in values)
         measured = [c for v in values for c in v[4]]
         stored = [c for v in values for c in (v[5] if len(v) > 5 else [])]
+        size = sizes.get(condition, {}).get(change)
+        commit = f"{statistics.median(size):+.1%} ({min(size):+.1%} to {max(size):+.1%})" if size else "—"
         lines.append(f"| {condition} | {change} | {mode} | {len(values)} | {cells} | {failed} "
                      f"({failed / max(cells, 1):.1%}) | {confirmed} | {_spread(stored)} | {_spread(measured)} | "
-                     f"{statistics.median(v[0] for v in values):.1f} s |")
+                     f"{commit} | {statistics.median(v[0] for v in values):.1f} s |")
     lines += ["", "*cells failed* is a false alarm for unchanged code and a catch for a slowdown. *stored only*: "
               "`--trainperf-confirm-against=none`, the stored verdict alone (the plugin before this feature). "
               "*confirmed side by side*: cells the screen sent to a side-by-side comparison that measured them. "
               "*step time side by side*: the change those pairs measured (this tree against the baseline's "
-              "commit): the slowdown as committed, seen on this machine.", "", END]
+              "commit), biased low near the stop's boundary (a comparison ends at its first look below it). "
+              f"*the commit, {MEASURE_PAIRS} fixed pairs*: each cell's committed spin against none, every pair "
+              "timed, in the condition's setting (`measure_commits`): the size of what was committed.", "", END]
     return "\n".join(lines)
 
 
