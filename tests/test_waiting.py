@@ -9,12 +9,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
-from pytest_trainperf.measure.waiting import Snapshot, neighbour_wait, snapshot_reader
+from pytest_trainperf.measure.waiting import Snapshot, available, neighbour_wait, read
 
 MS = 1_000_000
 
@@ -34,7 +34,7 @@ def test_a_wait_as_long_as_the_step_is_not_left_out() -> None:
     assert neighbour_wait((0, 0, 0), (1 * MS, 5 * MS, 1 * MS), 4 * MS) == 0
 
 
-linux_counters = pytest.mark.skipif(snapshot_reader() is None,
+linux_counters = pytest.mark.skipif(not available(),
                                     reason="no /proc/thread-self/schedstat (Linux with scheduler statistics)")
 
 BLOCK = b"x" * (16 << 20)
@@ -58,27 +58,25 @@ def on_one_cpu() -> Iterator[int]:
         os.sched_setaffinity(0, allowed)
 
 
-def timed(reader: Callable[[], Snapshot]) -> tuple[int, int, int]:
+def timed() -> tuple[int, int, int]:
     """One step: its wall time, its thread's run delay and the wait left out, in nanoseconds."""
-    before = reader()
+    before = read()
     start = time.perf_counter_ns()
     work()
     elapsed = time.perf_counter_ns() - start
-    after = reader()
+    after = read()
     return elapsed, after[1] - before[1], neighbour_wait(before, after, elapsed)
 
 
 @linux_counters
 def test_a_neighbour_process_on_the_core_is_left_out() -> None:
-    reader = snapshot_reader()
-    assert reader is not None
     with on_one_cpu() as cpu:
         spinner = subprocess.Popen([sys.executable, "-c", "print('spinning', flush=True)\nwhile True: pass"],
                                    stdout=subprocess.PIPE, text=True,
                                    preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
         try:
             assert spinner.stdout is not None and spinner.stdout.readline().strip() == "spinning"
-            steps = [timed(reader) for _ in range(3)]
+            steps = [timed() for _ in range(3)]
         finally:
             spinner.kill()
             spinner.communicate()
@@ -96,14 +94,12 @@ def test_a_thread_of_this_process_on_the_core_stays_in_the_time() -> None:
         while not stop.is_set():
             work()
 
-    reader = snapshot_reader()
-    assert reader is not None
     with on_one_cpu():
         thread = threading.Thread(target=busy)  # inherits the one CPU
         thread.start()
         try:
             time.sleep(0.05)
-            steps = [timed(reader) for _ in range(3)]
+            steps = [timed() for _ in range(3)]
         finally:
             stop.set()
             thread.join()

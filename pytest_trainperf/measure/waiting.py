@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 SCHEDSTAT = Path("/proc/thread-self/schedstat")
@@ -37,14 +36,13 @@ Snapshot = tuple[int, int, int]
 """This thread's CPU time and run delay, and the process's CPU time, in nanoseconds."""
 
 
-def snapshot_reader() -> Callable[[], Snapshot] | None:
-    """A function that reads the counters of the thread that calls it, or None where the kernel has no
-    such file (not Linux, or a kernel without scheduler statistics)."""
+def available() -> bool:
+    """Whether the kernel has the counters (Linux with scheduler statistics)."""
     try:
         read()
-    except (OSError, ValueError):
-        return None
-    return read
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
 
 
 def read() -> Snapshot:

@@ -152,24 +152,24 @@ def lockstep_timer(channel: Channel) -> Callable[..., Timed]:
 
     def timer(fn: Callable[[], Any], count: int, device: torch.device, keep: Callable[[Any], object] | None = None,
               warmup: int = 0, settle: bool = True, on_timed: Callable[[], None] | None = None) -> Timed:
+        from pytest_trainperf.measure import waiting
         from pytest_trainperf.measure.timing import NS_PER_S, Timed, no_gc, synchronizer, warm_up
-        from pytest_trainperf.measure.waiting import neighbour_wait, snapshot_reader
 
         sync = synchronizer(device)
         clock = time.perf_counter_ns
-        counters = snapshot_reader() if device.type == "cpu" else None  # read outside the timed span
+        counted = device.type == "cpu" and waiting.available()  # the counters: read outside the timed span
         samples: list[int] = []
         kept: list[object] = []
         warm = warmup
 
         def one() -> int:
-            before = counters() if counters is not None else None
+            before = waiting.read() if counted else None
             start = clock()
             result = fn()
             sync()
             elapsed = clock() - start
-            if before is not None and counters is not None:  # less the time another process had the core
-                elapsed -= neighbour_wait(before, counters(), elapsed)
+            if before is not None:  # less the time another process had the core
+                elapsed -= waiting.neighbour_wait(before, waiting.read(), elapsed)
             if keep is not None:
                 kept.append(keep(result))
             return elapsed
