@@ -4,7 +4,10 @@ caught, and what it costs, with baselines from this machine and with a busy neig
 A temporary git repository holds a small suite (an MLP training step over a grid of widths, each step a
 few milliseconds) at three commits: the base, and +5% and +10% step time from a pure-Python spin added
 to each step, sized per cell as side-by-side pairs time a step: two processes pinned to one CPU take
-turns, one with a probe spin (:func:`spin_per_paired_step`). The spin dispatches no torch op,
+turns, one with a probe spin (:func:`spin_per_paired_step`), in each condition's own setting
+(``--sizing each``, the default: the busy condition's commits are sized in pairs with the neighbour on the
+core, where the same spin is a smaller share of a step, and the quiet-sized ones are measured there too;
+``--sizing quiet``: one set of commits for both). The spin dispatches no torch op,
 so FLOPs, ops, memory traffic and peak memory are unchanged: only the timings can catch it (extra
 layers, as before, were caught at once by the exact metrics). Each committed spin is then measured with
 240 fixed pairs per cell, quiet and busy (:func:`measure_commits`): the size of what was committed, which
@@ -38,6 +41,7 @@ import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import verdicts  # noqa: E402  (write_doc: one section of a document between markers)
@@ -197,20 +201,22 @@ PROBE = 0.10
 """The probe spin of the sizing in pairs, as a fraction of a warm step."""
 
 
-def spin_per_paired_step() -> dict[int, float]:
+def spin_per_paired_step(busy: bool = False) -> dict[int, float]:
     """By width: how many iterations of the spin loop add one step's time *as side-by-side pairs time a
     step*. A spin sized on warm steps in a row (:func:`spin_per_step`) was measured at +3.5% for +5% in
     the pairs, where every other step runs right after a switch of process (caches cold), which the spin
     hardly feels. So: two processes pinned to one CPU (as the plugin's workers are), one with a probe
     spin of :data:`PROBE` of a warm step, take turns step by step; the median balanced ratio ``r``
-    (:func:`pytest_trainperf.paired.paired_change`) gives ``probe / (r - 1)`` iterations per step."""
+    (:func:`pytest_trainperf.paired.paired_change`) gives ``probe / (r - 1)`` iterations per step.
+    ``busy``: in the busy setting (core 0, a spinning neighbour: :func:`paired_ratios`), where the same
+    spin is a smaller share of a step (the neighbour's visits slow the step's torch work, not the spin)."""
     warm = spin_per_step()
     probe = {width: round(PROBE * iterations) for width, iterations in warm.items()}
-    ratios = paired_ratios({}, probe, CALIBRATION_PAIRS, busy=False)
+    ratios = paired_ratios({}, probe, CALIBRATION_PAIRS, busy=busy)
     found = {}
     for width, ratio in ratios.items():
         found[width] = probe[width] / (ratio - 1) if ratio > 1 + PROBE / 4 else warm[width]
-        print(f"  sized in pairs: width {width}: probe +{PROBE:.0%} of a warm step measured "
+        print(f"  sized in {'busy' if busy else 'quiet'} pairs: width {width}: probe +{PROBE:.0%} of a warm step measured "
               f"{ratio - 1:+.1%} in pairs", flush=True)
     return found
 
@@ -247,7 +253,8 @@ def paired_ratios(before: dict[int, int], after: dict[int, int], pairs: int, bus
                         times[s].append(elapsed)
             found[width] = paired_change(times[0], times[1]).ratio
     finally:
-        for proc in [*sides, *([spinner] if spinner is not None else [])]:
+        procs: list[subprocess.Popen[Any]] = [*sides, *([spinner] if spinner is not None else [])]
+        for proc in procs:
             proc.kill()
             proc.wait()
     return found
@@ -258,37 +265,47 @@ MEASURE_PAIRS = 240
 default ``--trainperf-pairs``, without its stop)."""
 
 
-def measure_commits(spins: dict[str, dict[int, int]]) -> dict[str, dict[str, list[float]]]:
+def measure_commits(spins: dict[tuple[str, str], dict[int, int]], conditions: Sequence[str]
+                    ) -> dict[str, dict[str, list[float]]]:
     """By condition (quiet, busy) and slowdown: each width's change as :data:`MEASURE_PAIRS` fixed pairs
-    measure the committed spin against none: the size of what was committed, with no sequential stop to
-    bias it (a comparison that stops at its first look below a boundary reports less than the truth)."""
+    measure the condition's committed spin against none: the size of what was committed, with no
+    sequential stop to bias it (a comparison that stops at its first look below a boundary reports less
+    than the truth). ``spins`` by (the setting it was sized in, slowdown); a busy condition with commits
+    of its own also measures the quiet-sized ones, as ``"<slowdown> sized quiet"``."""
     found: dict[str, dict[str, list[float]]] = {}
-    for condition in ("quiet", "busy"):
-        for name, spin in spins.items():
+    for condition in conditions:
+        for (setting, name), spin in spins.items():
+            if setting not in (condition, "quiet"):
+                continue
             ratios = paired_ratios({}, spin, MEASURE_PAIRS, busy=condition == "busy")
-            found.setdefault(condition, {})[name] = [ratios[w] - 1 for w in WIDTHS]
-            print(f"  {name} commit, {condition}, {MEASURE_PAIRS} fixed pairs: "
+            label = name if setting == condition or (condition, name) not in spins else f"{name} sized quiet"
+            found.setdefault(condition, {})[label] = [ratios[w] - 1 for w in WIDTHS]
+            print(f"  {name} commit sized {setting}, {condition}, {MEASURE_PAIRS} fixed pairs: "
                   + ", ".join(f"{ratios[w] - 1:+.1%}" for w in WIDTHS), flush=True)
     return found
 
 
-def commit_slowdowns(repo: Path, base: str) -> tuple[dict[str, str], dict[str, dict[int, int]]]:
-    """Commit each slowdown on top of the base (its spin per width, sized in pairs); the commit of each
-    condition, and each slowdown's spins."""
-    per_step = spin_per_paired_step()
-    commits = {"unchanged": base}
-    committed = {}
-    for name, fraction in SLOWDOWNS.items():
-        if not fraction:
-            continue
-        git(repo, "checkout", "-q", base)
-        spins = {width: round(fraction * iterations) for width, iterations in per_step.items()}
-        (repo / "work.py").write_text(f"SPIN = {spins!r}\n")
-        git(repo, "checkout", "-q", "-B", f"slower-{fraction:g}")
-        git(repo, "add", "work.py")
-        git(repo, "commit", "-qm", name)
-        commits[name] = git(repo, "rev-parse", "HEAD")
-        committed[name] = spins
+def commit_slowdowns(repo: Path, base: str, settings: Sequence[str]
+                     ) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], dict[int, int]]]:
+    """Commit each slowdown on top of the base, its spin per width sized in the pairs of each setting of
+    ``settings`` (``quiet``, ``busy``: :func:`spin_per_paired_step`); the commits and the spins, by
+    (setting, slowdown)."""
+    commits: dict[tuple[str, str], str] = {}
+    committed: dict[tuple[str, str], dict[int, int]] = {}
+    for setting in settings:
+        per_step = spin_per_paired_step(busy=setting == "busy")
+        commits[(setting, "unchanged")] = base
+        for name, fraction in SLOWDOWNS.items():
+            if not fraction:
+                continue
+            git(repo, "checkout", "-q", base)
+            spins = {width: round(fraction * iterations) for width, iterations in per_step.items()}
+            (repo / "work.py").write_text(f"SPIN = {spins!r}\n")
+            git(repo, "checkout", "-q", "-B", f"slower-{setting}-{fraction:g}")
+            git(repo, "add", "work.py")
+            git(repo, "commit", "-qm", f"{name}, sized in {setting} pairs")
+            commits[(setting, name)] = git(repo, "rev-parse", "HEAD")
+            committed[(setting, name)] = spins
     git(repo, "checkout", "-q", base)
     return commits, committed
 
@@ -327,7 +344,7 @@ def counts(doc: dict[str, object]) -> tuple[int, int, int, list[float], list[flo
 
 
 def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None,
-        only: Sequence[str] = ()) -> dict[str, object]:
+        only: Sequence[str] = (), sizing: str = "each") -> dict[str, object]:
     repo = workdir / "repo"
     repo.mkdir()
     base = make_repo(repo)
@@ -338,20 +355,22 @@ def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None,
     git(repo, "add", "baselines")
     git(repo, "commit", "-qm", "baselines")
     base = git(repo, "rev-parse", "HEAD")
-    commits, spins = commit_slowdowns(repo, base)
+    conditions = [c for c in ("quiet", "busy") if not only or any(e.startswith(f"{c}:") for e in only)]
+    sized_in = {condition: condition if sizing == "each" else "quiet" for condition in conditions}
+    commits, spins = commit_slowdowns(repo, base, sorted(set(sized_in.values()), reverse=True))
     shutil.copytree(repo / "baselines", workdir / "baselines")
     rows: dict[str, list[tuple[float, int, int, int, list[float], list[float]]]] = {}
     found: dict[str, object] = {"update_wall": update_wall, "rows": rows, "runs": 0, "extra_quiet": extra_quiet,
-                                "only": list(only)}
-    found["sizes"] = measure_commits({name: spin for name, spin in spins.items()
-                                      if not only or any(entry.endswith(f":{name}") for entry in only)})
+                                "only": list(only), "sizing": sizing}
+    found["sizes"] = measure_commits({key: spin for key, spin in spins.items()
+                                      if not only or any(entry.endswith(f":{key[1]}") for entry in only)}, conditions)
     for number in range(runs):
         plan = [(condition, change, True) for condition in ("quiet", "busy") for change in SLOWDOWNS]
         plan += [("quiet", "unchanged", False)] * extra_quiet  # the false-alarm row needs the most cell-runs
         if only:  # e.g. quiet:+5%: those conditions alone
             plan = [entry for entry in plan if f"{entry[0]}:{entry[1]}" in only]
         for condition, change, main in plan:
-            git(repo, "checkout", "-q", commits[change])
+            git(repo, "checkout", "-q", commits[(sized_in[condition], change)])
             shutil.rmtree(repo / "baselines")
             shutil.copytree(workdir / "baselines", repo / "baselines")
             modes: list[tuple[str, list[str]]] = [("confirm", [])] + ([("stored only", ["--trainperf-confirm-against=none"])]
@@ -383,12 +402,19 @@ def _spread(values: Sequence[float]) -> str:
 def section(found: dict[str, object]) -> str:
     rows = found["rows"]
     assert isinstance(rows, dict)
+    only = found.get("only") or []
+    assert isinstance(only, list)
     lines = [BEGIN, "", "## Screen, then confirm side by side (issue 12 benchmark)", "",
              f"`python benchmarks/screen.py --runs {found['runs']} --extra-quiet {found.get('extra_quiet', 0)}"
-             + (f" --only {','.join(found['only'])}" if found.get("only") else "") + "`: a "
+             + (f" --only {','.join(map(str, only))}" if only else "")
+             + (f" --sizing {found['sizing']}" if found.get("sizing") else "") + "`: a "
              f"{len(WIDTHS)}-cell MLP suite ({LAYERS} layers, widths {WIDTHS[0]} to {WIDTHS[-1]}, one thread); +5% and "
-             "+10% step time committed as a pure-Python spin in each step, sized per cell as side-by-side pairs "
-             "time a step (two processes on one CPU taking turns, one with a probe spin) (no torch op: FLOPs, ops, memory traffic and peak memory unchanged, so only "
+             "+10% step time committed as a pure-Python spin in each step, "
+             "sized per cell as side-by-side pairs time a step (two processes on one CPU taking turns, one with "
+             "a probe spin), "
+             + ("in each condition's own setting (the busy commits in pairs with the neighbour on the core)"
+                if found.get("sizing", "quiet") == "each" else "in quiet pairs (one set of commits for both conditions)")
+             + " (no torch op: FLOPs, ops, memory traffic and peak memory unchanged, so only "
              "the timings can catch it). Baselines updated at the base with the default rounds (two in "
              f"process, three in fresh processes: {found['update_wall']:.0f} s) and committed with it. Conditions "
              "interleaved, run after run (the extra quiet unchanged runs at the end of each round). *busy*: compare "
@@ -421,7 +447,13 @@ def section(found: dict[str, object]) -> str:
               "*step time side by side*: the change those pairs measured (this tree against the baseline's "
               "commit), biased low near the stop's boundary (a comparison ends at its first look below it). "
               f"*the commit, {MEASURE_PAIRS} fixed pairs*: each cell's committed spin against none, every pair "
-              "timed, in the condition's setting (`measure_commits`): the size of what was committed.", "", END]
+              "timed, in the condition's setting (`measure_commits`): the size of what was committed."]
+    for condition, by_name in sizes.items():
+        for name, size in by_name.items():
+            if name.endswith(" sized quiet"):
+                lines.append(f"The {name.removesuffix(' sized quiet')} commit sized in quiet pairs, measured {condition} "
+                             f"the same way: {statistics.median(size):+.1%} ({min(size):+.1%} to {max(size):+.1%}).")
+    lines += ["", END]
     return "\n".join(lines)
 
 
@@ -432,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="more quiet runs of unchanged code per round, for the false-alarm row (default 0)")
     parser.add_argument("--only", default="", help="run these conditions alone, comma-separated, e.g. "
                         "quiet:+5%%,busy:unchanged (default: all)")
+    parser.add_argument("--sizing", choices=("each", "quiet"), default="each",
+                        help="each: size each condition's slowdowns in its own pairs (busy ones with the neighbour "
+                        "on the core); quiet: one set of commits, sized in quiet pairs, for both (default %(default)s)")
     parser.add_argument("--out", type=Path, default=OUT, help="document to write the section to")
     parser.add_argument("--raw", type=Path, default=None, help="also write the raw figures as JSON, run by run")
     parser.add_argument("--from-raw", type=Path, default=None,
@@ -446,7 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("screen.py: needs taskset (util-linux) to pin the busy condition", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="trainperf-screen-") as tmp:
-        found = run(args.runs, Path(tmp), args.extra_quiet, args.raw, [c for c in args.only.split(",") if c])
+        found = run(args.runs, Path(tmp), args.extra_quiet, args.raw, [c for c in args.only.split(",") if c],
+                    args.sizing)
     if args.raw is not None:
         args.raw.write_text(json.dumps(found, indent=1))
     verdicts.write_doc(args.out, section(found), BEGIN, END)

@@ -125,24 +125,41 @@ by the model of :func:`stats.detectable_change` (a new process's median is a nor
 noise band around the true one)."""
 
 
+def screen_spread(within: float, noise: float | None, rounds: int) -> float:
+    """The standard deviation (of a log time ratio) of what a new process's estimate scatters by around
+    the stored one: ``within`` of this run's estimate, and the stored band ``noise`` over ``rounds`` rounds."""
+    band = (noise or 0.0) ** 2 * (1 + 1 / max(rounds, 1))
+    return math.sqrt(within ** 2 + band)
+
+
 def screen_threshold(within: float, noise: float | None, rounds: int, tolerance: float) -> float:
     """The time ratio now / stored above which the screen suspects a cell: ``log(1 + tolerance +
     SCREEN_MARGIN)`` less ``z(SCREEN_RECALL)`` standard deviations of what a new process's estimate
-    scatters by (``within`` of this run's estimate, the stored band ``noise`` over ``rounds`` rounds).
-    Below 1 when the band is too wide for a stored comparison to clear such a slowdown: then every cell
-    is confirmed side by side."""
-    band = (noise or 0.0) ** 2 * (1 + 1 / max(rounds, 1))
-    spread = math.sqrt(within ** 2 + band)
+    scatters by (:func:`screen_spread`). Below 1 when the band is too wide for a stored comparison to clear
+    such a slowdown: then every cell is confirmed side by side."""
+    spread = screen_spread(within, noise, rounds)
     return math.exp(math.log1p(tolerance + SCREEN_MARGIN) - stats.normal_quantile(SCREEN_RECALL) * spread)
+
+
+def screen_floor(within: float, noise: float | None, rounds: int) -> float:
+    """The time ratio now / stored *below* which the screen suspects a cell as well: ``z(SCREEN_RECALL)``
+    standard deviations (:func:`screen_spread`) under 1. A cell faster than that ran faster than the
+    stored band lets a new process run: the band, the premise of :func:`screen_threshold`, does not hold
+    for it (a faster runner than the baseline's, or faster code), and a slowdown as large as the runner's
+    head start would pass a one-sided screen unseen (measured: a +10% commit on a runner 30% faster than
+    its baselines passed 7 of 8 cells). So it is confirmed side by side like a slower one. Unchanged code
+    on the baseline's machine falls below it 5% of the time, by the band's model."""
+    return math.exp(-stats.normal_quantile(SCREEN_RECALL) * screen_spread(within, noise, rounds))
 
 
 def suspect(now: Measurement, baseline: Measurement, overrides: Mapping[str, float]) -> bool:
     """Whether the screen sends a cell to side-by-side confirmation: one of its timings is slower than the
-    stored baseline's by more than :func:`screen_threshold` (the Hodges-Lehmann ratio of its samples to
-    the stored ones, as a time ratio), whatever its significance. Looser than the stored verdict on
-    purpose: a false flag costs a confirmation, not a failure, while a +5% slowdown hides inside the
-    stored noise band of a shared runner and inside a tolerance of 10%. A timing whose tolerance is
-    infinite (not gated) is never suspected."""
+    stored baseline's by more than :func:`screen_threshold`, or faster by more than :func:`screen_floor`
+    allows (the Hodges-Lehmann ratio of its samples to the stored ones, as a time ratio), whatever its
+    significance. Looser than the stored verdict on purpose: a false flag costs a confirmation, not a
+    failure, while a +5% slowdown hides inside the stored noise band of a shared runner, inside a
+    tolerance of 10%, and under the head start of a runner faster than the baseline's. A timing whose
+    tolerance is infinite (not gated) is never suspected."""
     for metric in now.metrics:
         before = baseline.metric(metric.name)
         if metric.name not in stats.TIMING_METRICS or before is None:
@@ -159,7 +176,8 @@ def suspect(now: Measurement, baseline: Measurement, overrides: Mapping[str, flo
                 continue
         ratio, low, high = stats.hodges_lehmann_ratio(current, stored)
         within = math.log(high / low) / (2 * stats.normal_quantile(0.5 + stats.CONFIDENCE / 2))
-        if ratio > screen_threshold(within, stats.noise_band(before.rounds), len(before.rounds), tolerance):
+        noise, rounds = stats.noise_band(before.rounds), len(before.rounds)
+        if not screen_floor(within, noise, rounds) <= ratio <= screen_threshold(within, noise, rounds, tolerance):
             return True
     return False
 

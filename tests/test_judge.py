@@ -64,7 +64,26 @@ def test_the_screen_passes_what_a_tight_band_clears_and_flags_a_slowdown_within_
     assert not judge.suspect(timed(1.01), baseline, {})
     assert judge.cell(timed(1.045), baseline, {}).status is Status.UNCHANGED
     assert judge.suspect(timed(1.045), baseline, {})
-    assert not judge.suspect(timed(0.9), baseline, {})
+    assert not judge.suspect(timed(0.995), baseline, {})
+
+
+def test_the_screen_suspects_a_cell_faster_than_the_band_allows() -> None:
+    """A runner 30% faster than the baseline's hides a +10% commit under its head start: 0.77 of the stored
+    time passes the stored verdict (improved, not regressed), and the screen sends it to confirmation,
+    since no new process on the baseline's machine runs that fast by the band. So does 10% faster with a
+    tight band; a wide band (±10%) lets 10% faster through, as it does the same time."""
+    from pytest_trainperf.records import Status
+
+    tight = timed(1.0, rounds=(0.995, 1.0, 1.005, 1.0, 0.998))
+    hidden = timed(0.7 * 1.1)
+    assert judge.cell(hidden, tight, {}).status is not Status.REGRESSED
+    assert judge.suspect(hidden, tight, {})
+    assert judge.suspect(timed(0.9), tight, {})
+    wide = timed(1.0, rounds=(0.9, 1.0, 1.1, 1.0, 0.95))
+    assert not judge.suspect(timed(0.9), wide, {"step_time": 0.25})
+    assert not judge.suspect(timed(1.0), wide, {"step_time": 0.25})
+    assert judge.suspect(timed(0.7), wide, {"step_time": 0.25})
+    assert not judge.suspect(timed(0.7), wide, {"step_time": math.inf, "throughput": math.inf})  # not gated
 
 
 def test_the_screen_threshold_falls_as_the_band_widens() -> None:
@@ -73,3 +92,13 @@ def test_the_screen_threshold_falls_as_the_band_widens() -> None:
     assert judge.screen_threshold(0.0, None, 0, 0.02) == pytest.approx(1 + 0.02 + judge.SCREEN_MARGIN)
     assert 1.0 < judge.screen_threshold(0.002, 0.005, 5, 0.02) < 1.05
     assert judge.screen_threshold(0.002, 0.05, 5, 0.02) < 1.0
+
+
+
+def test_the_screen_floor_falls_as_the_band_widens() -> None:
+    """The floor is 1 with no spread (any faster cell is suspect), lies below the threshold by the margin
+    and the tolerance, and falls with the band."""
+    assert judge.screen_floor(0.0, None, 0) == pytest.approx(1.0)
+    assert judge.screen_floor(0.002, 0.05, 5) < judge.screen_floor(0.002, 0.005, 5) < 1.0
+    assert judge.screen_threshold(0.002, 0.005, 5, 0.02) / judge.screen_floor(0.002, 0.005, 5) == pytest.approx(
+        1 + 0.02 + judge.SCREEN_MARGIN)
