@@ -107,8 +107,9 @@ def side_by_side(now: Measurement, reference: Measurement | None, overrides: Map
 
 
 def confirmed(screen: CellVerdict, pair: CellVerdict, against: str) -> CellVerdict:
-    """The verdict of a cell whose timings regressed against the stored baseline (``screen``) and were
-    measured again side by side with ``against`` (``pair``): the timings as the pair judged them, every
+    """The verdict of a cell whose timings regressed against the stored baseline (``screen``), or were
+    suspect (:func:`suspect`: slower than its threshold or faster than its floor), and were measured again
+    side by side with ``against`` (``pair``): the timings as the pair judged them, every
     other metric (the exact ones: FLOPs, memory, loss) as the stored baseline judged it."""
     timing = {m.name: m for m in pair.metrics if m.name in stats.TIMING_METRICS}
     return replace(screen, metrics=tuple(timing.get(m.name, m) for m in screen.metrics),
