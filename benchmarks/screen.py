@@ -278,7 +278,8 @@ def measure_commits(spins: dict[tuple[str, str], dict[int, int]], conditions: Se
             if setting not in (condition, "quiet"):
                 continue
             ratios = paired_ratios({}, spin, MEASURE_PAIRS, busy=condition == "busy")
-            label = name if setting == condition or (condition, name) not in spins else f"{name} sized quiet"
+            beside = setting != condition and (condition, name) in spins  # quiet-sized, beside the busy-sized ones
+            label = f"{name} sized quiet" if beside else name
             found.setdefault(condition, {})[label] = [ratios[w] - 1 for w in WIDTHS]
             print(f"  {name} commit sized {setting}, {condition}, {MEASURE_PAIRS} fixed pairs: "
                   + ", ".join(f"{ratios[w] - 1:+.1%}" for w in WIDTHS), flush=True)
