@@ -206,19 +206,22 @@ def spin_per_paired_step(busy: bool = False) -> dict[int, float]:
     step*. A spin sized on warm steps in a row (:func:`spin_per_step`) was measured at +3.5% for +5% in
     the pairs, where every other step runs right after a switch of process (caches cold), which the spin
     hardly feels. So: two processes pinned to one CPU (as the plugin's workers are), one with a probe
-    spin of :data:`PROBE` of a warm step, take turns step by step; the median balanced ratio ``r``
-    (:func:`pytest_trainperf.paired.paired_change`) gives ``probe / (r - 1)`` iterations per step.
+    spin of :data:`PROBE` of a warm step, take turns step by step; the median balanced ratio ``r_w`` of
+    each width (:func:`pytest_trainperf.paired.paired_change`), and their median ``r`` over the widths,
+    give ``warm_w * PROBE / (r - 1)`` iterations per step. One factor for all widths: a factor per width
+    moved the commits by ±2-3 points from one sizing to the next (2026-12-01), one per suite by less
+    than one (a warm-sized +5% read +4.5% ±0.5% per width in three fresh process pairs).
     ``busy``: in the busy setting (core 0, a spinning neighbour: :func:`paired_ratios`), where the same
     spin is a smaller share of a step (the neighbour's visits slow the step's torch work, not the spin)."""
     warm = spin_per_step()
     probe = {width: round(PROBE * iterations) for width, iterations in warm.items()}
     ratios = paired_ratios({}, probe, CALIBRATION_PAIRS, busy=busy)
-    found = {}
-    for width, ratio in ratios.items():
-        found[width] = probe[width] / (ratio - 1) if ratio > 1 + PROBE / 4 else warm[width]
-        print(f"  sized in {'busy' if busy else 'quiet'} pairs: width {width}: probe +{PROBE:.0%} of a warm step measured "
-              f"{ratio - 1:+.1%} in pairs", flush=True)
-    return found
+    share = statistics.median(ratio - 1 for ratio in ratios.values())
+    print(f"  sized in {'busy' if busy else 'quiet'} pairs: a probe of +{PROBE:.0%} of a warm step measured "
+          + ", ".join(f"{ratios[w] - 1:+.1%}" for w in WIDTHS) + f" in pairs (median {share:+.1%})", flush=True)
+    if share < PROBE / 4:
+        return warm
+    return {width: iterations * PROBE / share for width, iterations in warm.items()}
 
 
 def paired_ratios(before: dict[int, int], after: dict[int, int], pairs: int, busy: bool) -> dict[int, float]:
@@ -329,10 +332,11 @@ def neighbour() -> subprocess.Popen[bytes]:
     return subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"])
 
 
-def counts(doc: dict[str, object]) -> tuple[int, int, int, list[float], list[float]]:
+def counts(doc: dict[str, object]) -> tuple[int, int, int, list[float], list[float], list[float]]:
     """Cells, cells failed (regressed), cells confirmed side by side, the step-time changes those
-    side-by-side comparisons measured (this tree / the baseline's commit, minus one), and every cell's
-    step-time change against its stored baseline (the screen's)."""
+    side-by-side comparisons measured (this tree / the baseline's commit, minus one), every cell's
+    step-time change against its stored baseline (the screen's), and the lower ends of the
+    side-by-side intervals (a cell fails when its lower end clears the tolerance)."""
     cells = doc.get("cells", [])
     assert isinstance(cells, list)
     failed = sum(c["status"] == "regressed" for c in cells)
@@ -341,7 +345,9 @@ def counts(doc: dict[str, object]) -> tuple[int, int, int, list[float], list[flo
                if m["name"] == "step_time" and m.get("change") is not None]
     stored = [m["change"] for c in cells for m in (c["verdict"].get("screen") or c["verdict"]["metrics"])
               if m["name"] == "step_time" and m.get("change") is not None]
-    return len(cells), failed, len(confirmed), changes, stored
+    lows = [m["interval"][0] for c in confirmed for m in c["verdict"]["metrics"]
+            if m["name"] == "step_time" and m.get("interval")]
+    return len(cells), failed, len(confirmed), changes, stored, lows
 
 
 def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None,
@@ -360,7 +366,7 @@ def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None,
     sized_in = {condition: condition if sizing == "each" else "quiet" for condition in conditions}
     commits, spins = commit_slowdowns(repo, base, sorted(set(sized_in.values()), reverse=True))
     shutil.copytree(repo / "baselines", workdir / "baselines")
-    rows: dict[str, list[tuple[float, int, int, int, list[float], list[float]]]] = {}
+    rows: dict[str, list[tuple[float, int, int, int, list[float], list[float], list[float]]]] = {}
     found: dict[str, object] = {"update_wall": update_wall, "rows": rows, "runs": 0, "extra_quiet": extra_quiet,
                                 "only": list(only), "sizing": sizing}
     found["sizes"] = measure_commits({key: spin for key, spin in spins.items()
@@ -384,11 +390,13 @@ def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None,
                     if spinner is not None:
                         spinner.kill()
                         spinner.wait()
-                rows.setdefault(f"{condition}|{change}|{mode}", []).append((wall, *counts(doc)))
+                row = (wall, *counts(doc))
+                rows.setdefault(f"{condition}|{change}|{mode}", []).append(row)
                 found["runs"] = number + 1
                 if raw is not None:  # as it goes: an interrupted run keeps what it measured
                     raw.write_text(json.dumps(found, indent=1))
-                print(f"  {condition} {change} {mode}: {wall:.1f} s", flush=True)
+                print(f"  {condition} {change} {mode}: {wall:.1f} s, {row[2]} of {row[1]} failed, {row[3]} confirmed: "
+                      + ", ".join(f"{c:+.1%} [{low:+.1%}" for c, low in zip(row[4], row[6], strict=False)), flush=True)
         print(f"run {number + 1} of {runs} done", flush=True)
     return found
 

@@ -153,14 +153,28 @@ def screen_floor(within: float, noise: float | None, rounds: int) -> float:
     return math.exp(-stats.normal_quantile(SCREEN_RECALL) * screen_spread(within, noise, rounds))
 
 
-def suspect(now: Measurement, baseline: Measurement, overrides: Mapping[str, float]) -> bool:
+RUNNER_CELLS = 3
+"""Cells of a session judged against stored baselines before their median step-time ratio (the runner
+against the baselines' machine, :func:`pytest_trainperf.results.compare_machine`) takes part in the screen
+(:func:`suspect`'s ``runner``)."""
+
+
+def suspect(now: Measurement, baseline: Measurement, overrides: Mapping[str, float],
+            runner: float | None = None) -> bool:
     """Whether the screen sends a cell to side-by-side confirmation: one of its timings is slower than the
     stored baseline's by more than :func:`screen_threshold`, or faster by more than :func:`screen_floor`
     allows (the Hodges-Lehmann ratio of its samples to the stored ones, as a time ratio), whatever its
     significance. Looser than the stored verdict on purpose: a false flag costs a confirmation, not a
     failure, while a +5% slowdown hides inside the stored noise band of a shared runner, inside a
     tolerance of 10%, and under the head start of a runner faster than the baseline's. A timing whose
-    tolerance is infinite (not gated) is never suspected."""
+    tolerance is infinite (not gated) is never suspected.
+
+    ``runner``: the median step-time ratio of the session's earlier cells to their stored baselines
+    (None before :data:`RUNNER_CELLS` of them). Where it lies outside this timing's window too, the
+    runner itself differs from the baselines' machine by more than the band allows, and the cell is
+    suspect whatever its own ratio: its ratio is the runner's head start (or lag) and its own change
+    together, and a change the size of the head start lands inside the window (measured: a +10% commit
+    on a runner whose processes ran 21% faster passed the screen in 1 of 16 cell-runs)."""
     for metric in now.metrics:
         before = baseline.metric(metric.name)
         if metric.name not in stats.TIMING_METRICS or before is None:
@@ -178,7 +192,8 @@ def suspect(now: Measurement, baseline: Measurement, overrides: Mapping[str, flo
         ratio, low, high = stats.hodges_lehmann_ratio(current, stored)
         within = math.log(high / low) / (2 * stats.normal_quantile(0.5 + stats.CONFIDENCE / 2))
         noise, rounds = stats.noise_band(before.rounds), len(before.rounds)
-        if not screen_floor(within, noise, rounds) <= ratio <= screen_threshold(within, noise, rounds, tolerance):
+        floor, threshold = screen_floor(within, noise, rounds), screen_threshold(within, noise, rounds, tolerance)
+        if not floor <= ratio <= threshold or (runner is not None and not floor <= runner <= threshold):
             return True
     return False
 

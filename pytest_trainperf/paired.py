@@ -212,6 +212,27 @@ def compare_paired(metric: Metric, reference: Metric, tolerance: float,
         p_value=sign_p_value(a, b, worse), detectable=detectable)
 
 
+def even(samples: Sequence[float]) -> tuple[float, ...]:
+    """The pairs of a comparison less a last odd one: whole balanced ratios (:func:`balanced_logs`), so
+    that the pairs of a later comparison, pooled behind them, still start A-first."""
+    return tuple(samples[:len(samples) - len(samples) % 2])
+
+
+def pooled(first: Measurement, then: Measurement) -> Measurement:
+    """``then``, a side of a comparison, with the paired timing samples of the same side of an earlier
+    comparison of the cell (``first``, on other workers) in front of its own (:func:`even`): one
+    measurement whose balanced ratios hold both pairs of processes, so that each one's offset
+    (two processes of the same code differ by one of their own) counts in proportion to its pairs.
+    Every other metric, and each timing's value, is ``then``'s."""
+    metrics = []
+    for m in then.metrics:
+        before = first.metric(m.name)
+        if m.name in stats.TIMING_METRICS and before is not None and before.samples and m.samples:
+            m = replace(m, samples=even(before.samples) + tuple(m.samples))
+        metrics.append(m)
+    return replace(then, metrics=tuple(metrics))
+
+
 def tolerance_for(metric: Metric, overrides: Mapping[str, float]) -> float:
     """A metric's tolerance in a lockstep comparison: as against a stored baseline
     (:func:`pytest_trainperf.stats.tolerance_for`), except that step time defaults to

@@ -16,13 +16,13 @@ import functools
 import io
 import os
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
-from pytest_trainperf import judge, results, stats, store, vcs
+from pytest_trainperf import judge, paired, results, stats, store, vcs
 from pytest_trainperf.fixture import Forecasting, TrainPerf, records_only
 from pytest_trainperf.grid import (
     BUDGET_MARK,
@@ -68,9 +68,13 @@ IN_PROCESS_ROUNDS = 2
 """An update's measurement rounds that run in the session's process; each later one runs in a fresh
 child process, so that the noise band holds what a new process does."""
 SIDE_BY_SIDE_PAIRINGS = 2
-"""Side-by-side comparisons a confirmed regression must survive, each on a pair of worker processes of its
+"""Side-by-side comparisons a confirmed regression goes through, each on a pair of worker processes of its
 own (kept for the session): two processes of the same code differ by an offset of their own (within about
-±1.5% in balanced ratios on a 2-core runner), which a second pair of processes draws anew."""
+±1.5% in balanced ratios on a 2-core runner), which a second pair of processes draws anew. A regression
+found by the first is measured by the second and judged on the pairs of both, pooled
+(:func:`paired.pooled`): each pair of processes' offset counts in proportion to its pairs. (Until
+2026-12-01 the second's pairs alone judged it: a slowdown had to clear the tolerance twice, which
+missed slowdowns near it that the pooled pairs catch.)"""
 PLUGIN_NAME = "trainperf-session"
 """The name the session object is registered under."""
 FIXTURE_KEY = pytest.StashKey[TrainPerf]()
@@ -203,6 +207,16 @@ class Baselines:
     """Its path relative to the rootdir."""
     file: store.BaselineFile
     """Its content."""
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A side-by-side comparison of a cell: its verdict, and the two sides it judged (this tree's and the
+    reference commit's), their timing samples pooled with any earlier comparison's."""
+
+    verdict: CellVerdict
+    this: Measurement
+    other: Measurement
 
 
 @dataclass
@@ -403,7 +417,8 @@ class TrainPerfSession:
                 state.p_values.setdefault(m.name, []).append(m.p_value)
         if (not self.settings.update and self.settings.confirm_against != CONFIRM_NONE and baseline is not None
                 and other is None and run.side_by_side
-                and (judge.timing_regressed(verdict) or judge.suspect(verdict.measurement, baseline, overrides))):
+                and (judge.timing_regressed(verdict)
+                     or judge.suspect(verdict.measurement, baseline, overrides, self._runner()))):
             verdict = self._side_by_side(item, baseline, verdict, overrides)
         elsewhere = () if baseline is not None else tuple(
             key for key, env in found.file.environments.items() if (cell.test, cell.cell) in env.cells)
@@ -469,6 +484,12 @@ class TrainPerfSession:
             verdict = decide(again)
         return verdict, judge.Retimed(rounds)
 
+    def _runner(self) -> float | None:
+        """The median step-time ratio of this session's cells judged so far against their stored baselines
+        (None before :data:`judge.RUNNER_CELLS` of them): how this runner compares with the baselines'."""
+        machine = results.compare_machine(self.ledger.cells)
+        return 1 + machine.median if machine is not None and machine.cells >= judge.RUNNER_CELLS else None
+
     def _side_by_side(self, item: pytest.Function, baseline: Measurement, screen: CellVerdict,
                       overrides: Mapping[str, float]) -> CellVerdict:
         """Confirm a timing regression against the stored baseline (or a suspect, :func:`judge.suspect`)
@@ -484,27 +505,35 @@ class TrainPerfSession:
             top = vcs.toplevel(self.config.rootpath)
             assert top is not None  # a commit was found in it
             self._pairing = Pairing(self.settings, self.config, top, timings_only=True)  # the pair judges timings
-        pair: CellVerdict | str = ""
-        for pairing in range(SIDE_BY_SIDE_PAIRINGS):  # a regression must hold on other processes too
-            pair = self._pair(item, commit, name, overrides, workers=pairing)
-            if isinstance(pair, str) or not judge.timing_regressed(pair):
+        pair: Paired | str = ""
+        earlier: Paired | None = None
+        for pairing in range(SIDE_BY_SIDE_PAIRINGS):  # a regression must hold with other processes too
+            pair = self._pair(item, commit, name, overrides, workers=pairing, earlier=earlier)
+            if isinstance(pair, str) or not judge.timing_regressed(pair.verdict):
                 break
+            earlier = pair
         if isinstance(pair, str):
             if judge.timing_regressed(screen):
                 self.ledger.note(f"{item.nodeid}: not confirmed side by side with {name} ({pair}); the stored "
                                  "verdict stands")
             return screen
-        return judge.confirmed(screen, pair, name)
+        return judge.confirmed(screen, pair.verdict, name)
 
-    def _pair(self, item: pytest.Function, commit: str, name: str,
-              overrides: Mapping[str, float], workers: int = 0) -> CellVerdict | str:
+    def _pair(self, item: pytest.Function, commit: str, name: str, overrides: Mapping[str, float],
+              workers: int = 0, earlier: Paired | None = None) -> Paired | str:
         """One side-by-side comparison of ``item``'s cell with ``commit``: the pair's verdict, or why
-        there is none."""
+        there is none. ``earlier``: the comparison before this one, on other workers, whose pairs are
+        pooled in front of these, for the sequential rule and for the verdict (:func:`paired.pooled`)."""
         from pytest_trainperf.runners.children import child_record
         from pytest_trainperf.runners.lockstep import step_tolerance, undecided
 
         assert self._pairing is not None
-        compared = self._pairing.compare(item, commit, name, undecided(self.settings, step_tolerance(item)), workers)
+        head: tuple[Sequence[float], Sequence[float]] = ((), ())
+        if earlier is not None:
+            steps = [side.metric("step_time") for side in (earlier.other, earlier.this)]
+            head = (steps[0].samples if steps[0] is not None else (), steps[1].samples if steps[1] is not None else ())
+        more = undecided(self.settings, step_tolerance(item), head)
+        compared = self._pairing.compare(item, commit, name, more, workers)
         problem = compared.other.problem
         this = None
         if compared.this.outcome is not None and compared.other.record is not None:
@@ -516,7 +545,10 @@ class TrainPerfSession:
             problem = f"its run in this tree {death(compared.this.returncode)[1]}"
         if this is None or compared.other.record is None:
             return problem or "no measurement"
-        return judge.side_by_side(this.verdict.measurement, compared.other.record.verdict.measurement, overrides)
+        now, other = this.verdict.measurement, compared.other.record.verdict.measurement
+        if earlier is not None:
+            now, other = paired.pooled(earlier.this, now), paired.pooled(earlier.other, other)
+        return Paired(judge.side_by_side(now, other, overrides), now, other)
 
     def _reference(self, baseline: Measurement) -> tuple[str | None, str, str]:
         """The commit to confirm against, its name in messages, and why there is none (cached)."""

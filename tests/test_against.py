@@ -446,3 +446,81 @@ def test_a_noisy_comparison_stops_once_it_rules_out_the_slowdown_it_must_catch()
     _, old_caught = pairs_and_catch(1.05, 0.06, seed=4, margin=0.0)
     _, new_caught = pairs_and_catch(1.05, 0.06, seed=4, margin=paired.CATCH_MARGIN)
     assert new_caught >= old_caught - 2 and new_caught >= 0.9 * 150
+
+
+def test_pooled_puts_an_earlier_comparison_s_whole_balanced_ratios_in_front() -> None:
+    def side(times: list[float], flops: float) -> Measurement:
+        return Measurement(test="test_x", cell="default", params=(),
+                           metrics=(step_time(times), Metric("flops", flops, "FLOP")))
+
+    first, then = side([1.0, 2.0, 3.0], 5.0), side([4.0, 5.0], 6.0)
+    joined = paired.pooled(first, then)
+    assert joined.metric("step_time").samples == (1.0, 2.0, 4.0, 5.0)  # type: ignore[union-attr]  # odd pair left out
+    assert joined.metric("step_time").value == 4.5  # type: ignore[union-attr]  # the later side's value
+    assert joined.metric("flops").value == 6.0  # type: ignore[union-attr]  # exact metrics: the later side's
+    assert paired.even([1.0, 2.0, 3.0]) == (1.0, 2.0) and paired.even([]) == ()
+
+
+def test_a_later_comparison_s_rule_looks_at_the_pooled_pairs_and_its_own_budget() -> None:
+    from pytest_trainperf.settings import Settings
+
+    settings = Settings(enabled=True, update=False, baselines=Path("b"), device="cpu", strict=False, show=(),
+                        threads=1, pairs=60, max_time=1e9)
+    rng = np.random.default_rng(5)
+    noise = list(rng.lognormal(0.0, 0.01, 40))
+    slower = [1.10 * n for n in noise]  # +10% in every pair: regressed at a look, so decided
+    ones = [1.0] * 40
+    assert not against.undecided(settings, paired.PAIRED_TOLERANCE)(ones[:20], slower[:20])
+    # the same 20 pairs of this comparison behind 40 earlier ones that found nothing: the pooled interval
+    # reaches from the tolerance to the slowdown to catch, so it goes on
+    earlier = (ones, list(noise))
+    assert against.undecided(settings, paired.PAIRED_TOLERANCE, earlier)(ones[:20], slower[:20])
+    # its budget is its own pairs', not the pooled ones'
+    budget = paired.MAX_PAIRS_FACTOR * settings.pairs
+    many = list(rng.lognormal(0.0, 0.01, budget))
+    assert not against.undecided(settings, paired.PAIRED_TOLERANCE, (many, many))([1.0] * budget, [1.0] * budget)
+
+
+def confirm_twice(ratio: float, spread: float, seed: int, pooled: bool, runs: int = 200) -> int:
+    """Simulated confirmations of a cell: a comparison under the sequential rule, and when it finds a
+    regression a second one on other processes (:data:`pytest_trainperf.plugin.SIDE_BY_SIDE_PAIRINGS`),
+    judged on its own pairs or pooled with the first's. Each pair of processes has an offset of its
+    own (lognormal, ``spread``), as two processes of the same code have; how many runs fail the cell."""
+    from pytest_trainperf.settings import Settings
+
+    settings = Settings(enabled=True, update=False, baselines=Path("b"), device="cpu", strict=False, show=(),
+                        threads=1, pairs=60, max_time=1e9)
+    rng = np.random.default_rng(seed)
+    budget = paired.MAX_PAIRS_FACTOR * settings.pairs
+
+    def compare(head: tuple[list[float], list[float]]) -> tuple[list[float], list[float], Status]:
+        offset = rng.lognormal(0.0, spread)
+        machine = rng.lognormal(0.0, 0.3, budget)
+        a = list(machine * rng.lognormal(0.0, 0.02, budget))
+        b = list(machine * ratio * offset * rng.lognormal(0.0, 0.02, budget))
+        more = against.undecided(settings, paired.PAIRED_TOLERANCE, head)
+        n = paired.first_look(settings.pairs)
+        while more(a[:n], b[:n]):
+            n += paired.SEQUENTIAL_STEP
+        a, b = a[:n], b[:n]
+        if head[0]:
+            a, b = [*paired.even(head[0]), *a], [*paired.even(head[1]), *b]
+        return a, b, paired.compare_paired(step_time(b), step_time(a), paired.PAIRED_TOLERANCE).status
+
+    failed = 0
+    for _ in range(runs):
+        a, b, status = compare(([], []))
+        if status is Status.REGRESSED:
+            status = compare((a, b) if pooled else ([], []))[2]
+        failed += status is Status.REGRESSED
+    return failed
+
+
+def test_a_second_comparison_pooled_with_the_first_catches_what_clearing_twice_missed() -> None:
+    """Two processes of the same code differ by an offset of their own (about ±1% here). Asking a +5%
+    slowdown to clear the tolerance in two comparisons, each on its own, misses the runs where either
+    pair of processes drew a low offset; pooling the two comparisons' pairs averages the offsets."""
+    twice = confirm_twice(1.05, 0.012, seed=21, pooled=False)
+    pooled = confirm_twice(1.05, 0.012, seed=21, pooled=True)
+    assert pooled >= 0.85 * 200 and pooled >= twice + 10  # 188 against 168 of 200
+    assert confirm_twice(1.0, 0.012, seed=22, pooled=True) <= 2  # unchanged code: false alarms stay rare

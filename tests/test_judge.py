@@ -102,3 +102,16 @@ def test_the_screen_floor_falls_as_the_band_widens() -> None:
     assert judge.screen_floor(0.002, 0.05, 5) < judge.screen_floor(0.002, 0.005, 5) < 1.0
     assert judge.screen_threshold(0.002, 0.005, 5, 0.02) / judge.screen_floor(0.002, 0.005, 5) == pytest.approx(
         1 + 0.02 + judge.SCREEN_MARGIN)
+
+
+def test_a_runner_beyond_the_window_makes_every_later_cell_suspect() -> None:
+    """A cell whose own ratio lies in the screen's window passes it, unless the session's earlier cells ran,
+    by their median, outside that window too: then its ratio is the runner's head start and its change
+    together, and it is sent to confirmation. A runner inside the window changes nothing."""
+    tight = timed(1.0, rounds=(0.995, 1.0, 1.005, 1.0, 0.998))
+    assert not judge.suspect(timed(1.01), tight, {})
+    assert not judge.suspect(timed(1.01), tight, {}, runner=1.0)
+    assert not judge.suspect(timed(1.01), tight, {}, runner=1.01)
+    assert judge.suspect(timed(1.01), tight, {}, runner=0.8)  # a runner 20% faster than the baselines'
+    assert judge.suspect(timed(1.01), tight, {}, runner=1.3)  # one 30% slower
+    assert not judge.suspect(timed(1.01), tight, {"step_time": math.inf, "throughput": math.inf}, runner=0.8)

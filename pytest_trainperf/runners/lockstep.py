@@ -584,20 +584,24 @@ def _inside(path: Path, top: Path, what: str) -> Path:
                                 "inside, to find it at the other revision") from None
 
 
-def undecided(settings: Settings, tolerance: float) -> Callable[[Sequence[float], Sequence[float]], bool]:
+def undecided(settings: Settings, tolerance: float, earlier: tuple[Sequence[float], Sequence[float]] = ((), ())
+              ) -> Callable[[Sequence[float], Sequence[float]], bool]:
     """The sequential rule (:mod:`pytest_trainperf.paired`): whether the step-time pairs so far leave it
     open if the cell regressed by as much as the comparison must catch (their interval, at
     :func:`paired.look_confidence`, reaches from ``1 + tolerance`` or below to above ``1 + tolerance +``
     :data:`paired.CATCH_MARGIN`); then the comparison goes on, up to :data:`paired.MAX_PAIRS_FACTOR`
-    times ``--trainperf-pairs`` pairs and ``--trainperf-max-time`` seconds of timed pairs."""
+    times ``--trainperf-pairs`` pairs and ``--trainperf-max-time`` seconds of timed pairs. ``earlier``:
+    the step times (A's, B's) of an earlier comparison of the cell on other workers, pooled in front of
+    these (:func:`paired.even`) for the rule; the budget counts this comparison's pairs alone."""
     started = time.perf_counter()
     confidence = paired.look_confidence(settings.pairs)
+    head_a, head_b = (paired.even(times) for times in earlier)
 
     def more(a: Sequence[float], b: Sequence[float]) -> bool:
-        if (len(a) != len(b) or len(a) >= paired.MAX_PAIRS_FACTOR * settings.pairs
+        if (len(a) != len(b) or len(head_a) != len(head_b) or len(a) >= paired.MAX_PAIRS_FACTOR * settings.pairs
                 or time.perf_counter() - started > settings.max_time or min(*a, *b, 1.0) <= 0):
             return False
-        return paired.undecided(paired.paired_change(a, b, confidence), tolerance)
+        return paired.undecided(paired.paired_change([*head_a, *a], [*head_b, *b], confidence), tolerance)
 
     return more
 
