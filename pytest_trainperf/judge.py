@@ -203,6 +203,19 @@ def timing_regressed(verdict: CellVerdict) -> bool:
     return any(m.name in stats.TIMING_METRICS for m in verdict.regressions)
 
 
+def leaning_slower(verdict: CellVerdict) -> bool:
+    """Whether a side-by-side verdict regressed in a timing, or measured its step time slower than its
+    tolerance without the interval to clear it: a second pair of processes then measures the cell, and
+    both pairs of processes' pairs are judged pooled (:func:`pytest_trainperf.paired.pooled`). One pair
+    of processes reads a change with an offset of its own, and its sequential rule stops once the
+    interval rules out tolerance + ``CATCH_MARGIN``: a +5% commit that one pair of processes reads as +4%
+    is stopped there, unchanged, and only a second pair of processes can say otherwise."""
+    step = verdict.metric("step_time")
+    return timing_regressed(verdict) or (
+        step is not None and step.change is not None and step.status is not Status.IMPROVED
+        and step.change > step.tolerance)
+
+
 def failure(verdict: CellVerdict, against: Against, retimed: Retimed = Retimed()) -> str:
     """The failure message of a cell that regressed; empty when it did not."""
     other = against.other

@@ -71,10 +71,10 @@ SIDE_BY_SIDE_PAIRINGS = 2
 """Side-by-side comparisons a confirmed regression goes through, each on a pair of worker processes of its
 own (kept for the session): two processes of the same code differ by an offset of their own (within about
 ±1.5% in balanced ratios on a 2-core runner), which a second pair of processes draws anew. A regression
-found by the first is measured by the second and judged on the pairs of both, pooled
-(:func:`paired.pooled`): each pair of processes' offset counts in proportion to its pairs. (Until
-2026-12-01 the second's pairs alone judged it: a slowdown had to clear the tolerance twice, which
-missed slowdowns near it that the pooled pairs catch.)"""
+found by the first, or a step time it read beyond the tolerance (:func:`judge.leaning_slower`), is
+measured by the second and judged on the pairs of both, pooled (:func:`paired.pooled`): each pair of
+processes' offset counts in proportion to its pairs. (Until 2026-12-01 the second's pairs alone judged
+a regression: a slowdown had to clear the tolerance twice, which missed slowdowns near it.)"""
 PLUGIN_NAME = "trainperf-session"
 """The name the session object is registered under."""
 FIXTURE_KEY = pytest.StashKey[TrainPerf]()
@@ -509,7 +509,7 @@ class TrainPerfSession:
         earlier: Paired | None = None
         for pairing in range(SIDE_BY_SIDE_PAIRINGS):  # a regression must hold with other processes too
             pair = self._pair(item, commit, name, overrides, workers=pairing, earlier=earlier)
-            if isinstance(pair, str) or not judge.timing_regressed(pair.verdict):
+            if isinstance(pair, str) or not judge.leaning_slower(pair.verdict):
                 break
             earlier = pair
         if isinstance(pair, str):
