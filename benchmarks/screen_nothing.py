@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             order = list(MODES) if number % 2 == 0 else list(reversed(MODES))  # in turns
             for mode in order:
                 wall, doc = screen.pytest_run(repo, ["--trainperf", *MODES[mode]], pinned=False)
-                cells, failed, confirmed, _, stored = screen.counts(doc)
+                cells, failed, confirmed, _, stored, _ = screen.counts(doc)
                 walls[mode].append(wall)
                 print(f"{mode}: {wall:.1f} s, {cells} cells, {failed} failed, {confirmed} confirmed side by side, "
                       f"step time against the stored baseline {statistics.median(stored):+.1%} (median)", flush=True)
