@@ -396,7 +396,7 @@ def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None,
                 if raw is not None:  # as it goes: an interrupted run keeps what it measured
                     raw.write_text(json.dumps(found, indent=1))
                 print(f"  {condition} {change} {mode}: {wall:.1f} s, {row[2]} of {row[1]} failed, {row[3]} confirmed: "
-                      + ", ".join(f"{c:+.1%} [{low:+.1%}" for c, low in zip(row[4], row[6], strict=False)), flush=True)
+                      + ", ".join(f"{c:+.1%} (low end {low:+.1%})" for c, low in zip(row[4], row[6], strict=False)), flush=True)
         print(f"run {number + 1} of {runs} done", flush=True)
     return found
 
