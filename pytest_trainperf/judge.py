@@ -211,9 +211,7 @@ def leaning_slower(verdict: CellVerdict) -> bool:
     interval rules out tolerance + ``CATCH_MARGIN``: a +5% commit that one pair of processes reads as +4%
     is stopped there, unchanged, and only a second pair of processes can say otherwise."""
     step = verdict.metric("step_time")
-    return timing_regressed(verdict) or (
-        step is not None and step.change is not None and step.status is not Status.IMPROVED
-        and step.change > step.tolerance)
+    return timing_regressed(verdict) or (step is not None and step.change is not None and step.change > step.tolerance)
 
 
 def failure(verdict: CellVerdict, against: Against, retimed: Retimed = Retimed()) -> str:

@@ -507,7 +507,7 @@ class TrainPerfSession:
             self._pairing = Pairing(self.settings, self.config, top, timings_only=True)  # the pair judges timings
         pair: Paired | str = ""
         earlier: Paired | None = None
-        for pairing in range(SIDE_BY_SIDE_PAIRINGS):  # a regression must hold with other processes too
+        for pairing in range(SIDE_BY_SIDE_PAIRINGS):  # a regression, or a lean to one: other processes too
             pair = self._pair(item, commit, name, overrides, workers=pairing, earlier=earlier)
             if isinstance(pair, str) or not judge.leaning_slower(pair.verdict):
                 break

@@ -20,7 +20,7 @@ from pytest_trainperf import judge, paired
 from pytest_trainperf.records import CellVerdict, Direction, Measurement, Metric, MetricVerdict, Status
 from pytest_trainperf.runners import lockstep as against
 from pytest_trainperf.runners.children import pair_cpus
-from pytest_trainperf.settings import parse_pairs, parse_ref
+from pytest_trainperf.settings import Settings, parse_pairs, parse_ref
 
 # ------------------------------------------------------------------ paired statistics
 
@@ -387,12 +387,16 @@ def test_each_look_of_the_sequential_rule_splits_the_error_over_the_looks() -> N
     assert paired.look_confidence(60) > paired.look_confidence(30) > paired.PAIRED_CONFIDENCE
 
 
+def rule_settings(pairs: int) -> Settings:
+    """A session's settings with ``pairs`` for ``--trainperf-pairs`` and no time limit: what the
+    sequential rule (:func:`against.undecided`) reads."""
+    return Settings(enabled=True, update=False, baselines=Path("b"), device="cpu", strict=False, show=(),
+                    threads=1, pairs=pairs, max_time=1e9)
+
+
 def sequential(ratio: float, noise: float, rng: np.random.Generator, pairs: int = 60) -> tuple[int, Status]:
     """One comparison under the sequential rule, on simulated pairs: how many pairs it took, and its verdict."""
-    from pytest_trainperf.settings import Settings
-
-    settings = Settings(enabled=True, update=False, baselines=Path("b"), device="cpu", strict=False, show=(),
-                        threads=1, pairs=pairs, max_time=1e9)
+    settings = rule_settings(pairs)
     more = against.undecided(settings, paired.PAIRED_TOLERANCE)
     machine = list(rng.lognormal(0.0, 0.3, paired.MAX_PAIRS_FACTOR * pairs))  # both steps of a pair see it
     a = [m * rng.lognormal(0.0, noise) for m in machine]
@@ -462,10 +466,7 @@ def test_pooled_puts_an_earlier_comparison_s_whole_balanced_ratios_in_front() ->
 
 
 def test_a_later_comparison_s_rule_looks_at_the_pooled_pairs_and_its_own_budget() -> None:
-    from pytest_trainperf.settings import Settings
-
-    settings = Settings(enabled=True, update=False, baselines=Path("b"), device="cpu", strict=False, show=(),
-                        threads=1, pairs=60, max_time=1e9)
+    settings = rule_settings(60)
     rng = np.random.default_rng(5)
     noise = list(rng.lognormal(0.0, 0.01, 40))
     slower = [1.10 * n for n in noise]  # +10% in every pair: regressed at a look, so decided
@@ -488,10 +489,7 @@ def confirm_twice(ratio: float, spread: float, seed: int, pooled: bool, leaning:
     second one on other processes (:data:`pytest_trainperf.plugin.SIDE_BY_SIDE_PAIRINGS`), judged on
     its own pairs or pooled with the first's. Each pair of processes has an offset of its own
     (lognormal, ``spread``), as two processes of the same code have; how many runs fail the cell."""
-    from pytest_trainperf.settings import Settings
-
-    settings = Settings(enabled=True, update=False, baselines=Path("b"), device="cpu", strict=False, show=(),
-                        threads=1, pairs=60, max_time=1e9)
+    settings = rule_settings(60)
     rng = np.random.default_rng(seed)
     budget = paired.MAX_PAIRS_FACTOR * settings.pairs
 
