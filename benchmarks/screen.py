@@ -3,8 +3,9 @@ caught, and what it costs, with baselines from this machine and with a busy neig
 
 A temporary git repository holds a small suite (an MLP training step over a grid of widths, each step a
 few milliseconds) at three commits: the base, and +5% and +10% step time from a pure-Python spin added
-to each step, sized per cell as side-by-side pairs time a step: two processes pinned to one CPU take
-turns, one with a probe spin (:func:`spin_per_paired_step`), in each condition's own setting
+to each step, sized per cell on warm steps and scaled by one factor for the suite, as side-by-side pairs
+time a step: two processes pinned to one CPU take turns, one with a probe spin, and the median of the
+cells' readings gives the factor (:func:`spin_per_paired_step`), in each condition's own setting
 (``--sizing each``, the default: the busy condition's commits are sized in pairs with the neighbour on the
 core, where the same spin is a smaller share of a step, and the quiet-sized ones are measured there too;
 ``--sizing quiet``: one set of commits for both). The spin dispatches no torch op,
@@ -419,8 +420,8 @@ def section(found: dict[str, object]) -> str:
              + (f" --sizing {found['sizing']}" if found.get("sizing") else "") + "`: a "
              f"{len(WIDTHS)}-cell MLP suite ({LAYERS} layers, widths {WIDTHS[0]} to {WIDTHS[-1]}, one thread); +5% and "
              "+10% step time committed as a pure-Python spin in each step, "
-             "sized per cell as side-by-side pairs time a step (two processes on one CPU taking turns, one with "
-             "a probe spin), "
+             "sized per cell on warm steps and scaled by one factor for the suite, as side-by-side pairs time a "
+             "step (two processes on one CPU taking turns, one with a probe spin: the median of the cells), "
              + ("in each condition's own setting (the busy commits in pairs with the neighbour on the core)"
                 if found.get("sizing", "quiet") == "each" else "in quiet pairs (one set of commits for both conditions)")
              + " (no torch op: FLOPs, ops, memory traffic and peak memory unchanged, so only "
