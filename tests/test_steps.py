@@ -201,12 +201,15 @@ def test_changing_steps(trainperf):
 # all-reduces the loss (it needs the group). Every step up to SLOW sleeps: 1 counted + 1 memory-tracked +
 # 2 warm-up + 8 timed = 12 steps are the first measurement, so SLOW=12 is a transient slowdown that a
 # re-timing clears, and SLOW=10**9 a lasting one.
+# Gradients are all-reduced by hand, not by DistributedDataParallel: its reducer would hold the group
+# past destroy_process_group and free it when the test returns, joining gloo's worker threads with the
+# GIL held while a worker waits for the GIL to free a finished collective's tensors: a deadlock on a
+# loaded runner (pytorch/pytorch#56297). Freed by destroy_process_group, the group lets the GIL go.
 DDP_STEPS = """
 import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 CALLS = [0]
 
@@ -215,7 +218,7 @@ def test_ddp_loop(trainperf):
     torch.manual_seed(0)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        model = DistributedDataParallel(torch.nn.Linear(32, 32))
+        model = torch.nn.Linear(32, 32)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         batches = [torch.randn(8, 32) for _ in range(3)]
         loop = trainperf.steps(batches, steps=8, warmup=2)
@@ -226,6 +229,8 @@ def test_ddp_loop(trainperf):
             opt.zero_grad()
             loss = model(x).pow(2).mean()
             loss.backward()
+            for p in model.parameters():  # averaged across ranks, as DDP does
+                dist.all_reduce(p.grad)
             opt.step()
             logged = loss.detach().clone()
             dist.all_reduce(logged)  # needs the default group
