@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-# A data-parallel step in a one-rank gloo group that the test creates and destroys itself. Every call of the step
-# up to SLOW sleeps: 1 counted + 1 memory-tracked + 2 warm-up + 8 timed = 12 calls are the first
+# A data-parallel step in a one-rank gloo group that the test creates and destroys itself. Every call of
+# the step up to SLOW sleeps: 1 counted + 1 memory-tracked + 2 warm-up + 8 timed = 12 calls are the first
 # measurement, so SLOW=12 is a transient slowdown that a re-timing clears, and SLOW=10**9 a lasting one.
 # Gradients are all-reduced by hand, not by DistributedDataParallel: its reducer would hold the group
 # past destroy_process_group and free it when the test returns, joining gloo's worker threads with the

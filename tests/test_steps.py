@@ -201,10 +201,7 @@ def test_changing_steps(trainperf):
 # all-reduces the loss (it needs the group). Every step up to SLOW sleeps: 1 counted + 1 memory-tracked +
 # 2 warm-up + 8 timed = 12 steps are the first measurement, so SLOW=12 is a transient slowdown that a
 # re-timing clears, and SLOW=10**9 a lasting one.
-# Gradients are all-reduced by hand, not by DistributedDataParallel: its reducer would hold the group
-# past destroy_process_group and free it when the test returns, joining gloo's worker threads with the
-# GIL held while a worker waits for the GIL to free a finished collective's tensors: a deadlock on a
-# loaded runner (pytorch/pytorch#56297). Freed by destroy_process_group, the group lets the GIL go.
+# Gradients are all-reduced by hand, not by DistributedDataParallel (why: tests/test_lifetime.py).
 DDP_STEPS = """
 import time
 
