@@ -333,11 +333,12 @@ def neighbour() -> subprocess.Popen[bytes]:
     return subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"])
 
 
-def counts(doc: dict[str, object]) -> tuple[int, int, int, list[float], list[float], list[float]]:
+def counts(doc: dict[str, object]) -> tuple[int, int, int, list[float], list[float], list[float],
+                                             list[dict[str, object]]]:
     """Cells, cells failed (regressed), cells confirmed side by side, the step-time changes those
     side-by-side comparisons measured (this tree / the baseline's commit, minus one), every cell's
-    step-time change against its stored baseline (the screen's), and the lower ends of the
-    side-by-side intervals (a cell fails when its lower end clears the tolerance)."""
+    step-time change against its stored baseline (the screen's), the lower ends of the side-by-side
+    intervals (a cell fails when its lower end clears the tolerance), and each cell (:func:`per_cell`)."""
     cells = doc.get("cells", [])
     assert isinstance(cells, list)
     failed = sum(c["status"] == "regressed" for c in cells)
@@ -348,7 +349,16 @@ def counts(doc: dict[str, object]) -> tuple[int, int, int, list[float], list[flo
               if m["name"] == "step_time" and m.get("change") is not None]
     lows = [m["interval"][0] for c in confirmed for m in c["verdict"]["metrics"]
             if m["name"] == "step_time" and m.get("interval")]
-    return len(cells), failed, len(confirmed), changes, stored, lows
+    return len(cells), failed, len(confirmed), changes, stored, lows, [per_cell(c) for c in cells]
+
+
+def per_cell(cell: dict[str, Any]) -> dict[str, object]:
+    """One cell of a run's JSON results: its id, status, how many pairs of processes confirmed it side
+    by side (0: not sent), and its step time's change and interval (side by side where confirmed)."""
+    step = next((m for m in cell["verdict"]["metrics"] if m["name"] == "step_time"), {})
+    return {"cell": cell.get("cell"), "status": cell["status"],
+            "pairings": cell["verdict"].get("confirmed_pairings", 0) if cell["verdict"].get("confirmed_against") else 0,
+            "change": step.get("change"), "interval": step.get("interval")}
 
 
 def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None,
@@ -367,7 +377,7 @@ def run(runs: int, workdir: Path, extra_quiet: int = 0, raw: Path | None = None,
     sized_in = {condition: condition if sizing == "each" else "quiet" for condition in conditions}
     commits, spins = commit_slowdowns(repo, base, sorted(set(sized_in.values()), reverse=True))
     shutil.copytree(repo / "baselines", workdir / "baselines")
-    rows: dict[str, list[tuple[float, int, int, int, list[float], list[float], list[float]]]] = {}
+    rows: dict[str, list[tuple[Any, ...]]] = {}
     found: dict[str, object] = {"update_wall": update_wall, "rows": rows, "runs": 0, "extra_quiet": extra_quiet,
                                 "only": list(only), "sizing": sizing}
     found["sizes"] = measure_commits({key: spin for key, spin in spins.items()

@@ -106,14 +106,16 @@ def side_by_side(now: Measurement, reference: Measurement | None, overrides: Map
     return paired.judge_paired(now, reference, overrides)
 
 
-def confirmed(screen: CellVerdict, pair: CellVerdict, against: str) -> CellVerdict:
+def confirmed(screen: CellVerdict, pair: CellVerdict, against: str, pairings: int = 1) -> CellVerdict:
     """The verdict of a cell whose timings regressed against the stored baseline (``screen``), or were
     suspect (:func:`suspect`: slower than its threshold or faster than its floor), and were measured again
-    side by side with ``against`` (``pair``): the timings as the pair judged them, every
-    other metric (the exact ones: FLOPs, memory, loss) as the stored baseline judged it."""
+    side by side with ``against`` (``pair``, the pooled pairs of ``pairings`` pairs of processes): the
+    timings as the pair judged them, every other metric (the exact ones: FLOPs, memory, loss) as the
+    stored baseline judged it."""
     timing = {m.name: m for m in pair.metrics if m.name in stats.TIMING_METRICS}
     return replace(screen, metrics=tuple(timing.get(m.name, m) for m in screen.metrics),
-                   screen=tuple(m for m in screen.metrics if m.name in timing), confirmed_against=against)
+                   screen=tuple(m for m in screen.metrics if m.name in timing), confirmed_against=against,
+                   confirmed_pairings=pairings)
 
 
 SCREEN_MARGIN = paired.CATCH_MARGIN
@@ -205,13 +207,36 @@ def timing_regressed(verdict: CellVerdict) -> bool:
 
 def leaning_slower(verdict: CellVerdict) -> bool:
     """Whether a side-by-side verdict regressed in a timing, or measured its step time slower than its
-    tolerance without the interval to clear it: a second pair of processes then measures the cell, and
-    both pairs of processes' pairs are judged pooled (:func:`pytest_trainperf.paired.pooled`). One pair
-    of processes reads a change with an offset of its own, and its sequential rule stops once the
-    interval rules out tolerance + ``CATCH_MARGIN``: a +5% commit that one pair of processes reads as +4%
-    is stopped there, unchanged, and only a second pair of processes can say otherwise."""
+    tolerance without the interval to clear it: another pair of processes then measures the cell
+    (:func:`another_pairing`), and the pairs of every pair of processes are judged pooled
+    (:func:`pytest_trainperf.paired.pooled`). One pair of processes reads a change with an offset of its
+    own, and its sequential rule stops once the interval rules out tolerance + ``CATCH_MARGIN``: a +5%
+    commit that one pair of processes reads as +4% is stopped there, unchanged, and only another pair of
+    processes can say otherwise."""
     step = verdict.metric("step_time")
     return timing_regressed(verdict) or (step is not None and step.change is not None and step.change > step.tolerance)
+
+
+SIDE_BY_SIDE_PAIRINGS = 3
+"""The most pairs of worker processes (each kept for the session) that measure one cell side by side,
+their pairs pooled (:func:`another_pairing`). Two processes of the same code differ by an offset of their
+own (within about ±1.5% in balanced ratios on a 2-core runner), which another pair of processes draws
+anew. (Until 2026-12-01 a second pair's pairs alone judged a regression: a slowdown had to clear the
+tolerance twice, which missed slowdowns near it. Until 2026-12-02 there were two at most: a +5% commit
+read +3.5% by the two, its interval still reaching below the tolerance, passed.)"""
+
+
+def another_pairing(verdict: CellVerdict, pairings: int) -> bool:
+    """Whether another pair of worker processes measures a cell side by side after ``pairings`` pairs of
+    processes whose pooled pairs gave ``verdict``. After the first: when it regressed or leaned slower
+    (:func:`leaning_slower`), so that no regression rests on one pair of processes' offset. After the
+    second: only when the pooled verdict still leans slower without a regression, its interval reaching
+    below the tolerance; a regression the pooled pairs of two found is decided. Never more than
+    :data:`SIDE_BY_SIDE_PAIRINGS`. Unchanged code rarely leans slower after two, so a third pair of
+    processes costs little where nothing changed."""
+    if pairings >= SIDE_BY_SIDE_PAIRINGS or not leaning_slower(verdict):
+        return False
+    return pairings < 2 or not timing_regressed(verdict)
 
 
 def failure(verdict: CellVerdict, against: Against, retimed: Retimed = Retimed()) -> str:
@@ -253,8 +278,11 @@ def failure(verdict: CellVerdict, against: Against, retimed: Retimed = Retimed()
         pairs = now.metric("step_time")
         if (other or side) and pairs is not None:
             count = f"{len(pairs.samples)} pairs' " if other else ""
+            by = verdict.confirmed_pairings
+            processes = f", pooled over {by} pairs of worker processes" if side and by > 1 else ""
             lines.append(f"  (timings side by side: the median of the {count}balanced ratios (an A-first and a "
-                         f"B-first pair each), this tree / {other or side}, with its 95% sign-test interval)")
+                         f"B-first pair each), this tree / {other or side}{processes}, with its 95% sign-test "
+                         "interval)")
         if retimed.rounds:
             lines.append(f"  (timings confirmed by {retimed.rounds} re-measurement{'s' * (retimed.rounds > 1)}; "
                          "figures from the last)")

@@ -67,14 +67,6 @@ __all__ = ["FIXTURE_KEY", "PLUGIN_NAME", "SESSION_KEY", "UPDATE_HINT", "TrainPer
 IN_PROCESS_ROUNDS = 2
 """An update's measurement rounds that run in the session's process; each later one runs in a fresh
 child process, so that the noise band holds what a new process does."""
-SIDE_BY_SIDE_PAIRINGS = 2
-"""Side-by-side comparisons a confirmed regression goes through, each on a pair of worker processes of its
-own (kept for the session): two processes of the same code differ by an offset of their own (within about
-±1.5% in balanced ratios on a 2-core runner), which a second pair of processes draws anew. A regression
-found by the first, or a step time it read beyond the tolerance (:func:`judge.leaning_slower`), is
-measured by the second and judged on the pairs of both, pooled (:func:`paired.pooled`): each pair of
-processes' offset counts in proportion to its pairs. (Until 2026-12-01 the second's pairs alone judged
-a regression: a slowdown had to clear the tolerance twice, which missed slowdowns near it.)"""
 PLUGIN_NAME = "trainperf-session"
 """The name the session object is registered under."""
 FIXTURE_KEY = pytest.StashKey[TrainPerf]()
@@ -507,9 +499,13 @@ class TrainPerfSession:
             self._pairing = Pairing(self.settings, self.config, top, timings_only=True)  # the pair judges timings
         pair: Paired | str = ""
         earlier: Paired | None = None
-        for pairing in range(SIDE_BY_SIDE_PAIRINGS):  # a regression, or a lean to one: other processes too
-            pair = self._pair(item, commit, name, overrides, workers=pairing, earlier=earlier)
-            if isinstance(pair, str) or not judge.leaning_slower(pair.verdict):
+        pairings = 0
+        while True:  # a regression, or a lean to one: other processes too (judge.another_pairing)
+            pair = self._pair(item, commit, name, overrides, workers=pairings, earlier=earlier)
+            if isinstance(pair, str):
+                break
+            pairings += 1
+            if not judge.another_pairing(pair.verdict, pairings):
                 break
             earlier = pair
         if isinstance(pair, str):
@@ -517,7 +513,7 @@ class TrainPerfSession:
                 self.ledger.note(f"{item.nodeid}: not confirmed side by side with {name} ({pair}); the stored "
                                  "verdict stands")
             return screen
-        return judge.confirmed(screen, pair.verdict, name)
+        return judge.confirmed(screen, pair.verdict, name, pairings)
 
     def _pair(self, item: pytest.Function, commit: str, name: str, overrides: Mapping[str, float],
               workers: int = 0, earlier: Paired | None = None) -> Paired | str:

@@ -371,6 +371,9 @@ class CellVerdict:
     confirmed_against: str = ""
     """The revision the timings were confirmed against, side by side on this machine (``0e20a21b1c2d``);
     empty when they were not."""
+    confirmed_pairings: int = 0
+    """How many pairs of worker processes measured the timings side by side, their pairs pooled (0 when
+    they were not confirmed side by side)."""
 
     @property
     def status(self) -> Status:

@@ -14,7 +14,7 @@ import torch  # noqa: F401  (loaded before pytester's in-process runs, as confte
 from gitrepo import WORKLOAD, git
 from results_schema import validate_results
 
-from pytest_trainperf import vcs
+from pytest_trainperf import judge, vcs
 from pytest_trainperf.records import Source
 from pytest_trainperf.runners import lockstep
 from pytest_trainperf.store import read
@@ -109,6 +109,7 @@ def test_a_baseline_from_a_faster_machine_is_confirmed_unchanged_and_passes(pyte
     validate_results(doc)
     (cell,) = doc["cells"]
     assert cell["status"] == "unchanged" and cell["verdict"]["confirmed_against"] == measured
+    assert 1 <= cell["verdict"]["confirmed_pairings"] <= judge.SIDE_BY_SIDE_PAIRINGS
     (screened,) = cell["verdict"]["screen"]
     assert screened["name"] == "step_time" and screened["status"] == "regressed"
     assert doc["summary"]["machine"]["confirmed"] == [{"against": measured, "cells": 1, "regressed": 0}]
@@ -176,7 +177,7 @@ def test_a_slower_commit_fails_confirmed_side_by_side(pytester: pytest.Pytester,
         "  stored: step_time: baseline *, now *, change +*",
         f"  side by side: step_time: at {measured} *, now *, change +*",
         f"  (timings side by side: the median of the balanced ratios (an A-first and a B-first pair each), "
-        f"this tree / {measured}, *",
+        f"this tree / {measured}, pooled over 2 pairs of worker processes, *",
         f"trainperf: this runner ran 1 cell *% slower than their baselines*confirmed side by side against "
         f"{measured}: 1 regressed",
     ])
