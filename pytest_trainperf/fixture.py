@@ -586,6 +586,17 @@ class TrainPerf:
         if self._loop is not None:
             self._loop.engine.close()
 
+    def release(self) -> None:
+        """Close (:meth:`close`), then drop what this fixture keeps of the test's objects (the step, and
+        through it the model, in its re-timing and its loop) once the cell's measurement is taken. A rank
+        of a distributed cell calls it before it destroys its process group, so that a DDP model the step
+        holds is freed while the group is still alive: freed later, its reducer frees the gloo group with
+        the GIL held while a gloo thread waits for the GIL, and the rank hangs (pytorch/pytorch#56297).
+        Re-timing after it is refused (:meth:`retime` returns None)."""
+        self.close()
+        self._retime = None
+        self._loop = None
+
     def retime(self) -> Measurement | None:
         """Time the measured step again (same count, threads, device); None if nothing was timed.
 

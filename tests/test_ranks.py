@@ -188,6 +188,54 @@ def test_ddp_and_fsdp_cells_measured_and_judged(pytester: pytest.Pytester, monke
     assert metric(fsdp_cell, "straggler") >= 0
 
 
+FREED = """
+import os
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import pytest_trainperf as tp
+
+
+def freed(path):
+    with open(path, "a") as out:
+        out.write(f"{dist.is_initialized()}\\n")
+
+
+@tp.ranks(world_size=2)
+@tp.tolerance(step_time=100)
+def test_freed(trainperf):
+    model = DistributedDataParallel(nn.Linear(8, 8))
+    weakref.finalize(model, freed, os.path.join(os.environ["FREED_DIR"], f"rank{trainperf.rank}"))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(4, 8)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    trainperf.train(step, steps=3, warmup=1)
+"""
+
+
+def test_a_rank_frees_the_tests_ddp_model_before_it_destroys_its_process_group(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixture keeps the test's step (to re-time it), and so its DDP model, whose reducer holds the
+    gloo group. Freed after ``destroy_process_group()``, the reducer frees the group with the GIL held
+    while a gloo thread waits for the GIL: a rank that hangs now and then (pytorch/pytorch#56297). So a
+    rank lets go of the test's objects first: the model is freed while the group is still up."""
+    pytester.makepyfile(test_freed=FREED)
+    monkeypatch.setenv("FREED_DIR", str(pytester.path))
+    pytester.runpytest("--trainperf").assert_outcomes(passed=1)
+    assert [(pytester.path / f"rank{rank}").read_text() for rank in (0, 1)] == ["True\n", "True\n"]
+
+
 def test_hanging_and_raising_ranks(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_failing=FAILING)
     result = pytester.runpytest("--trainperf", "--trainperf-json=r.json")

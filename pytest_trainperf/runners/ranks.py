@@ -652,6 +652,7 @@ class Rank:
                 _gather(run.measurement if run is not None else None)
             return run
         finally:
+            fixture.release()  # the test's model (a DDP one holds the group) is freed before the group
             dist.destroy_process_group()
 
 
