@@ -188,18 +188,7 @@ def test_ddp_and_fsdp_cells_measured_and_judged(pytester: pytest.Pytester, monke
     assert metric(fsdp_cell, "straggler") >= 0
 
 
-FREED = """
-import os
-import weakref
-
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-
-import pytest_trainperf as tp
-
-
+FREED = CELLS[:CELLS.index("@tp.ranks")] + """
 def freed(path):
     with open(path, "a") as out:
         out.write(f"{dist.is_initialized()}\\n")
@@ -208,19 +197,12 @@ def freed(path):
 @tp.ranks(world_size=2)
 @tp.tolerance(step_time=100)
 def test_freed(trainperf):
-    model = DistributedDataParallel(nn.Linear(8, 8))
+    import weakref
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(mlp())
     weakref.finalize(model, freed, os.path.join(os.environ["FREED_DIR"], f"rank{trainperf.rank}"))
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    x = torch.randn(4, 8)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = model(x).square().mean()
-        loss.backward()
-        opt.step()
-        return loss
-
-    trainperf.train(step, steps=3, warmup=1)
+    train(trainperf, model)
 """
 
 
