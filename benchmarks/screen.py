@@ -357,7 +357,7 @@ def per_cell(cell: dict[str, Any]) -> dict[str, object]:
     by side (0: not sent), and its step time's change and interval (side by side where confirmed)."""
     step = next((m for m in cell["verdict"]["metrics"] if m["name"] == "step_time"), {})
     return {"cell": cell.get("cell"), "status": cell["status"],
-            "pairings": cell["verdict"].get("confirmed_pairings", 0) if cell["verdict"].get("confirmed_against") else 0,
+            "pairings": cell["verdict"].get("confirmed_pairings", 0),
             "change": step.get("change"), "interval": step.get("interval")}
 
 

@@ -498,7 +498,6 @@ def confirm_cells(ratio: float, spread: float, seed: int, rule: str, runs: int =
     same pairs of processes, and differ only where they take a different step."""
     settings = rule_settings(60)
     budget = paired.MAX_PAIRS_FACTOR * settings.pairs
-    rng = np.random.default_rng(seed)
 
     def compare(head: tuple[list[float], list[float]]) -> tuple[list[float], list[float], MetricVerdict]:
         offset = rng.lognormal(0.0, spread)
