@@ -83,7 +83,9 @@ def test_a_neighbour_process_on_the_core_is_left_out() -> None:
     for elapsed, delay, wait in steps:
         # a fair scheduler gives the spinner about half the core: about half of each step is its
         assert 0.2 * elapsed < wait < elapsed, (elapsed, delay, wait)
-        assert delay - 0.01 * elapsed < wait <= delay  # all of the delay (less the microseconds between reads)
+        # all of the delay, less the microseconds between reads and what other threads of this process ran
+        # meanwhile on other CPUs (threads earlier tests left: CI once saw 0.5 ms of a 27 ms step)
+        assert delay - 0.05 * elapsed < wait <= delay, (elapsed, delay, wait)
 
 
 @linux_counters
