@@ -353,7 +353,8 @@ def test_a_plain_run_ignores_the_figures(pytester: pytest.Pytester) -> None:
 # first run in the process (ONLY_FIRST: a slow spell that a re-measurement does not see). The cells'
 # own step-time gate is off, so only the figure can fail. Every step first keeps the core busy for 2 ms
 # by the clock: a ratio of two microsecond steps moves by more than the figure's tolerance on a loaded
-# runner, a ratio of two 2 ms steps does not.
+# runner. Even a ratio of two 2 ms steps once read +103% re-measured in CI, so the figure's tolerance is
+# 300%: the 20 ms spell reads about +900%.
 TIMED = """
 import math
 import time
@@ -365,7 +366,7 @@ ONLY_FIRST = {only_first}
 RUNS = {{}}
 
 @tp.grid(batch=[2, 4], variant=["plain", "heavy"])
-@tp.relative(variant="plain", metrics=["step_time"], tolerance=0.5)
+@tp.relative(variant="plain", metrics=["step_time"], tolerance=3.0)
 @tp.tolerance(step_time=math.inf)
 def test_timed(trainperf, batch, variant):
     RUNS[(batch, variant)] = RUNS.get((batch, variant), 0) + 1
