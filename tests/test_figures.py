@@ -233,6 +233,7 @@ def test_a_corrupt_figure_is_reported_and_the_file_kept(tmp_path) -> None:
 
 # FLOPs are exact, so a change of the work per step changes these figures deterministically.
 FIGURES = """
+import math
 import torch
 import pytest_trainperf as tp
 
@@ -241,6 +242,7 @@ POWER = {power}
 
 @tp.grid(batch=[2, 4], variant=["plain", "heavy"])
 @tp.relative(variant="plain", metrics=["flops", "step_time"])
+@tp.tolerance(step_time=math.inf)  # microsecond steps: the cells' timings are not the point here
 def test_variants(trainperf, batch, variant):
     torch.manual_seed(0)
     lin = torch.nn.Linear(32, 32)
@@ -259,6 +261,7 @@ def test_variants(trainperf, batch, variant):
 
 @tp.grid(n=[8, 16, 32, 64])
 @tp.scaling(x="n", metrics=["flops"])
+@tp.tolerance(step_time=math.inf)
 def test_scaling(trainperf, n):
     a = torch.randn(n, 16)
     b = torch.randn(16, max(1, int(n ** (POWER - 1))))
@@ -354,7 +357,7 @@ def test_a_plain_run_ignores_the_figures(pytester: pytest.Pytester) -> None:
 # own step-time gate is off, so only the figure can fail. Every step first keeps the core busy for 2 ms
 # by the clock: a ratio of two microsecond steps moves by more than the figure's tolerance on a loaded
 # runner. Even a ratio of two 2 ms steps once read +103% re-measured in CI, so the figure's tolerance is
-# 300%: the 20 ms spell reads about +900%.
+# 300%: a 50 ms spell reads about +2200% (a 20 ms one, +900%, was read as low as +580%).
 TIMED = """
 import math
 import time
@@ -391,7 +394,7 @@ def test_timed(trainperf, batch, variant):
 def test_a_timing_figure_regression_is_confirmed_by_re_measuring_its_cells(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_work=TIMED.format(sleep=0.0, only_first=False))
     pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
-    pytester.makepyfile(test_work=TIMED.format(sleep=0.02, only_first=False))
+    pytester.makepyfile(test_work=TIMED.format(sleep=0.05, only_first=False))
     result = pytester.runpytest("--trainperf")
     result.assert_outcomes(passed=4)  # no cell regressed on its own: the figures fail the session
     assert result.ret == 1
@@ -405,7 +408,7 @@ def test_a_timing_figure_regression_is_confirmed_by_re_measuring_its_cells(pytes
 def test_a_slow_spell_in_one_cell_is_not_confirmed(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_work=TIMED.format(sleep=0.0, only_first=False))
     pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=4)
-    pytester.makepyfile(test_work=TIMED.format(sleep=0.02, only_first=True))
+    pytester.makepyfile(test_work=TIMED.format(sleep=0.05, only_first=True))
     result = pytester.runpytest("--trainperf", "--trainperf-json=out.json")
     result.assert_outcomes(passed=4)
     assert result.ret == 0

@@ -101,10 +101,13 @@ def test_a_thread_of_this_process_on_the_core_stays_in_the_time() -> None:
         thread.start()
         try:
             time.sleep(0.05)
-            steps = [timed() for _ in range(3)]
+            steps = [timed() for _ in range(5)]
         finally:
             stop.set()
             thread.join()
-    for elapsed, delay, wait in steps:
-        # the step really waited for the thread, and none of that wait is left out
-        assert delay > 0.2 * elapsed and wait < 0.1 * elapsed, (elapsed, delay, wait)
+    # every step really waited for the thread
+    assert all(delay > 0.2 * elapsed for elapsed, delay, _ in steps), steps
+    # and none of that wait is left out, in the step that no other process delayed: another process on
+    # the core (a loaded runner's) is a real wait, left out (a step here once waited 14 ms of 47 for one);
+    # had the thread's time been taken for a neighbour's, every step would leave out a fifth or more
+    assert min(wait / elapsed for elapsed, _, wait in steps) < 0.1, steps
