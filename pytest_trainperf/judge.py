@@ -106,7 +106,7 @@ def side_by_side(now: Measurement, reference: Measurement | None, overrides: Map
     return paired.judge_paired(now, reference, overrides)
 
 
-def confirmed(screen: CellVerdict, pair: CellVerdict, against: str, pairings: int = 1) -> CellVerdict:
+def confirmed(screen: CellVerdict, pair: CellVerdict, against: str, pairings: int) -> CellVerdict:
     """The verdict of a cell whose timings regressed against the stored baseline (``screen``), or were
     suspect (:func:`suspect`: slower than its threshold or faster than its floor), and were measured again
     side by side with ``against`` (``pair``, the pooled pairs of ``pairings`` pairs of processes): the

@@ -487,7 +487,8 @@ class TrainPerfSession:
         """Confirm a timing regression against the stored baseline (or a suspect, :func:`judge.suspect`)
         side by side on this machine, in lockstep with the commit the baseline measured (or
         ``--trainperf-confirm-against``'s revision). Where that cannot be had, the stored verdict stands,
-        with a note that says why when it fails the cell."""
+        with a note that says why when it fails the cell. Where a further pair of processes fails (a worker
+        died), the pooled pairs of those before it judge, with a note."""
         commit, name, problem = self._reference(baseline)
         if commit is None:
             if judge.timing_regressed(screen):
@@ -508,6 +509,11 @@ class TrainPerfSession:
             if not judge.another_pairing(pair.verdict, pairings):
                 break
             earlier = pair
+        if isinstance(pair, str) and earlier is not None:  # a further pair of processes failed: the ones before judge
+            before = "the first pair" if pairings == 1 else f"the first {pairings} pairs"
+            self.ledger.note(f"{item.nodeid}: pair of worker processes {pairings + 1} failed ({pair}); judged side "
+                             f"by side with {name} on {before} of processes")
+            return judge.confirmed(screen, earlier.verdict, name, pairings)
         if isinstance(pair, str):
             if judge.timing_regressed(screen):
                 self.ledger.note(f"{item.nodeid}: not confirmed side by side with {name} ({pair}); the stored "

@@ -184,6 +184,52 @@ def test_a_slower_commit_fails_confirmed_side_by_side(pytester: pytest.Pytester,
     no_worktree_left(repo)
 
 
+# Every process that runs the test appends its pid; the fourth and fifth to run it (after the session's own
+# and the first pair of workers: the second pair of workers) exit without a result.
+DYING = """
+import os
+import pytest_trainperf as tp
+from work import build
+
+
+@tp.tolerance(step_time=0.5)
+def test_w(trainperf):
+    with open({log!r}, "a") as log:
+        log.write(f"{{os.getpid()}}\\n")
+    with open({log!r}) as log:
+        order = list(dict.fromkeys(log.read().split()))
+    if order.index(str(os.getpid())) >= 3:
+        os._exit(3)
+    trainperf.train(build(), steps=3, warmup=1)
+"""
+
+
+def test_a_further_pair_of_processes_that_dies_leaves_the_verdict_to_the_pairs_before_it(
+        pytester: pytest.Pytester, repo: Path, tmp_path: Path) -> None:
+    """The first pair of workers finds the slower commit regressed; the second pair, which would pool its
+    pairs with theirs, dies: the first pair's verdict judges the cell, not the stored one."""
+    log = tmp_path / "processes.log"
+    pytester.makepyfile(test_w=DYING.format(log=str(log)))
+    git(repo, "commit", "-qam", "dying")
+    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baselines")
+    measured = git(repo, "rev-parse", "HEAD~1")[:vcs.SHORT_SHA]
+    slower_commit(pytester, repo)
+    log.unlink()
+    result = pytester.runpytest("--trainperf", "--trainperf-json=r.json")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([f"*trainperf regression: step_time +* (confirmed side by side with {measured})",
+                                 f"  side by side: step_time: at {measured} *, now *, change +*"])
+    result.stdout.fnmatch_lines([f"*test_w.py::test_w: pair of worker processes 2 failed (*exited with status 3*); "
+                                 f"judged side by side with {measured} on the first pair of processes"])
+    assert "pooled over" not in result.stdout.str() and "the stored verdict stands" not in result.stdout.str()
+    assert len(set(log.read_text().split())) == 5  # the session's, then two pairs of workers
+    (cell,) = json.loads((repo / "r.json").read_text())["cells"]
+    assert cell["verdict"]["confirmed_pairings"] == 1
+    no_worktree_left(repo)
+
+
 def test_a_baseline_never_committed_as_measured_keeps_the_screen_verdict(pytester: pytest.Pytester,
                                                                         repo: Path) -> None:
     (repo / "work.py").write_text((repo / "work.py").read_text() + "\n# an experiment, never committed\n")
