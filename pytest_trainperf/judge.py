@@ -20,6 +20,7 @@ from pytest_trainperf.records import (
     FigureKind,
     FigureVerdict,
     Measurement,
+    MetricVerdict,
     Outcome,
     RelativeSpec,
     Scalar,
@@ -352,6 +353,46 @@ def feeds(figure: Figure, cell: Measurement) -> bool:
     return all(params.get(k) == v for k, v in figure.params)
 
 
+def figure_cells(figure: Figure, cells: Sequence[Measurement]) -> tuple[Measurement | None, Measurement | None]:
+    """The cells a relative figure comes from among ``cells``: its variant's and its reference's."""
+    variant = reference = None
+    for cell in cells:
+        if feeds(figure, cell):
+            if cell.cell == figure.cell:
+                variant = cell
+            else:
+                reference = cell
+    return variant, reference
+
+
+def side_by_side_figure(verdict: FigureVerdict, variant: MetricVerdict, reference: MetricVerdict, against: str,
+                        tolerance: float) -> FigureVerdict:
+    """A relative timing figure judged side by side: ``variant`` and ``reference`` are the paired verdicts
+    of its two cells, this tree against ``against`` on this machine (:func:`side_by_side`). The figure
+    moved by the ratio of their changes, ``(1 + variant) / (1 + reference) - 1``: where neither cell's
+    code changed, both read about 0 and so does the figure, whatever the stored baseline's machine
+    measured. Its 95% interval combines the two cells' intervals (independent, in log space, each read
+    as normal); it regresses beyond ``tolerance`` (the figure's own, not widened: no stored band is
+    involved) when that interval lies beyond no move too, as :func:`derived.judge_figure` asks of a
+    stored figure. Unchanged when either cell has no interval."""
+    if None in (variant.change, reference.change, variant.interval, reference.interval):
+        return verdict
+    assert variant.change is not None and reference.change is not None
+    assert variant.interval is not None and reference.interval is not None
+    move = (1.0 + variant.change) / (1.0 + reference.change)
+    halves = [math.log((1.0 + hi) / (1.0 + lo)) / 2 for lo, hi in (variant.interval, reference.interval)]
+    if not all(math.isfinite(h) for h in halves) or move <= 0:
+        return verdict
+    spread = math.hypot(*halves)  # each half-width is z standard errors: so is their combination
+    low, high = move * math.exp(-spread), move * math.exp(spread)
+    higher_worse = verdict.figure.direction is not Direction.HIGHER_IS_BETTER
+    worse = low > 1.0 if higher_worse else high < 1.0
+    better = high < 1.0 if higher_worse else low > 1.0
+    status = stats.classify(move - 1.0, tolerance, verdict.figure.direction, worse, better)
+    return replace(verdict, status=status, confirmed_against=against, side_change=move - 1.0,
+                   side_interval=(low - 1.0, high - 1.0))
+
+
 def figure_failure(regressed: Sequence[FigureVerdict], shown: str, environment: str, confirmed: int = 0) -> str:
     """The failure message of a grid's regressed figures."""
     worst = regressed[0]
@@ -366,6 +407,10 @@ def figure_failure(regressed: Sequence[FigureVerdict], shown: str, environment: 
     if confirmed:
         lines.append(f"  (confirmed by {confirmed} re-measurement{'s' * (confirmed > 1)} of the cells they come "
                      "from, taken in turn; figures from the re-measurements)")
+    side = sorted({v.confirmed_against for v in regressed if v.confirmed_against})
+    if side:
+        lines.append(f"  (confirmed side by side with {', '.join(side)} on this machine: the cells they come from "
+                     "measured in lockstep with the commit the baseline measured)")
     lines.append(f"If the change is intended, run `{UPDATE_HINT}` and commit {shown}.")
     return "\n".join(lines)
 

@@ -45,6 +45,7 @@ from pytest_trainperf.records import (
     CellResult,
     CellVerdict,
     Figure,
+    FigureKind,
     FigureVerdict,
     Fingerprint,
     Measurement,
@@ -785,9 +786,76 @@ class TrainPerfSession:
         self.ledger.figures[:] = [judged.get(v.figure.key, v) if (v.test_file, v.test) == test else v
                                   for v in self.ledger.figures]
         still = [v for v in judged.values() if v.status is Status.REGRESSED]
+        if still and rounds:
+            side = self._figures_side_by_side(session, grid, state, still)
+            judged.update((v.figure.key, v) for v in side)
+            self.ledger.figures[:] = [judged.get(v.figure.key, v) if (v.test_file, v.test) == test else v
+                                      for v in self.ledger.figures]
+            still = [v for v in side if v.status is Status.REGRESSED]
         if still:
             self.figure_failures.append(judge.figure_failure(still, state.baselines.shown,
                                                              state.done[-1].fingerprint.key, confirmed=rounds))
+
+    def _figures_side_by_side(self, session: pytest.Session, grid: str, state: GridState,
+                              regressed: list[FigureVerdict]) -> list[FigureVerdict]:
+        """Relative timing figures that regressed against the stored baseline, and again in the
+        re-measurements, measured side by side as cells are (:meth:`_side_by_side`): the cells they come
+        from, each in lockstep with the commit the baseline measured, on the first pair of worker
+        processes, and each figure judged on its two cells' paired changes
+        (:func:`judge.side_by_side_figure`). A stored figure made on another machine (another CPU of the
+        same fingerprint) moves there, not here. Scaling figures, and figures whose cells cannot be
+        had side by side, keep the re-measurements' verdict, with a note."""
+        assert state.specs is not None and state.baselines is not None
+        relative = [v for v in regressed if v.figure.kind is FigureKind.RELATIVE]
+        if self.settings.confirm_against == CONFIRM_NONE or not relative:
+            return regressed
+        cells = [r.verdict.measurement for r in state.done]
+        last = state.done[-1]
+        baseline = state.baselines.file.lookup(last.fingerprint.key, last.test, last.cell)
+        commit, name, problem = self._reference(baseline) if baseline is not None else (None, "", "no baseline")
+        if commit is None:
+            self.ledger.note(f"{grid}: its timing figures were not confirmed side by side ({problem}); the "
+                             "re-measurements' verdict stands")
+            return regressed
+        if self._pairing is None:
+            top = vcs.toplevel(self.config.rootpath)
+            assert top is not None  # a commit was found in it
+            self._pairing = Pairing(self.settings, self.config, top, timings_only=True)
+        items = {item.nodeid: item for item in session.items}
+        nodeids = {r.verdict.measurement.cell: r.nodeid for r in state.done}
+        needed = {c.cell for v in relative for c in judge.figure_cells(v.figure, cells) if c is not None}
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"trainperf: measuring {len(needed)} cells of {grid} side by side with {name} to "
+                                f"confirm {len(relative)} regressed figure{'s' * (len(relative) > 1)}")
+        pairs: dict[str, Paired | str] = {}
+        for cell in sorted(needed):
+            item = items.get(nodeids[cell])
+            pairs[cell] = (self._pair(item, commit, name, state.overrides or {}) if isinstance(item, pytest.Function)
+                           else "not collected in this session")
+        out = []
+        for v in regressed:
+            variant, reference = (judge.figure_cells(v.figure, cells) if v.figure.kind is FigureKind.RELATIVE
+                                  else (None, None))
+            sides = [pairs.get(c.cell, "") if c is not None else "" for c in (variant, reference)]
+            if not all(isinstance(side, Paired) for side in sides):
+                why = next((side for side in sides if isinstance(side, str) and side), "")
+                self.ledger.note(f"{grid}: {v.figure.title()} not confirmed side by side"
+                                 + (f" ({why})" if why else " (a scaling figure: not yet)")
+                                 + "; the re-measurements' verdict stands")
+                out.append(v)
+                continue
+            found = [side.verdict.metric(v.figure.metric) for side in sides if isinstance(side, Paired)]
+            a, b = found
+            if a is None or b is None:
+                out.append(v)
+                continue
+            out.append(judge.side_by_side_figure(v, a, b, name, state.specs.tolerance(v.figure, state.overrides or {})))
+        confirmed = [v for v in out if v.confirmed_against]
+        if confirmed:
+            self.ledger.note(f"{grid}: {len(confirmed)} timing figure{'s' * (len(confirmed) > 1)} confirmed side by "
+                             f"side against {name}: {sum(v.status is Status.REGRESSED for v in confirmed)} regressed")
+        return out
 
     # ------------------------------------------------------------------ the end
 

@@ -555,6 +555,16 @@ class FigureVerdict:
     """The test's name inside its file."""
     axes: tuple[tuple[str, tuple[Scalar, ...]], ...] = ()
     """The test's grid axes."""
+    confirmed_against: str = ""
+    """A relative timing figure that regressed against the stored baseline (and in the re-measurements)
+    and was then measured side by side: the commit it was measured with, in lockstep on this machine
+    (``""`` when it was not). ``status`` is then the side-by-side verdict; ``baseline`` and ``change``
+    stay the stored comparison's."""
+    side_change: float | None = None
+    """Side by side: how far the figure moved, this tree against ``confirmed_against`` on this machine
+    (the variant cell's paired change over the reference cell's, minus 1)."""
+    side_interval: tuple[float, float] | None = None
+    """The 95% interval of ``side_change``."""
 
     def describe(self) -> str:
         """One line for a failure message."""
@@ -576,7 +586,12 @@ class FigureVerdict:
                 text += f"; 95% CI now {lo:.2f} to {hi:.2f}"
         if self.noise is not None:
             text += f"; baseline noise band ±{self.noise:.2g}"
-        return text + ")"
+        text += ")"
+        if self.confirmed_against and self.side_change is not None:
+            text += f"; side by side with {self.confirmed_against}: the ratio moved {format_change(self.side_change)}"
+            if self.side_interval is not None:
+                text += f" (95% CI {format_change(self.side_interval[0])} to {format_change(self.side_interval[1])})"
+        return text
 
 
 @dataclass(frozen=True)

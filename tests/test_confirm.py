@@ -230,6 +230,93 @@ def test_a_further_pair_of_processes_that_dies_leaves_the_verdict_to_the_pairs_b
     no_worktree_left(repo)
 
 
+# A relative timing figure of two sleep-dominated cells: heavy / plain is about +100% (4 ms against 2 ms).
+# The cells' own step-time gates are off, so only the figure can fail; heavy.py holds what a commit changes.
+FIGURE = """
+import math
+import time
+
+import torch
+import pytest_trainperf as tp
+from heavy import HEAVY_S
+
+
+@tp.grid(variant=["plain", "heavy"])
+@tp.relative(variant="plain", metrics=["step_time"], tolerance=0.5)
+@tp.tolerance(step_time=math.inf)
+def test_fig(trainperf, variant):
+    x = torch.ones(4)
+
+    def step():
+        time.sleep(HEAVY_S if variant == "heavy" else 0.002)
+        return x.sum()
+
+    trainperf.train(step, steps=3, warmup=1)
+"""
+
+
+def figure_repo(pytester: pytest.Pytester, repo: Path) -> str:
+    """The figure's test committed, its baselines updated and committed: the commit they measured."""
+    (repo / "heavy.py").write_text("HEAVY_S = 0.004\n")
+    pytester.makepyfile(test_fig=FIGURE)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "a relative timing figure")
+    pytester.runpytest("--trainperf-update-baselines", "test_fig.py").assert_outcomes(passed=2)
+    measured = git(repo, "rev-parse", "HEAD")[:vcs.SHORT_SHA]
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baselines")
+    return measured
+
+
+def test_a_timing_figure_from_another_machine_is_confirmed_unchanged_side_by_side(
+        pytester: pytest.Pytester, repo: Path) -> None:
+    """The stored heavy cell made five times faster, as a machine where the variant costs little would
+    measure it: the stored figure reads -60%, this machine +100%. The re-measurement agrees with this
+    machine, so only the side-by-side comparison (the same code both sides) clears it."""
+    measured = figure_repo(pytester, repo)
+    path = repo / "baselines" / "test_fig.json"
+    doc = json.loads(path.read_text())
+    for env in doc["environments"].values():
+        step = env["tests"]["test_fig"]["variant=heavy"]["metrics"]["step_time"]
+        step["value"] *= 0.2
+        step["samples"] = [s * 0.2 for s in step["samples"]]
+    path.write_text(json.dumps(doc))
+    result = pytester.runpytest("--trainperf", "--trainperf-json=r.json", "test_fig.py")
+    result.assert_outcomes(passed=2)
+    assert result.ret == 0
+    result.stdout.fnmatch_lines([
+        "*re-measuring 2 cells of test_fig.py::test_fig to confirm 1 regressed figure*",
+        f"*measuring 2 cells of test_fig.py::test_fig side by side with {measured} to confirm 1 regressed figure*",
+        f"*test_fig.py::test_fig: 1 timing figure confirmed side by side against {measured}: 0 regressed*",
+    ])
+    (figure,) = json.loads((repo / "r.json").read_text())["figures"]
+    assert figure["status"] == "unchanged" and figure["confirmed_against"] == measured
+    assert figure["change"] > 0.5  # the stored comparison, kept
+    low, high = figure["side_interval"]
+    assert low < figure["side_change"] < high and abs(figure["side_change"]) < 0.5
+    no_worktree_left(repo)
+
+
+def test_a_slower_variant_fails_its_timing_figure_side_by_side(pytester: pytest.Pytester, repo: Path) -> None:
+    measured = figure_repo(pytester, repo)
+    (repo / "heavy.py").write_text("HEAVY_S = 0.02\n")  # the variant 5x slower: the figure +100% -> +900%
+    git(repo, "commit", "-qam", "a slower variant")
+    result = pytester.runpytest("--trainperf", "--trainperf-json=r.json", "test_fig.py")
+    result.assert_outcomes(passed=2)  # no cell regressed on its own: the figure fails the session
+    assert result.ret == 1
+    result.stdout.fnmatch_lines([
+        "*trainperf regression: step_time of variant=heavy relative to variant=plain +*% -> +*%",
+        f"*step_time of variant=heavy relative to variant=plain: baseline +*, now +*; side by side with "
+        f"{measured}: the ratio moved +*% (95% CI +*% to +*%)",
+        f"*(confirmed side by side with {measured} on this machine: the cells they come from measured in "
+        "lockstep with the commit the baseline measured)",
+    ])
+    (figure,) = json.loads((repo / "r.json").read_text())["figures"]
+    assert figure["status"] == "regressed" and figure["confirmed_against"] == measured
+    assert figure["side_interval"][0] > 0.5
+    no_worktree_left(repo)
+
+
 def test_a_baseline_never_committed_as_measured_keeps_the_screen_verdict(pytester: pytest.Pytester,
                                                                         repo: Path) -> None:
     (repo / "work.py").write_text((repo / "work.py").read_text() + "\n# an experiment, never committed\n")

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
 from pytest_trainperf import judge
-from pytest_trainperf.records import Direction, Measurement, Metric
+from pytest_trainperf.records import (
+    Direction,
+    Figure,
+    FigureKind,
+    FigureVerdict,
+    Measurement,
+    Metric,
+    MetricVerdict,
+    Status,
+)
 
 
 def rounds(*medians: float) -> list[Measurement]:
@@ -115,3 +125,62 @@ def test_a_runner_beyond_the_window_makes_every_later_cell_suspect() -> None:
     assert judge.suspect(timed(1.01), tight, {}, runner=0.8)  # a runner 20% faster than the baselines'
     assert judge.suspect(timed(1.01), tight, {}, runner=1.3)  # one 30% slower
     assert not judge.suspect(timed(1.01), tight, {"step_time": math.inf, "throughput": math.inf}, runner=0.8)
+
+
+def figure_verdict(direction: Direction = Direction.LOWER_IS_BETTER) -> FigureVerdict:
+    """A relative figure that regressed against its stored baseline: +100% now, -60% stored."""
+    now = Figure(kind=FigureKind.RELATIVE, metric="step_time", axis="variant", cell="variant=heavy",
+                 reference="plain", value=1.0, params=(("variant", "heavy"),), direction=direction)
+    before = replace(now, value=-0.6)
+    return FigureVerdict(figure=now, status=Status.REGRESSED, tolerance=0.05, baseline=before, change=4.0)
+
+
+def paired(change: float, low: float, high: float, name: str = "step_time") -> MetricVerdict:
+    return MetricVerdict(name=name, status=Status.UNCHANGED, current=1.0, baseline=1.0, tolerance=0.02,
+                         change=change, interval=(low, high))
+
+
+def test_a_figure_side_by_side_moves_by_the_ratio_of_its_cells_paired_changes() -> None:
+    # both cells read 10% slower than the reference commit (this runner, that day): the figure did not move
+    same = judge.side_by_side_figure(figure_verdict(), paired(0.10, 0.08, 0.12), paired(0.10, 0.08, 0.12),
+                                     "abc123", 0.05)
+    assert same.status is Status.UNCHANGED and same.confirmed_against == "abc123"
+    assert same.side_change == pytest.approx(0.0)
+    assert same.change == 4.0 and same.baseline is not None and same.baseline.value == -0.6  # the stored stage kept
+    # the two intervals combine in log space: each half-width is 1.96 standard errors, so is their root sum
+    half = math.log(1.12 / 1.08) / 2
+    assert same.side_interval == pytest.approx((math.exp(-math.hypot(half, half)) - 1,
+                                                math.exp(math.hypot(half, half)) - 1))
+    # the variant 60% slower, the reference unchanged: regressed beyond 50%
+    slower = judge.side_by_side_figure(figure_verdict(), paired(0.60, 0.55, 0.65), paired(0.0, -0.02, 0.02),
+                                       "abc123", 0.5)
+    assert slower.status is Status.REGRESSED and slower.side_change == pytest.approx(0.60)
+    assert "side by side with abc123: the ratio moved +60.0% (95% CI +5" in slower.describe()
+    # beyond the tolerance, but the interval reaches below no move: not a regression
+    unsure = judge.side_by_side_figure(figure_verdict(), paired(0.08, -0.10, 0.30), paired(0.0, -0.10, 0.10),
+                                       "abc123", 0.05)
+    assert unsure.status is Status.UNCHANGED
+    # a rate (throughput) is worse lower
+    rate = judge.side_by_side_figure(figure_verdict(Direction.HIGHER_IS_BETTER),
+                                     paired(-0.4, -0.42, -0.38, "throughput"), paired(0.0, -0.01, 0.01, "throughput"),
+                                     "abc123", 0.2)
+    assert rate.status is Status.REGRESSED and rate.side_change == pytest.approx(-0.4)
+
+
+def test_a_figure_without_intervals_side_by_side_keeps_its_verdict() -> None:
+    verdict = figure_verdict()
+    bare = MetricVerdict(name="step_time", status=Status.UNCHANGED, current=1.0, baseline=1.0, tolerance=0.02,
+                         change=0.0)
+    assert judge.side_by_side_figure(verdict, bare, paired(0.0, -0.01, 0.01), "abc123", 0.05) is verdict
+
+
+def test_a_relative_figure_s_cells_are_its_variant_and_its_reference() -> None:
+    def cell(variant: str, batch: int) -> Measurement:
+        return Measurement(test="test_x", cell=f"batch={batch}-variant={variant}",
+                           params=(("batch", batch), ("variant", variant)), metrics=())
+
+    cells = [cell(v, b) for b in (2, 4) for v in ("plain", "heavy")]
+    figure = Figure(kind=FigureKind.RELATIVE, metric="step_time", axis="variant", cell="batch=4-variant=heavy",
+                    reference="plain", value=1.0, params=(("batch", 4), ("variant", "heavy")))
+    variant, reference = judge.figure_cells(figure, cells)
+    assert variant is cells[3] and reference is cells[2]
