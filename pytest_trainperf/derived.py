@@ -131,7 +131,8 @@ def fit_power_law(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, floa
     return float(fit.slope), float(math.exp(fit.intercept)), (float(fit.low_slope), float(fit.high_slope))
 
 
-def _abscissa(spec: ScalingSpec, m: Measurement) -> float | None:
+def abscissa(spec: ScalingSpec, m: Measurement) -> float | None:
+    """The x of cell ``m`` in a fit of ``spec``: its axis value, or its ``x_metric``; None when not positive."""
     if spec.x_metric is not None:
         metric = m.metric(spec.x_metric)
         value: object = None if metric is None else metric.value
@@ -155,7 +156,7 @@ def scaling_figures(spec: ScalingSpec, cells: Sequence[Measurement]) -> list[Fig
         for name in spec.metrics:
             points: list[tuple[float, Metric]] = []
             for m in members:
-                x, metric = _abscissa(spec, m), m.metric(name)
+                x, metric = abscissa(spec, m), m.metric(name)
                 if x is not None and metric is not None and metric.value > 0:
                     points.append((x, metric))
             points.sort(key=lambda p: p[0])

@@ -393,6 +393,27 @@ def side_by_side_figure(verdict: FigureVerdict, variant: MetricVerdict, referenc
                    side_interval=(low - 1.0, high - 1.0))
 
 
+def side_by_side_scaling(verdict: FigureVerdict, points: Sequence[tuple[float, MetricVerdict]], against: str,
+                         tolerance: float) -> FigureVerdict:
+    """A scaling fit of a timing judged side by side: ``points`` are ``(x, paired verdict)`` of the cells it
+    is fitted on, each this tree against ``against`` on this machine. The exponent moved by the slope of
+    the paired changes along x (``log(1 + change)`` over ``log x``, Theil-Sen, with its 95% interval):
+    where the code did not change, every cell reads about 0 and the slope is about 0. It regresses beyond
+    ``tolerance`` (in exponent units) when the interval lies above 0, as :func:`derived.judge_figure` asks
+    of a stored fit. Unchanged with fewer than :data:`derived.MIN_SCALING_POINTS` distinct x."""
+    usable = sorted((x, m.change) for x, m in points if m.change is not None and m.change > -1.0)
+    if len({x for x, _ in usable}) < derived.MIN_SCALING_POINTS:
+        return verdict
+    move, _, (low, high) = derived.fit_power_law([x for x, _ in usable], [1.0 + c for _, c in usable])
+    if move > tolerance and low > 0:
+        status = Status.REGRESSED
+    elif move < -tolerance and high < 0:
+        status = Status.IMPROVED
+    else:
+        status = Status.UNCHANGED
+    return replace(verdict, status=status, confirmed_against=against, side_change=move, side_interval=(low, high))
+
+
 def figure_failure(regressed: Sequence[FigureVerdict], shown: str, environment: str, confirmed: int = 0) -> str:
     """The failure message of a grid's regressed figures."""
     worst = regressed[0]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_trainperf import judge, paired, results, stats, store, vcs
+from pytest_trainperf import derived, judge, paired, results, stats, store, vcs
 from pytest_trainperf.fixture import Forecasting, TrainPerf, records_only
 from pytest_trainperf.grid import (
     BUDGET_MARK,
@@ -141,6 +141,15 @@ def cell_of(item: pytest.Item, rootpath: Path) -> Cell:
         (n, values[n]) for n in names if isinstance(values.get(n), (bool, int, float, str)))
     return Cell(nodeid=item.nodeid, test_file=_relative(item.path, rootpath), test=test_name(item),
                 cell=callspec.id if callspec is not None else SINGLE_CELL, params=params, axes=axes)
+
+
+def figure_sources(figure: Figure, cells: Sequence[Measurement]) -> list[Measurement]:
+    """The cells a figure is derived from, among ``cells``: a relative figure's variant, then its
+    reference (none unless both are there); a scaling fit's cells along its axis."""
+    if figure.kind is FigureKind.RELATIVE:
+        variant, reference = judge.figure_cells(figure, cells)
+        return [variant, reference] if variant is not None and reference is not None else []
+    return [c for c in cells if judge.feeds(figure, c)]
 
 
 def figure_specs(item: pytest.Item) -> FigureSpecs | None:
@@ -798,16 +807,16 @@ class TrainPerfSession:
 
     def _figures_side_by_side(self, session: pytest.Session, grid: str, state: GridState,
                               regressed: list[FigureVerdict]) -> list[FigureVerdict]:
-        """Relative timing figures that regressed against the stored baseline, and again in the
-        re-measurements, measured side by side as cells are (:meth:`_side_by_side`): the cells they come
-        from, each in lockstep with the commit the baseline measured, on the first pair of worker
-        processes, and each figure judged on its two cells' paired changes
-        (:func:`judge.side_by_side_figure`). A stored figure made on another machine (another CPU of the
-        same fingerprint) moves there, not here. Scaling figures, and figures whose cells cannot be
-        had side by side, keep the re-measurements' verdict, with a note."""
+        """Timing figures that regressed against the stored baseline, and again in the re-measurements,
+        measured side by side as cells are (:meth:`_side_by_side`): the cells they come from, each in
+        lockstep with the commit the baseline measured, on the first pair of worker processes. A relative
+        figure is judged on its two cells' paired changes (:func:`judge.side_by_side_figure`), a scaling
+        fit on the slope of its cells' paired changes along x (:func:`judge.side_by_side_scaling`). A
+        stored figure made on another machine (another CPU of the same fingerprint) moves there, not
+        here. Figures whose cells cannot be had side by side keep the re-measurements' verdict, with a
+        note."""
         assert state.specs is not None and state.baselines is not None
-        relative = [v for v in regressed if v.figure.kind is FigureKind.RELATIVE]
-        if self.settings.confirm_against == CONFIRM_NONE or not relative:
+        if self.settings.confirm_against == CONFIRM_NONE or not regressed:
             return regressed
         cells = [r.verdict.measurement for r in state.done]
         last = state.done[-1]
@@ -821,36 +830,41 @@ class TrainPerfSession:
             top = vcs.toplevel(self.config.rootpath)
             assert top is not None  # a commit was found in it
             self._pairing = Pairing(self.settings, self.config, top, timings_only=True)
-        items = {item.nodeid: item for item in session.items}
-        nodeids = {r.verdict.measurement.cell: r.nodeid for r in state.done}
-        needed = {c.cell for v in relative for c in judge.figure_cells(v.figure, cells) if c is not None}
+        sources = {v.figure.key: figure_sources(v.figure, cells) for v in regressed}
+        needed = sorted({c.cell for found in sources.values() for c in found})
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"trainperf: measuring {len(needed)} cells of {grid} side by side with {name} to "
-                                f"confirm {len(relative)} regressed figure{'s' * (len(relative) > 1)}")
+                                f"confirm {len(regressed)} regressed figure{'s' * (len(regressed) > 1)}")
+        items = {item.nodeid: item for item in session.items}
+        nodeids = {r.verdict.measurement.cell: r.nodeid for r in state.done}
         pairs: dict[str, Paired | str] = {}
-        for cell in sorted(needed):
+        for cell in needed:
             item = items.get(nodeids[cell])
             pairs[cell] = (self._pair(item, commit, name, state.overrides or {}) if isinstance(item, pytest.Function)
                            else "not collected in this session")
         out = []
         for v in regressed:
-            variant, reference = (judge.figure_cells(v.figure, cells) if v.figure.kind is FigureKind.RELATIVE
-                                  else (None, None))
-            sides = [pairs.get(c.cell, "") if c is not None else "" for c in (variant, reference)]
-            if not all(isinstance(side, Paired) for side in sides):
-                why = next((side for side in sides if isinstance(side, str) and side), "")
-                self.ledger.note(f"{grid}: {v.figure.title()} not confirmed side by side"
-                                 + (f" ({why})" if why else " (a scaling figure: not yet)")
-                                 + "; the re-measurements' verdict stands")
+            found = sources[v.figure.key]
+            sides = [pairs[c.cell] for c in found]
+            paired_metrics = [side.verdict.metric(v.figure.metric) if isinstance(side, Paired) else None
+                              for side in sides]
+            if not found or any(m is None for m in paired_metrics):
+                why = next((side for side in sides if isinstance(side, str) and side),
+                           f"no side-by-side {v.figure.metric} of its cells" if found else "its cells not found")
+                self.ledger.note(f"{grid}: {v.figure.title()} not confirmed side by side ({why}); the "
+                                 "re-measurements' verdict stands")
                 out.append(v)
                 continue
-            found = [side.verdict.metric(v.figure.metric) for side in sides if isinstance(side, Paired)]
-            a, b = found
-            if a is None or b is None:
-                out.append(v)
-                continue
-            out.append(judge.side_by_side_figure(v, a, b, name, state.specs.tolerance(v.figure, state.overrides or {})))
+            measured = [m for m in paired_metrics if m is not None]
+            tolerance = state.specs.tolerance(v.figure, state.overrides or {})
+            if v.figure.kind is FigureKind.RELATIVE:
+                out.append(judge.side_by_side_figure(v, measured[0], measured[1], name, tolerance))
+            else:
+                spec = next(s for s in state.specs.scaling if s.abscissa == v.figure.reference)
+                points = [(x, m) for c, m in zip(found, measured, strict=True)
+                          if (x := derived.abscissa(spec, c)) is not None]
+                out.append(judge.side_by_side_scaling(v, points, name, tolerance))
         confirmed = [v for v in out if v.confirmed_against]
         if confirmed:
             self.ledger.note(f"{grid}: {len(confirmed)} timing figure{'s' * (len(confirmed) > 1)} confirmed side by "

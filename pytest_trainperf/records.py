@@ -556,13 +556,14 @@ class FigureVerdict:
     axes: tuple[tuple[str, tuple[Scalar, ...]], ...] = ()
     """The test's grid axes."""
     confirmed_against: str = ""
-    """A relative timing figure that regressed against the stored baseline (and in the re-measurements)
-    and was then measured side by side: the commit it was measured with, in lockstep on this machine
-    (``""`` when it was not). ``status`` is then the side-by-side verdict; ``baseline`` and ``change``
-    stay the stored comparison's."""
+    """A timing figure that regressed against the stored baseline (and in the re-measurements) and was
+    then measured side by side: the commit it was measured with, in lockstep on this machine (``""``
+    when it was not). ``status`` is then the side-by-side verdict; ``baseline`` and ``change`` stay the
+    stored comparison's."""
     side_change: float | None = None
-    """Side by side: how far the figure moved, this tree against ``confirmed_against`` on this machine
-    (the variant cell's paired change over the reference cell's, minus 1)."""
+    """Side by side: how far the figure moved, this tree against ``confirmed_against`` on this machine.
+    Relative: the variant cell's paired change over the reference cell's, minus 1. Scaling: the
+    exponent of the cells' paired changes along x (in exponent units)."""
     side_interval: tuple[float, float] | None = None
     """The 95% interval of ``side_change``."""
 
@@ -588,9 +589,16 @@ class FigureVerdict:
             text += f"; baseline noise band ±{self.noise:.2g}"
         text += ")"
         if self.confirmed_against and self.side_change is not None:
-            text += f"; side by side with {self.confirmed_against}: the ratio moved {format_change(self.side_change)}"
-            if self.side_interval is not None:
-                text += f" (95% CI {format_change(self.side_interval[0])} to {format_change(self.side_interval[1])})"
+            text += f"; side by side with {self.confirmed_against}: "
+            low, high = self.side_interval if self.side_interval is not None else (None, None)
+            if now.kind is FigureKind.RELATIVE:
+                text += f"the ratio moved {format_change(self.side_change)}"
+                if low is not None and high is not None:
+                    text += f" (95% CI {format_change(low)} to {format_change(high)})"
+            else:
+                text += f"the exponent moved {self.side_change:+.2f}"
+                if low is not None and high is not None:
+                    text += f" (95% CI {low:+.2f} to {high:+.2f})"
         return text
 
 

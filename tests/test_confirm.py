@@ -317,6 +317,61 @@ def test_a_slower_variant_fails_its_timing_figure_side_by_side(pytester: pytest.
     no_worktree_left(repo)
 
 
+SCALING = """
+import math
+import time
+
+import torch
+import pytest_trainperf as tp
+
+
+@tp.grid(n=[1, 2, 4])
+@tp.scaling(x="n", metrics=["step_time"])
+@tp.tolerance(step_time=math.inf)
+def test_fit(trainperf, n):
+    x = torch.ones(4)
+
+    def step():
+        time.sleep(0.002 * n)  # the step time grows as n^1
+        return x.sum()
+
+    trainperf.train(step, steps=3, warmup=1)
+"""
+
+
+def test_a_timing_fit_from_another_machine_is_confirmed_unchanged_side_by_side(
+        pytester: pytest.Pytester, repo: Path) -> None:
+    """The stored cells all made as fast as the first, as a machine where the step does not grow would
+    measure them: the stored exponent reads 0, this machine's 1. Side by side (the same code both sides)
+    every cell reads about 0, and so does the slope."""
+    pytester.makepyfile(test_fit=SCALING)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "a timing fit")
+    pytester.runpytest("--trainperf-update-baselines", "test_fit.py").assert_outcomes(passed=3)
+    measured = git(repo, "rev-parse", "HEAD")[:vcs.SHORT_SHA]
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baselines")
+    path = repo / "baselines" / "test_fit.json"
+    doc = json.loads(path.read_text())
+    for env in doc["environments"].values():
+        cells = env["tests"]["test_fit"]
+        first = cells["n=1"]["metrics"]["step_time"]
+        for cell in cells.values():
+            cell["metrics"]["step_time"].update(value=first["value"], samples=first["samples"])
+    path.write_text(json.dumps(doc))
+    result = pytester.runpytest("--trainperf", "--trainperf-json=r.json", "test_fit.py")
+    result.assert_outcomes(passed=3)
+    assert result.ret == 0
+    result.stdout.fnmatch_lines([
+        f"*measuring 3 cells of test_fit.py::test_fit side by side with {measured} to confirm 1 regressed figure*",
+        f"*test_fit.py::test_fit: 1 timing figure confirmed side by side against {measured}: 0 regressed*",
+    ])
+    (figure,) = json.loads((repo / "r.json").read_text())["figures"]
+    assert figure["status"] == "unchanged" and figure["confirmed_against"] == measured
+    assert figure["change"] > 0.5 and abs(figure["side_change"]) < 0.25
+    no_worktree_left(repo)
+
+
 def test_a_baseline_never_committed_as_measured_keeps_the_screen_verdict(pytester: pytest.Pytester,
                                                                         repo: Path) -> None:
     (repo / "work.py").write_text((repo / "work.py").read_text() + "\n# an experiment, never committed\n")

@@ -184,3 +184,21 @@ def test_a_relative_figure_s_cells_are_its_variant_and_its_reference() -> None:
                     reference="plain", value=1.0, params=(("batch", 4), ("variant", "heavy")))
     variant, reference = judge.figure_cells(figure, cells)
     assert variant is cells[3] and reference is cells[2]
+
+
+def test_a_scaling_fit_side_by_side_moves_by_the_slope_of_its_cells_paired_changes() -> None:
+    now = Figure(kind=FigureKind.SCALING, metric="step_time", axis="n", cell="default", reference="n", value=1.0,
+                 interval=(0.9, 1.1))
+    verdict = FigureVerdict(figure=now, status=Status.REGRESSED, tolerance=0.25, baseline=replace(now, value=0.0),
+                            change=1.0)
+    xs = (1.0, 2.0, 4.0, 8.0)
+    # every cell reads 30% slower side by side (this runner): no move of the exponent
+    flat = judge.side_by_side_scaling(verdict, [(x, paired(0.30, 0.28, 0.32)) for x in xs], "abc123", 0.25)
+    assert flat.status is Status.UNCHANGED and flat.side_change == pytest.approx(0.0, abs=1e-9)
+    assert flat.confirmed_against == "abc123" and flat.change == 1.0
+    # each cell slower in proportion to its x: the exponent moved by +1
+    grown = judge.side_by_side_scaling(verdict, [(x, paired(x - 1, x - 1.1, x - 0.9)) for x in xs], "abc123", 0.25)
+    assert grown.status is Status.REGRESSED and grown.side_change == pytest.approx(1.0)
+    assert "side by side with abc123: the exponent moved +1.00 (95% CI +1.00 to +1.00)" in grown.describe()
+    # fewer than three distinct x: no fit, the verdict stands
+    assert judge.side_by_side_scaling(verdict, [(1.0, paired(0.0, -0.01, 0.01))] * 3, "abc123", 0.25) is verdict
