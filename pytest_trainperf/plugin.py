@@ -841,8 +841,12 @@ class TrainPerfSession:
         pairs: dict[str, Paired | str] = {}
         for cell in needed:
             item = items.get(nodeids[cell])
-            pairs[cell] = (self._pair(item, commit, name, state.overrides or {}) if isinstance(item, pytest.Function)
-                           else "not collected in this session")
+            if not isinstance(item, pytest.Function):
+                pairs[cell] = "not collected in this session"
+            elif item.get_closest_marker(RANKS_MARK) is not None:
+                pairs[cell] = "a distributed cell: its ranks cannot take turns with another revision's"
+            else:
+                pairs[cell] = self._pair(item, commit, name, state.overrides or {})
         out = []
         for v in regressed:
             found = sources[v.figure.key]
