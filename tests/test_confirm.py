@@ -255,17 +255,21 @@ def test_fig(trainperf, variant):
 """
 
 
-def figure_repo(pytester: pytest.Pytester, repo: Path) -> str:
-    """The figure's test committed, its baselines updated and committed: the commit they measured."""
-    (repo / "heavy.py").write_text("HEAVY_S = 0.004\n")
-    pytester.makepyfile(test_fig=FIGURE)
+def committed_with_baselines(pytester: pytest.Pytester, repo: Path, module: str, source: str, cells: int) -> str:
+    """A test module committed, its baselines updated and committed: the commit they measured."""
+    pytester.makepyfile(**{module: source})
     git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "a relative timing figure")
-    pytester.runpytest("--trainperf-update-baselines", "test_fig.py").assert_outcomes(passed=2)
+    git(repo, "commit", "-qm", f"{module}: a timing figure")
+    pytester.runpytest("--trainperf-update-baselines", f"{module}.py").assert_outcomes(passed=cells)
     measured = git(repo, "rev-parse", "HEAD")[:vcs.SHORT_SHA]
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "baselines")
     return measured
+
+
+def figure_repo(pytester: pytest.Pytester, repo: Path) -> str:
+    (repo / "heavy.py").write_text("HEAVY_S = 0.004\n")
+    return committed_with_baselines(pytester, repo, "test_fig", FIGURE, cells=2)
 
 
 def test_a_timing_figure_from_another_machine_is_confirmed_unchanged_side_by_side(
@@ -344,13 +348,7 @@ def test_a_timing_fit_from_another_machine_is_confirmed_unchanged_side_by_side(
     """The stored cells all made as fast as the first, as a machine where the step does not grow would
     measure them: the stored exponent reads 0, this machine's 1. Side by side (the same code both sides)
     every cell reads about 0, and so does the slope."""
-    pytester.makepyfile(test_fit=SCALING)
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "a timing fit")
-    pytester.runpytest("--trainperf-update-baselines", "test_fit.py").assert_outcomes(passed=3)
-    measured = git(repo, "rev-parse", "HEAD")[:vcs.SHORT_SHA]
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "baselines")
+    measured = committed_with_baselines(pytester, repo, "test_fit", SCALING, cells=3)
     path = repo / "baselines" / "test_fit.json"
     doc = json.loads(path.read_text())
     for env in doc["environments"].values():
