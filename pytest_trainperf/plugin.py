@@ -504,10 +504,6 @@ class TrainPerfSession:
             if judge.timing_regressed(screen):
                 self.ledger.note(f"{item.nodeid}: not confirmed side by side ({problem}); the stored verdict stands")
             return screen
-        if self._pairing is None:
-            top = vcs.toplevel(self.config.rootpath)
-            assert top is not None  # a commit was found in it
-            self._pairing = Pairing(self.settings, self.config, top, timings_only=True)  # the pair judges timings
         pair: Paired | str = ""
         earlier: Paired | None = None
         pairings = 0
@@ -539,7 +535,10 @@ class TrainPerfSession:
         from pytest_trainperf.runners.children import child_record
         from pytest_trainperf.runners.lockstep import step_tolerance, undecided
 
-        assert self._pairing is not None
+        if self._pairing is None:  # the session's side-by-side workers, started on first use
+            top = vcs.toplevel(self.config.rootpath)
+            assert top is not None  # a commit was found in it
+            self._pairing = Pairing(self.settings, self.config, top, timings_only=True)  # the pair judges timings
         head: tuple[Sequence[float], Sequence[float]] = ((), ())
         if earlier is not None:
             steps = [side.metric("step_time") for side in (earlier.other, earlier.this)]
@@ -791,16 +790,14 @@ class TrainPerfSession:
             r.verdict.measurement, self._retimed.pop(r.nodeid, [])))) for r in state.done]
         verdicts = self._judge_figures(state.specs, remeasured, state.baselines.file, state.overrides or {})
         judged = {v.figure.key: v for v in verdicts if v.figure.key in {p.figure.key for p in pending}}
-        test = (pending[0].test_file, pending[0].test)
-        self.ledger.figures[:] = [judged.get(v.figure.key, v) if (v.test_file, v.test) == test else v
-                                  for v in self.ledger.figures]
         still = [v for v in judged.values() if v.status is Status.REGRESSED]
         if still and rounds:
             side = self._figures_side_by_side(session, grid, state, still)
             judged.update((v.figure.key, v) for v in side)
-            self.ledger.figures[:] = [judged.get(v.figure.key, v) if (v.test_file, v.test) == test else v
-                                      for v in self.ledger.figures]
             still = [v for v in side if v.status is Status.REGRESSED]
+        test = (pending[0].test_file, pending[0].test)
+        self.ledger.figures[:] = [judged.get(v.figure.key, v) if (v.test_file, v.test) == test else v
+                                  for v in self.ledger.figures]
         if still:
             self.figure_failures.append(judge.figure_failure(still, state.baselines.shown,
                                                              state.done[-1].fingerprint.key, confirmed=rounds))
@@ -819,17 +816,13 @@ class TrainPerfSession:
         if self.settings.confirm_against == CONFIRM_NONE or not regressed:
             return regressed
         cells = [r.verdict.measurement for r in state.done]
-        last = state.done[-1]
-        baseline = state.baselines.file.lookup(last.fingerprint.key, last.test, last.cell)
+        baseline = next((b for r in state.done
+                         if (b := state.baselines.file.lookup(r.fingerprint.key, r.test, r.cell)) is not None), None)
         commit, name, problem = self._reference(baseline) if baseline is not None else (None, "", "no baseline")
         if commit is None:
             self.ledger.note(f"{grid}: its timing figures were not confirmed side by side ({problem}); the "
                              "re-measurements' verdict stands")
             return regressed
-        if self._pairing is None:
-            top = vcs.toplevel(self.config.rootpath)
-            assert top is not None  # a commit was found in it
-            self._pairing = Pairing(self.settings, self.config, top, timings_only=True)
         sources = {v.figure.key: figure_sources(v.figure, cells) for v in regressed}
         needed = sorted({c.cell for found in sources.values() for c in found})
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
