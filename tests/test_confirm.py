@@ -184,6 +184,18 @@ def test_a_slower_commit_fails_confirmed_side_by_side(pytester: pytest.Pytester,
     no_worktree_left(repo)
 
 
+def committed_with_baselines(pytester: pytest.Pytester, repo: Path, module: str, source: str, cells: int) -> str:
+    """A test module committed, its baselines updated and committed: the commit they measured."""
+    pytester.makepyfile(**{module: source})
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", module)
+    pytester.runpytest("--trainperf-update-baselines", f"{module}.py").assert_outcomes(passed=cells)
+    measured = git(repo, "rev-parse", "HEAD")[:vcs.SHORT_SHA]
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baselines")
+    return measured
+
+
 # Every process that runs the test appends its pid; the fourth and fifth to run it (after the session's own
 # and the first pair of workers: the second pair of workers) exit without a result.
 DYING = """
@@ -209,12 +221,7 @@ def test_a_further_pair_of_processes_that_dies_leaves_the_verdict_to_the_pairs_b
     """The first pair of workers finds the slower commit regressed; the second pair, which would pool its
     pairs with theirs, dies: the first pair's verdict judges the cell, not the stored one."""
     log = tmp_path / "processes.log"
-    pytester.makepyfile(test_w=DYING.format(log=str(log)))
-    git(repo, "commit", "-qam", "dying")
-    pytester.runpytest("--trainperf-update-baselines").assert_outcomes(passed=1)
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "baselines")
-    measured = git(repo, "rev-parse", "HEAD~1")[:vcs.SHORT_SHA]
+    measured = committed_with_baselines(pytester, repo, "test_w", DYING.format(log=str(log)), cells=1)
     slower_commit(pytester, repo)
     log.unlink()
     result = pytester.runpytest("--trainperf", "--trainperf-json=r.json")
@@ -253,18 +260,6 @@ def test_fig(trainperf, variant):
 
     trainperf.train(step, steps=3, warmup=1)
 """
-
-
-def committed_with_baselines(pytester: pytest.Pytester, repo: Path, module: str, source: str, cells: int) -> str:
-    """A test module committed, its baselines updated and committed: the commit they measured."""
-    pytester.makepyfile(**{module: source})
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", f"{module}: a timing figure")
-    pytester.runpytest("--trainperf-update-baselines", f"{module}.py").assert_outcomes(passed=cells)
-    measured = git(repo, "rev-parse", "HEAD")[:vcs.SHORT_SHA]
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "baselines")
-    return measured
 
 
 def figure_repo(pytester: pytest.Pytester, repo: Path) -> str:
