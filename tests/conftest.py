@@ -50,6 +50,15 @@ def _keep_library_modules(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
     monkeypatch.setattr(_pytester.SysModulesSnapshot, "__init__", init)
 
 
+@pytest.fixture(autouse=True)
+def _not_an_xdist_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sessions pytester runs are not pytest-xdist workers, even when this suite runs on them
+    (``-n 2``, the README's test command): without this, the plugin in an inner session would read the
+    outer worker's ``PYTEST_XDIST_WORKER`` (``gw1``) as its own and, e.g., pick that worker's device."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _freeze_what_is_alive() -> None:
     """Move what is alive when a test module starts (torch, scipy, hypothesis, earlier modules' state)
