@@ -288,6 +288,7 @@ def test_a_timing_figure_from_another_machine_is_confirmed_unchanged_side_by_sid
         f"*measuring 2 cells of test_fig.py::test_fig side by side with {measured} to confirm 1 regressed figure*",
         f"*test_fig.py::test_fig: 1 timing figure confirmed side by side against {measured}: 0 regressed*",
     ])
+    result.stdout.re_match_lines([r"\s*side by side [+-]\d+(\.\d)?%\s*$"])  # the table says what decided it
     (figure,) = json.loads((repo / "r.json").read_text())["figures"]
     assert figure["status"] == "unchanged" and figure["confirmed_against"] == measured
     assert figure["change"] > 0.5  # the stored comparison, kept
@@ -359,6 +360,7 @@ def test_a_timing_fit_from_another_machine_is_confirmed_unchanged_side_by_side(
         f"*measuring 3 cells of test_fit.py::test_fit side by side with {measured} to confirm 1 regressed figure*",
         f"*test_fit.py::test_fit: 1 timing figure confirmed side by side against {measured}: 0 regressed*",
     ])
+    result.stdout.re_match_lines([r".*step_time +n +all .* [+-]\d\.\d\d \(side by side [+-]\d\.\d\d\)"])
     (figure,) = json.loads((repo / "r.json").read_text())["figures"]
     assert figure["status"] == "unchanged" and figure["confirmed_against"] == measured
     assert figure["change"] > 0.5 and abs(figure["side_change"]) < 0.25

@@ -5,7 +5,9 @@ A relative view prints one table per metric and variant over the other axes (the
 the rows, the last across the columns): each cell holds the figure now (``+42.0%``: the variant
 costs 42% more than the reference there) and, under it, the baseline's (``was +40.1%``) with the
 status marker. A scaling fit prints one line per fitted metric and cell of the other axes: the
-exponent now with its interval, the baseline's, the change and the marker.
+exponent now with its interval, the baseline's, the change and the marker. A timing figure judged
+side by side (its stored baseline from another machine) shows how far it moved there
+(``side by side -0.6%``): that, not the gap to the stored figure, decided its marker.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def _relative_cell(verdict: FigureVerdict) -> Text:
                                                            else ""))
     elif verdict.status is Status.NEW:
         lines.append(MARKERS[Status.NEW])
+    if verdict.confirmed_against and verdict.side_change is not None:
+        lines.append(f"side by side {format_change(verdict.side_change)}")
     return Text("\n".join(lines), style=STATUS_STYLES[verdict.status])
 
 
@@ -78,6 +82,8 @@ def _scaling_table(console: Console, test: str, verdicts: Sequence[FigureVerdict
             now += f" [{f.interval[0]:.2f}, {f.interval[1]:.2f}]"
         base = f"{v.baseline.value:.2f}" if v.baseline is not None else ""
         change = f"{v.change:+.2f}" if v.change is not None else ""
+        if v.confirmed_against and v.side_change is not None:
+            change += f" (side by side {v.side_change:+.2f})"
         marker = MARKERS[v.status]
         table.add_row(f.metric, f.reference, "all" if f.cell == "default" else f.cell, now, base,
                       Text(" ".join(p for p in (change, marker) if p), style=STATUS_STYLES[v.status]))
